@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# make demo: start a dev cluster, run the demo job through Nomad, show what
+# each worker printed, and stop the cluster again.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cohort=$root/bin/cohort
+nomad=${NOMAD_BIN:-$root/.tools/bin/nomad}
+
+data=$(mktemp -d /tmp/cohort-demo-XXXXXX)
+log=$data/dev.out
+"$cohort" dev -data-dir "$data/cluster" >"$log" 2>&1 &
+dev=$!
+cleanup() {
+  kill -TERM "$dev" 2>/dev/null && wait "$dev" 2>/dev/null || true
+  rm -rf "$data"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 600); do
+  grep -q 'dev cluster is ready' "$log" && break
+  kill -0 "$dev" 2>/dev/null || { cat "$log"; echo "demo: cohort dev exited" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q 'dev cluster is ready' "$log" || { cat "$log"; echo "demo: cluster not ready in 60s" >&2; exit 1; }
+sed -n '/dev cluster is ready/,/Press Ctrl-C/p' "$log"
+
+echo
+echo "==> cohort validate demo/hello.hcl"
+"$cohort" validate demo/hello.hcl
+echo "==> cohort plan demo/hello.hcl | nomad job run -"
+"$cohort" plan demo/hello.hcl >"$data/demo.nomad.hcl"
+export NOMAD_ADDR=http://127.0.0.1:4646
+"$nomad" job run "$data/demo.nomad.hcl"
+
+for _ in $(seq 1 300); do
+  states=$("$nomad" job allocs -t '{{range .}}{{.ClientStatus}} {{end}}' demo)
+  case "$states" in *pending*|*running*|"") sleep 0.1 ;; *) break ;; esac
+done
+echo "allocation states: $states"
+
+echo
+echo "==> what each worker printed"
+for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
+  "$nomad" alloc logs "$id" worker
+done | sort

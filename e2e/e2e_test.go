@@ -1,0 +1,285 @@
+// Package e2e runs cohort against real agents: a Consul dev agent and a
+// Nomad agent started by internal/devcluster, driven through the same CLIs
+// a user types.
+//
+// The tests need the binaries `make tools` builds; set COHORT_E2E=0 to skip
+// them (make unit does), otherwise a missing binary fails the run.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+	"github.com/hashicorp/go-hclog"
+)
+
+var cohortBin string
+
+func TestMain(m *testing.M) {
+	if os.Getenv("COHORT_E2E") == "0" {
+		fmt.Println("e2e: skipped because COHORT_E2E=0")
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "cohort-e2e-bin-")
+	if err != nil {
+		panic(err)
+	}
+	cohortBin = filepath.Join(dir, "cohort")
+	build := exec.Command("go", "build", "-o", cohortBin, "../cmd/cohort")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building cohort:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// cluster starts a dev cluster on free ports for one test and stops it
+// when the test ends.
+func cluster(t *testing.T) (*devcluster.Cluster, string) {
+	t.Helper()
+	if os.Getenv("COHORT_E2E") == "0" {
+		t.Skip("COHORT_E2E=0: end-to-end tests disabled")
+	}
+	nomad, err := devcluster.FindBinary("nomad")
+	if err != nil {
+		t.Fatal(err)
+	}
+	consul, err := devcluster.FindBinary("consul")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports, err := devcluster.FreePorts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dataDir := t.TempDir()
+	c, err := devcluster.Start(context.Background(), devcluster.Config{
+		DataDir:   dataDir,
+		NomadBin:  nomad,
+		ConsulBin: consul,
+		PluginDir: filepath.Join(dataDir, "plugins"),
+		Ports:     ports,
+		Logger:    hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Stop(); err != nil {
+			t.Errorf("stopping cluster: %v", err)
+		}
+	})
+	return c, dataDir
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// run runs a command with NOMAD_ADDR pointing at the cluster and returns its
+// combined output.
+func run(t *testing.T, c *devcluster.Cluster, name string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), "NOMAD_ADDR="+c.NomadAddr(), "CONSUL_HTTP_ADDR="+c.ConsulAddr())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func getJSON(t *testing.T, url string, out any) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("GET %s: %s %s", url, resp.Status, b)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+}
+
+type alloc struct {
+	ID           string
+	Name         string
+	ClientStatus string
+	TaskStates   map[string]struct {
+		State  string
+		Failed bool
+		Events []struct {
+			Type     string
+			ExitCode int
+		}
+	}
+}
+
+// waitAllocs polls until the job has want allocations and ok accepts them.
+func waitAllocs(t *testing.T, c *devcluster.Cluster, job string, want int, ok func([]alloc) bool) []alloc {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	var allocs []alloc
+	for time.Now().Before(deadline) {
+		getJSON(t, c.NomadAddr()+"/v1/job/"+job+"/allocations", &allocs)
+		if len(allocs) == want && ok(allocs) {
+			return allocs
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("job %s: allocations did not reach the wanted state in 60s: %+v", job, allocs)
+	return nil
+}
+
+func allStatus(status string) func([]alloc) bool {
+	return func(as []alloc) bool {
+		for _, a := range as {
+			if a.ClientStatus != status {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// TestPlanRunsOnNomad: `cohort plan` output, given to `nomad job run`,
+// registers a job whose workers run with their gang identity and exit.
+func TestPlanRunsOnNomad(t *testing.T) {
+	c, _ := cluster(t)
+	dir := t.TempDir()
+	spec := filepath.Join(dir, "hello.nomad.hcl")
+	out := run(t, c, cohortBin, "plan", "testdata/hello.hcl")
+	if err := os.WriteFile(spec, []byte(out), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	nomad, _ := devcluster.FindBinary("nomad")
+	run(t, c, nomad, "job", "run", "-detach", spec)
+
+	allocs := waitAllocs(t, c, "hello", 3, allStatus("complete"))
+	var lines []string
+	for _, a := range allocs {
+		ts := a.TaskStates["worker"]
+		if ts.Failed {
+			t.Errorf("alloc %s failed: %+v", a.Name, ts)
+		}
+		stdout := run(t, c, nomad, "alloc", "logs", a.ID, "worker")
+		stderr := run(t, c, nomad, "alloc", "logs", "-stderr", a.ID, "worker")
+		lines = append(lines, strings.TrimSpace(stdout))
+		if strings.TrimSpace(stderr) != "to-stderr" {
+			t.Errorf("alloc %s stderr = %q", a.Name, stderr)
+		}
+	}
+	sort.Strings(lines)
+	want := []string{
+		"hello from rank 0 of 3 in hello-w",
+		"hello from rank 1 of 3 in hello-w",
+		"hello from rank 2 of 3 in hello-w",
+	}
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Errorf("worker output =\n%s\nwant\n%s", strings.Join(lines, "\n"), strings.Join(want, "\n"))
+	}
+
+	// The gang options survive the trip through Nomad.
+	var job struct{ Meta map[string]string }
+	getJSON(t, c.NomadAddr()+"/v1/job/hello", &job)
+	if job.Meta["cohort.gang"] != "1" || job.Meta["cohort.max_runtime"] != "1m0s" {
+		t.Errorf("job meta = %v", job.Meta)
+	}
+}
+
+// TestPlanJSONAndAddressing: the -json form registers through the HTTP API
+// and every worker is registered in Consul under its group's address with
+// its rank tag.
+func TestPlanJSONAndAddressing(t *testing.T) {
+	c, dataDir := cluster(t)
+	cmd := exec.Command(cohortBin, "plan", "-json", "testdata/sleeper.hcl")
+	body, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Post(c.NomadAddr()+"/v1/jobs", "application/json", strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("register: %s", resp.Status)
+	}
+	waitAllocs(t, c, "sleeper", 2, allStatus("running"))
+
+	deadline := time.Now().Add(30 * time.Second)
+	var tags []string
+	for time.Now().Before(deadline) {
+		var entries []struct{ ServiceTags []string }
+		getJSON(t, c.ConsulAddr()+"/v1/catalog/service/sleepers", &entries)
+		tags = tags[:0]
+		for _, e := range entries {
+			tags = append(tags, e.ServiceTags...)
+		}
+		sort.Strings(tags)
+		if strings.Join(tags, ",") == "w0,w1" {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if strings.Join(tags, ",") != "w0,w1" {
+		t.Fatalf("consul tags for sleepers = %v, want w0,w1", tags)
+	}
+
+	// Stopping the cluster leaves no task process and no mount behind.
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := exec.Command("pgrep", "-f", "^/bin/sleep 3600$").Output(); len(out) > 0 {
+		t.Errorf("task processes left after stop: %s", out)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), dataDir) {
+		t.Errorf("mounts left under %s after stop", dataDir)
+	}
+}
+
+// TestUIServed: the Nomad agent serves the real web UI, not the placeholder
+// a build without -tags ui has.
+func TestUIServed(t *testing.T) {
+	c, _ := cluster(t)
+	resp, err := http.Get(c.NomadAddr() + "/ui/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	page := string(b)
+	if resp.StatusCode != 200 || strings.Contains(page, "UI is not available") || !strings.Contains(page, "nomad-ui") {
+		t.Fatalf("GET /ui/: %s\n%.400s", resp.Status, page)
+	}
+	resp, err = http.Get(c.ConsulAddr() + "/ui/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("consul GET /ui/: %s", resp.Status)
+	}
+}

@@ -1,0 +1,11 @@
+job "sort" {
+  max_runtime = "1m"
+
+  group "sorter" {
+    count = 0
+
+    program {
+      path = "/bin/sort"
+    }
+  }
+}

@@ -1,0 +1,8 @@
+job "sort" {
+  max_runtime = "1m"
+  group "sorter" {
+    program {
+      path = "/bin/sort
+    }
+  }
+}
