@@ -76,12 +76,12 @@ consul_fixup() {
 }
 
 if [ -n "${NOMAD_BIN:-}" ]; then
-  ln -sf "$NOMAD_BIN" "$bin/nomad"
+  [ "$NOMAD_BIN" -ef "$bin/nomad" ] || ln -sf "$NOMAD_BIN" "$bin/nomad"
 else
   BUILD_FLAGS="-tags ui" build_from_proxy nomad github.com/hashicorp/nomad $NOMAD_VERSION "$bin/nomad" nomad_fixup
 fi
 if [ -n "${CONSUL_BIN:-}" ]; then
-  ln -sf "$CONSUL_BIN" "$bin/consul"
+  [ "$CONSUL_BIN" -ef "$bin/consul" ] || ln -sf "$CONSUL_BIN" "$bin/consul"
 else
   BUILD_FLAGS="" build_from_proxy consul github.com/hashicorp/consul $CONSUL_VERSION "$bin/consul" consul_fixup
 fi
