@@ -1,0 +1,254 @@
+// Command init is PID 1 of every cohort worker VM. It mounts the kernel
+// file systems, reports "ready" and waits for its assignment from the host
+// (so a VM can be snapshotted at that point and restored per worker), then
+// applies the worker's identity, runs the program with stdout and stderr on
+// separate host channels, forwards signals, reports the exit status and
+// powers the VM off.
+//
+// Built static (CGO_ENABLED=0) and packed alone into the initramfs.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"golang.org/x/sys/unix"
+)
+
+// console is the serial console; its tail is what the host shows when the
+// VM dies without reporting.
+var console = os.Stderr
+
+func main() {
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "cohort init: must run as PID 1 inside a worker VM")
+		os.Exit(2)
+	}
+	g := &guest{}
+	if err := g.run(); err != nil {
+		fmt.Fprintf(console, "cohort init: %v\n", err)
+		g.emit(proto.Event{Kind: proto.EvError, Message: err.Error()})
+	}
+	powerOff()
+}
+
+type guest struct {
+	mu     sync.Mutex
+	events *os.File
+}
+
+func (g *guest) emit(ev proto.Event) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.events == nil {
+		return
+	}
+	b, _ := json.Marshal(ev)
+	g.events.Write(append(b, '\n'))
+}
+
+func (g *guest) run() error {
+	if err := mountBasics(); err != nil {
+		return err
+	}
+	ports, err := findPorts(2 * time.Second)
+	if err != nil {
+		return err
+	}
+	if g.events, err = os.OpenFile(ports[proto.PortEvents], os.O_WRONLY, 0); err != nil {
+		return fmt.Errorf("opening events port: %w", err)
+	}
+	ctl, err := os.OpenFile(ports[proto.PortCtl], os.O_RDONLY, 0)
+	if err != nil {
+		return fmt.Errorf("opening control port: %w", err)
+	}
+	g.emit(proto.Event{Kind: proto.EvReady})
+
+	// A snapshot may be taken here; everything below runs in the restored
+	// copy with its own identity.
+	in := bufio.NewReader(ctl)
+	var a proto.Assignment
+	if err := readJSON(in, &a, time.Millisecond); err != nil {
+		return fmt.Errorf("reading assignment: %w", err)
+	}
+	if err := apply(&a); err != nil {
+		return err
+	}
+	g.emit(proto.Event{Kind: proto.EvAssigned})
+
+	cmds := make(chan proto.Command, 16)
+	go func() {
+		for {
+			var c proto.Command
+			if err := readJSON(in, &c, 50*time.Millisecond); err != nil {
+				close(cmds)
+				return
+			}
+			cmds <- c
+		}
+	}()
+	if a.Barrier {
+		for c := range cmds {
+			if c.Kind == proto.CmdRelease {
+				break
+			}
+		}
+	}
+	return g.runProgram(&a, ports, cmds)
+}
+
+func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-chan proto.Command) error {
+	stdout, err := os.OpenFile(ports[proto.PortStdout], os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("opening stdout port: %w", err)
+	}
+	stderr, err := os.OpenFile(ports[proto.PortStderr], os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("opening stderr port: %w", err)
+	}
+	cmd := exec.Command(a.Program, a.Args...)
+	cmd.Env = a.Env
+	cmd.Dir = a.Dir
+	if cmd.Dir == "" {
+		cmd.Dir = "/"
+	}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	// Its own process group, so a forwarded signal reaches the program and
+	// whatever it started.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(stderr, "cohort: cannot start %s: %v\n", a.Program, err)
+		g.emit(proto.Event{Kind: proto.EvError, Message: fmt.Sprintf("starting %s: %v", a.Program, err)})
+		return nil
+	}
+	pid := cmd.Process.Pid
+	g.emit(proto.Event{Kind: proto.EvStarted, PID: pid})
+
+	go func() {
+		for c := range cmds {
+			if c.Kind == proto.CmdSignal && c.Signal > 0 {
+				unix.Kill(-pid, unix.Signal(c.Signal))
+			}
+		}
+	}()
+
+	// As PID 1 we reap every orphan; only the program's own status counts.
+	var ws unix.WaitStatus
+	for {
+		wpid, err := unix.Wait4(-1, &ws, 0, nil)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("waiting for the program: %w", err)
+		}
+		if wpid == pid {
+			break
+		}
+	}
+	unix.Kill(-1, unix.SIGKILL) // nothing outlives the program
+	ev := proto.Event{Kind: proto.EvExited}
+	switch {
+	case ws.Exited():
+		ev.ExitCode = ws.ExitStatus()
+	case ws.Signaled():
+		ev.Signal = int(ws.Signal())
+		ev.ExitCode = 128 + ev.Signal
+	}
+	stdout.Sync()
+	stderr.Sync()
+	g.emit(ev)
+	return nil
+}
+
+// readJSON reads one JSON line. A virtio port reads as EOF while no host
+// client is connected (a restored VM's driver connects after the restore),
+// so EOF means "not yet", not "never". The wait backs off to maxWait: the
+// assignment is awaited eagerly (it is on the start path), commands lazily.
+func readJSON(r *bufio.Reader, v any, maxWait time.Duration) error {
+	var line []byte
+	wait := 100 * time.Microsecond
+	for {
+		part, err := r.ReadBytes('\n')
+		line = append(line, part...)
+		if err == nil {
+			if len(strings.TrimSpace(string(line))) == 0 {
+				line = line[:0]
+				continue
+			}
+			return json.Unmarshal(line, v)
+		}
+		if err != io.EOF {
+			return err
+		}
+		time.Sleep(wait)
+		if wait *= 2; wait > maxWait {
+			wait = maxWait
+		}
+	}
+}
+
+func mountBasics() error {
+	for _, m := range []struct{ src, dst, fs string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"tmpfs", "/tmp", "tmpfs"},
+		{"tmpfs", "/run", "tmpfs"},
+	} {
+		os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.fs, 0, ""); err != nil && err != unix.EBUSY {
+			return fmt.Errorf("mounting %s: %w", m.dst, err)
+		}
+	}
+	return nil
+}
+
+// findPorts maps virtio-serial port names to their device nodes.
+func findPorts(timeout time.Duration) (map[string]string, error) {
+	deadline := time.Now().Add(timeout)
+	want := []string{proto.PortCtl, proto.PortEvents, proto.PortStdout, proto.PortStderr}
+	for {
+		ports := map[string]string{}
+		dirs, _ := filepath.Glob("/sys/class/virtio-ports/vport*")
+		for _, d := range dirs {
+			name, err := os.ReadFile(filepath.Join(d, "name"))
+			if err == nil {
+				ports[strings.TrimSpace(string(name))] = "/dev/" + filepath.Base(d)
+			}
+		}
+		missing := ""
+		for _, w := range want {
+			if _, err := os.Stat(ports[w]); ports[w] == "" || err != nil {
+				missing = w
+			}
+		}
+		if missing == "" {
+			return ports, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("virtio port %q not found", missing)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func powerOff() {
+	unix.Sync()
+	// Without ACPI a power-off only halts; with reboot=t and QEMU's
+	// -no-reboot a reset ends the VM instead.
+	unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	for {
+		time.Sleep(time.Hour)
+	}
+}

@@ -1,0 +1,74 @@
+// Package proto is the wire format between the microvm driver and the guest
+// init: newline-delimited JSON over virtio-serial ports.
+//
+// Host to guest, on port "cohort.ctl": one Assignment, then Commands.
+// Guest to host, on port "cohort.events": Events, appended to a file by
+// QEMU so they survive a restart of the driver.
+// The program's stdout and stderr travel on ports "cohort.stdout" and
+// "cohort.stderr", which QEMU writes straight into Nomad's log fifos.
+package proto
+
+// Port names, as the guest finds them in /sys/class/virtio-ports/*/name.
+const (
+	PortCtl    = "cohort.ctl"
+	PortEvents = "cohort.events"
+	PortStdout = "cohort.stdout"
+	PortStderr = "cohort.stderr"
+)
+
+// 9p mount tags for the task's directories, mounted at /<tag> in the guest.
+var MountTags = []string{"alloc", "local", "secrets"}
+
+// Assignment gives a booted (or restored) VM its identity and its program.
+type Assignment struct {
+	Hostname string `json:"hostname"`
+	// Network; empty Address means no network configuration.
+	Interface string   `json:"interface,omitempty"` // default eth0
+	MAC       string   `json:"mac,omitempty"`
+	Address   string   `json:"address,omitempty"` // CIDR, e.g. 10.200.0.5/16
+	Gateway   string   `json:"gateway,omitempty"`
+	DNS       []string `json:"dns,omitempty"`
+	// Entropy seeds the guest RNG, so VMs restored from one snapshot never
+	// share a random stream.
+	Entropy []byte `json:"entropy"`
+	// UnixNano is the host's wall clock; a restored VM wakes with the clock
+	// of the moment its template was saved.
+	UnixNano int64    `json:"unix_nano"`
+	Mounts   []string `json:"mounts,omitempty"` // 9p tags to mount at /<tag>
+	Program  string   `json:"program"`          // path inside the guest
+	Args     []string `json:"args,omitempty"`
+	Env      []string `json:"env,omitempty"`
+	Dir      string   `json:"dir,omitempty"`
+	// Barrier, when set, holds the program until a CmdRelease arrives.
+	Barrier bool `json:"barrier,omitempty"`
+}
+
+// Command kinds, host to guest after the assignment.
+const (
+	CmdSignal  = "signal"
+	CmdRelease = "release"
+)
+
+// Command is a host request to the guest init.
+type Command struct {
+	Kind   string `json:"kind"`
+	Signal int    `json:"signal,omitempty"`
+}
+
+// Event kinds, guest to host.
+const (
+	EvReady    = "ready"    // init is up and waiting for its assignment
+	EvAssigned = "assigned" // identity applied; waiting at the barrier if any
+	EvStarted  = "started"  // the program is running
+	EvExited   = "exited"   // the program ended; the VM powers off next
+	EvError    = "error"    // the init could not do its job; Message says why
+)
+
+// Event is a guest report. Times are the guest's monotonic clock in ns.
+type Event struct {
+	Kind     string `json:"kind"`
+	ExitCode int    `json:"exit_code,omitempty"`
+	Signal   int    `json:"signal,omitempty"`
+	Message  string `json:"message,omitempty"`
+	PID      int    `json:"pid,omitempty"`
+}

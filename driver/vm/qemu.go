@@ -1,0 +1,321 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+)
+
+// QEMU runs VMs on QEMU's microvm machine type, with KVM where the CPU has
+// hardware virtualization and TCG (software emulation) elsewhere.
+type QEMU struct {
+	Binary string // default qemu-system-x86_64 on $PATH
+
+	versionOnce sync.Once
+	version     string
+	versionErr  error
+}
+
+var _ Backend = (*QEMU)(nil)
+
+func (q *QEMU) Name() string { return "qemu" }
+
+func (q *QEMU) binary() string {
+	if q.Binary != "" {
+		return q.Binary
+	}
+	return "qemu-system-x86_64"
+}
+
+func (q *QEMU) Check() error {
+	q.Version()
+	return q.versionErr
+}
+
+// Version runs the binary once and caches its version line.
+func (q *QEMU) Version() string {
+	q.versionOnce.Do(func() {
+		out, err := exec.Command(q.binary(), "--version").Output()
+		if err != nil {
+			q.versionErr = fmt.Errorf("%s not usable: %w (install qemu-system-x86)", q.binary(), err)
+			return
+		}
+		first := strings.SplitN(string(out), "\n", 2)[0]
+		if f := strings.Fields(first); len(f) >= 4 {
+			q.version = f[3]
+		} else {
+			q.version = first
+		}
+	})
+	return q.version
+}
+
+// Cmdline is the guest kernel command line. acpi=off makes QEMU describe
+// the virtio-mmio devices on the command line; reboot=t with -no-reboot
+// turns the init's final reset into the VMM's exit; tsc=reliable spares TCG
+// guests a TSC calibration that can hang.
+const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable acpi=off quiet 8250.nr_uarts=1 random.trust_cpu=off"
+
+// Args builds the QEMU command line for spec. It is a pure function of the
+// spec, so a template and its restored copies get identical device layouts.
+func (q *QEMU) Args(spec *Spec, incoming string) []string {
+	accel, cpu := "tcg", "max"
+	if spec.Accel == "kvm" {
+		accel, cpu = "kvm", "host"
+	}
+	rd := spec.RunDir
+	a := []string{
+		"-M", "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off",
+		"-accel", accel, "-cpu", cpu,
+		"-m", strconv.Itoa(spec.MemoryMB), "-smp", strconv.Itoa(spec.VCPUs),
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", Cmdline,
+		"-chardev", "file,id=con,path=" + filepath.Join(rd, "console.log"),
+		"-serial", "chardev:con",
+		"-device", "virtio-serial-device,max_ports=5",
+		"-chardev", "socket,id=ctl,path=" + filepath.Join(rd, "ctl.sock") + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=ctl,name=" + proto.PortCtl,
+		"-chardev", "file,id=ev,path=" + filepath.Join(rd, "events.log"),
+		"-device", "virtserialport,chardev=ev,name=" + proto.PortEvents,
+		"-chardev", "file,id=out,path=" + spec.Stdout,
+		"-device", "virtserialport,chardev=out,name=" + proto.PortStdout,
+		"-chardev", "file,id=err,path=" + spec.Stderr,
+		"-device", "virtserialport,chardev=err,name=" + proto.PortStderr,
+	}
+	for _, tag := range proto.MountTags {
+		a = append(a,
+			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=none",
+			"-device", "virtio-9p-device,fsdev=fs_"+tag+",mount_tag="+tag)
+	}
+	if spec.Tap != "" {
+		a = append(a, "-netdev", "tap,id=net0,ifname="+spec.Tap+",script=no,downscript=no")
+	} else {
+		a = append(a, "-netdev", "hubport,id=net0,hubid=0")
+	}
+	nic := "virtio-net-device,netdev=net0"
+	if spec.MAC != "" {
+		nic += ",mac=" + spec.MAC
+	}
+	a = append(a, "-device", nic,
+		"-qmp", "unix:"+filepath.Join(rd, "qmp.sock")+",server=on,wait=off")
+	if incoming != "" {
+		a = append(a, "-incoming", "exec:cat "+incoming)
+	}
+	return a
+}
+
+func (q *QEMU) Boot(spec *Spec) (*Machine, error) { return q.start(spec, "") }
+
+func (q *QEMU) Restore(spec *Spec, snapshot string) (*Machine, error) {
+	if _, err := os.Stat(snapshot); err != nil {
+		return nil, fmt.Errorf("snapshot: %w", err)
+	}
+	m, err := q.start(spec, snapshot)
+	if err != nil {
+		return nil, err
+	}
+	if err := resume(m); err != nil {
+		m.Kill()
+		return nil, fmt.Errorf("restoring %s: %w; %s", snapshot, err, m.ConsoleTail(5))
+	}
+	return m, nil
+}
+
+// resume waits for the incoming migration to finish and starts the vCPUs:
+// the template was saved paused, and QEMU keeps that run state.
+func resume(m *Machine) error {
+	qc, err := dialQMP(m.QMPSocket(), 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer qc.close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ret, err := qc.do("query-status", nil)
+		if err != nil {
+			return err
+		}
+		var st struct{ Status string }
+		json.Unmarshal(ret, &st)
+		switch st.Status {
+		case "inmigrate":
+		case "running":
+			return nil
+		case "paused", "postmigrate", "prelaunch":
+			_, err := qc.do("cont", nil)
+			return err
+		default:
+			return fmt.Errorf("vm is %s after restore", st.Status)
+		}
+		if time.Now().After(deadline) {
+			return errors.New("incoming migration did not finish in 30s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (q *QEMU) start(spec *Spec, incoming string) (*Machine, error) {
+	if err := q.Check(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(spec.RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating vm run dir: %w", err)
+	}
+	for _, tag := range proto.MountTags {
+		if spec.Shares[tag] == "" {
+			return nil, fmt.Errorf("no host directory for the %q share", tag)
+		}
+	}
+	name, args := q.binary(), q.Args(spec, incoming)
+	if spec.NetNS != "" {
+		args = append([]string{"--net=" + spec.NetNS, "--", name}, args...)
+		name = "nsenter"
+	}
+	cmd := exec.Command(name, args...)
+	logf, err := os.OpenFile(filepath.Join(spec.RunDir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating vmm log: %w", err)
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// A session of its own: the VM outlives a restart of the driver plugin
+	// and of the Nomad agent, and is re-attached from its task handle.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	go cmd.Wait() // reap it while we are its parent
+	m := &Machine{Backend: q.Name(), PID: cmd.Process.Pid, RunDir: spec.RunDir}
+	st, _, err := procStat(m.PID)
+	if err != nil {
+		return nil, fmt.Errorf("vmm exited at once: %s", q.vmmLog(spec.RunDir))
+	}
+	m.StartTime = st
+	return m, nil
+}
+
+func (q *QEMU) vmmLog(runDir string) string {
+	b, _ := os.ReadFile(filepath.Join(runDir, "qemu.log"))
+	return strings.TrimSpace(string(b))
+}
+
+// Snapshot boots a template, waits for its init's "ready", pauses it and
+// migrates its state into dst. The template's NIC has no host side and its
+// shares point at an empty directory; restored copies bring their own.
+func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
+	m, err := q.Boot(spec)
+	if err != nil {
+		return err
+	}
+	defer m.Kill()
+	evctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if _, err := WaitEvent(evctx, m, m.Events(evctx), proto.EvReady); err != nil {
+		return fmt.Errorf("template vm: %w", err)
+	}
+	qc, err := dialQMP(m.QMPSocket(), 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer qc.close()
+	if _, err := qc.do("stop", nil); err != nil {
+		return err
+	}
+	tmp := dst + ".tmp"
+	if _, err := qc.do("migrate", map[string]string{"uri": "exec:cat > " + shellQuote(tmp)}); err != nil {
+		return err
+	}
+	for {
+		ret, err := qc.do("query-migrate", nil)
+		if err != nil {
+			return err
+		}
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		json.Unmarshal(ret, &st)
+		switch st.Status {
+		case "completed":
+			qc.do("quit", nil)
+			m.Wait(ctx)
+			return os.Rename(tmp, dst)
+		case "failed", "cancelled":
+			os.Remove(tmp)
+			return fmt.Errorf("saving template: migration %s: %s", st.Status, st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			os.Remove(tmp)
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// DetectAccel picks "kvm" only when the CPU advertises hardware
+// virtualization (vmx or svm) and /dev/kvm opens; a /dev/kvm without them
+// is a software KVM under which Linux guests crawl.
+func DetectAccel() (string, string) {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "tcg", "cannot read /proc/cpuinfo"
+	}
+	flags := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "flags") {
+			for _, f := range strings.Fields(line) {
+				flags[f] = true
+			}
+			break
+		}
+	}
+	if !flags["vmx"] && !flags["svm"] {
+		return "tcg", "cpu has no vmx/svm"
+	}
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return "tcg", "/dev/kvm: " + err.Error()
+	}
+	f.Close()
+	return "kvm", "hardware virtualization available"
+}
+
+// KernelVersion finds the "Linux version" banner in a kernel image.
+func KernelVersion(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	const marker = "Linux version "
+	for off := 0; ; {
+		i := strings.Index(string(b[off:]), marker)
+		if i < 0 {
+			return "", errors.New("no version banner in kernel image")
+		}
+		start := off + i + len(marker)
+		end := start
+		for end < len(b) && b[end] != ' ' && b[end] != 0 && end-start < 64 {
+			end++
+		}
+		v := string(b[start:end])
+		// Skip the format string ("%s") that precedes the real banner.
+		if v != "" && !strings.Contains(v, "%") {
+			return v, nil
+		}
+		off = end
+	}
+}
