@@ -32,6 +32,13 @@ Options:
   -plugin-dir=<path>  Nomad plugin directory. Default: plugins/ beside the
                       cohort binary.
   -log-level=<level>  cohort's own log level. Default: info.
+  -kernel=<path>      Guest kernel for the microvm driver. Default: the one
+                      "make kernel" built (.tools/kernel/vmlinux).
+  -init=<path>        Guest init for the microvm driver. Default:
+                      guest/cohort-init beside the cohort binary.
+
+  Without a kernel, an init or the plugin binary the cluster runs without
+  the microvm driver, and says so.
 
   NOMAD_BIN and CONSUL_BIN select the agent binaries; otherwise those that
   "make tools" built, or the ones on $PATH.
@@ -45,12 +52,14 @@ func (c *DevCommand) Run(args []string) int {
 	dataDir := fs.String("data-dir", "", "")
 	pluginDir := fs.String("plugin-dir", "", "")
 	level := fs.String("log-level", "info", "")
+	kernel := fs.String("kernel", "", "")
+	initBin := fs.String("init", "", "")
 	if ok, code := parse(c.UI, fs, args, 0, devHelp); !ok {
 		return code
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "cohort.dev", Level: hclog.LevelFromString(*level), Output: os.Stderr})
 
-	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir}
+	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir, Reap: true}
 	var err error
 	if cfg.NomadBin, err = devcluster.FindBinary("nomad"); err != nil {
 		c.UI.Error(err.Error())
@@ -67,6 +76,11 @@ func (c *DevCommand) Run(args []string) int {
 			return ExitError
 		}
 		cfg.PluginDir = filepath.Join(filepath.Dir(exe), "plugins")
+	}
+	if mv, why := c.microvm(cfg.PluginDir, *kernel, *initBin); mv != nil {
+		cfg.MicroVM = mv
+	} else {
+		log.Warn("running without the microvm driver", "reason", why)
 	}
 	if *dataDir == "" {
 		tmp, err := os.MkdirTemp("", "cohort-dev-")
@@ -108,4 +122,24 @@ Press Ctrl-C to stop.`, cluster.NomadAddr(), cluster.ConsulAddr(), cluster.Consu
 	}
 	c.UI.Output("Stopped.")
 	return ExitOK
+}
+
+// microvm finds what the microvm driver needs, or says what is missing.
+func (c *DevCommand) microvm(pluginDir, kernel, initBin string) (*devcluster.MicroVM, string) {
+	if _, err := os.Stat(filepath.Join(pluginDir, "nomad-driver-microvm")); err != nil {
+		return nil, "no nomad-driver-microvm in " + pluginDir + " (run make build)"
+	}
+	if kernel == "" {
+		kernel = devcluster.FindUp(filepath.Join(".tools", "kernel", "vmlinux"))
+	}
+	if kernel == "" {
+		return nil, "no guest kernel (run make kernel, or pass -kernel)"
+	}
+	if initBin == "" {
+		initBin = filepath.Join(pluginDir, "..", "guest", "cohort-init")
+	}
+	if _, err := os.Stat(initBin); err != nil {
+		return nil, "no guest init at " + initBin + " (run make build, or pass -init)"
+	}
+	return &devcluster.MicroVM{Kernel: kernel, Init: initBin}, ""
 }

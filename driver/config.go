@@ -1,3 +1,8 @@
+// Package driver is the microvm Nomad task driver: every task is a worker
+// VM, a minimal Linux kernel whose PID 1 is cohort's init, which runs the
+// task's program. VMs start from per-shape template snapshots when they
+// can, sit on a per-node bridge in their own network namespace, and keep
+// running across restarts of the plugin and of the Nomad agent.
 package driver
 
 import (
@@ -7,8 +12,8 @@ import (
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 )
 
-// PluginName is the driver's name in jobs (driver = "microvm") and in the
-// agent's plugin "microvm" { config { ... } } block.
+// PluginName is the driver's name in jobs (driver = "microvm"). The agent
+// configures it by the binary's name: plugin "nomad-driver-microvm" {...}.
 const PluginName = "microvm"
 
 // Config is the plugin configuration from the Nomad agent.

@@ -72,20 +72,66 @@ type Config struct {
 	ConsulBin string
 	PluginDir string
 	Ports     Ports
-	// PluginConfig is appended to the Nomad agent config verbatim, for
-	// plugin "name" { config { ... } } blocks.
-	PluginConfig string
-	Logger       hclog.Logger
+	// Reap makes the cluster reap processes reparented to this one (VMs
+	// whose driver plugin restarted). Only for a process whose other
+	// children are the agents, such as cohort dev: a reaper would steal the
+	// exit status of any other child.
+	Reap bool
+	// MicroVM configures the microvm driver plugin; nil leaves it out.
+	MicroVM *MicroVM
+	Logger  hclog.Logger
+}
+
+// MicroVM is what the microvm driver needs from the dev cluster. Its state
+// directory and network namespace are named after the Nomad HTTP port, so
+// clusters side by side never share them; Stop removes both.
+type MicroVM struct {
+	Kernel string
+	Init   string
+	Subnet string // default 10.213.0.0/16
+}
+
+func (c *Cluster) microvmStateDir() string {
+	return fmt.Sprintf("/run/cohort-%d", c.cfg.Ports.NomadHTTP)
+}
+
+// MicroVMNetNS is the network namespace the worker VMs live in.
+func (c *Cluster) MicroVMNetNS() string { return fmt.Sprintf("cohort-%d", c.cfg.Ports.NomadHTTP) }
+
+func (c *Cluster) pluginConfig() string {
+	mv := c.cfg.MicroVM
+	if mv == nil {
+		return ""
+	}
+	subnet := mv.Subnet
+	if subnet == "" {
+		subnet = "10.213.0.0/16"
+	}
+	return fmt.Sprintf(`
+plugin "nomad-driver-microvm" {
+  config {
+    kernel    = %q
+    init      = %q
+    state_dir = %q
+    network {
+      subnet = %q
+      netns  = %q
+      bridge = "cohort0"
+    }
+  }
+}
+`, mv.Kernel, mv.Init, c.microvmStateDir(), subnet, c.MicroVMNetNS())
 }
 
 // Cluster is a running dev cluster.
 type Cluster struct {
-	cfg    Config
-	log    hclog.Logger
-	consul *exec.Cmd
-	nomad  *exec.Cmd
-	exited map[*exec.Cmd]chan struct{}
-	once   sync.Once
+	cfg     Config
+	log     hclog.Logger
+	consul  *exec.Cmd
+	nomad   *exec.Cmd
+	exited  map[*exec.Cmd]chan struct{}
+	once    sync.Once
+	stopped chan struct{}
 }
 
 // NomadAddr is the Nomad HTTP API (and UI) address.
@@ -120,7 +166,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return nil, fmt.Errorf("becoming child subreaper: %w", err)
 	}
-	c := &Cluster{cfg: cfg, log: cfg.Logger, exited: map[*exec.Cmd]chan struct{}{}}
+	c := &Cluster{cfg: cfg, log: cfg.Logger, exited: map[*exec.Cmd]chan struct{}{}, stopped: make(chan struct{})}
 
 	if err := c.startConsul(); err != nil {
 		c.Stop()
@@ -142,7 +188,28 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.Stop()
 		return nil, err
 	}
+	if cfg.Reap {
+		go c.reap()
+	}
 	return c, nil
+}
+
+// reap collects zombie children other than the agents until Stop.
+func (c *Cluster) reap() {
+	agents := map[int]bool{c.consul.Process.Pid: true, c.nomad.Process.Pid: true}
+	for {
+		select {
+		case <-c.stopped:
+			return
+		case <-time.After(time.Second):
+		}
+		for _, pid := range zombies(os.Getpid()) {
+			if !agents[pid] {
+				var ws syscall.WaitStatus
+				syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+			}
+		}
+	}
 }
 
 func (c *Cluster) startConsul() error {
@@ -215,7 +282,7 @@ plugin "raw_exec" {
   }
 }
 %s
-`, dataDir, c.cfg.PluginDir, p.NomadHTTP, p.NomadRPC, p.NomadSerf, p.ConsulHTTP, c.cfg.PluginConfig)
+`, dataDir, c.cfg.PluginDir, p.NomadHTTP, p.NomadRPC, p.NomadSerf, p.ConsulHTTP, c.pluginConfig())
 	path := filepath.Join(c.cfg.DataDir, "nomad.hcl")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		return fmt.Errorf("writing nomad config: %w", err)
@@ -294,7 +361,10 @@ func (c *Cluster) nomadReady() (bool, error) {
 	}
 	var node struct {
 		Attributes map[string]string
-		Drivers    map[string]struct{ Healthy bool }
+		Drivers    map[string]struct {
+			Healthy           bool
+			HealthDescription string
+		}
 	}
 	if err := getJSON(c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node); err != nil {
 		return false, err
@@ -305,6 +375,9 @@ func (c *Cluster) nomadReady() (bool, error) {
 	if !node.Drivers["raw_exec"].Healthy {
 		return false, errors.New("raw_exec driver not healthy yet")
 	}
+	if c.cfg.MicroVM != nil && !node.Drivers["microvm"].Healthy {
+		return false, fmt.Errorf("microvm driver not healthy yet: %s", node.Drivers["microvm"].HealthDescription)
+	}
 	return true, nil
 }
 
@@ -314,6 +387,7 @@ func (c *Cluster) nomadReady() (bool, error) {
 func (c *Cluster) Stop() error {
 	var errs []error
 	c.once.Do(func() {
+		close(c.stopped)
 		if c.nomad != nil {
 			c.stopJobs()
 		}
@@ -327,6 +401,12 @@ func (c *Cluster) Stop() error {
 		killOrphans(c.log)
 		if err := unmountUnder(c.cfg.DataDir); err != nil {
 			errs = append(errs, err)
+		}
+		if c.cfg.MicroVM != nil {
+			if out, err := exec.Command("ip", "netns", "del", c.MicroVMNetNS()).CombinedOutput(); err != nil && !strings.Contains(string(out), "No such file") {
+				errs = append(errs, fmt.Errorf("removing network namespace: %v: %s", err, out))
+			}
+			os.RemoveAll(c.microvmStateDir())
 		}
 	})
 	return errors.Join(errs...)
@@ -404,8 +484,13 @@ func killOrphans(log hclog.Logger) {
 	}
 }
 
-// children lists the direct children of pid from /proc, skipping zombies.
-func children(pid int) []int {
+// children lists the live direct children of pid.
+func children(pid int) []int { return childrenIn(pid, false) }
+
+// zombies lists the direct children of pid that have exited unreaped.
+func zombies(pid int) []int { return childrenIn(pid, true) }
+
+func childrenIn(pid int, zombie bool) []int {
 	ents, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range ents {
@@ -424,7 +509,7 @@ func children(pid int) []int {
 			continue
 		}
 		f := strings.Fields(s[i+1:])
-		if len(f) < 2 || f[0] == "Z" {
+		if len(f) < 2 || (f[0] == "Z") != zombie {
 			continue
 		}
 		if ppid, _ := strconv.Atoi(f[1]); ppid == pid {

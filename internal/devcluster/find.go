@@ -16,6 +16,18 @@ func FindBinary(name string) (string, error) {
 	if p := os.Getenv(strings.ToUpper(name) + "_BIN"); p != "" {
 		return p, nil
 	}
+	if p := FindUp(filepath.Join(".tools", "bin", name)); p != "" {
+		return p, nil
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	return "", fmt.Errorf("%s not found: run `make tools`, or set %s_BIN", name, strings.ToUpper(name))
+}
+
+// FindUp looks for rel in the directories above the executable and above
+// the working directory, nearest first.
+func FindUp(rel string) string {
 	var starts []string
 	if exe, err := os.Executable(); err == nil {
 		starts = append(starts, filepath.Dir(exe))
@@ -25,17 +37,14 @@ func FindBinary(name string) (string, error) {
 	}
 	for _, dir := range starts {
 		for d := dir; ; d = filepath.Dir(d) {
-			p := filepath.Join(d, ".tools", "bin", name)
+			p := filepath.Join(d, rel)
 			if st, err := os.Stat(p); err == nil && !st.IsDir() {
-				return p, nil
+				return p
 			}
 			if d == filepath.Dir(d) {
 				break
 			}
 		}
 	}
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	return "", fmt.Errorf("%s not found: run `make tools`, or set %s_BIN", name, strings.ToUpper(name))
+	return ""
 }

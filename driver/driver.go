@@ -1,0 +1,560 @@
+package driver
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/guest/initramfs"
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/driver/vm"
+	"github.com/cohort-dev/cohort/version"
+	"github.com/hashicorp/go-hclog"
+	cstructs "github.com/hashicorp/nomad/client/structs"
+	"github.com/hashicorp/nomad/drivers/shared/eventer"
+	"github.com/hashicorp/nomad/plugins/base"
+	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/hashicorp/nomad/plugins/shared/hclspec"
+	pstructs "github.com/hashicorp/nomad/plugins/shared/structs"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	fingerprintPeriod = 30 * time.Second
+	// taskHandleVersion is the version of taskState saved in task handles.
+	taskHandleVersion = 1
+)
+
+var pluginInfo = &base.PluginInfoResponse{
+	Type:              base.PluginTypeDriver,
+	PluginApiVersions: []string{drivers.ApiVersion010},
+	PluginVersion:     version.Version,
+	Name:              PluginName,
+}
+
+var capabilities = &drivers.Capabilities{
+	SendSignals: true,
+	Exec:        false,
+	FSIsolation: drivers.FSIsolationImage,
+	NetIsolationModes: []drivers.NetIsolationMode{
+		drivers.NetIsolationModeHost,
+		drivers.NetIsolationModeTask,
+	},
+	MountConfigs: drivers.MountConfigSupportNone,
+}
+
+// Driver is the microvm task driver: every task is a worker VM.
+type Driver struct {
+	eventer *eventer.Eventer
+	ctx     context.Context
+	cancel  context.CancelFunc
+	log     hclog.Logger
+
+	mu        sync.RWMutex
+	config    *Config
+	backend   vm.Backend
+	accel     string
+	accelWhy  string
+	initrd    string
+	kernel    string
+	kernelVer string
+	templates *templates
+	net       *network
+	setupErr  error
+
+	tasks sync.Map // task ID -> *taskHandle
+}
+
+var _ drivers.DriverPlugin = (*Driver)(nil)
+
+// New returns the driver, unconfigured until SetConfig.
+func New(log hclog.Logger) *Driver {
+	ctx, cancel := context.WithCancel(context.Background())
+	log = log.Named(PluginName)
+	return &Driver{eventer: eventer.NewEventer(ctx, log), ctx: ctx, cancel: cancel, log: log}
+}
+
+func (d *Driver) PluginInfo() (*base.PluginInfoResponse, error) { return pluginInfo, nil }
+func (d *Driver) ConfigSchema() (*hclspec.Spec, error)          { return configSpec, nil }
+func (d *Driver) TaskConfigSchema() (*hclspec.Spec, error)      { return taskConfigSpec, nil }
+func (d *Driver) Capabilities() (*drivers.Capabilities, error)  { return capabilities, nil }
+
+// SetConfig prepares everything a start needs, so StartTask does no
+// one-time work: the initramfs, the accelerator choice, the network, and
+// the template for the default shape.
+func (d *Driver) SetConfig(c *base.Config) error {
+	var cfg Config
+	if len(c.PluginConfig) != 0 {
+		if err := base.MsgPackDecode(c.PluginConfig, &cfg); err != nil {
+			return fmt.Errorf("decoding microvm plugin config: %w", err)
+		}
+	}
+	if err := cfg.validate(); err != nil {
+		return fmt.Errorf("microvm plugin config: %w", err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.config = &cfg
+	d.backend = &vm.QEMU{Binary: cfg.QEMU}
+	d.setupErr = d.setup(&cfg)
+	if d.setupErr != nil {
+		d.log.Error("microvm driver is unhealthy", "error", d.setupErr)
+	}
+	return nil
+}
+
+func (d *Driver) setup(cfg *Config) error {
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "run"), 0o700); err != nil {
+		return fmt.Errorf("creating state dir: %w", err)
+	}
+	kernel, err := filepath.EvalSymlinks(cfg.Kernel)
+	if err != nil {
+		return fmt.Errorf("guest kernel: %w", err)
+	}
+	d.kernel = kernel
+	if d.kernelVer, err = vm.KernelVersion(kernel); err != nil {
+		return fmt.Errorf("guest kernel %s: %w", kernel, err)
+	}
+	if d.initrd, err = buildInitrd(cfg.Init, cfg.StateDir); err != nil {
+		return err
+	}
+	if err := d.backend.Check(); err != nil {
+		return err
+	}
+	switch cfg.Accelerator {
+	case "kvm":
+		if a, why := vm.DetectAccel(); a != "kvm" {
+			return fmt.Errorf("accelerator = \"kvm\" but this host cannot use it: %s", why)
+		}
+		d.accel, d.accelWhy = "kvm", "configured"
+	case "tcg":
+		d.accel, d.accelWhy = "tcg", "configured"
+	default:
+		d.accel, d.accelWhy = vm.DetectAccel()
+	}
+	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.log)
+	if cfg.Network.Subnet != "" {
+		if d.net, err = setupNetwork(cfg.Network, d.log); err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+	}
+	if cfg.Snapshot {
+		d.templates.get(d.shape(DefaultMemoryMB, 1, d.accel))
+	}
+	return nil
+}
+
+// DefaultMemoryMB is the shape warmed at start-up, matching the job spec's
+// default worker memory.
+const DefaultMemoryMB = 128
+
+func (d *Driver) shape(memMB, vcpus int, accel string) vm.Shape {
+	return vm.Shape{Kernel: d.kernel, Initrd: d.initrd, MemoryMB: memMB, VCPUs: vcpus, Accel: accel}
+}
+
+// buildInitrd packs the init into an initramfs named by its content hash,
+// so a new init never reuses the snapshots of an old one.
+func buildInitrd(initPath, stateDir string) (string, error) {
+	b, err := os.ReadFile(initPath)
+	if err != nil {
+		return "", fmt.Errorf("guest init: %w", err)
+	}
+	sum := sha256.Sum256(b)
+	path := filepath.Join(stateDir, "initrd-"+hex.EncodeToString(sum[:8])+".gz")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	img, err := initramfs.Build(b)
+	if err != nil {
+		return "", err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, img, 0o644); err != nil {
+		return "", fmt.Errorf("writing initramfs: %w", err)
+	}
+	return path, os.Rename(tmp, path)
+}
+
+func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, error) {
+	ch := make(chan *drivers.Fingerprint)
+	go func() {
+		defer close(ch)
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-d.ctx.Done():
+				return
+			case <-t.C:
+				t.Reset(fingerprintPeriod)
+			}
+			select {
+			case ch <- d.fingerprint():
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) fingerprint() *drivers.Fingerprint {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.config == nil {
+		return &drivers.Fingerprint{Health: drivers.HealthStateUndetected, HealthDescription: "not configured"}
+	}
+	if d.setupErr != nil {
+		return &drivers.Fingerprint{Health: drivers.HealthStateUnhealthy, HealthDescription: d.setupErr.Error()}
+	}
+	if _, err := os.Stat(d.kernel); err != nil {
+		return &drivers.Fingerprint{Health: drivers.HealthStateUnhealthy, HealthDescription: "guest kernel missing: " + err.Error()}
+	}
+	snap := "disabled"
+	if d.config.Snapshot {
+		snap = d.templates.status()
+	}
+	attrs := map[string]*pstructs.Attribute{
+		"driver.microvm":                pstructs.NewBoolAttribute(true),
+		"driver.microvm.backend":        pstructs.NewStringAttribute(d.backend.Name()),
+		"driver.microvm.accelerator":    pstructs.NewStringAttribute(d.accel),
+		"driver.microvm.qemu_version":   pstructs.NewStringAttribute(d.backend.Version()),
+		"driver.microvm.kernel_version": pstructs.NewStringAttribute(d.kernelVer),
+		"driver.microvm.snapshot":       pstructs.NewStringAttribute(snap),
+	}
+	if d.net != nil {
+		attrs["driver.microvm.network"] = pstructs.NewStringAttribute(d.config.Network.Subnet)
+	}
+	return &drivers.Fingerprint{
+		Attributes:        attrs,
+		Health:            drivers.HealthStateHealthy,
+		HealthDescription: fmt.Sprintf("ready (%s: %s)", d.accel, d.accelWhy),
+	}
+}
+
+// taskState is what a task handle saves for RecoverTask.
+type taskState struct {
+	Machine   vm.Machine
+	Lease     *lease
+	StartedAt time.Time
+	Snapshot  bool
+}
+
+var runDirName = regexp.MustCompile(`[^a-zA-Z0-9]+`)
+
+func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	if _, ok := d.tasks.Load(cfg.ID); ok {
+		return nil, nil, fmt.Errorf("task %s is already started", cfg.ID)
+	}
+	d.mu.RLock()
+	conf, setupErr := d.config, d.setupErr
+	d.mu.RUnlock()
+	if conf == nil {
+		return nil, nil, errors.New("microvm driver is not configured")
+	}
+	if setupErr != nil {
+		return nil, nil, fmt.Errorf("microvm driver is unhealthy: %w", setupErr)
+	}
+	var tc TaskConfig
+	if err := cfg.DecodeDriverConfig(&tc); err != nil {
+		return nil, nil, fmt.Errorf("decoding task config: %w", err)
+	}
+	accel, err := d.taskAccel(tc.Accelerator)
+	if err != nil {
+		return nil, nil, err
+	}
+	mem := int(cfg.Resources.NomadResources.Memory.MemoryMB)
+	if mem < MinMemoryMB {
+		return nil, nil, fmt.Errorf("memory = %d MiB is too small for a worker VM; it needs at least %d MiB", mem, MinMemoryMB)
+	}
+	if tc.VCPUs < 1 || tc.VCPUs > 64 {
+		return nil, nil, fmt.Errorf("vcpus = %d: want 1 to 64", tc.VCPUs)
+	}
+	td := cfg.TaskDir()
+	program, err := stageProgram(tc.Program, td.Dir, td.LocalDir)
+	if err != nil {
+		return nil, nil, err
+	}
+
+	name := runDirName.ReplaceAllString(cfg.Name, "")
+	if len(name) > 12 {
+		name = name[:12]
+	}
+	spec := &vm.Spec{
+		Shape:  d.shape(mem, tc.VCPUs, accel),
+		RunDir: filepath.Join(conf.StateDir, "run", cfg.AllocID[:8]+"-"+name),
+		Stdout: cfg.StdoutPath,
+		Stderr: cfg.StderrPath,
+		Shares: map[string]string{"alloc": td.SharedAllocDir, "local": td.LocalDir, "secrets": td.SecretsDir},
+	}
+	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
+	var ls *lease
+	if d.net != nil {
+		if ls, err = d.net.allocate(); err != nil {
+			return nil, nil, err
+		}
+		spec.Tap, spec.MAC, spec.NetNS = ls.Tap, ls.MAC, d.net.NSPath()
+	}
+	fail := func(err error) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+		if ls != nil {
+			d.net.release(ls)
+		}
+		os.RemoveAll(spec.RunDir)
+		return nil, nil, err
+	}
+
+	useSnap := conf.Snapshot
+	if tc.Snapshot != nil {
+		useSnap = *tc.Snapshot
+	}
+	start := time.Now()
+	var m *vm.Machine
+	snapPath := ""
+	if useSnap {
+		snapPath = d.templates.get(spec.Shape)
+	}
+	if snapPath != "" {
+		m, err = d.backend.Restore(spec, snapPath)
+	} else {
+		m, err = d.backend.Boot(spec)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	h := newTaskHandle(d, cfg, m, ls)
+	h.snapshot = snapPath != ""
+	if err := h.assign(d.assignment(cfg, program, tc.Args, ls)); err != nil {
+		m.Kill()
+		return fail(err)
+	}
+	h.startedAt = start
+
+	handle := drivers.NewTaskHandle(taskHandleVersion)
+	handle.Config = cfg
+	if err := handle.SetDriverState(&taskState{Machine: *m, Lease: ls, StartedAt: start, Snapshot: h.snapshot}); err != nil {
+		m.Kill()
+		return fail(fmt.Errorf("saving task state: %w", err))
+	}
+	d.tasks.Store(cfg.ID, h)
+	go h.run()
+
+	var dnet *drivers.DriverNetwork
+	if ls != nil {
+		dnet = &drivers.DriverNetwork{IP: ls.IP, AutoAdvertise: true}
+	}
+	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", time.Since(start))
+	return handle, dnet, nil
+}
+
+func (d *Driver) taskAccel(want string) (string, error) {
+	if err := validAccel(want); err != nil {
+		return "", err
+	}
+	switch want {
+	case "", "auto":
+		return d.accel, nil
+	case "kvm":
+		if a, why := vm.DetectAccel(); a != "kvm" {
+			return "", fmt.Errorf("accelerator = \"kvm\" but this node cannot use it: %s", why)
+		}
+	}
+	return want, nil
+}
+
+// assignment is the identity and program a task's VM receives.
+func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []string, ls *lease) *proto.Assignment {
+	seed := make([]byte, 64)
+	rand.Read(seed)
+	a := &proto.Assignment{
+		Hostname: hostname(cfg),
+		Entropy:  seed,
+		UnixNano: time.Now().UnixNano(),
+		Mounts:   proto.MountTags,
+		Program:  program,
+		Args:     args,
+		Env:      guestEnv(cfg, ls),
+		Dir:      "/",
+	}
+	if ls != nil {
+		a.Address, a.Gateway, a.MAC = ls.Address, ls.Gateway, ls.MAC
+	}
+	return a
+}
+
+// hostname is "<group>-<alloc index>" when Nomad gives the index, which is
+// the worker's rank in a cohort gang.
+func hostname(cfg *drivers.TaskConfig) string {
+	if idx, ok := cfg.Env["NOMAD_ALLOC_INDEX"]; ok {
+		h := runDirName.ReplaceAllString(strings.ToLower(cfg.TaskGroupName), "-")
+		return strings.Trim(h, "-") + "-" + idx
+	}
+	return cfg.AllocID[:8]
+}
+
+// guestEnv is the task's environment with the task directories at their
+// paths inside the VM.
+func guestEnv(cfg *drivers.TaskConfig, ls *lease) []string {
+	env := make([]string, 0, len(cfg.Env)+4)
+	override := map[string]string{
+		"NOMAD_ALLOC_DIR":   "/alloc",
+		"NOMAD_TASK_DIR":    "/local",
+		"NOMAD_SECRETS_DIR": "/secrets",
+	}
+	if ls != nil {
+		override["COHORT_IP"] = ls.IP
+	}
+	for k, v := range cfg.Env {
+		if _, ok := override[k]; ok {
+			continue
+		}
+		env = append(env, k+"="+v)
+	}
+	for k, v := range override {
+		env = append(env, k+"="+v)
+	}
+	if _, ok := cfg.Env["PATH"]; !ok {
+		env = append(env, "PATH=/local:/local/"+programDirName+":/alloc")
+	}
+	return env
+}
+
+func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
+	if handle == nil {
+		return errors.New("nil task handle")
+	}
+	if _, ok := d.tasks.Load(handle.Config.ID); ok {
+		return nil
+	}
+	var st taskState
+	if err := handle.GetDriverState(&st); err != nil {
+		return fmt.Errorf("decoding task state: %w", err)
+	}
+	m := st.Machine
+	if st.Lease != nil && d.net != nil {
+		d.net.claim(st.Lease)
+	}
+	h := newTaskHandle(d, handle.Config, &m, st.Lease)
+	h.startedAt, h.snapshot = st.StartedAt, st.Snapshot
+	d.tasks.Store(handle.Config.ID, h)
+	go h.run()
+	d.log.Info("recovered worker vm", "task", handle.Config.Name, "pid", m.PID, "alive", m.Alive())
+	return nil
+}
+
+func (d *Driver) handle(id string) (*taskHandle, error) {
+	v, ok := d.tasks.Load(id)
+	if !ok {
+		return nil, drivers.ErrTaskNotFound
+	}
+	return v.(*taskHandle), nil
+}
+
+func (d *Driver) WaitTask(ctx context.Context, taskID string) (<-chan *drivers.ExitResult, error) {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return nil, err
+	}
+	ch := make(chan *drivers.ExitResult, 1)
+	go func() {
+		defer close(ch)
+		select {
+		case <-h.done:
+			ch <- h.exitResult()
+		case <-ctx.Done():
+		case <-d.ctx.Done():
+		}
+	}()
+	return ch, nil
+}
+
+func (d *Driver) StopTask(taskID string, timeout time.Duration, signal string) error {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return err
+	}
+	return h.stop(timeout, signal)
+}
+
+func (d *Driver) DestroyTask(taskID string, force bool) error {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return err
+	}
+	if h.running() && !force {
+		return errors.New("cannot destroy a running task without force")
+	}
+	h.kill()
+	select {
+	case <-h.done:
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("worker vm (pid %d) did not exit after kill", h.m.PID)
+	}
+	h.cleanup()
+	d.tasks.Delete(taskID)
+	return nil
+}
+
+func (d *Driver) InspectTask(taskID string) (*drivers.TaskStatus, error) {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return nil, err
+	}
+	return h.status(), nil
+}
+
+func (d *Driver) TaskStats(ctx context.Context, taskID string, interval time.Duration) (<-chan *cstructs.TaskResourceUsage, error) {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return nil, err
+	}
+	return h.stats(ctx, interval), nil
+}
+
+func (d *Driver) TaskEvents(ctx context.Context) (<-chan *drivers.TaskEvent, error) {
+	return d.eventer.TaskEvents(ctx)
+}
+
+func (d *Driver) SignalTask(taskID string, signal string) error {
+	h, err := d.handle(taskID)
+	if err != nil {
+		return err
+	}
+	num, err := signalNumber(signal)
+	if err != nil {
+		return err
+	}
+	return h.signal(num)
+}
+
+func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*drivers.ExecTaskResult, error) {
+	return nil, errors.New("the microvm driver does not support exec: a worker VM runs only its program")
+}
+
+// Shutdown stops the driver's goroutines; VMs keep running for recovery.
+func (d *Driver) Shutdown() { d.cancel() }
+
+func signalNumber(name string) (int, error) {
+	if name == "" {
+		return int(unix.SIGTERM), nil
+	}
+	n := strings.ToUpper(name)
+	if !strings.HasPrefix(n, "SIG") {
+		n = "SIG" + n
+	}
+	sig := unix.SignalNum(n)
+	if sig == 0 {
+		return 0, fmt.Errorf("unknown signal %q", name)
+	}
+	return int(sig), nil
+}

@@ -1,0 +1,273 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/driver/vm"
+	cstructs "github.com/hashicorp/nomad/client/structs"
+	"github.com/hashicorp/nomad/plugins/drivers"
+)
+
+// taskHandle is one running (or finished) worker VM.
+type taskHandle struct {
+	d     *Driver
+	cfg   *drivers.TaskConfig
+	m     *vm.Machine
+	lease *lease
+	done  chan struct{}
+
+	mu          sync.Mutex
+	ctl         *vm.Ctl
+	startedAt   time.Time
+	completedAt time.Time
+	snapshot    bool
+	result      *drivers.ExitResult
+	killedBy    int // signal the driver used to end the VM, if it had to
+	cleaned     bool
+}
+
+func newTaskHandle(d *Driver, cfg *drivers.TaskConfig, m *vm.Machine, ls *lease) *taskHandle {
+	return &taskHandle{d: d, cfg: cfg, m: m, lease: ls, done: make(chan struct{})}
+}
+
+// conn returns the control connection, dialing it after a recovery.
+func (h *taskHandle) conn() (*vm.Ctl, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.ctl != nil {
+		return h.ctl, nil
+	}
+	ctx, cancel := context.WithTimeout(h.d.ctx, 5*time.Second)
+	defer cancel()
+	c, err := h.m.DialCtl(ctx)
+	if err != nil {
+		return nil, err
+	}
+	h.ctl = c
+	return c, nil
+}
+
+func (h *taskHandle) send(v any) error {
+	c, err := h.conn()
+	if err != nil {
+		return err
+	}
+	if err := c.Send(v); err != nil {
+		// Drop a broken connection so the next call dials again.
+		h.mu.Lock()
+		if h.ctl == c {
+			h.ctl.Close()
+			h.ctl = nil
+		}
+		h.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+func (h *taskHandle) assign(a *proto.Assignment) error { return h.send(a) }
+
+// run follows the VM's events until it powers off, then records the
+// result. A VM that ends without reporting its program's exit (a kernel
+// panic, a VMM crash) fails the task with its console's last lines.
+func (h *taskHandle) run() {
+	var exited, failed *proto.Event
+	for ev := range h.m.Events(h.d.ctx) {
+		ev := ev
+		switch ev.Kind {
+		case proto.EvStarted:
+			h.d.log.Trace("worker program started", "task", h.cfg.Name, "after", time.Since(h.startedAt))
+		case proto.EvExited:
+			exited = &ev
+		case proto.EvError:
+			failed = &ev
+		}
+	}
+	if h.d.ctx.Err() != nil {
+		return // the plugin is shutting down; the VM stays for recovery
+	}
+	h.m.Wait(h.d.ctx)
+	if h.d.ctx.Err() != nil {
+		return
+	}
+	res := &drivers.ExitResult{}
+	h.mu.Lock()
+	killedBy := h.killedBy
+	h.mu.Unlock()
+	switch {
+	case exited != nil:
+		res.ExitCode, res.Signal = exited.ExitCode, exited.Signal
+	case failed != nil:
+		res.ExitCode = 1
+		res.Err = errors.New(failed.Message)
+	case killedBy != 0:
+		res.ExitCode, res.Signal = 128+killedBy, killedBy
+	default:
+		res.ExitCode = 1
+		res.Err = fmt.Errorf("worker vm stopped without reporting an exit status; last console lines:\n%s", h.m.ConsoleTail(15))
+	}
+	h.mu.Lock()
+	h.result = res
+	h.completedAt = time.Now()
+	if h.ctl != nil {
+		h.ctl.Close()
+		h.ctl = nil
+	}
+	h.mu.Unlock()
+	close(h.done)
+}
+
+func (h *taskHandle) running() bool {
+	select {
+	case <-h.done:
+		return false
+	default:
+		return true
+	}
+}
+
+func (h *taskHandle) exitResult() *drivers.ExitResult {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.result.Copy()
+}
+
+func (h *taskHandle) signal(sig int) error {
+	if !h.running() {
+		return errors.New("task is not running")
+	}
+	return h.send(proto.Command{Kind: proto.CmdSignal, Signal: sig})
+}
+
+// stop asks the program to end with signal, then ends the VM after timeout.
+func (h *taskHandle) stop(timeout time.Duration, signal string) error {
+	if !h.running() {
+		return nil
+	}
+	num, err := signalNumber(signal)
+	if err != nil {
+		return err
+	}
+	if err := h.signal(num); err != nil {
+		h.d.log.Warn("could not signal worker program; killing its vm", "task", h.cfg.Name, "error", err)
+		timeout = 0
+	}
+	select {
+	case <-h.done:
+		return nil
+	case <-time.After(timeout):
+	}
+	h.kill()
+	select {
+	case <-h.done:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("worker vm (pid %d) did not exit after kill", h.m.PID)
+	}
+}
+
+func (h *taskHandle) kill() {
+	h.mu.Lock()
+	if h.killedBy == 0 {
+		h.killedBy = 9
+	}
+	h.mu.Unlock()
+	h.m.Kill()
+}
+
+// cleanup releases what the VM held on the host: its tap, its address and
+// its run directory.
+func (h *taskHandle) cleanup() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.cleaned {
+		return
+	}
+	h.cleaned = true
+	if h.lease != nil && h.d.net != nil {
+		h.d.net.release(h.lease)
+	}
+	os.RemoveAll(h.m.RunDir)
+}
+
+func (h *taskHandle) status() *drivers.TaskStatus {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := &drivers.TaskStatus{
+		ID:          h.cfg.ID,
+		Name:        h.cfg.Name,
+		State:       drivers.TaskStateRunning,
+		StartedAt:   h.startedAt,
+		CompletedAt: h.completedAt,
+		DriverAttributes: map[string]string{
+			"pid":      fmt.Sprint(h.m.PID),
+			"snapshot": fmt.Sprint(h.snapshot),
+		},
+	}
+	if h.result != nil {
+		st.State = drivers.TaskStateExited
+		st.ExitResult = h.result.Copy()
+	}
+	if h.lease != nil {
+		st.NetworkOverride = &drivers.DriverNetwork{IP: h.lease.IP, AutoAdvertise: true}
+	}
+	return st
+}
+
+// stats samples the VMM process: its CPU time and resident memory are what
+// the worker costs the node.
+func (h *taskHandle) stats(ctx context.Context, interval time.Duration) <-chan *cstructs.TaskResourceUsage {
+	ch := make(chan *cstructs.TaskResourceUsage)
+	go func() {
+		defer close(ch)
+		var prev vm.Usage
+		var prevAt time.Time
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-h.done:
+				return
+			case <-t.C:
+				t.Reset(interval)
+			}
+			u, err := h.m.Usage()
+			if err != nil {
+				return
+			}
+			now := time.Now()
+			pct := 0.0
+			if !prevAt.IsZero() {
+				busy := float64((u.UserNs + u.SystemNs) - (prev.UserNs + prev.SystemNs))
+				pct = 100 * busy / float64(now.Sub(prevAt))
+			}
+			prev, prevAt = u, now
+			usage := &cstructs.TaskResourceUsage{
+				Timestamp: now.UnixNano(),
+				ResourceUsage: &cstructs.ResourceUsage{
+					MemoryStats: &cstructs.MemoryStats{RSS: u.RSSBytes, Measured: []string{"RSS"}},
+					CpuStats: &cstructs.CpuStats{
+						UserMode:   float64(u.UserNs) / 1e6,
+						SystemMode: float64(u.SystemNs) / 1e6,
+						Percent:    pct,
+						Measured:   []string{"System Mode", "User Mode", "Percent"},
+					},
+				},
+			}
+			select {
+			case ch <- usage:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch
+}
