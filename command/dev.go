@@ -59,7 +59,7 @@ func (c *DevCommand) Run(args []string) int {
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "cohort.dev", Level: hclog.LevelFromString(*level), Output: os.Stderr})
 
-	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir, Reap: true}
+	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir}
 	var err error
 	if cfg.NomadBin, err = devcluster.FindBinary("nomad"); err != nil {
 		c.UI.Error(err.Error())

@@ -56,8 +56,10 @@ type TaskConfig struct {
 }
 
 var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
-	"kernel": hclspec.NewAttr("kernel", "string", true),
-	"init":   hclspec.NewAttr("init", "string", true),
+	// Not required by the schema: an agent that carries the plugin without
+	// configuring it still starts, and the driver reports itself undetected.
+	"kernel": hclspec.NewAttr("kernel", "string", false),
+	"init":   hclspec.NewAttr("init", "string", false),
 	"accelerator": hclspec.NewDefault(hclspec.NewAttr("accelerator", "string", false),
 		hclspec.NewLiteral(`"auto"`)),
 	"snapshot": hclspec.NewDefault(hclspec.NewAttr("snapshot", "bool", false),
@@ -97,9 +99,12 @@ func validAccel(s string) error {
 	return fmt.Errorf("accelerator must be \"auto\", \"kvm\" or \"tcg\", got %q", s)
 }
 
+// configured says whether the agent configured the driver at all.
+func (c *Config) configured() bool { return c.Kernel != "" || c.Init != "" }
+
 func (c *Config) validate() error {
 	if c.Kernel == "" || c.Init == "" {
-		return fmt.Errorf("kernel and init are required")
+		return fmt.Errorf("kernel and init are both required")
 	}
 	if err := validAccel(c.Accelerator); err != nil {
 		return err

@@ -30,6 +30,9 @@ import (
 
 const (
 	fingerprintPeriod = 30 * time.Second
+	// assignTimeout bounds a cold boot under software emulation on a busy
+	// node; a snapshot restore takes its assignment in milliseconds.
+	assignTimeout = 2 * time.Minute
 	// taskHandleVersion is the version of taskState saved in task handles.
 	taskHandleVersion = 1
 )
@@ -98,6 +101,10 @@ func (d *Driver) SetConfig(c *base.Config) error {
 			return fmt.Errorf("decoding microvm plugin config: %w", err)
 		}
 	}
+	if !cfg.configured() {
+		d.log.Info("microvm driver not configured: set kernel and init in its plugin block")
+		return nil
+	}
 	if err := cfg.validate(); err != nil {
 		return fmt.Errorf("microvm plugin config: %w", err)
 	}
@@ -150,6 +157,7 @@ func (d *Driver) setup(cfg *Config) error {
 	if cfg.Snapshot {
 		d.templates.get(d.shape(DefaultMemoryMB, 1, d.accel))
 	}
+	go d.collectOrphans(filepath.Join(cfg.StateDir, "run"))
 	return nil
 }
 
@@ -332,13 +340,19 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if err != nil {
 		return fail(err)
 	}
-	h := newTaskHandle(d, cfg, m, ls)
-	h.snapshot = snapPath != ""
-	if err := h.assign(d.assignment(cfg, program, tc.Args, ls)); err != nil {
+	if err := writeMachine(m); err != nil {
 		m.Kill()
 		return fail(err)
 	}
+	h := newTaskHandle(d, cfg, m, ls)
+	h.snapshot = snapPath != ""
 	h.startedAt = start
+	go h.run()
+	if err := h.assign(d.assignment(cfg, program, tc.Args, ls), assignTimeout); err != nil {
+		h.kill()
+		<-h.done
+		return fail(err)
+	}
 
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
@@ -347,7 +361,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return fail(fmt.Errorf("saving task state: %w", err))
 	}
 	d.tasks.Store(cfg.ID, h)
-	go h.run()
 
 	var dnet *drivers.DriverNetwork
 	if ls != nil {

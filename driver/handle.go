@@ -21,6 +21,9 @@ type taskHandle struct {
 	m     *vm.Machine
 	lease *lease
 	done  chan struct{}
+	// assigned closes when the guest has taken its assignment.
+	assigned     chan struct{}
+	assignedOnce sync.Once
 
 	mu          sync.Mutex
 	ctl         *vm.Ctl
@@ -33,7 +36,7 @@ type taskHandle struct {
 }
 
 func newTaskHandle(d *Driver, cfg *drivers.TaskConfig, m *vm.Machine, ls *lease) *taskHandle {
-	return &taskHandle{d: d, cfg: cfg, m: m, lease: ls, done: make(chan struct{})}
+	return &taskHandle{d: d, cfg: cfg, m: m, lease: ls, done: make(chan struct{}), assigned: make(chan struct{})}
 }
 
 // conn returns the control connection, dialing it after a recovery.
@@ -71,7 +74,26 @@ func (h *taskHandle) send(v any) error {
 	return nil
 }
 
-func (h *taskHandle) assign(a *proto.Assignment) error { return h.send(a) }
+// assign hands the guest its assignment and waits until the guest has
+// taken it. Until then the assignment only sits in a socket buffer, which
+// dies with this process: returning earlier could lose it to a plugin
+// restart, leaving a VM that never runs its program.
+func (h *taskHandle) assign(a *proto.Assignment, timeout time.Duration) error {
+	if err := h.send(a); err != nil {
+		return err
+	}
+	select {
+	case <-h.assigned:
+		return nil
+	case <-h.done:
+		if r := h.exitResult(); r != nil && r.Err != nil {
+			return fmt.Errorf("worker vm failed before its program started: %w", r.Err)
+		}
+		return errors.New("worker vm stopped before taking its assignment")
+	case <-time.After(timeout):
+		return fmt.Errorf("worker vm did not take its assignment within %s; last console lines:\n%s", timeout, h.m.ConsoleTail(15))
+	}
+}
 
 // run follows the VM's events until it powers off, then records the
 // result. A VM that ends without reporting its program's exit (a kernel
@@ -81,9 +103,12 @@ func (h *taskHandle) run() {
 	for ev := range h.m.Events(h.d.ctx) {
 		ev := ev
 		switch ev.Kind {
+		case proto.EvAssigned:
+			h.assignedOnce.Do(func() { close(h.assigned) })
 		case proto.EvStarted:
 			h.d.log.Trace("worker program started", "task", h.cfg.Name, "after", time.Since(h.startedAt))
 		case proto.EvExited:
+			h.assignedOnce.Do(func() { close(h.assigned) })
 			exited = &ev
 		case proto.EvError:
 			failed = &ev

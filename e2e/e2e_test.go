@@ -24,7 +24,12 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-var cohortBin string
+var (
+	cohortBin string
+	pluginDir string // holds nomad-driver-microvm
+	initBin   string // static guest init
+	workerBin string // static test program, see driver/vm/vmtest/worker
+)
 
 func TestMain(m *testing.M) {
 	if os.Getenv("COHORT_E2E") == "0" {
@@ -36,11 +41,28 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	cohortBin = filepath.Join(dir, "cohort")
-	build := exec.Command("go", "build", "-o", cohortBin, "../cmd/cohort")
-	build.Stdout, build.Stderr = os.Stdout, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building cohort:", err)
-		os.Exit(1)
+	pluginDir = filepath.Join(dir, "plugins")
+	initBin = filepath.Join(dir, "cohort-init")
+	workerBin = filepath.Join(dir, "worker")
+	for _, b := range []struct {
+		out, pkg string
+		static   bool
+	}{
+		{cohortBin, "../cmd/cohort", false},
+		{filepath.Join(pluginDir, "nomad-driver-microvm"), "../cmd/nomad-driver-microvm", false},
+		{initBin, "../driver/guest/init", true},
+		{workerBin, "../driver/vm/vmtest/worker", true},
+	} {
+		build := exec.Command("go", "build", "-o", b.out, b.pkg)
+		build.Env = os.Environ()
+		if b.static {
+			build.Env = append(build.Env, "CGO_ENABLED=0")
+		}
+		build.Stdout, build.Stderr = os.Stdout, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building", b.pkg, err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -50,6 +72,24 @@ func TestMain(m *testing.M) {
 // cluster starts a dev cluster on free ports for one test and stops it
 // when the test ends.
 func cluster(t *testing.T) (*devcluster.Cluster, string) {
+	t.Helper()
+	return startCluster(t, nil)
+}
+
+// microvmCluster is a cluster with the microvm driver loaded.
+func microvmCluster(t *testing.T) (*devcluster.Cluster, string) {
+	t.Helper()
+	kernel := os.Getenv("COHORT_KERNEL")
+	if kernel == "" {
+		kernel = devcluster.FindUp(filepath.Join(".tools", "kernel", "vmlinux"))
+	}
+	if kernel == "" && os.Getenv("COHORT_E2E") != "0" {
+		t.Fatal("guest kernel not found: run make kernel or set COHORT_KERNEL")
+	}
+	return startCluster(t, &devcluster.MicroVM{Kernel: kernel, Init: initBin})
+}
+
+func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, string) {
 	t.Helper()
 	if os.Getenv("COHORT_E2E") == "0" {
 		t.Skip("COHORT_E2E=0: end-to-end tests disabled")
@@ -71,7 +111,8 @@ func cluster(t *testing.T) (*devcluster.Cluster, string) {
 		DataDir:   dataDir,
 		NomadBin:  nomad,
 		ConsulBin: consul,
-		PluginDir: filepath.Join(dataDir, "plugins"),
+		PluginDir: pluginDir,
+		MicroVM:   mv,
 		Ports:     ports,
 		Logger:    hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
 	})
@@ -81,6 +122,17 @@ func cluster(t *testing.T) (*devcluster.Cluster, string) {
 	t.Cleanup(func() {
 		if err := c.Stop(); err != nil {
 			t.Errorf("stopping cluster: %v", err)
+		}
+		if t.Failed() {
+			// Keep the agents' logs of a failed test for the developer.
+			keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
+			os.MkdirAll(keep, 0o755)
+			for _, f := range []string{"nomad.log", "consul.log"} {
+				if b, err := os.ReadFile(filepath.Join(dataDir, f)); err == nil {
+					os.WriteFile(filepath.Join(keep, f), b, 0o644)
+				}
+			}
+			t.Logf("agent logs kept in %s", keep)
 		}
 	})
 	return c, dataDir

@@ -118,6 +118,16 @@ func TestColdBootRunsProgram(t *testing.T) {
 }
 
 func TestSignalReachesProgram(t *testing.T) {
+	testSignal(t, false)
+}
+
+// TestSignalAfterReconnect: a new control connection, as after a restart
+// of the driver plugin, still reaches the guest.
+func TestSignalAfterReconnect(t *testing.T) {
+	testSignal(t, true)
+}
+
+func testSignal(t *testing.T, reconnect bool) {
 	a := vmtest.Get(t)
 	accel, _ := DetectAccel()
 	q := &QEMU{}
@@ -138,6 +148,14 @@ func TestSignalReachesProgram(t *testing.T) {
 	ctl.Send(assignment("w0", "sleep"))
 	if _, err := WaitEvent(ctx, m, events, proto.EvStarted); err != nil {
 		t.Fatal(err)
+	}
+	if reconnect {
+		ctl.Close()
+		time.Sleep(300 * time.Millisecond)
+		if ctl, err = m.DialCtl(ctx); err != nil {
+			t.Fatal(err)
+		}
+		defer ctl.Close()
 	}
 	ctl.Send(proto.Command{Kind: proto.CmdSignal, Signal: int(syscall.SIGTERM)})
 	ev, err := WaitEvent(ctx, m, events, proto.EvExited)

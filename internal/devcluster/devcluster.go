@@ -72,11 +72,6 @@ type Config struct {
 	ConsulBin string
 	PluginDir string
 	Ports     Ports
-	// Reap makes the cluster reap processes reparented to this one (VMs
-	// whose driver plugin restarted). Only for a process whose other
-	// children are the agents, such as cohort dev: a reaper would steal the
-	// exit status of any other child.
-	Reap bool
 	// MicroVM configures the microvm driver plugin; nil leaves it out.
 	MicroVM *MicroVM
 	Logger  hclog.Logger
@@ -91,7 +86,8 @@ type MicroVM struct {
 	Subnet string // default 10.213.0.0/16
 }
 
-func (c *Cluster) microvmStateDir() string {
+// MicroVMStateDir is the microvm driver's state directory.
+func (c *Cluster) MicroVMStateDir() string {
 	return fmt.Sprintf("/run/cohort-%d", c.cfg.Ports.NomadHTTP)
 }
 
@@ -120,7 +116,7 @@ plugin "nomad-driver-microvm" {
     }
   }
 }
-`, mv.Kernel, mv.Init, c.microvmStateDir(), subnet, c.MicroVMNetNS())
+`, mv.Kernel, mv.Init, c.MicroVMStateDir(), subnet, c.MicroVMNetNS())
 }
 
 // Cluster is a running dev cluster.
@@ -129,6 +125,7 @@ type Cluster struct {
 	log     hclog.Logger
 	consul  *exec.Cmd
 	nomad   *exec.Cmd
+	mu      sync.Mutex
 	exited  map[*exec.Cmd]chan struct{}
 	once    sync.Once
 	stopped chan struct{}
@@ -188,28 +185,44 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.Stop()
 		return nil, err
 	}
-	if cfg.Reap {
-		go c.reap()
-	}
+	go c.reap()
 	return c, nil
 }
 
-// reap collects zombie children other than the agents until Stop.
+// reap collects the task processes (executors, log collectors, VMs) that
+// were reparented to us when an agent or plugin exited. Until reaped they
+// are zombies, which a restarted agent mistakes for live processes and
+// waits on forever. Only zombies outside our own process group are
+// reaped: the rest are this program's own children, whose exit status
+// belongs to whoever started them; the agents are skipped for the same
+// reason.
 func (c *Cluster) reap() {
-	agents := map[int]bool{c.consul.Process.Pid: true, c.nomad.Process.Pid: true}
+	own := syscall.Getpgrp()
 	for {
 		select {
 		case <-c.stopped:
 			return
-		case <-time.After(time.Second):
+		case <-time.After(200 * time.Millisecond):
 		}
-		for _, pid := range zombies(os.Getpid()) {
-			if !agents[pid] {
-				var ws syscall.WaitStatus
-				syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		for _, z := range zombies(os.Getpid()) {
+			if z.pgid == own || c.isAgent(z.pid) {
+				continue
 			}
+			var ws syscall.WaitStatus
+			syscall.Wait4(z.pid, &ws, syscall.WNOHANG, nil)
 		}
 	}
+}
+
+func (c *Cluster) isAgent(pid int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for cmd := range c.exited {
+		if cmd.Process != nil && cmd.Process.Pid == pid {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Cluster) startConsul() error {
@@ -311,7 +324,9 @@ func (c *Cluster) spawn(name, bin string, args ...string) (*exec.Cmd, error) {
 		return nil, fmt.Errorf("starting %s: %w", name, err)
 	}
 	done := make(chan struct{})
+	c.mu.Lock()
 	c.exited[cmd] = done
+	c.mu.Unlock()
 	go func() {
 		cmd.Wait()
 		logf.Close()
@@ -332,7 +347,7 @@ func (c *Cluster) waitFor(ctx context.Context, what string, cmd *exec.Cmd, ready
 		}
 		lastErr = err
 		select {
-		case <-c.exited[cmd]:
+		case <-c.exitedCh(cmd):
 			return fmt.Errorf("waiting for %s: agent exited (%v); see %s", what, cmd.ProcessState, c.logPath(cmd))
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for %s: %w (last error: %v); see %s", what, ctx.Err(), lastErr, c.logPath(cmd))
@@ -381,6 +396,19 @@ func (c *Cluster) nomadReady() (bool, error) {
 	return true, nil
 }
 
+// RestartNomad stops the Nomad agent as an operator would (SIGINT: the
+// client leaves its tasks running) and starts it again on the same data
+// directory, then waits until the node is ready.
+func (c *Cluster) RestartNomad(ctx context.Context) error {
+	if err := c.stopAgent(c.nomad); err != nil {
+		return err
+	}
+	if err := c.startNomad(); err != nil {
+		return err
+	}
+	return c.waitFor(ctx, "nomad node ready after restart", c.nomad, c.nomadReady)
+}
+
 // Stop stops every job, then Nomad, then Consul; kills task processes left
 // orphaned; and detaches mounts under the data directory. It is safe to
 // call more than once.
@@ -406,7 +434,7 @@ func (c *Cluster) Stop() error {
 			if out, err := exec.Command("ip", "netns", "del", c.MicroVMNetNS()).CombinedOutput(); err != nil && !strings.Contains(string(out), "No such file") {
 				errs = append(errs, fmt.Errorf("removing network namespace: %v: %s", err, out))
 			}
-			os.RemoveAll(c.microvmStateDir())
+			os.RemoveAll(c.MicroVMStateDir())
 		}
 	})
 	return errors.Join(errs...)
@@ -444,8 +472,14 @@ func (c *Cluster) stopJobs() {
 	}
 }
 
+func (c *Cluster) exitedCh(cmd *exec.Cmd) chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.exited[cmd]
+}
+
 func (c *Cluster) stopAgent(cmd *exec.Cmd) error {
-	done := c.exited[cmd]
+	done := c.exitedCh(cmd)
 	cmd.Process.Signal(os.Interrupt)
 	select {
 	case <-done:
@@ -484,15 +518,23 @@ func killOrphans(log hclog.Logger) {
 	}
 }
 
+type proc struct{ pid, pgid int }
+
 // children lists the live direct children of pid.
-func children(pid int) []int { return childrenIn(pid, false) }
+func children(pid int) []int {
+	var out []int
+	for _, p := range childrenIn(pid, false) {
+		out = append(out, p.pid)
+	}
+	return out
+}
 
 // zombies lists the direct children of pid that have exited unreaped.
-func zombies(pid int) []int { return childrenIn(pid, true) }
+func zombies(pid int) []proc { return childrenIn(pid, true) }
 
-func childrenIn(pid int, zombie bool) []int {
+func childrenIn(pid int, zombie bool) []proc {
 	ents, _ := os.ReadDir("/proc")
-	var out []int
+	var out []proc
 	for _, e := range ents {
 		child, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -509,11 +551,12 @@ func childrenIn(pid int, zombie bool) []int {
 			continue
 		}
 		f := strings.Fields(s[i+1:])
-		if len(f) < 2 || (f[0] == "Z") != zombie {
+		if len(f) < 3 || (f[0] == "Z") != zombie {
 			continue
 		}
 		if ppid, _ := strconv.Atoi(f[1]); ppid == pid {
-			out = append(out, child)
+			pgid, _ := strconv.Atoi(f[2])
+			out = append(out, proc{pid: child, pgid: pgid})
 		}
 	}
 	return out

@@ -78,8 +78,12 @@ func (g *guest) run() error {
 	// copy with its own identity.
 	in := bufio.NewReader(ctl)
 	var a proto.Assignment
-	if err := readJSON(in, &a, time.Millisecond); err != nil {
-		return fmt.Errorf("reading assignment: %w", err)
+	for a.Program == "" {
+		// A command that reaches a VM still waiting for its assignment
+		// (sent by a driver that lost track of it) is not an assignment.
+		if err := readJSON(in, &a, time.Millisecond); err != nil {
+			return fmt.Errorf("reading assignment: %w", err)
+		}
 	}
 	if err := apply(&a); err != nil {
 		return err

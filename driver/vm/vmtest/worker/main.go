@@ -4,6 +4,8 @@
 //	worker rand      print hostname, 16 random bytes and the address of eth0
 //	worker sleep     sleep until killed
 //	worker env       print the environment
+//	worker serve P   accept one TCP connection on port P, print what it says
+//	worker dial A    connect to host:port A, say hello; exit 1 if it fails
 package main
 
 import (
@@ -42,6 +44,30 @@ func main() {
 	case "sleep":
 		fmt.Println("sleeping")
 		time.Sleep(time.Hour)
+	case "serve":
+		l, err := net.Listen("tcp", ":"+os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println("listening")
+		c, err := l.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		b := make([]byte, 64)
+		n, _ := c.Read(b)
+		fmt.Printf("got %q from %s\n", b[:n], c.RemoteAddr())
+	case "dial":
+		c, err := net.DialTimeout("tcp", os.Args[2], 3*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Fprint(c, "hello")
+		c.Close()
+		fmt.Println("connected")
 	case "env":
 		for _, e := range os.Environ() {
 			fmt.Println(e)

@@ -1,0 +1,181 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+)
+
+// submit writes a cohort spec, turns it into a Nomad job with cohort plan
+// and registers it with nomad job run, as a user would.
+func submit(t *testing.T, c *devcluster.Cluster, spec string) {
+	t.Helper()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "job.hcl")
+	if err := os.WriteFile(src, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := run(t, c, cohortBin, "plan", src)
+	dst := filepath.Join(dir, "job.nomad.hcl")
+	os.WriteFile(dst, []byte(out), 0o644)
+	nomad, _ := devcluster.FindBinary("nomad")
+	run(t, c, nomad, "job", "run", "-detach", dst)
+}
+
+func microvmJob(name string, count int, args ...string) string {
+	quoted := make([]string, len(args))
+	for i, a := range args {
+		quoted[i] = strconv.Quote(a)
+	}
+	return fmt.Sprintf(`job %q {
+  max_runtime = "5m"
+  group "w" {
+    count = %d
+    resources {
+      cpu    = 100
+      memory = 128
+    }
+    program {
+      path = %q
+      args = [%s]
+    }
+  }
+}
+`, name, count, workerBin, strings.Join(quoted, ", "))
+}
+
+func exitCode(a alloc) (int, bool) {
+	for _, e := range a.TaskStates["worker"].Events {
+		if e.Type == "Terminated" {
+			return e.ExitCode, true
+		}
+	}
+	return 0, false
+}
+
+// vmPIDs lists the cluster's task VMs (not its template VMs) by their run
+// directories.
+func vmPIDs(c *devcluster.Cluster) map[string]bool {
+	out, _ := exec.Command("pgrep", "-f", "qemu-system-x86_64 .*"+c.MicroVMStateDir()+"/run/").Output()
+	pids := map[string]bool{}
+	for _, p := range strings.Fields(string(out)) {
+		pids[p] = true
+	}
+	return pids
+}
+
+func taps(t *testing.T, c *devcluster.Cluster) []string {
+	out, err := exec.Command("ip", "-n", c.MicroVMNetNS(), "-o", "link", "show").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link: %v %s", err, out)
+	}
+	var ts []string
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && strings.HasPrefix(f[1], "ct") {
+			ts = append(ts, strings.TrimSuffix(f[1], ":"))
+		}
+	}
+	return ts
+}
+
+// TestMicroVMExitCodeAndLogs: a microvm job whose program prints and exits
+// 3; nomad alloc logs shows stdout and stderr apart, and the alloc reports
+// exit code 3.
+func TestMicroVMExitCodeAndLogs(t *testing.T) {
+	c, _ := microvmCluster(t)
+	submit(t, c, microvmJob("exit3", 2, "exit", "3"))
+	allocs := waitAllocs(t, c, "exit3", 2, allStatus("failed"))
+	nomad, _ := devcluster.FindBinary("nomad")
+	for _, a := range allocs {
+		if code, ok := exitCode(a); !ok || code != 3 {
+			t.Errorf("alloc %s exit code = %d (terminated %v), want 3", a.Name, code, ok)
+		}
+		if out := run(t, c, nomad, "alloc", "logs", a.ID, "worker"); out != "hello from the worker on stdout\n" {
+			t.Errorf("stdout = %q", out)
+		}
+		if out := run(t, c, nomad, "alloc", "logs", "-stderr", a.ID, "worker"); out != "hello from the worker on stderr\n" {
+			t.Errorf("stderr = %q", out)
+		}
+	}
+	if ts := taps(t, c); len(ts) != 0 {
+		t.Errorf("taps left after the job ended: %v", ts)
+	}
+}
+
+// TestMicroVMStopSignalRecover: four sleeping workers survive a restart of
+// the Nomad agent (same VMs, re-attached); a signal reaches a program; and
+// stopping the job leaves no VM and no tap.
+func TestMicroVMStopSignalRecover(t *testing.T) {
+	c, _ := microvmCluster(t)
+	before := map[string]bool{}
+	submit(t, c, microvmJob("sleepers", 4, "sleep"))
+	allocs := waitAllocs(t, c, "sleepers", 4, allStatus("running"))
+	waitFor(t, "4 VMs", func() bool { return len(newPIDs(before, vmPIDs(c))) == 4 })
+	vms := newPIDs(before, vmPIDs(c))
+	if n := len(taps(t, c)); n != 4 {
+		t.Errorf("taps = %d, want 4", n)
+	}
+
+	if err := c.RestartNomad(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The same four VMs run on, and Nomad still sees them running.
+	time.Sleep(2 * time.Second)
+	after := newPIDs(before, vmPIDs(c))
+	if strings.Join(after, ",") != strings.Join(vms, ",") {
+		t.Fatalf("VMs after agent restart = %v, want the same %v", after, vms)
+	}
+	waitAllocs(t, c, "sleepers", 4, allStatus("running"))
+
+	// A signal sent through Nomad reaches the program in the VM, which
+	// dies of it; the recovered handle reports that.
+	nomad, _ := devcluster.FindBinary("nomad")
+	run(t, c, nomad, "alloc", "signal", "-s", "SIGTERM", allocs[0].ID, "worker")
+	waitFor(t, "signalled alloc to end", func() bool {
+		var a alloc
+		getJSON(t, c.NomadAddr()+"/v1/allocation/"+allocs[0].ID, &a)
+		return a.ClientStatus == "failed"
+	})
+	var a alloc
+	getJSON(t, c.NomadAddr()+"/v1/allocation/"+allocs[0].ID, &a)
+	if code, _ := exitCode(a); code != 128+15 {
+		t.Errorf("signalled worker exit code = %d, want 143", code)
+	}
+
+	run(t, c, nomad, "job", "stop", "sleepers")
+	waitFor(t, "VMs to exit", func() bool { return len(newPIDs(before, vmPIDs(c))) == 0 })
+	waitFor(t, "taps to be removed", func() bool { return len(taps(t, c)) == 0 })
+}
+
+func newPIDs(before, now map[string]bool) []string {
+	var out []string
+	for p := range now {
+		if !before[p] {
+			out = append(out, p)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if ok() {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
