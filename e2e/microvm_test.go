@@ -179,3 +179,124 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 	}
 	t.Fatalf("timed out waiting for %s", what)
 }
+
+// TestMicroVMNetwork: workers on a node reach each other by IP, and the
+// address Nomad advertises for a worker is its VM's; a worker cannot reach
+// the node's own services.
+func TestMicroVMNetwork(t *testing.T) {
+	c, _ := microvmCluster(t)
+	submit(t, c, microvmJob("server", 1, "serve", "7000"))
+	allocs := waitAllocs(t, c, "server", 1, allStatus("running"))
+	var ip string
+	waitFor(t, "the server's VM address in Consul", func() bool {
+		var entries []struct{ ServiceAddress string }
+		getJSON(t, c.ConsulAddr()+"/v1/catalog/service/server-w", &entries)
+		if len(entries) == 1 {
+			ip = entries[0].ServiceAddress
+		}
+		return ip != ""
+	})
+	if !strings.HasPrefix(ip, "10.213.") {
+		t.Fatalf("advertised address = %q, want the VM's address in 10.213.0.0/16", ip)
+	}
+
+	submit(t, c, microvmJob("client", 1, "dial", ip+":7000"))
+	done := waitAllocs(t, c, "client", 1, func(as []alloc) bool { return as[0].ClientStatus != "pending" && as[0].ClientStatus != "running" })
+	if code, _ := exitCode(done[0]); done[0].ClientStatus != "complete" || code != 0 {
+		t.Fatalf("client alloc = %s (exit %d), want complete", done[0].ClientStatus, code)
+	}
+	nomad, _ := devcluster.FindBinary("nomad")
+	waitFor(t, "the server to see the client", func() bool {
+		return strings.Contains(run(t, c, nomad, "alloc", "logs", allocs[0].ID, "worker"), `got "hello"`)
+	})
+
+	// The gateway is the bridge inside the VMs' namespace, not the host:
+	// Nomad's HTTP port, open on the host, is not reachable from a worker.
+	port := strings.TrimPrefix(c.NomadAddr(), "http://127.0.0.1:")
+	submit(t, c, microvmJob("escape", 1, "dial", "10.213.0.1:"+port))
+	esc := waitAllocs(t, c, "escape", 1, allStatus("failed"))
+	if code, _ := exitCode(esc[0]); code != 1 {
+		t.Errorf("dialing the host from a worker: exit %d, want 1 (connection refused)", code)
+	}
+}
+
+// TestMicroVMBadProgram: a program the VM cannot run fails the task with a
+// message that says why.
+func TestMicroVMBadProgram(t *testing.T) {
+	c, _ := microvmCluster(t)
+	for name, tc := range map[string]struct{ path, want string }{
+		"dynamic": {"/bin/true", "dynamically linked"},
+		"missing": {"/nonexistent/worker", "does not exist on this node"},
+		"script":  {"/usr/bin/ldd", "not an ELF executable"},
+	} {
+		spec := strings.Replace(microvmJob(name, 1), workerBin, tc.path, 1)
+		submit(t, c, spec)
+		as := waitAllocs(t, c, name, 1, allStatus("failed"))
+		var ev struct {
+			TaskStates map[string]struct {
+				Events []struct{ Type, DisplayMessage string }
+			}
+		}
+		getJSON(t, c.NomadAddr()+"/v1/allocation/"+as[0].ID, &ev)
+		msgs := ""
+		for _, e := range ev.TaskStates["worker"].Events {
+			msgs += e.Type + ": " + e.DisplayMessage + "\n"
+		}
+		if !strings.Contains(msgs, tc.want) {
+			t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
+		}
+	}
+}
+
+// TestMicroVMBadConfig: Nomad jobs written by hand that the driver refuses,
+// each with a task event that says why.
+func TestMicroVMBadConfig(t *testing.T) {
+	c, _ := microvmCluster(t)
+	nomad, _ := devcluster.FindBinary("nomad")
+	for name, tc := range map[string]struct{ config, memory, want string }{
+		"smallmem": {fmt.Sprintf("program = %q", workerBin), "32", "too small for a worker VM"},
+		"unknown":  {fmt.Sprintf("program = %q\n        bogus = 1", workerBin), "128", `"bogus"`},
+		"accel":    {fmt.Sprintf("program = %q\n        accelerator = \"fast\"", workerBin), "128", `accelerator must be`},
+	} {
+		job := fmt.Sprintf(`job %q {
+  type = "batch"
+  group "g" {
+    restart {
+      attempts = 0
+      mode     = "fail"
+    }
+    reschedule {
+      attempts  = 0
+      unlimited = false
+    }
+    task "worker" {
+      driver = "microvm"
+      config {
+        %s
+      }
+      resources {
+        memory = %s
+      }
+    }
+  }
+}
+`, name, tc.config, tc.memory)
+		path := filepath.Join(t.TempDir(), name+".nomad.hcl")
+		os.WriteFile(path, []byte(job), 0o644)
+		run(t, c, nomad, "job", "run", "-detach", path)
+		as := waitAllocs(t, c, name, 1, allStatus("failed"))
+		var ev struct {
+			TaskStates map[string]struct {
+				Events []struct{ Type, DisplayMessage string }
+			}
+		}
+		getJSON(t, c.NomadAddr()+"/v1/allocation/"+as[0].ID, &ev)
+		msgs := ""
+		for _, e := range ev.TaskStates["worker"].Events {
+			msgs += e.Type + ": " + e.DisplayMessage + "\n"
+		}
+		if !strings.Contains(msgs, tc.want) {
+			t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
+		}
+	}
+}

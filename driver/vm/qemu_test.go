@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/driver/guest/initramfs"
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/driver/vm/vmtest"
 )
@@ -228,5 +229,36 @@ func TestSnapshotRestoreDiverges(t *testing.T) {
 	}
 	if f0[1] == f1[1] {
 		t.Errorf("two restored workers drew the same random bytes %s", f0[1])
+	}
+}
+
+// TestKernelPanicReportsConsole: an init that dies panics the kernel; the
+// VM ends without an exit event and the error carries the console's tail.
+func TestKernelPanicReportsConsole(t *testing.T) {
+	a := vmtest.Get(t)
+	accel, _ := DetectAccel()
+	spec := testVM(t, a, accel)
+	// An initramfs whose /init is the test worker run with no arguments:
+	// it prints its usage and exits, and PID 1 exiting is a kernel panic.
+	worker, err := os.ReadFile(a.Worker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := initramfs.Build(worker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Initrd = filepath.Join(t.TempDir(), "bad-initrd.gz")
+	os.WriteFile(spec.Initrd, img, 0o644)
+	m, err := (&QEMU{}).Boot(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Kill() })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, err = WaitEvent(ctx, m, m.Events(ctx), proto.EvReady)
+	if err == nil || !strings.Contains(err.Error(), "Kernel panic") {
+		t.Fatalf("error = %v, want one quoting the kernel panic", err)
 	}
 }
