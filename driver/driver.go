@@ -205,10 +205,17 @@ func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, 
 			case <-d.ctx.Done():
 				return
 			case <-t.C:
+			}
+			fp := d.fingerprint()
+			// While a template builds, report again soon: its readiness
+			// is what the node's snapshot attribute shows.
+			if a := fp.Attributes["driver.microvm.snapshot"]; a != nil && a.GoString() == "building" {
+				t.Reset(time.Second)
+			} else {
 				t.Reset(fingerprintPeriod)
 			}
 			select {
-			case ch <- d.fingerprint():
+			case ch <- fp:
 			case <-ctx.Done():
 				return
 			}
@@ -366,7 +373,19 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if ls != nil {
 		dnet = &drivers.DriverNetwork{IP: ls.IP, AutoAdvertise: true}
 	}
-	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", time.Since(start))
+	how := "cold-booted"
+	if h.snapshot {
+		how = "restored from snapshot"
+	}
+	took := time.Since(start)
+	d.eventer.EmitEvent(&drivers.TaskEvent{
+		TaskID:    cfg.ID,
+		AllocID:   cfg.AllocID,
+		TaskName:  cfg.Name,
+		Timestamp: time.Now(),
+		Message:   fmt.Sprintf("Worker VM %s in %d ms (%s)", how, took.Milliseconds(), accel),
+	})
+	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", took)
 	return handle, dnet, nil
 }
 

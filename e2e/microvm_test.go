@@ -300,3 +300,48 @@ func TestMicroVMBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestMicroVMSnapshotStart: once the node reports its template ready,
+// workers start from the snapshot, each with its own address and entropy.
+func TestMicroVMSnapshotStart(t *testing.T) {
+	c, _ := microvmCluster(t)
+	waitFor(t, "the template snapshot", func() bool {
+		var nodes []struct{ ID string }
+		getJSON(t, c.NomadAddr()+"/v1/nodes", &nodes)
+		var node struct {
+			Drivers map[string]struct{ Attributes map[string]string }
+		}
+		getJSON(t, c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node)
+		return node.Drivers["microvm"].Attributes["driver.microvm.snapshot"] == "ready"
+	})
+	submit(t, c, microvmJob("warm", 3, "rand"))
+	allocs := waitAllocs(t, c, "warm", 3, allStatus("complete"))
+	nomad, _ := devcluster.FindBinary("nomad")
+	seen := map[string]bool{}
+	for _, a := range allocs {
+		var full struct {
+			TaskStates map[string]struct {
+				Events []struct{ Type, DisplayMessage string }
+			}
+		}
+		getJSON(t, c.NomadAddr()+"/v1/allocation/"+a.ID, &full)
+		restored := false
+		for _, e := range full.TaskStates["worker"].Events {
+			restored = restored || strings.Contains(e.DisplayMessage, "restored from snapshot")
+		}
+		if !restored {
+			t.Errorf("alloc %s was not restored from the snapshot: %+v", a.Name, full.TaskStates["worker"].Events)
+		}
+		// "<hostname> <random hex> <ip/len> <mac>"
+		f := strings.Fields(run(t, c, nomad, "alloc", "logs", a.ID, "worker"))
+		if len(f) != 4 {
+			t.Fatalf("worker output = %q", f)
+		}
+		for _, v := range f[1:] {
+			if seen[v] {
+				t.Errorf("two restored workers share %s", v)
+			}
+			seen[v] = true
+		}
+	}
+}

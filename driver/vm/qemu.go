@@ -21,6 +21,8 @@ import (
 // hardware virtualization and TCG (software emulation) elsewhere.
 type QEMU struct {
 	Binary string // default qemu-system-x86_64 on $PATH
+	// TBSizeMB caps TCG's translation cache; 0 keeps QEMU's default.
+	TBSizeMB int
 
 	versionOnce sync.Once
 	version     string
@@ -71,28 +73,45 @@ const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable acpi=off quiet 825
 // spec, so a template and its restored copies get identical device layouts.
 func (q *QEMU) Args(spec *Spec, incoming string) []string {
 	accel, cpu := "tcg", "max"
+	if q.TBSizeMB > 0 {
+		accel += ",tb-size=" + strconv.Itoa(q.TBSizeMB)
+	}
 	if spec.Accel == "kvm" {
 		accel, cpu = "kvm", "host"
 	}
 	rd := spec.RunDir
-	a := []string{
-		"-M", "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off",
+	machine := "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off"
+	var ram []string
+	if spec.RAMFile != "" {
+		// Guest RAM is a file: the template writes it (share=on), and each
+		// restored copy maps it copy-on-write (share=off), so VMs share
+		// the pages they have not written and a restore copies no RAM.
+		share := "off"
+		if spec.ShareRAM {
+			share = "on"
+		}
+		ram = []string{"-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=%s",
+			spec.MemoryMB, spec.RAMFile, share)}
+		machine += ",memory-backend=ram0"
+	}
+	a := append(ram,
+		"-M", machine,
 		"-accel", accel, "-cpu", cpu,
 		"-m", strconv.Itoa(spec.MemoryMB), "-smp", strconv.Itoa(spec.VCPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", Cmdline,
-		"-chardev", "file,id=con,path=" + filepath.Join(rd, "console.log"),
+		"-chardev", "file,id=con,path="+filepath.Join(rd, "console.log"),
 		"-serial", "chardev:con",
 		"-device", "virtio-serial-device,max_ports=5",
-		"-chardev", "socket,id=ctl,path=" + filepath.Join(rd, "ctl.sock") + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=ctl,name=" + proto.PortCtl,
-		"-chardev", "file,id=ev,path=" + filepath.Join(rd, "events.log"),
-		"-device", "virtserialport,chardev=ev,name=" + proto.PortEvents,
-		"-chardev", "file,id=out,path=" + spec.Stdout,
-		"-device", "virtserialport,chardev=out,name=" + proto.PortStdout,
-		"-chardev", "file,id=err,path=" + spec.Stderr,
-		"-device", "virtserialport,chardev=err,name=" + proto.PortStderr,
-	}
+		"-chardev", "socket,id=ctl,path="+filepath.Join(rd, "ctl.sock")+",server=on,wait=off",
+		"-device", "virtserialport,chardev=ctl,name="+proto.PortCtl,
+		"-chardev", "file,id=ev,path="+filepath.Join(rd, "events.log"),
+		"-device", "virtserialport,chardev=ev,name="+proto.PortEvents,
+		"-chardev", "file,id=out,path="+spec.Stdout,
+		"-device", "virtserialport,chardev=out,name="+proto.PortStdout,
+		"-chardev", "file,id=err,path="+spec.Stderr,
+		"-device", "virtserialport,chardev=err,name="+proto.PortStderr,
+	)
 	for _, tag := range proto.MountTags {
 		a = append(a,
 			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=none",
@@ -110,7 +129,8 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 	a = append(a, "-device", nic,
 		"-qmp", "unix:"+filepath.Join(rd, "qmp.sock")+",server=on,wait=off")
 	if incoming != "" {
-		a = append(a, "-incoming", "exec:cat "+incoming)
+		// The stream is fed over QMP once the capabilities are set.
+		a = append(a, "-incoming", "defer")
 	}
 	return a
 }
@@ -121,25 +141,44 @@ func (q *QEMU) Restore(spec *Spec, snapshot string) (*Machine, error) {
 	if _, err := os.Stat(snapshot); err != nil {
 		return nil, fmt.Errorf("snapshot: %w", err)
 	}
+	spec.RAMFile, spec.ShareRAM = ramFile(snapshot), false
+	if _, err := os.Stat(spec.RAMFile); err != nil {
+		return nil, fmt.Errorf("snapshot memory: %w", err)
+	}
 	m, err := q.start(spec, snapshot)
 	if err != nil {
 		return nil, err
 	}
-	if err := resume(m); err != nil {
+	if err := resume(m, snapshot); err != nil {
 		m.Kill()
 		return nil, fmt.Errorf("restoring %s: %w; %s", snapshot, err, m.ConsoleTail(5))
 	}
 	return m, nil
 }
 
-// resume waits for the incoming migration to finish and starts the vCPUs:
-// the template was saved paused, and QEMU keeps that run state.
-func resume(m *Machine) error {
+// ramFile is where a snapshot's guest memory lives, beside its device
+// state.
+func ramFile(snapshot string) string { return snapshot + ".ram" }
+
+// ignoreShared leaves file-backed shared RAM out of the migration stream:
+// the RAM file itself is the memory image.
+var ignoreShared = map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}
+
+// resume feeds the snapshot's device state to a VMM started with
+// -incoming defer, waits for it to load and starts the vCPUs: the template
+// was saved paused, and QEMU keeps that run state.
+func resume(m *Machine, snapshot string) error {
 	qc, err := dialQMP(m.QMPSocket(), 10*time.Second)
 	if err != nil {
 		return err
 	}
 	defer qc.close()
+	if _, err := qc.do("migrate-set-capabilities", ignoreShared); err != nil {
+		return err
+	}
+	if _, err := qc.do("migrate-incoming", map[string]string{"uri": "exec:cat " + shellQuote(snapshot)}); err != nil {
+		return err
+	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		ret, err := qc.do("query-status", nil)
@@ -214,6 +253,9 @@ func (q *QEMU) vmmLog(runDir string) string {
 // migrates its state into dst. The template's NIC has no host side and its
 // shares point at an empty directory; restored copies bring their own.
 func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
+	ram := ramFile(dst)
+	os.Remove(ram)
+	spec.RAMFile, spec.ShareRAM = ram+".tmp", true
 	m, err := q.Boot(spec)
 	if err != nil {
 		return err
@@ -230,6 +272,9 @@ func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
 	}
 	defer qc.close()
 	if _, err := qc.do("stop", nil); err != nil {
+		return err
+	}
+	if _, err := qc.do("migrate-set-capabilities", ignoreShared); err != nil {
 		return err
 	}
 	tmp := dst + ".tmp"
@@ -250,6 +295,9 @@ func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
 		case "completed":
 			qc.do("quit", nil)
 			m.Wait(ctx)
+			if err := os.Rename(spec.RAMFile, ram); err != nil {
+				return err
+			}
 			return os.Rename(tmp, dst)
 		case "failed", "cancelled":
 			os.Remove(tmp)

@@ -73,3 +73,14 @@ func (q *qmp) do(cmd string, args any) (json.RawMessage, error) {
 }
 
 func (q *qmp) close() { q.conn.Close() }
+
+// QMPQuit connects to a VMM's QMP socket and asks it to quit.
+func QMPQuit(path string) error {
+	q, err := dialQMP(path, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer q.close()
+	_, err = q.do("quit", nil)
+	return err
+}

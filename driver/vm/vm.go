@@ -66,6 +66,10 @@ type Spec struct {
 	// no host side, which is how templates are booted.
 	Tap string
 	MAC string
+	// RAMFile, when set, backs guest memory with a file; ShareRAM writes
+	// go to the file (templates), otherwise the mapping is private.
+	RAMFile  string
+	ShareRAM bool
 	// NetNS, when set, is the network namespace (a path such as
 	// /run/netns/cohort) in which the VMM opens its tap.
 	NetNS string

@@ -35,11 +35,17 @@ func Get(t testing.TB) Assets {
 	if os.Getenv("COHORT_E2E") == "0" {
 		t.Skip("COHORT_E2E=0: tests that boot VMs are disabled")
 	}
-	once.Do(build)
+	a, err := Build()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return assets
+	return a
+}
+
+// Build builds the assets once per process; benchmarks use it directly.
+func Build() (Assets, error) {
+	once.Do(build)
+	return assets, err
 }
 
 func build() {

@@ -1,0 +1,292 @@
+// Command driver measures worker VM start-up and memory against baselines
+// run in the same process: a plain fork/exec of the same program, and QEMU
+// starting with no guest at all. It prints one name=value line per figure;
+// `make bench-driver` runs it.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/driver/vm"
+	"github.com/cohort-dev/cohort/driver/vm/vmtest"
+)
+
+var (
+	runs   = flag.Int("n", 20, "runs per figure")
+	idleVM = flag.Int("idle", 16, "VMs kept up for the memory figures")
+	tbSize = flag.Int("tb-size", 0, "TCG translation cache in MiB (0: QEMU default)")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-driver:", err)
+		os.Exit(1)
+	}
+}
+
+type bench struct {
+	a     vmtest.Assets
+	accel string
+	q     *vm.QEMU
+	dir   string
+}
+
+func run() error {
+	a, err := vmtest.Build()
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("/tmp", "vb")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	b := &bench{a: a, q: &vm.QEMU{TBSizeMB: *tbSize}, dir: dir}
+	b.accel, _ = vm.DetectAccel()
+	fmt.Printf("accelerator=%s\nruns=%d\n", b.accel, *runs)
+
+	proc, err := b.repeat(b.processStart)
+	if err != nil {
+		return fmt.Errorf("process start: %w", err)
+	}
+	floor, err := b.repeat(b.qemuEmpty)
+	if err != nil {
+		return fmt.Errorf("qemu empty guest: %w", err)
+	}
+	cold, err := b.repeat(func() (time.Duration, error) { return b.vmStart("") })
+	if err != nil {
+		return fmt.Errorf("cold boot: %w", err)
+	}
+	snap := filepath.Join(dir, "template.snap")
+	t0 := time.Now()
+	if err := b.q.Snapshot(context.Background(), b.spec("tmpl"), snap); err != nil {
+		return fmt.Errorf("template: %w", err)
+	}
+	tmplMs := ms(time.Since(t0))
+	warm, err := b.repeat(func() (time.Duration, error) { return b.vmStart(snap) })
+	if err != nil {
+		return fmt.Errorf("snapshot start: %w", err)
+	}
+	rss, pss, err := b.idleMemory(snap)
+	if err != nil {
+		return fmt.Errorf("idle memory: %w", err)
+	}
+
+	p := func(name string, v float64) { fmt.Printf("%s=%.1f\n", name, v) }
+	p("process_start_p50_ms", pct(proc, 50))
+	p("qemu_empty_guest_p50_ms", pct(floor, 50))
+	p("boot_cold_p50_ms", pct(cold, 50))
+	p("boot_cold_p90_ms", pct(cold, 90))
+	p("template_build_ms", tmplMs)
+	p("boot_snapshot_p50_ms", pct(warm, 50))
+	p("boot_snapshot_p90_ms", pct(warm, 90))
+	p("idle_vm_rss_mib", rss)
+	p("idle_vm_pss_mib", pss)
+	fmt.Printf("boot_snapshot_vs_qemu_empty=%.2fx\n", pct(warm, 50)/pct(floor, 50))
+	fmt.Printf("boot_snapshot_vs_process_start=%.2fx\n", pct(warm, 50)/pct(proc, 50))
+	fmt.Printf("boot_cold_vs_boot_snapshot=%.2fx\n", pct(cold, 50)/pct(warm, 50))
+	goal := func(name string, ok bool) {
+		v := "missed"
+		if ok {
+			v = "met"
+		}
+		fmt.Printf("goal_%s=%s\n", name, v)
+	}
+	goal("boot_snapshot_le_60ms", pct(warm, 50) <= 60)
+	goal("boot_cold_le_400ms", pct(cold, 50) <= 400)
+	goal("idle_rss_le_40mib", rss <= 40)
+	goal("idle_pss_le_15mib", pss <= 15)
+	return nil
+}
+
+func (b *bench) repeat(f func() (time.Duration, error)) ([]float64, error) {
+	var out []float64
+	for i := 0; i < *runs; i++ {
+		d, err := f()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ms(d))
+	}
+	return out, nil
+}
+
+// processStart is the baseline: fork/exec of the worker program to its exit.
+func (b *bench) processStart() (time.Duration, error) {
+	t0 := time.Now()
+	err := exec.Command(b.a.Worker, "exit", "0").Run()
+	return time.Since(t0), err
+}
+
+// qemuEmpty is the VMM floor: QEMU with the same machine and devices but no
+// guest code run (-S), from exec until it answers QMP, then quit.
+func (b *bench) qemuEmpty() (time.Duration, error) {
+	spec := b.spec("floor")
+	args := append(b.q.Args(spec, ""), "-S")
+	t0 := time.Now()
+	cmd := exec.Command("qemu-system-x86_64", args...)
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer cmd.Wait()
+	m := &vm.Machine{PID: cmd.Process.Pid, RunDir: spec.RunDir}
+	if err := vm.QMPQuit(m.QMPSocket()); err != nil {
+		cmd.Process.Kill()
+		return 0, err
+	}
+	d := time.Since(t0)
+	return d, nil
+}
+
+var seq int
+
+// spec is a fresh VM spec with its own run and task directories.
+func (b *bench) spec(name string) *vm.Spec {
+	seq++
+	root := filepath.Join(b.dir, fmt.Sprintf("%s%d", name, seq))
+	s := &vm.Spec{
+		Shape:  vm.Shape{Kernel: b.a.Kernel, Initrd: b.a.Initrd, MemoryMB: 128, VCPUs: 1, Accel: b.accel},
+		RunDir: filepath.Join(root, "r"),
+		Stdout: filepath.Join(root, "stdout"),
+		Stderr: filepath.Join(root, "stderr"),
+		Shares: map[string]string{},
+	}
+	for _, tag := range proto.MountTags {
+		d := filepath.Join(root, tag)
+		os.MkdirAll(d, 0o755)
+		s.Shares[tag] = d
+	}
+	os.MkdirAll(s.RunDir, 0o700)
+	worker, _ := os.ReadFile(b.a.Worker)
+	os.WriteFile(filepath.Join(s.Shares["local"], "worker"), worker, 0o755)
+	return s
+}
+
+// vmStart times what StartTask does: start (or restore) a VM, hand it its
+// assignment, until the guest reports the program running.
+func (b *bench) vmStart(snapshot string, args ...string) (time.Duration, error) {
+	if len(args) == 0 {
+		args = []string{"exit", "0"}
+	}
+	spec := b.spec("vm")
+	t0 := time.Now()
+	m, err := b.boot(spec, snapshot)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { m.Kill(); m.Wait(context.Background()); os.RemoveAll(filepath.Dir(spec.RunDir)) }()
+	if err := b.assign(m, args); err != nil {
+		return 0, err
+	}
+	return time.Since(t0), nil
+}
+
+func (b *bench) boot(spec *vm.Spec, snapshot string) (*vm.Machine, error) {
+	if snapshot != "" {
+		return b.q.Restore(spec, snapshot)
+	}
+	return b.q.Boot(spec)
+}
+
+func (b *bench) assign(m *vm.Machine, args []string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	events := m.Events(ctx)
+	ctl, err := m.DialCtl(ctx)
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	seed := make([]byte, 32)
+	rand.Read(seed)
+	if err := ctl.Send(&proto.Assignment{
+		Hostname: "bench", Entropy: seed, UnixNano: time.Now().UnixNano(),
+		Mounts: proto.MountTags, Program: "/local/worker", Args: args,
+	}); err != nil {
+		return err
+	}
+	_, err = vm.WaitEvent(ctx, m, events, proto.EvStarted)
+	return err
+}
+
+// idleMemory restores n VMs running an idle program and reports the median
+// RSS and PSS of their VMM processes.
+func (b *bench) idleMemory(snap string) (float64, float64, error) {
+	var ms []*vm.Machine
+	defer func() {
+		for _, m := range ms {
+			m.Kill()
+		}
+	}()
+	for i := 0; i < *idleVM; i++ {
+		spec := b.spec("idle")
+		m, err := b.q.Restore(spec, snap)
+		if err != nil {
+			return 0, 0, err
+		}
+		ms = append(ms, m)
+		if err := b.assign(m, []string{"sleep"}); err != nil {
+			return 0, 0, err
+		}
+	}
+	time.Sleep(2 * time.Second)
+	var rss, pss []float64
+	for _, m := range ms {
+		r, p, err := smapsRollup(m.PID)
+		if err != nil {
+			return 0, 0, err
+		}
+		rss, pss = append(rss, r), append(pss, p)
+	}
+	return pct(rss, 50), pct(pss, 50), nil
+}
+
+// smapsRollup returns a process's RSS and PSS in MiB.
+func smapsRollup(pid int) (float64, float64, error) {
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/smaps_rollup")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	var rss, pss float64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 2 {
+			continue
+		}
+		kb, _ := strconv.ParseFloat(fs[1], 64)
+		switch fs[0] {
+		case "Rss:":
+			rss = kb / 1024
+		case "Pss:":
+			pss = kb / 1024
+		}
+	}
+	return rss, pss, sc.Err()
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func pct(v []float64, p int) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	i := (len(s)*p + 99) / 100
+	if i > 0 {
+		i--
+	}
+	return s[i]
+}
