@@ -1,22 +1,21 @@
-# The demo job until the microvm driver lands: four workers that each print
-# who they are in the gang. Step by step this becomes the distributed sort.
+# The demo job: four workers, each a microVM restored from the node's
+# template snapshot, that report who and where they are. @WORKER@ is
+# replaced by demo/run.sh with the path of the static demo worker.
 job "demo" {
   max_runtime  = "2m"
   gang_timeout = "30s"
 
   group "worker" {
     count   = 4
-    driver  = "raw_exec"
     address = "demo"
 
     resources {
       cpu    = 100
-      memory = 64
+      memory = 128
     }
 
     program {
-      path = "/bin/sh"
-      args = ["-c", "echo \"worker $COHORT_RANK of $COHORT_SIZE, reachable as w$COHORT_RANK.$COHORT_ADDRESS.service.consul\""]
+      path = "@WORKER@"
     }
   }
 }

@@ -25,12 +25,23 @@ done
 grep -q 'dev cluster is ready' "$log" || { cat "$log"; echo "demo: cluster not ready in 60s" >&2; exit 1; }
 sed -n '/dev cluster is ready/,/Press Ctrl-C/p' "$log"
 
-echo
-echo "==> cohort validate demo/hello.hcl"
-"$cohort" validate demo/hello.hcl
-echo "==> cohort plan demo/hello.hcl | nomad job run -"
-"$cohort" plan demo/hello.hcl >"$data/demo.nomad.hcl"
 export NOMAD_ADDR=http://127.0.0.1:4646
+echo
+echo "==> waiting for the node's template snapshot (workers restore from it)"
+for _ in $(seq 1 600); do
+  snap=$("$nomad" node status -self -verbose 2>/dev/null | awk '/driver.microvm.snapshot/ {print $3}')
+  [ "$snap" = ready ] && break
+  sleep 0.1
+done
+echo "driver.microvm.snapshot = ${snap:-unknown}"
+
+spec=$data/demo.hcl
+sed "s#@WORKER@#$root/bin/guest/demo-worker#" demo/hello.hcl >"$spec"
+echo
+echo "==> cohort validate demo.hcl"
+"$cohort" validate "$spec"
+echo "==> cohort plan demo.hcl > demo.nomad.hcl && nomad job run demo.nomad.hcl"
+"$cohort" plan "$spec" >"$data/demo.nomad.hcl"
 "$nomad" job run "$data/demo.nomad.hcl"
 
 for _ in $(seq 1 300); do
@@ -40,7 +51,13 @@ done
 echo "allocation states: $states"
 
 echo
+echo "==> how each worker VM started"
+for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
+  "$nomad" alloc status "$id" | grep -o 'Worker VM .*' | head -1
+done
+echo
 echo "==> what each worker printed"
 for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
   "$nomad" alloc logs "$id" worker
 done | sort
+[ "$states" = "complete complete complete complete " ] || { echo "demo: workers did not all complete: $states" >&2; exit 1; }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/plugins/base"
 	"github.com/hashicorp/nomad/plugins/drivers"
 )
 
@@ -105,5 +107,35 @@ func TestGuestEnv(t *testing.T) {
 	}
 	if strings.Contains(env, "/var/nomad") {
 		t.Errorf("host path leaked into the guest env:\n%s", env)
+	}
+}
+
+func TestFingerprintUnhealthy(t *testing.T) {
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	if fp := d.fingerprint(); fp.Health != drivers.HealthStateUndetected {
+		t.Errorf("unconfigured driver health = %s", fp.Health)
+	}
+	dir := t.TempDir()
+	initBin := filepath.Join(dir, "init")
+	os.WriteFile(initBin, []byte("init"), 0o755)
+	kernel := filepath.Join(dir, "vmlinux")
+	os.WriteFile(kernel, []byte("\x00Linux version 6.1.0-test (cohort) #1\x00"), 0o644)
+	cases := map[string]*Config{
+		"kernel": {Kernel: filepath.Join(dir, "no-vmlinux"), Init: initBin, StateDir: dir, Accelerator: "auto"},
+		"qemu":   {Kernel: kernel, Init: initBin, StateDir: dir, Accelerator: "auto", QEMU: "/nonexistent/qemu"},
+	}
+	for want, cfg := range cases {
+		var b []byte
+		if err := base.MsgPackEncode(&b, cfg); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.SetConfig(&base.Config{PluginConfig: b}); err != nil {
+			t.Fatal(err)
+		}
+		fp := d.fingerprint()
+		if fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, want) {
+			t.Errorf("%s missing: health %s %q", want, fp.Health, fp.HealthDescription)
+		}
 	}
 }

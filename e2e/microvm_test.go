@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -124,6 +126,25 @@ func TestMicroVMStopSignalRecover(t *testing.T) {
 	vms := newPIDs(before, vmPIDs(c))
 	if n := len(taps(t, c)); n != 4 {
 		t.Errorf("taps = %d, want 4", n)
+	}
+	// Stats are the VMM process's: some resident memory, some CPU time.
+	var stats struct {
+		ResourceUsage struct {
+			MemoryStats struct{ RSS uint64 }
+			CpuStats    struct{ UserMode, SystemMode float64 }
+		}
+	}
+	waitFor(t, "task stats", func() bool {
+		resp, err := http.Get(c.NomadAddr() + "/v1/client/allocation/" + allocs[1].ID + "/stats")
+		if err != nil || resp.StatusCode != 200 {
+			return false
+		}
+		defer resp.Body.Close()
+		json.NewDecoder(resp.Body).Decode(&stats)
+		return stats.ResourceUsage.MemoryStats.RSS > 0
+	})
+	if rss := stats.ResourceUsage.MemoryStats.RSS; rss < 1<<20 || rss > 1<<30 {
+		t.Errorf("vm rss = %d bytes, implausible", rss)
 	}
 
 	if err := c.RestartNomad(context.Background()); err != nil {
