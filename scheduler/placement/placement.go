@@ -1,0 +1,361 @@
+// Package placement decides where gangs run. It is a pure function of an
+// inventory snapshot and a queue: no Raft, no Nomad, no clock of its own,
+// so every rule (all-or-nothing, best fit, priority, EASY backfill) is
+// tested directly.
+package placement
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Node is one client's capacity as the scheduler sees it: what is free
+// after every allocation on it, cohort's or not.
+type Node struct {
+	ID         string
+	Datacenter string
+	Pool       string
+	CPU        int            // MHz free
+	MemoryMB   int            // MiB free
+	Devices    map[string]int // device name -> free count
+}
+
+// Group is a set of identical workers of a gang.
+type Group struct {
+	Name          string
+	Count         int
+	CPU           int
+	MemoryMB      int
+	Devices       map[string]int
+	DistinctHosts bool
+}
+
+// Job is a gang waiting in the queue.
+type Job struct {
+	ID          string
+	Priority    int
+	Seq         uint64 // submission order; FIFO within a priority
+	Datacenters []string
+	Pool        string
+	MaxRuntime  time.Duration
+	Groups      []Group
+}
+
+// Running is a gang holding resources until its deadline.
+type Running struct {
+	Job      *Job
+	Decision Decision
+	Ends     time.Time // start + max runtime: the latest it can hold them
+}
+
+// Worker is one placed worker.
+type Worker struct {
+	Group string
+	Index int
+	Node  string
+}
+
+// Decision places every worker of one job.
+type Decision struct {
+	Job     string
+	Workers []Worker
+}
+
+// Size is the number of workers a job needs.
+func (j *Job) Size() int {
+	n := 0
+	for _, g := range j.Groups {
+		n += g.Count
+	}
+	return n
+}
+
+// inventory is a mutable copy of the nodes, indexed for placement.
+type inventory struct {
+	nodes []Node
+	index map[string]int
+}
+
+func newInventory(nodes []Node) *inventory {
+	inv := &inventory{nodes: make([]Node, len(nodes)), index: make(map[string]int, len(nodes))}
+	for i, n := range nodes {
+		c := n
+		c.Devices = make(map[string]int, len(n.Devices))
+		for k, v := range n.Devices {
+			c.Devices[k] = v
+		}
+		inv.nodes[i] = c
+		inv.index[n.ID] = i
+	}
+	return inv
+}
+
+func (inv *inventory) clone() *inventory { return newInventory(inv.nodes) }
+
+func eligible(n *Node, j *Job) bool {
+	if j.Pool != "" && n.Pool != j.Pool {
+		return false
+	}
+	if len(j.Datacenters) == 0 {
+		return true
+	}
+	for _, dc := range j.Datacenters {
+		if dc == "*" || dc == n.Datacenter {
+			return true
+		}
+	}
+	return false
+}
+
+func fits(n *Node, g *Group) bool {
+	if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB {
+		return false
+	}
+	for d, c := range g.Devices {
+		if n.Devices[d] < c {
+			return false
+		}
+	}
+	return true
+}
+
+func (inv *inventory) take(i int, g *Group, sign int) {
+	n := &inv.nodes[i]
+	n.CPU -= sign * g.CPU
+	n.MemoryMB -= sign * g.MemoryMB
+	for d, c := range g.Devices {
+		n.Devices[d] -= sign * c
+	}
+}
+
+// leftover scores a node after a placement: smaller is a tighter fit.
+func leftover(n *Node, g *Group) float64 {
+	return float64(n.CPU-g.CPU)/float64(max(g.CPU, 1)) + float64(n.MemoryMB-g.MemoryMB)/float64(max(g.MemoryMB, 1))
+}
+
+// place puts every worker of j on inv (best fit, biggest groups first) and
+// returns the decision; on failure inv is left unchanged.
+func (inv *inventory) place(j *Job) (Decision, bool) {
+	order := make([]int, len(j.Groups))
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(a, b int) bool {
+		ga, gb := &j.Groups[order[a]], &j.Groups[order[b]]
+		return ga.MemoryMB*ga.CPU > gb.MemoryMB*gb.CPU
+	})
+	d := Decision{Job: j.ID}
+	type undo struct {
+		node int
+		g    *Group
+	}
+	var taken []undo
+	rollback := func() {
+		for _, u := range taken {
+			inv.take(u.node, u.g, -1)
+		}
+	}
+	for _, gi := range order {
+		g := &j.Groups[gi]
+		used := map[int]bool{}
+		for w := 0; w < g.Count; w++ {
+			best, bestScore := -1, 0.0
+			for i := range inv.nodes {
+				n := &inv.nodes[i]
+				if !eligible(n, j) || !fits(n, g) || (g.DistinctHosts && used[i]) {
+					continue
+				}
+				if s := leftover(n, g); best < 0 || s < bestScore || (s == bestScore && n.ID < inv.nodes[best].ID) {
+					best, bestScore = i, s
+				}
+			}
+			if best < 0 {
+				rollback()
+				return Decision{}, false
+			}
+			inv.take(best, g, 1)
+			taken = append(taken, undo{best, g})
+			used[best] = true
+			d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID})
+		}
+	}
+	return d, true
+}
+
+// release gives a running job's resources back.
+func (inv *inventory) release(r *Running) {
+	groups := map[string]*Group{}
+	for i := range r.Job.Groups {
+		groups[r.Job.Groups[i].Name] = &r.Job.Groups[i]
+	}
+	for _, w := range r.Decision.Workers {
+		if i, ok := inv.index[w.Node]; ok {
+			inv.take(i, groups[w.Group], -1)
+		}
+	}
+}
+
+// Order sorts a queue: higher priority first, then submission order.
+func Order(queue []*Job) {
+	sort.SliceStable(queue, func(a, b int) bool {
+		if queue[a].Priority != queue[b].Priority {
+			return queue[a].Priority > queue[b].Priority
+		}
+		return queue[a].Seq < queue[b].Seq
+	})
+}
+
+// Plan is the outcome of one scheduling pass.
+type Plan struct {
+	Decisions []Decision
+	// Head is the first job that could not start, and HeadStart the time
+	// by which it is guaranteed to fit (zero if it cannot be known, for
+	// example while something without a deadline holds what it needs).
+	Head      string
+	HeadStart time.Time
+}
+
+// Schedule starts jobs from the queue in order while they fit. At the
+// first that does not (the head), it computes when the head will fit as
+// running jobs reach their deadlines, reserves that future placement, and
+// backfills later jobs only where they cannot delay it: they end before the
+// head's start, or they leave the head's future placement intact.
+func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan {
+	q := append([]*Job(nil), queue...)
+	Order(q)
+	inv := newInventory(nodes)
+	run := append([]Running(nil), running...)
+	var plan Plan
+	i := 0
+	for ; i < len(q); i++ {
+		d, ok := inv.place(q[i])
+		if !ok {
+			break
+		}
+		plan.Decisions = append(plan.Decisions, d)
+		run = append(run, Running{Job: q[i], Decision: d, Ends: now.Add(q[i].MaxRuntime)})
+	}
+	if i == len(q) {
+		return plan
+	}
+	head := q[i]
+	plan.Head = head.ID
+	shadow, future, reserved := reserve(inv, run, head)
+	if reserved {
+		plan.HeadStart = shadow
+	}
+	for _, j := range q[i+1:] {
+		trial := inv.clone()
+		d, ok := trial.place(j)
+		if !ok {
+			continue
+		}
+		ends := now.Add(j.MaxRuntime)
+		if !reserved {
+			// Even with every cohort job ended the head would not fit:
+			// what blocks it has no deadline (allocations cohort did not
+			// make), so no start time can be promised or delayed. Its
+			// gang timeout bounds its wait; meanwhile the rest may run.
+		} else if !ends.After(shadow) {
+			// Gone (at the latest) before the head starts.
+		} else {
+			// Holds resources past the head's start: allowed only if the
+			// head still fits in the future inventory without them.
+			f := future.clone()
+			f.applyDecision(j, d)
+			if _, ok := f.place(head); !ok {
+				continue
+			}
+			future.applyDecision(j, d)
+		}
+		inv = trial
+		plan.Decisions = append(plan.Decisions, d)
+	}
+	return plan
+}
+
+// applyDecision takes a decision's resources from the inventory.
+func (inv *inventory) applyDecision(j *Job, d Decision) {
+	groups := map[string]*Group{}
+	for i := range j.Groups {
+		groups[j.Groups[i].Name] = &j.Groups[i]
+	}
+	for _, w := range d.Workers {
+		if i, ok := inv.index[w.Node]; ok {
+			inv.take(i, groups[w.Group], 1)
+		}
+	}
+}
+
+// reserve finds the earliest deadline by which the head fits, releasing
+// running jobs in deadline order, and returns that time and the inventory
+// then (with nothing of the head taken from it).
+func reserve(inv *inventory, running []Running, head *Job) (time.Time, *inventory, bool) {
+	rs := append([]Running(nil), running...)
+	sort.SliceStable(rs, func(a, b int) bool { return rs[a].Ends.Before(rs[b].Ends) })
+	f := inv.clone()
+	for _, r := range rs {
+		r := r
+		f.release(&r)
+		if _, ok := f.clone().place(head); ok {
+			return r.Ends, f, true
+		}
+	}
+	return time.Time{}, nil, false
+}
+
+// Feasible says whether a job could ever run on these nodes at full
+// capacity; if not, the reason names what it needs and the most there is.
+func Feasible(capacity []Node, j *Job) (bool, string) {
+	inv := newInventory(capacity)
+	if _, ok := inv.place(j); ok {
+		return true, ""
+	}
+	return false, Shortfall(capacity, j)
+}
+
+// Shortfall explains why a job does not fit: its largest group's need and
+// the most free single node among those it may use.
+func Shortfall(nodes []Node, j *Job) string {
+	var g *Group
+	for i := range j.Groups {
+		if g == nil || j.Groups[i].MemoryMB*j.Groups[i].CPU > g.MemoryMB*g.CPU {
+			g = &j.Groups[i]
+		}
+	}
+	if g == nil {
+		return "job has no groups"
+	}
+	var best *Node
+	eligibleNodes := 0
+	for i := range nodes {
+		n := &nodes[i]
+		if !eligible(n, j) {
+			continue
+		}
+		eligibleNodes++
+		if best == nil || n.MemoryMB+n.CPU > best.MemoryMB+best.CPU {
+			best = n
+		}
+	}
+	need := fmt.Sprintf("needs %d workers of %d MHz, %d MiB%s (%d in all)", g.Count, g.CPU, g.MemoryMB, devices(g.Devices), j.Size())
+	if best == nil {
+		return need + ", but no node is in its datacenters and pool"
+	}
+	return fmt.Sprintf("%s; the most free of %d eligible nodes was %s with %d MHz, %d MiB%s",
+		need, eligibleNodes, best.ID, best.CPU, best.MemoryMB, devices(best.Devices))
+}
+
+func devices(ds map[string]int) string {
+	if len(ds) == 0 {
+		return ""
+	}
+	var parts []string
+	for d, c := range ds {
+		parts = append(parts, fmt.Sprintf("%d× %s", c, d))
+	}
+	sort.Strings(parts)
+	return ", " + strings.Join(parts, ", ")
+}

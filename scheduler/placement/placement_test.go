@@ -1,0 +1,238 @@
+package placement
+
+import (
+	"fmt"
+	"math/rand"
+	"strings"
+	"testing"
+	"time"
+)
+
+var t0 = time.Unix(1_700_000_000, 0)
+
+func node(id string, cpu, mem int) Node {
+	return Node{ID: id, Datacenter: "dc1", Pool: "default", CPU: cpu, MemoryMB: mem, Devices: map[string]int{}}
+}
+
+func job(id string, prio int, seq uint64, rt time.Duration, groups ...Group) *Job {
+	return &Job{ID: id, Priority: prio, Seq: seq, Datacenters: []string{"dc1"}, Pool: "default", MaxRuntime: rt, Groups: groups}
+}
+
+func TestWholeOrNothing(t *testing.T) {
+	nodes := []Node{node("a", 1000, 1000), node("b", 1000, 1000)}
+	big := job("big", 50, 1, time.Minute, Group{Name: "w", Count: 12, CPU: 100, MemoryMB: 200}) // 10 fit
+	p := Schedule(t0, nodes, nil, []*Job{big})
+	if len(p.Decisions) != 0 || p.Head != "big" {
+		t.Fatalf("a 12-worker gang on room for 10 was placed: %+v", p)
+	}
+	small := job("small", 50, 1, time.Minute, Group{Name: "w", Count: 10, CPU: 100, MemoryMB: 200})
+	p = Schedule(t0, nodes, nil, []*Job{small})
+	if len(p.Decisions) != 1 || len(p.Decisions[0].Workers) != 10 {
+		t.Fatalf("10 workers on room for 10: %+v", p)
+	}
+}
+
+func TestBestFitAndDistinctHosts(t *testing.T) {
+	nodes := []Node{node("roomy", 4000, 4000), node("tight", 600, 600)}
+	j := job("j", 50, 1, time.Minute, Group{Name: "w", Count: 1, CPU: 500, MemoryMB: 500})
+	p := Schedule(t0, nodes, nil, []*Job{j})
+	if p.Decisions[0].Workers[0].Node != "tight" {
+		t.Errorf("best fit chose %s, want tight", p.Decisions[0].Workers[0].Node)
+	}
+	d := job("d", 50, 1, time.Minute, Group{Name: "w", Count: 3, CPU: 100, MemoryMB: 100, DistinctHosts: true})
+	if p := Schedule(t0, nodes, nil, []*Job{d}); len(p.Decisions) != 0 {
+		t.Errorf("3 distinct-host workers placed on 2 nodes: %+v", p.Decisions)
+	}
+}
+
+func TestConstraints(t *testing.T) {
+	gpu := node("gpu", 1000, 1000)
+	gpu.Devices["nvidia/gpu"] = 2
+	other := node("other", 8000, 8000)
+	other.Datacenter = "dc2"
+	nodes := []Node{node("plain", 8000, 8000), gpu, other}
+	j := job("g", 50, 1, time.Minute, Group{Name: "w", Count: 2, CPU: 100, MemoryMB: 100, Devices: map[string]int{"nvidia/gpu": 1}})
+	p := Schedule(t0, nodes, nil, []*Job{j})
+	if len(p.Decisions) != 1 {
+		t.Fatal("gpu job not placed")
+	}
+	for _, w := range p.Decisions[0].Workers {
+		if w.Node != "gpu" {
+			t.Errorf("gpu worker on %s", w.Node)
+		}
+	}
+	dc := job("dc", 50, 1, time.Minute, Group{Name: "w", Count: 1, CPU: 9000, MemoryMB: 100})
+	dc.Datacenters = []string{"dc2"}
+	if ok, why := Feasible(nodes, dc); ok || !strings.Contains(why, "the most free of 1 eligible nodes was other with 8000 MHz") {
+		t.Errorf("Feasible = %v %q", ok, why)
+	}
+}
+
+func TestPriorityThenFIFO(t *testing.T) {
+	nodes := []Node{node("a", 1000, 1000)}
+	g := Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000}
+	first := job("first", 50, 1, time.Minute, g)
+	urgent := job("urgent", 90, 2, time.Minute, g)
+	p := Schedule(t0, nodes, nil, []*Job{first, urgent})
+	if len(p.Decisions) != 1 || p.Decisions[0].Job != "urgent" || p.Head != "first" {
+		t.Errorf("plan = %+v", p)
+	}
+}
+
+// TestBackfill: a small short job may jump the blocked head; a small long
+// job that would take what the head needs may not.
+func TestBackfill(t *testing.T) {
+	nodes := []Node{node("a", 1000, 1000), node("b", 1000, 1000)}
+	holder := job("holder", 50, 0, 10*time.Minute, Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000})
+	run := []Running{{Job: holder, Decision: Decision{Job: "holder", Workers: []Worker{{"w", 0, "a"}}}, Ends: t0.Add(10 * time.Minute)}}
+	nodes[0].CPU, nodes[0].MemoryMB = 0, 0 // held by holder
+	head := job("head", 50, 1, time.Hour, Group{Name: "w", Count: 2, CPU: 1000, MemoryMB: 1000})
+	short := job("short", 50, 2, 5*time.Minute, Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000})
+	long := job("long", 50, 3, time.Hour, Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000})
+	p := Schedule(t0, nodes, run, []*Job{head, long, short})
+	if p.Head != "head" || !p.HeadStart.Equal(t0.Add(10*time.Minute)) {
+		t.Fatalf("head %s at %v", p.Head, p.HeadStart)
+	}
+	if len(p.Decisions) != 1 || p.Decisions[0].Job != "short" {
+		t.Errorf("backfilled %+v, want only short", p.Decisions)
+	}
+}
+
+// The properties below run on random inventories and queues.
+
+func randomCase(r *rand.Rand) ([]Node, []Running, []*Job) {
+	var nodes []Node
+	for i := 0; i < 1+r.Intn(12); i++ {
+		n := node(fmt.Sprintf("n%02d", i), 500*(1+r.Intn(8)), 512*(1+r.Intn(8)))
+		if r.Intn(4) == 0 {
+			n.Devices["nvidia/gpu"] = 1 + r.Intn(4)
+		}
+		if r.Intn(5) == 0 {
+			n.Datacenter = "dc2"
+		}
+		nodes = append(nodes, n)
+	}
+	mk := func(id string, seq uint64) *Job {
+		j := job(id, 10*(1+r.Intn(5)), seq, time.Duration(1+r.Intn(60))*time.Minute)
+		for g := 0; g < 1+r.Intn(3); g++ {
+			grp := Group{Name: fmt.Sprintf("g%d", g), Count: 1 + r.Intn(6), CPU: 100 * (1 + r.Intn(10)), MemoryMB: 128 * (1 + r.Intn(8)), DistinctHosts: r.Intn(4) == 0}
+			if r.Intn(5) == 0 {
+				grp.Devices = map[string]int{"nvidia/gpu": 1}
+			}
+			j.Groups = append(j.Groups, grp)
+		}
+		if r.Intn(6) == 0 {
+			j.Datacenters = []string{"*"}
+		}
+		return j
+	}
+	// Some jobs already run: place them for real so nodes show them.
+	inv := newInventory(nodes)
+	var running []Running
+	for i := 0; i < r.Intn(4); i++ {
+		j := mk(fmt.Sprintf("r%d", i), uint64(i))
+		if d, ok := inv.place(j); ok {
+			running = append(running, Running{Job: j, Decision: d, Ends: t0.Add(time.Duration(1+r.Intn(90)) * time.Minute)})
+		}
+	}
+	var queue []*Job
+	for i := 0; i < r.Intn(10); i++ {
+		queue = append(queue, mk(fmt.Sprintf("q%d", i), uint64(100+i)))
+	}
+	return inv.nodes, running, queue
+}
+
+func TestPropertyNoOvercommitWholeGangs(t *testing.T) {
+	r := rand.New(rand.NewSource(1))
+	for iter := 0; iter < 3000; iter++ {
+		nodes, running, queue := randomCase(r)
+		p := Schedule(t0, nodes, running, queue)
+		inv := newInventory(nodes)
+		byID := map[string]*Job{}
+		for _, j := range queue {
+			byID[j.ID] = j
+		}
+		seen := map[string]bool{}
+		for _, d := range p.Decisions {
+			j := byID[d.Job]
+			if j == nil || seen[d.Job] {
+				t.Fatalf("iter %d: decision for unknown or repeated job %s", iter, d.Job)
+			}
+			seen[d.Job] = true
+			if len(d.Workers) != j.Size() {
+				t.Fatalf("iter %d: job %s placed %d of %d workers", iter, j.ID, len(d.Workers), j.Size())
+			}
+			perGroup := map[string]map[string]int{}
+			for _, w := range d.Workers {
+				if perGroup[w.Group] == nil {
+					perGroup[w.Group] = map[string]int{}
+				}
+				perGroup[w.Group][w.Node]++
+				n := &inv.nodes[inv.index[w.Node]]
+				if !eligible(n, j) {
+					t.Fatalf("iter %d: %s on ineligible node %s", iter, j.ID, w.Node)
+				}
+			}
+			for _, g := range j.Groups {
+				total := 0
+				for node, c := range perGroup[g.Name] {
+					total += c
+					if g.DistinctHosts && c > 1 {
+						t.Fatalf("iter %d: %s/%s has %d workers on %s despite distinct_hosts", iter, j.ID, g.Name, c, node)
+					}
+				}
+				if total != g.Count {
+					t.Fatalf("iter %d: %s/%s has %d of %d workers", iter, j.ID, g.Name, total, g.Count)
+				}
+			}
+			inv.applyDecision(j, d)
+		}
+		for _, n := range inv.nodes {
+			if n.CPU < 0 || n.MemoryMB < 0 {
+				t.Fatalf("iter %d: node %s over-committed: %d MHz %d MiB", iter, n.ID, n.CPU, n.MemoryMB)
+			}
+			for dev, c := range n.Devices {
+				if c < 0 {
+					t.Fatalf("iter %d: node %s over-committed on %s", iter, n.ID, dev)
+				}
+			}
+		}
+	}
+}
+
+// TestPropertyBackfillNeverDelaysHead: the head's guaranteed start, computed
+// with every backfilled job holding its resources to its deadline, is no
+// later than it was before any backfill.
+func TestPropertyBackfillNeverDelaysHead(t *testing.T) {
+	r := rand.New(rand.NewSource(2))
+	checked := 0
+	for iter := 0; iter < 3000; iter++ {
+		nodes, running, queue := randomCase(r)
+		p := Schedule(t0, nodes, running, queue)
+		if p.Head == "" || p.HeadStart.IsZero() {
+			continue
+		}
+		q := append([]*Job(nil), queue...)
+		Order(q)
+		byID := map[string]*Job{}
+		for _, j := range q {
+			byID[j.ID] = j
+		}
+		inv := newInventory(nodes)
+		run := append([]Running(nil), running...)
+		for _, d := range p.Decisions {
+			j := byID[d.Job]
+			inv.applyDecision(j, d)
+			run = append(run, Running{Job: j, Decision: d, Ends: t0.Add(j.MaxRuntime)})
+		}
+		head := byID[p.Head]
+		start, _, ok := reserve(inv, run, head)
+		if !ok || start.After(p.HeadStart) {
+			t.Fatalf("iter %d: backfill delayed head %s from %v to %v (ok=%v)", iter, head.ID, p.HeadStart, start, ok)
+		}
+		checked++
+	}
+	if checked < 100 {
+		t.Fatalf("only %d cases had a blocked head; the generator is too easy", checked)
+	}
+}
