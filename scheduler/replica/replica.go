@@ -1,0 +1,232 @@
+// Package replica runs one member of the scheduler's Raft group: the
+// state machine from package state, replicated with hashicorp/raft over
+// TCP and stored in BoltDB, so nothing accepted is lost across leader
+// changes or restarts.
+package replica
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cohort-dev/cohort/scheduler/state"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+)
+
+// Config describes one replica.
+type Config struct {
+	ID      string
+	Bind    string // host:port for Raft traffic; port 0 picks one
+	DataDir string
+	// Peers, when set on a replica with no state yet, bootstraps the group
+	// with these members (ID -> address), this one included.
+	Peers  map[string]string
+	Logger hclog.Logger
+	// Fast shortens Raft's timeouts for clusters on one host or LAN.
+	Fast bool
+}
+
+// Replica is one running member.
+type Replica struct {
+	ID    string
+	raft  *raft.Raft
+	fsm   *fsm
+	trans *raft.NetworkTransport
+	store *raftboltdb.BoltStore
+}
+
+// ErrNotLeader is returned for writes on a follower; Leader says where to
+// send them.
+var ErrNotLeader = errors.New("not the leader")
+
+// Start opens (or creates) the replica's stores and joins its group.
+func Start(cfg Config) (*Replica, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.Logger = cfg.Logger.Named("raft")
+	if cfg.Fast {
+		rc.HeartbeatTimeout = 300 * time.Millisecond
+		rc.ElectionTimeout = 300 * time.Millisecond
+		rc.LeaderLeaseTimeout = 150 * time.Millisecond
+		rc.CommitTimeout = 5 * time.Millisecond
+	}
+	rc.SnapshotThreshold = 4096
+	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db"))
+	if err != nil {
+		return nil, fmt.Errorf("opening raft store: %w", err)
+	}
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	trans, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("raft transport: %w", err)
+	}
+	f := &fsm{st: state.New()}
+	if len(cfg.Peers) > 0 {
+		has, err := raft.HasExistingState(store, store, snaps)
+		if err != nil {
+			trans.Close()
+			store.Close()
+			return nil, err
+		}
+		if !has {
+			var servers []raft.Server
+			for id, a := range cfg.Peers {
+				if id == cfg.ID {
+					a = string(trans.LocalAddr())
+				}
+				servers = append(servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(a)})
+			}
+			if err := raft.BootstrapCluster(rc, store, store, snaps, trans, raft.Configuration{Servers: servers}); err != nil {
+				trans.Close()
+				store.Close()
+				return nil, fmt.Errorf("bootstrapping: %w", err)
+			}
+		}
+	}
+	r, err := raft.NewRaft(rc, f, store, store, snaps, trans)
+	if err != nil {
+		trans.Close()
+		store.Close()
+		return nil, err
+	}
+	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, store: store}, nil
+}
+
+// Addr is the replica's Raft address.
+func (r *Replica) Addr() string { return string(r.trans.LocalAddr()) }
+
+// IsLeader reports whether this replica leads.
+func (r *Replica) IsLeader() bool { return r.raft.State() == raft.Leader }
+
+// Leader returns the leader's Raft address and ID, if known.
+func (r *Replica) Leader() (string, string) {
+	a, id := r.raft.LeaderWithID()
+	return string(a), string(id)
+}
+
+// LeaderCh reports leadership changes of this replica.
+func (r *Replica) LeaderCh() <-chan bool { return r.raft.LeaderCh() }
+
+// Apply replicates a command and returns its result once committed and
+// applied here. On a follower it fails with ErrNotLeader.
+func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, error) {
+	b, err := c.Encode()
+	if err != nil {
+		return state.Result{}, err
+	}
+	f := r.raft.Apply(b, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			return state.Result{}, fmt.Errorf("%w: %v", ErrNotLeader, err)
+		}
+		return state.Result{}, err
+	}
+	return f.Response().(state.Result), nil
+}
+
+// Barrier waits until everything committed before it is applied here, as a
+// new leader must before it acts on the state.
+func (r *Replica) Barrier(timeout time.Duration) error { return r.raft.Barrier(timeout).Error() }
+
+// Read runs fn on the state under a read lock; fn must not keep pointers.
+func (r *Replica) Read(fn func(*state.State)) {
+	r.fsm.mu.RLock()
+	defer r.fsm.mu.RUnlock()
+	fn(r.fsm.st)
+}
+
+// AppliedIndex is the last log index applied here.
+func (r *Replica) AppliedIndex() uint64 { return r.raft.AppliedIndex() }
+
+// Shutdown stops the replica and closes its stores; its data stays.
+func (r *Replica) Shutdown() error {
+	err := r.raft.Shutdown().Error()
+	r.trans.Close()
+	r.store.Close()
+	return err
+}
+
+// fsm adapts state.State to raft.FSM. Apply, Snapshot and Restore are
+// called by Raft one at a time; the lock is for readers on other
+// goroutines (Read).
+type fsm struct {
+	mu sync.RWMutex
+	st *state.State
+}
+
+func (f *fsm) Apply(l *raft.Log) interface{} {
+	var c state.Command
+	if err := json.Unmarshal(l.Data, &c); err != nil {
+		return state.Result{Err: "undecodable command: " + err.Error()}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	res := f.st.Apply(&c)
+	if res.Job != nil {
+		cp := *res.Job // callers read it after the lock is gone
+		res.Job = &cp
+	}
+	return res
+}
+
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	b, err := f.st.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	return snapshot(b), nil
+}
+
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		return err
+	}
+	st := state.New()
+	if err := st.Unmarshal(b); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.st = st
+	f.mu.Unlock()
+	return nil
+}
+
+type snapshot []byte
+
+func (s snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(s); err != nil {
+		sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s snapshot) Release() {}

@@ -1,0 +1,90 @@
+package state
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/scheduler/placement"
+)
+
+var t0 = time.Unix(1_700_000_000, 0).UTC()
+
+func spec(id string, workers int) *placement.Job {
+	return &placement.Job{ID: id, Priority: 50, MaxRuntime: time.Minute,
+		Groups: []placement.Group{{Name: "w", Count: workers, CPU: 100, MemoryMB: 128}}}
+}
+
+func decision(id string, workers int) *placement.Decision {
+	d := &placement.Decision{Job: id}
+	for i := 0; i < workers; i++ {
+		d.Workers = append(d.Workers, placement.Worker{Group: "w", Index: i, Node: "n1"})
+	}
+	return d
+}
+
+func TestLifecycle(t *testing.T) {
+	s := New()
+	must := func(c *Command) *Job {
+		t.Helper()
+		r := s.Apply(c)
+		if r.Err != "" {
+			t.Fatalf("%s: %s", c.Op, r.Err)
+		}
+		return r.Job
+	}
+	must(&Command{Op: OpSubmit, At: t0, Job: spec("a", 2)})
+	if r := s.Apply(&Command{Op: OpReserve, JobID: "a", Decision: decision("a", 1)}); !strings.Contains(r.Err, "not whole") {
+		t.Errorf("a partial reservation was accepted: %+v", r)
+	}
+	if r := s.Apply(&Command{Op: OpStart, JobID: "a"}); r.Err == "" {
+		t.Error("a queued job started without a reservation")
+	}
+	must(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 2)})
+	must(&Command{Op: OpRequeue, JobID: "a", Reason: "nomad could not place"})
+	if j := s.Jobs["a"]; j.Status != Queued || j.Decision != nil {
+		t.Fatalf("requeue left %+v", j)
+	}
+	must(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 2)})
+	j := must(&Command{Op: OpStart, At: t0.Add(time.Second), JobID: "a"})
+	if j.Status != Running || !j.Deadline().Equal(t0.Add(61*time.Second)) || j.Attempts != 2 {
+		t.Errorf("running job = %+v", j)
+	}
+	if h := s.Holding(t0); len(h) != 1 || !h[0].Ends.Equal(j.Deadline()) {
+		t.Errorf("holding = %+v", h)
+	}
+	must(&Command{Op: OpFinish, At: t0.Add(time.Minute), JobID: "a", Reason: "deadline"})
+	must(&Command{Op: OpFinish, At: t0.Add(2 * time.Minute), JobID: "a"}) // idempotent
+	if j := s.Jobs["a"]; j.Status != Finished || j.Reason != "deadline" || !j.EndedAt.Equal(t0.Add(time.Minute)) {
+		t.Errorf("finished job = %+v", j)
+	}
+}
+
+func TestSubmitIsIdempotent(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("a", 1)})
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("b", 1)})
+	r := s.Apply(&Command{Op: OpSubmit, At: t0.Add(time.Hour), Job: spec("a", 5)})
+	if len(s.Jobs) != 2 || r.Job.Spec.Groups[0].Count != 1 || s.Jobs["b"].Spec.Seq != 1 {
+		t.Errorf("resubmission changed state: %+v", s.Jobs)
+	}
+}
+
+func TestSnapshotRoundTrip(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("a", 2)})
+	s.Apply(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 2)})
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("b", 1)})
+	b, err := s.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New()
+	if err := r.Unmarshal(b); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(s, r) {
+		t.Errorf("restored state differs:\n%+v\n%+v", s, r)
+	}
+}
