@@ -110,7 +110,6 @@ func (g *group) apply(c *state.Command) (state.Result, time.Duration) {
 	return state.Result{}, 0
 }
 
-
 var inventory = func() []placement.Node {
 	var ns []placement.Node
 	for i := 0; i < 20; i++ {
