@@ -29,6 +29,9 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"validate": func() (cli.Command, error) { return &ValidateCommand{UI: ui}, nil },
 		"plan":     func() (cli.Command, error) { return &PlanCommand{UI: ui}, nil },
 		"dev":      func() (cli.Command, error) { return &DevCommand{UI: ui}, nil },
+		"server":   func() (cli.Command, error) { return &ServerCommand{UI: ui}, nil },
+		"run":      func() (cli.Command, error) { return &RunCommand{UI: ui}, nil },
+		"status":   func() (cli.Command, error) { return &StatusCommand{UI: ui}, nil },
 	}
 }
 

@@ -40,6 +40,9 @@ type Job struct {
 	Datacenters []string
 	Pool        string
 	MaxRuntime  time.Duration
+	// GangTimeout bounds how long a reserved gang may take to have every
+	// worker running; placement itself does not use it.
+	GangTimeout time.Duration
 	Groups      []Group
 }
 

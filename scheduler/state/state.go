@@ -26,7 +26,9 @@ const (
 
 // Job is one accepted gang.
 type Job struct {
-	Spec        placement.Job
+	Spec placement.Job
+	// Nomad is the Nomad job (API JSON) registered when the gang is placed.
+	Nomad       json.RawMessage `json:",omitempty"`
 	Status      Status
 	SubmittedAt time.Time
 	Decision    *placement.Decision `json:",omitempty"`
@@ -58,6 +60,7 @@ type Command struct {
 	At       time.Time
 	JobID    string              `json:",omitempty"`
 	Job      *placement.Job      `json:",omitempty"`
+	Nomad    json.RawMessage     `json:",omitempty"`
 	Decision *placement.Decision `json:",omitempty"`
 	Reason   string              `json:",omitempty"`
 }
@@ -97,7 +100,7 @@ func (s *State) Apply(c *Command) Result {
 		spec := *c.Job
 		spec.Seq = s.NextSeq
 		s.NextSeq++
-		j := &Job{Spec: spec, Status: Queued, SubmittedAt: c.At}
+		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At}
 		s.Jobs[spec.ID] = j
 		return Result{Job: j}
 	}

@@ -1,0 +1,200 @@
+package command
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/server"
+	"github.com/mitchellh/cli"
+)
+
+// RunCommand submits a cluster job to the cohort server.
+type RunCommand struct{ UI cli.Ui }
+
+const runHelp = `
+Usage: cohort run [options] <file.hcl>
+
+  Submits a cluster job to the gang scheduler and follows it: queued,
+  reserved, running, and how it ended. Exits 0 when every worker exited
+  successfully, 1 when the job failed, was rejected or was stopped.
+
+Options:
+
+  -address=<url>  cohort server API. Default: $COHORT_ADDR or
+                  http://127.0.0.1:4747.
+  -detach         Return once the job is accepted.
+  -json           Print the final job state as JSON.
+`
+
+func (c *RunCommand) Help() string     { return runHelp }
+func (c *RunCommand) Synopsis() string { return "Run a cluster job" }
+
+func address(flagVal string) string {
+	if flagVal != "" {
+		return strings.TrimRight(flagVal, "/")
+	}
+	if v := os.Getenv("COHORT_ADDR"); v != "" {
+		return strings.TrimRight(v, "/")
+	}
+	return "http://127.0.0.1:4747"
+}
+
+func (c *RunCommand) Run(args []string) int {
+	fs := flagSet("run")
+	addr := fs.String("address", "", "")
+	detach := fs.Bool("detach", false, "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parse(c.UI, fs, args, 1, runHelp); !ok {
+		return code
+	}
+	job, err := jobspec.ParseFile(fs.Arg(0))
+	if err != nil {
+		c.UI.Error(err.Error())
+		return ExitError
+	}
+	body, _ := json.Marshal(map[string]any{"Job": jobspec.ToNomad(job)})
+	base := address(*addr)
+	var v server.JobView
+	if err := call(http.MethodPost, base+"/v1/jobs", body, &v); err != nil {
+		c.UI.Error(fmt.Sprintf("Error submitting %s: %v", job.Name, err))
+		return ExitError
+	}
+	if *detach {
+		if *asJSON {
+			printJSON(c.UI, v)
+		} else {
+			c.UI.Output(fmt.Sprintf("gang %s: accepted (%d workers)", v.ID, v.Workers))
+		}
+		return ExitOK
+	}
+	start := time.Now()
+	last := ""
+	for {
+		line := progress(&v)
+		if line != last {
+			if !*asJSON {
+				c.UI.Output(fmt.Sprintf("gang %s: %s (t+%.1f s)", v.ID, line, time.Since(start).Seconds()))
+			}
+			last = line
+		}
+		if v.Status == "finished" || v.Status == "failed" {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+		if err := call(http.MethodGet, base+"/v1/job/"+v.ID, nil, &v); err != nil {
+			c.UI.Error(fmt.Sprintf("Error following %s: %v", v.ID, err))
+			return ExitError
+		}
+	}
+	if *asJSON {
+		printJSON(c.UI, v)
+	}
+	if v.Status == "finished" && v.Reason == "every worker exited" {
+		return ExitOK
+	}
+	return ExitError
+}
+
+func progress(v *server.JobView) string {
+	switch v.Status {
+	case "reserved":
+		return fmt.Sprintf("reserved %d workers on %d nodes", v.Workers, v.Nodes)
+	case "running":
+		return fmt.Sprintf("running %d workers until %s", v.Workers, v.Deadline.Format(time.TimeOnly))
+	case "finished", "failed":
+		return fmt.Sprintf("%s: %s", v.Status, v.Reason)
+	case "queued":
+		if v.Reason != "" {
+			return "queued (" + v.Reason + ")"
+		}
+	}
+	return string(v.Status)
+}
+
+// call does one API request and decodes the answer or its error.
+func call(method, url string, body []byte, out any) error {
+	req, err := http.NewRequest(method, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		if json.Unmarshal(b, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%s", e.Error)
+		}
+		return fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
+
+// StatusCommand shows jobs.
+type StatusCommand struct{ UI cli.Ui }
+
+const statusHelp = `
+Usage: cohort status [options] [job]
+
+  Lists the cluster jobs, or shows one.
+
+Options:
+
+  -address=<url>  cohort server API. Default: $COHORT_ADDR or
+                  http://127.0.0.1:4747.
+  -json           Print JSON.
+`
+
+func (c *StatusCommand) Help() string     { return statusHelp }
+func (c *StatusCommand) Synopsis() string { return "Show cluster jobs" }
+
+func (c *StatusCommand) Run(args []string) int {
+	fs := flagSet("status")
+	addr := fs.String("address", "", "")
+	asJSON := fs.Bool("json", false, "")
+	if err := fs.Parse(args); err != nil || fs.NArg() > 1 {
+		c.UI.Error(strings.TrimSpace(statusHelp))
+		return ExitUsage
+	}
+	base := address(*addr)
+	if fs.NArg() == 1 {
+		var v server.JobView
+		if err := call(http.MethodGet, base+"/v1/job/"+fs.Arg(0), nil, &v); err != nil {
+			c.UI.Error(err.Error())
+			return ExitError
+		}
+		if *asJSON {
+			printJSON(c.UI, v)
+		} else {
+			c.UI.Output(fmt.Sprintf("%s: %s", v.ID, progress(&v)))
+		}
+		return ExitOK
+	}
+	var vs []server.JobView
+	if err := call(http.MethodGet, base+"/v1/jobs", nil, &vs); err != nil {
+		c.UI.Error(err.Error())
+		return ExitError
+	}
+	if *asJSON {
+		printJSON(c.UI, vs)
+		return ExitOK
+	}
+	for i := range vs {
+		c.UI.Output(fmt.Sprintf("%-24s %-9s %3d workers  %s", vs[i].ID, vs[i].Status, vs[i].Workers, vs[i].Reason))
+	}
+	return ExitOK
+}

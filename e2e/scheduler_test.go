@@ -1,0 +1,199 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+)
+
+// cohortServer starts `cohort server -dev` against the cluster and returns
+// its API address.
+func cohortServer(t *testing.T, c *devcluster.Cluster) string {
+	t.Helper()
+	free := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().String()
+	}
+	httpAddr, raftAddr := free(), free()
+	cmd := exec.Command(cohortBin, "server", "-dev", "-http-addr", httpAddr, "-raft-addr", raftAddr, "-nomad-addr", c.NomadAddr())
+	logf, _ := os.Create(filepath.Join(t.TempDir(), "server.log"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("cohort server log:\n%s", b)
+		}
+	})
+	addr := "http://" + httpAddr
+	waitFor(t, "cohort server health", func() bool {
+		resp, err := http.Get(addr + "/v1/health")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return addr
+}
+
+type jobView struct {
+	ID        string
+	Status    string
+	Reason    string
+	Workers   int
+	StartedAt time.Time
+	Deadline  time.Time
+	EndedAt   time.Time
+}
+
+func sleepGang(name string, count, memMB int, maxRuntime string, secs int) string {
+	return fmt.Sprintf(`job %q {
+  max_runtime  = %q
+  gang_timeout = "30s"
+  group "w" {
+    count  = %d
+    driver = "raw_exec"
+    resources {
+      cpu    = 20
+      memory = %d
+    }
+    program {
+      path = "/bin/sleep"
+      args = ["%d"]
+    }
+  }
+}
+`, name, maxRuntime, count, memMB, secs)
+}
+
+func cohortRun(t *testing.T, addr, spec string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "job.hcl")
+	os.WriteFile(path, []byte(spec), 0o644)
+	out, err := exec.Command(cohortBin, "run", "-detach", "-address", addr, path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("cohort run: %v\n%s", err, out)
+	}
+}
+
+// TestGangQueuesUntilWhole: on a node that has room for 10 workers while
+// another gang runs, a 12-worker gang queues and starts no worker; when
+// the other gang ends, it starts whole.
+func TestGangQueuesUntilWhole(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+
+	var nodes []struct{ ID string }
+	getJSON(t, c.NomadAddr()+"/v1/nodes", &nodes)
+	var node struct {
+		NodeResources     struct{ Memory struct{ MemoryMB int } }
+		ReservedResources struct{ Memory struct{ MemoryMB int } }
+	}
+	getJSON(t, c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node)
+	free := node.NodeResources.Memory.MemoryMB - node.ReservedResources.Memory.MemoryMB
+	mem := free * 2 / 33 // 16 workers fit, 17 do not
+	t.Logf("node memory %d MiB: workers of %d MiB, 16 fit", free, mem)
+
+	cohortRun(t, addr, sleepGang("first", 6, mem, "1m", 4))
+	waitFor(t, "first running", func() bool {
+		var v jobView
+		getJSON(t, addr+"/v1/job/first", &v)
+		return v.Status == "running"
+	})
+	cohortRun(t, addr, sleepGang("second", 12, mem, "1m", 2))
+
+	// While first runs, second waits whole: no Nomad job, no allocation.
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); {
+		var v jobView
+		getJSON(t, addr+"/v1/job/second", &v)
+		if v.Status != "queued" {
+			t.Fatalf("second is %s while first holds the room it needs", v.Status)
+		}
+		resp, err := http.Get(c.NomadAddr() + "/v1/job/second")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 404 {
+			t.Fatalf("second was registered with Nomad while queued (%s)", resp.Status)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// First's workers exit; second starts with all 12.
+	waitFor(t, "second running", func() bool {
+		var v jobView
+		getJSON(t, addr+"/v1/job/second", &v)
+		return v.Status == "running" || v.Status == "finished"
+	})
+	allocs := waitAllocs(t, c, "second", 12, func(as []alloc) bool { return true })
+	if len(allocs) != 12 {
+		t.Fatalf("second has %d allocations, want 12", len(allocs))
+	}
+	waitFor(t, "second finished", func() bool {
+		var v jobView
+		getJSON(t, addr+"/v1/job/second", &v)
+		return v.Status == "finished" && v.Reason == "every worker exited"
+	})
+}
+
+// TestMaxRuntimeStopsGang: a gang with max_runtime = "3s" is stopped 3 s
+// after it started; the test reports how late.
+func TestMaxRuntimeStopsGang(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	cohortRun(t, addr, sleepGang("bounded", 2, 64, "3s", 600))
+	var v jobView
+	waitFor(t, "bounded to finish", func() bool {
+		getJSON(t, addr+"/v1/job/bounded", &v)
+		return v.Status == "finished"
+	})
+	if !strings.Contains(v.Reason, "max_runtime reached") {
+		t.Fatalf("bounded ended with %q", v.Reason)
+	}
+	ran, late := v.EndedAt.Sub(v.StartedAt), v.EndedAt.Sub(v.Deadline)
+	t.Logf("max_runtime 3s: ran %v, stopped %v after the deadline", ran, late)
+	if late < 0 || late > time.Second {
+		t.Errorf("stopped %v after the deadline", late)
+	}
+	waitFor(t, "workers stopped", func() bool {
+		var as []alloc
+		getJSON(t, c.NomadAddr()+"/v1/job/bounded/allocations", &as)
+		for _, a := range as {
+			if a.ClientStatus == "running" {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestRejectsImpossibleGang: a gang that cannot fit even on the empty
+// cluster is refused at submission with the reason.
+func TestRejectsImpossibleGang(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	path := filepath.Join(t.TempDir(), "huge.hcl")
+	os.WriteFile(path, []byte(sleepGang("huge", 4, 10_000_000, "1m", 1)), 0o644)
+	out, err := exec.Command(cohortBin, "run", "-address", addr, path).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "cannot fit even on the empty cluster") || !strings.Contains(string(out), "the most free of 1 eligible nodes") {
+		t.Fatalf("cohort run of an impossible gang: %v\n%s", err, out)
+	}
+}

@@ -1,0 +1,161 @@
+package server
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/cohort-dev/cohort/scheduler/replica"
+	"github.com/cohort-dev/cohort/scheduler/state"
+	"github.com/hashicorp/nomad/api"
+)
+
+// JobView is a job as the API shows it.
+type JobView struct {
+	ID          string
+	Status      state.Status
+	Priority    int
+	Workers     int
+	Nodes       int       `json:",omitempty"`
+	Reason      string    `json:",omitempty"`
+	Attempts    int       `json:",omitempty"`
+	SubmittedAt time.Time `json:",omitempty"`
+	ReservedAt  time.Time `json:",omitempty"`
+	StartedAt   time.Time `json:",omitempty"`
+	Deadline    time.Time `json:",omitempty"`
+	EndedAt     time.Time `json:",omitempty"`
+}
+
+func view(j *state.Job) JobView {
+	v := JobView{
+		ID: j.Spec.ID, Status: j.Status, Priority: j.Spec.Priority, Workers: j.Spec.Size(),
+		Reason: j.Reason, Attempts: j.Attempts, SubmittedAt: j.SubmittedAt, ReservedAt: j.ReservedAt,
+		StartedAt: j.StartedAt, EndedAt: j.EndedAt,
+	}
+	if !j.StartedAt.IsZero() {
+		v.Deadline = j.Deadline()
+	}
+	if j.Decision != nil {
+		nodes := map[string]bool{}
+		for _, w := range j.Decision.Workers {
+			nodes[w.Node] = true
+		}
+		v.Nodes = len(nodes)
+	}
+	return v
+}
+
+// Handler is the JSON HTTP API:
+//
+//	POST   /v1/jobs      {"Job": <Nomad job with cohort meta>} -> JobView
+//	GET    /v1/jobs      -> []JobView in submission order
+//	GET    /v1/job/{id}  -> JobView
+//	DELETE /v1/job/{id}  stop the job
+//	GET    /v1/leader    -> {"ID", "Address"} of the Raft leader
+//	GET    /v1/health    -> 200 when this replica has a leader
+//
+// Writes on a follower answer 503 naming the leader.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/jobs", s.handleSubmit)
+	mux.HandleFunc("GET /v1/jobs", s.handleList)
+	mux.HandleFunc("GET /v1/job/{id}", s.handleGet)
+	mux.HandleFunc("DELETE /v1/job/{id}", s.handleStop)
+	mux.HandleFunc("GET /v1/leader", s.handleLeader)
+	mux.HandleFunc("GET /v1/health", s.handleHealth)
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, map[string]string{"error": err.Error()})
+}
+
+func (s *Server) notLeader(w http.ResponseWriter) bool {
+	if s.r.IsLeader() {
+		return false
+	}
+	addr, id := s.r.Leader()
+	writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "not the leader", "leader_id": id, "leader_address": addr})
+	return true
+}
+
+func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
+	if s.notLeader(w) {
+		return
+	}
+	var body struct{ Job *api.Job }
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Job == nil || body.Job.ID == nil {
+		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Job": <nomad job>} with an ID`))
+		return
+	}
+	j, err := s.Submit(body.Job)
+	switch {
+	case errors.Is(err, ErrRejected):
+		writeErr(w, http.StatusBadRequest, err)
+	case errors.Is(err, replica.ErrNotLeader):
+		s.notLeader(w)
+	case err != nil:
+		writeErr(w, http.StatusInternalServerError, err)
+	default:
+		writeJSON(w, http.StatusOK, view(j))
+	}
+}
+
+func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
+	var out []JobView
+	s.r.Read(func(st *state.State) {
+		for _, j := range st.Jobs {
+			out = append(out, view(j))
+		}
+	})
+	sort.Slice(out, func(a, b int) bool { return out[a].SubmittedAt.Before(out[b].SubmittedAt) })
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	var v *JobView
+	s.r.Read(func(st *state.State) {
+		if j, ok := st.Jobs[id]; ok {
+			jv := view(j)
+			v = &jv
+		}
+	})
+	if v == nil {
+		writeErr(w, http.StatusNotFound, errors.New("no job "+id))
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
+	if s.notLeader(w) {
+		return
+	}
+	if err := s.Stop(r.PathValue("id")); err != nil {
+		writeErr(w, http.StatusNotFound, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"stopped": r.PathValue("id")})
+}
+
+func (s *Server) handleLeader(w http.ResponseWriter, r *http.Request) {
+	addr, id := s.r.Leader()
+	writeJSON(w, http.StatusOK, map[string]string{"ID": id, "Address": addr})
+}
+
+func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	if _, id := s.r.Leader(); id == "" {
+		writeErr(w, http.StatusServiceUnavailable, errors.New("no leader"))
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
+}

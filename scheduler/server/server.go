@@ -1,0 +1,313 @@
+// Package server is `cohort server`: the Raft replica, the leader's
+// scheduling loop that turns queued gangs into Nomad jobs all at once or
+// not at all, deadlines, and the HTTP API.
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
+	"github.com/cohort-dev/cohort/scheduler/placement"
+	"github.com/cohort-dev/cohort/scheduler/replica"
+	"github.com/cohort-dev/cohort/scheduler/state"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/api"
+)
+
+// tick is the leader loop's period; it bounds how late a deadline is
+// enforced and how soon a freed reservation is reused.
+const tick = 20 * time.Millisecond
+
+// Server is one cohort server.
+type Server struct {
+	r     *replica.Replica
+	nomad *nomad.Client
+	log   hclog.Logger
+	now   func() time.Time
+}
+
+// New returns a server over a started replica and a Nomad client.
+func New(r *replica.Replica, n *nomad.Client, log hclog.Logger) *Server {
+	return &Server{r: r, nomad: n, log: log, now: time.Now}
+}
+
+// ErrRejected wraps the reason a job can never run.
+var ErrRejected = errors.New("job rejected")
+
+// Submit admits a Nomad job that carries cohort's gang meta. A job that
+// cannot fit even on the empty cluster is rejected with the reason.
+func (s *Server) Submit(nj *api.Job) (*state.Job, error) {
+	g, err := jobspec.GangFromNomad(nj)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrRejected, err)
+	}
+	if g == nil {
+		return nil, fmt.Errorf("%w: job %s carries no %s meta; it is not a cohort gang", ErrRejected, deref(nj.ID), jobspec.MetaGang)
+	}
+	spec := gangSpec(nj, g)
+	capacity, err := s.nomad.Capacity()
+	if err != nil {
+		return nil, err
+	}
+	if ok, why := placement.Feasible(capacity, spec); !ok {
+		return nil, fmt.Errorf("%w: it cannot fit even on the empty cluster: %s", ErrRejected, why)
+	}
+	raw, err := json.Marshal(nj)
+	if err != nil {
+		return nil, err
+	}
+	res, err := s.r.Apply(&state.Command{Op: state.OpSubmit, At: s.now(), Job: spec, Nomad: raw}, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if res.Err != "" {
+		return nil, errors.New(res.Err)
+	}
+	return res.Job, nil
+}
+
+// gangSpec turns a Nomad job and its gang options into what placement
+// needs.
+func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
+	spec := &placement.Job{
+		ID:          deref(nj.ID),
+		Priority:    deref(nj.Priority),
+		Datacenters: nj.Datacenters,
+		Pool:        deref(nj.NodePool),
+		MaxRuntime:  g.MaxRuntime,
+		GangTimeout: g.GangTimeout,
+	}
+	if spec.Priority == 0 {
+		spec.Priority = jobspec.DefaultPriority
+	}
+	for i, tg := range nj.TaskGroups {
+		pg := placement.Group{Name: g.Groups[i].Name, Count: g.Groups[i].Count, Devices: map[string]int{}}
+		for _, c := range tg.Constraints {
+			if c.Operand == api.ConstraintDistinctHosts {
+				pg.DistinctHosts = true
+			}
+		}
+		for _, t := range tg.Tasks {
+			if t.Resources == nil {
+				continue
+			}
+			pg.CPU += deref(t.Resources.CPU)
+			pg.MemoryMB += deref(t.Resources.MemoryMB)
+			for _, d := range t.Resources.Devices {
+				pg.Devices[d.Name] += int(deref(d.Count))
+			}
+		}
+		spec.Groups = append(spec.Groups, pg)
+	}
+	return spec
+}
+
+// Run is the leader loop: while this replica leads, it schedules, starts,
+// enforces deadlines and finishes gangs. It returns when ctx ends.
+func (s *Server) Run(ctx context.Context) {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	leading := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !s.r.IsLeader() {
+			leading = false
+			continue
+		}
+		if !leading {
+			// Act only on everything committed before this term: the
+			// deadlines and reservations of the previous leader.
+			if err := s.r.Barrier(5 * time.Second); err != nil {
+				continue
+			}
+			leading = true
+			s.log.Info("leading: scheduling and enforcing deadlines")
+		}
+		if err := s.pass(); err != nil {
+			s.log.Warn("scheduling pass", "error", err)
+		}
+	}
+}
+
+func (s *Server) apply(c *state.Command) error {
+	res, err := s.r.Apply(c, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	if res.Err != "" {
+		return errors.New(res.Err)
+	}
+	return nil
+}
+
+// pass is one round of the leader loop.
+func (s *Server) pass() error {
+	now := s.now()
+	var queued []*placement.Job
+	var reserved, running []state.Job
+	var holding []placement.Running
+	ids := map[string]bool{}
+	s.r.Read(func(st *state.State) {
+		for id := range st.Jobs {
+			ids[id] = true
+		}
+		for _, j := range st.ByStatus(state.Queued) {
+			spec := j.Spec
+			queued = append(queued, &spec)
+		}
+		for _, j := range st.ByStatus(state.Reserved) {
+			reserved = append(reserved, *j)
+		}
+		for _, j := range st.ByStatus(state.Running) {
+			running = append(running, *j)
+		}
+		holding = st.Holding(now)
+	})
+
+	// Deadlines first: they are the tightest promise.
+	for _, j := range running {
+		id := j.Spec.ID
+		if !now.Before(j.Deadline()) {
+			if err := s.nomad.Stop(id); err != nil {
+				return err
+			}
+			late := now.Sub(j.Deadline())
+			s.log.Info("max runtime reached; stopped", "job", id, "late", late)
+			if err := s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds())}); err != nil {
+				return err
+			}
+			continue
+		}
+		a, err := s.nomad.Allocs(id)
+		if err != nil {
+			return err
+		}
+		if a.Running+a.Pending == 0 && a.Complete+a.Failed+a.Lost > 0 {
+			reason := "every worker exited"
+			if a.Failed+a.Lost > 0 {
+				reason = fmt.Sprintf("%d of %d workers failed", a.Failed+a.Lost, j.Spec.Size())
+			}
+			if err := s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: reason}); err != nil {
+				return err
+			}
+		}
+	}
+
+	// Reserved gangs start when every worker runs; a failure or the gang
+	// timeout sends them back to the queue whole.
+	for _, j := range reserved {
+		id := j.Spec.ID
+		a, err := s.nomad.Allocs(id)
+		if err != nil {
+			return err
+		}
+		switch {
+		case a.Running == j.Spec.Size():
+			if err := s.apply(&state.Command{Op: state.OpStart, At: now, JobID: id}); err != nil {
+				return err
+			}
+			s.log.Info("gang running", "job", id, "workers", a.Running, "after", now.Sub(j.ReservedAt))
+		case a.Failed+a.Lost > 0 || now.Sub(j.ReservedAt) > j.Spec.GangTimeout:
+			why := fmt.Sprintf("only %d of %d workers running after %s", a.Running, j.Spec.Size(), now.Sub(j.ReservedAt).Round(time.Millisecond))
+			if a.Failed+a.Lost > 0 {
+				why = fmt.Sprintf("%d workers failed before the gang started", a.Failed+a.Lost)
+			}
+			if err := s.nomad.Stop(id); err != nil {
+				return err
+			}
+			if err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: id, Reason: why}); err != nil {
+				return err
+			}
+			s.log.Warn("gang did not start; requeued", "job", id, "reason", why)
+		}
+	}
+
+	if len(queued) == 0 {
+		return nil
+	}
+	free, err := s.nomad.Inventory(ids)
+	if err != nil {
+		return err
+	}
+	free = subtract(free, holding)
+	plan := placement.Schedule(now, free, holding, queued)
+	for _, d := range plan.Decisions {
+		d := d
+		if err := s.apply(&state.Command{Op: state.OpReserve, At: now, JobID: d.Job, Decision: &d}); err != nil {
+			return err
+		}
+		if err := s.register(d); err != nil {
+			s.log.Warn("registering reserved gang failed; requeued", "job", d.Job, "error", err)
+			s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: d.Job, Reason: err.Error()})
+		}
+	}
+	return nil
+}
+
+func (s *Server) register(d placement.Decision) error {
+	var raw json.RawMessage
+	s.r.Read(func(st *state.State) { raw = st.Jobs[d.Job].Nomad })
+	var nj api.Job
+	if err := json.Unmarshal(raw, &nj); err != nil {
+		return fmt.Errorf("decoding stored nomad job: %w", err)
+	}
+	return s.nomad.Register(&nj, &d)
+}
+
+// subtract takes what cohort's reserved and running gangs hold from the
+// free capacity Nomad reports without them.
+func subtract(nodes []placement.Node, holding []placement.Running) []placement.Node {
+	idx := map[string]int{}
+	for i := range nodes {
+		idx[nodes[i].ID] = i
+	}
+	for _, h := range holding {
+		groups := map[string]placement.Group{}
+		for _, g := range h.Job.Groups {
+			groups[g.Name] = g
+		}
+		for _, w := range h.Decision.Workers {
+			i, ok := idx[w.Node]
+			if !ok {
+				continue
+			}
+			g := groups[w.Group]
+			nodes[i].CPU -= g.CPU
+			nodes[i].MemoryMB -= g.MemoryMB
+			for d, c := range g.Devices {
+				nodes[i].Devices[d] -= c
+			}
+		}
+	}
+	return nodes
+}
+
+// Stop ends a job at a user's request.
+func (s *Server) Stop(id string) error {
+	var exists bool
+	s.r.Read(func(st *state.State) { _, exists = st.Jobs[id] })
+	if !exists {
+		return fmt.Errorf("no job %q", id)
+	}
+	if err := s.nomad.Stop(id); err != nil {
+		return err
+	}
+	return s.apply(&state.Command{Op: state.OpFinish, At: s.now(), JobID: id, Reason: "stopped by request"})
+}
+
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
