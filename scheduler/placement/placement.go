@@ -75,6 +75,20 @@ func (j *Job) Size() int {
 	return n
 }
 
+// Inventory is a mutable copy of the nodes, indexed for placement. A
+// long-lived scheduler keeps one and places into it job by job; Schedule
+// makes its own.
+type Inventory = inventory
+
+// NewInventory copies nodes into an inventory.
+func NewInventory(nodes []Node) *Inventory { return newInventory(nodes) }
+
+// Place puts a whole job on the inventory or nothing of it.
+func (inv *inventory) Place(j *Job) (Decision, bool) { return inv.place(j) }
+
+// Release gives a placed job's resources back.
+func (inv *inventory) Release(j *Job, d Decision) { inv.release(&Running{Job: j, Decision: d}) }
+
 // inventory is a mutable copy of the nodes, indexed for placement.
 type inventory struct {
 	nodes []Node

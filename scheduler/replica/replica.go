@@ -65,6 +65,10 @@ func Start(cfg Config) (*Replica, error) {
 		rc.CommitTimeout = 5 * time.Millisecond
 	}
 	rc.SnapshotThreshold = 4096
+	// Admissions arrive in bursts from many clients: let Raft batch them
+	// into fewer, larger appends (and fsyncs).
+	rc.BatchApplyCh = true
+	rc.MaxAppendEntries = 256
 	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db"))
 	if err != nil {
 		return nil, fmt.Errorf("opening raft store: %w", err)

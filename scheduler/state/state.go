@@ -52,6 +52,9 @@ const (
 	OpFinish  Op = "finish"
 	OpRequeue Op = "requeue"
 	OpFail    Op = "fail"
+	// OpAdmit submits a job and reserves it in one entry: the leader
+	// placed it on arrival, so one commit instead of two makes it so.
+	OpAdmit Op = "admit"
 )
 
 // Command is one log entry.
@@ -90,6 +93,12 @@ func New() *State { return &State{Jobs: map[string]*Job{}} }
 // it lost without creating the job twice.
 func (s *State) Apply(c *Command) Result {
 	switch c.Op {
+	case OpAdmit:
+		res := s.Apply(&Command{Op: OpSubmit, At: c.At, Job: c.Job, Nomad: c.Nomad})
+		if res.Err != "" || res.Job.Status != Queued {
+			return res
+		}
+		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.ID, Decision: c.Decision})
 	case OpSubmit:
 		if c.Job == nil || c.Job.ID == "" {
 			return Result{Err: "submit without a job"}

@@ -88,3 +88,17 @@ func TestSnapshotRoundTrip(t *testing.T) {
 		t.Errorf("restored state differs:\n%+v\n%+v", s, r)
 	}
 }
+
+func TestAdmitSubmitsAndReserves(t *testing.T) {
+	s := New()
+	r := s.Apply(&Command{Op: OpAdmit, At: t0, Job: spec("a", 2), Decision: decision("a", 2)})
+	if r.Err != "" || r.Job.Status != Reserved || r.Job.Decision == nil {
+		t.Fatalf("admit = %+v", r)
+	}
+	if r := s.Apply(&Command{Op: OpAdmit, At: t0, Job: spec("b", 2), Decision: decision("b", 1)}); r.Err == "" {
+		t.Error("admit with a partial decision was accepted")
+	}
+	if s.Jobs["b"].Status != Queued {
+		t.Errorf("a refused reservation should leave the job queued, got %s", s.Jobs["b"].Status)
+	}
+}
