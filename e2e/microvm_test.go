@@ -253,16 +253,7 @@ func TestMicroVMBadProgram(t *testing.T) {
 		spec := strings.Replace(microvmJob(name, 1), workerBin, tc.path, 1)
 		submit(t, c, spec)
 		as := waitAllocs(t, c, name, 1, allStatus("failed"))
-		var ev struct {
-			TaskStates map[string]struct {
-				Events []struct{ Type, DisplayMessage string }
-			}
-		}
-		getJSON(t, c.NomadAddr()+"/v1/allocation/"+as[0].ID, &ev)
-		msgs := ""
-		for _, e := range ev.TaskStates["worker"].Events {
-			msgs += e.Type + ": " + e.DisplayMessage + "\n"
-		}
+		msgs := taskEvents(t, c, as[0].ID)
 		if !strings.Contains(msgs, tc.want) {
 			t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
 		}
@@ -306,16 +297,7 @@ func TestMicroVMBadConfig(t *testing.T) {
 		os.WriteFile(path, []byte(job), 0o644)
 		run(t, c, nomad, "job", "run", "-detach", path)
 		as := waitAllocs(t, c, name, 1, allStatus("failed"))
-		var ev struct {
-			TaskStates map[string]struct {
-				Events []struct{ Type, DisplayMessage string }
-			}
-		}
-		getJSON(t, c.NomadAddr()+"/v1/allocation/"+as[0].ID, &ev)
-		msgs := ""
-		for _, e := range ev.TaskStates["worker"].Events {
-			msgs += e.Type + ": " + e.DisplayMessage + "\n"
-		}
+		msgs := taskEvents(t, c, as[0].ID)
 		if !strings.Contains(msgs, tc.want) {
 			t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
 		}
@@ -340,18 +322,8 @@ func TestMicroVMSnapshotStart(t *testing.T) {
 	nomad, _ := devcluster.FindBinary("nomad")
 	seen := map[string]bool{}
 	for _, a := range allocs {
-		var full struct {
-			TaskStates map[string]struct {
-				Events []struct{ Type, DisplayMessage string }
-			}
-		}
-		getJSON(t, c.NomadAddr()+"/v1/allocation/"+a.ID, &full)
-		restored := false
-		for _, e := range full.TaskStates["worker"].Events {
-			restored = restored || strings.Contains(e.DisplayMessage, "restored from snapshot")
-		}
-		if !restored {
-			t.Errorf("alloc %s was not restored from the snapshot: %+v", a.Name, full.TaskStates["worker"].Events)
+		if evs := taskEvents(t, c, a.ID); !strings.Contains(evs, "restored from snapshot") {
+			t.Errorf("alloc %s was not restored from the snapshot:\n%s", a.Name, evs)
 		}
 		// "<hostname> <random hex> <ip/len> <mac>"
 		f := strings.Fields(run(t, c, nomad, "alloc", "logs", a.ID, "worker"))
@@ -365,4 +337,20 @@ func TestMicroVMSnapshotStart(t *testing.T) {
 			seen[v] = true
 		}
 	}
+}
+
+// taskEvents is an alloc's worker task events, one "Type: message" a line.
+func taskEvents(t *testing.T, c *devcluster.Cluster, allocID string) string {
+	t.Helper()
+	var ev struct {
+		TaskStates map[string]struct {
+			Events []struct{ Type, DisplayMessage string }
+		}
+	}
+	getJSON(t, c.NomadAddr()+"/v1/allocation/"+allocID, &ev)
+	msgs := ""
+	for _, e := range ev.TaskStates["worker"].Events {
+		msgs += e.Type + ": " + e.DisplayMessage + "\n"
+	}
+	return msgs
 }

@@ -94,6 +94,28 @@ func readFile(t *testing.T, p string) string {
 	return string(b)
 }
 
+// booted cold-boots a VM and connects to its control port; all of it is
+// torn down when the test ends.
+func booted(t *testing.T) (*Machine, context.Context, <-chan proto.Event, *Ctl) {
+	t.Helper()
+	a := vmtest.Get(t)
+	accel, _ := DetectAccel()
+	m, err := (&QEMU{}).Boot(testVM(t, a, accel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Kill() })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	events := m.Events(ctx)
+	ctl, err := m.DialCtl(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctl.Close() })
+	return m, ctx, events, ctl
+}
+
 func TestColdBootRunsProgram(t *testing.T) {
 	a := vmtest.Get(t)
 	accel, _ := DetectAccel()
@@ -129,23 +151,7 @@ func TestSignalAfterReconnect(t *testing.T) {
 }
 
 func testSignal(t *testing.T, reconnect bool) {
-	a := vmtest.Get(t)
-	accel, _ := DetectAccel()
-	q := &QEMU{}
-	spec := testVM(t, a, accel)
-	m, err := q.Boot(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Kill() })
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	events := m.Events(ctx)
-	ctl, err := m.DialCtl(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ctl.Close()
+	m, ctx, events, ctl := booted(t)
 	ctl.Send(assignment("w0", "sleep"))
 	if _, err := WaitEvent(ctx, m, events, proto.EvStarted); err != nil {
 		t.Fatal(err)
@@ -153,6 +159,7 @@ func testSignal(t *testing.T, reconnect bool) {
 	if reconnect {
 		ctl.Close()
 		time.Sleep(300 * time.Millisecond)
+		var err error
 		if ctl, err = m.DialCtl(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -169,26 +176,11 @@ func testSignal(t *testing.T, reconnect bool) {
 }
 
 func TestMissingProgramIsReported(t *testing.T) {
-	a := vmtest.Get(t)
-	accel, _ := DetectAccel()
-	q := &QEMU{}
-	m, err := q.Boot(testVM(t, a, accel))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Kill() })
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	events := m.Events(ctx)
-	ctl, err := m.DialCtl(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ctl.Close()
+	m, ctx, events, ctl := booted(t)
 	as := assignment("w0")
 	as.Program = "/local/nope"
 	ctl.Send(as)
-	_, err = WaitEvent(ctx, m, events, proto.EvExited)
+	_, err := WaitEvent(ctx, m, events, proto.EvExited)
 	if err == nil || !strings.Contains(err.Error(), "/local/nope") {
 		t.Errorf("error = %v, want one naming the missing program", err)
 	}
