@@ -53,7 +53,7 @@ echo "allocation states: $states"
 echo
 echo "==> how each worker VM started"
 for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
-  "$nomad" alloc status "$id" | grep -o 'Worker VM .*' | head -1
+  "$nomad" alloc status "$id" | sed -n 's/.*\(Worker VM .*\)/\1/p' | sed -n 1p
 done
 echo
 echo "==> what each worker printed"

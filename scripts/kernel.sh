@@ -7,8 +7,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${COHORT_TOOLS_DIR:-$root/.tools}/kernel
 frag=$root/driver/guest/kernel/cohort.config
-tarball=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -1)
-[ -n "$tarball" ] || { echo "kernel: linux-source-6.1 is not installed (run make tools)" >&2; exit 1; }
+tarballs=(/usr/src/linux-source-6.1.tar.*)
+tarball=${tarballs[0]}
+[ -f "$tarball" ] || { echo "kernel: linux-source-6.1 is not installed (run make tools)" >&2; exit 1; }
 
 hash=$( (cat "$frag"; stat -c '%s %Y' "$tarball") | sha256sum | cut -c1-16)
 want=$out/vmlinux-$hash

@@ -26,7 +26,8 @@ packages=(qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev
   iproute2 dnsutils xz-utils make gcc curl ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [ "$status" = "install ok installed" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -86,5 +87,7 @@ else
   BUILD_FLAGS="" build_from_proxy consul github.com/hashicorp/consul $CONSUL_VERSION "$bin/consul" consul_fixup
 fi
 
-"$bin/nomad" version | head -1 >&2
-"$bin/consul" version | head -1 >&2
+# sed reads all of its input: head would exit early and, under pipefail,
+# turn the tool's SIGPIPE into a failure of this script.
+"$bin/nomad" version | sed -n 1p >&2
+"$bin/consul" version | sed -n 1p >&2
