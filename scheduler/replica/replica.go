@@ -65,9 +65,9 @@ func Start(cfg Config) (*Replica, error) {
 		rc.CommitTimeout = 5 * time.Millisecond
 	}
 	rc.SnapshotThreshold = 4096
-	// Admissions arrive in bursts from many clients: let Raft batch them
-	// into fewer, larger appends (and fsyncs).
-	rc.BatchApplyCh = true
+	// Larger appends when admissions arrive in bursts. (BatchApplyCh is
+	// left off: with it a future queued when the replica shuts down is
+	// never answered.)
 	rc.MaxAppendEntries = 256
 	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db"))
 	if err != nil {
@@ -143,7 +143,7 @@ func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, 
 		return state.Result{}, err
 	}
 	f := r.raft.Apply(b, timeout)
-	if err := f.Error(); err != nil {
+	if err := wait(f, timeout); err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
 			return state.Result{}, fmt.Errorf("%w: %v", ErrNotLeader, err)
 		}
@@ -154,7 +154,24 @@ func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, 
 
 // Barrier waits until everything committed before it is applied here, as a
 // new leader must before it acts on the state.
-func (r *Replica) Barrier(timeout time.Duration) error { return r.raft.Barrier(timeout).Error() }
+func (r *Replica) Barrier(timeout time.Duration) error { return wait(r.raft.Barrier(timeout), timeout) }
+
+// ErrTimeout means a command was handed to Raft but not answered in time;
+// it may still commit.
+var ErrTimeout = errors.New("raft did not answer in time")
+
+// wait bounds the wait for a future: Raft's own timeout covers only the
+// hand-off of the command, not its commit.
+func wait(f raft.Future, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(timeout + time.Second):
+		return ErrTimeout
+	}
+}
 
 // Read runs fn on the state under a read lock; fn must not keep pointers.
 func (r *Replica) Read(fn func(*state.State)) {
