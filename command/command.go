@@ -32,6 +32,7 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"server":   func() (cli.Command, error) { return &ServerCommand{UI: ui}, nil },
 		"run":      func() (cli.Command, error) { return &RunCommand{UI: ui}, nil },
 		"status":   func() (cli.Command, error) { return &StatusCommand{UI: ui}, nil },
+		"bill":     func() (cli.Command, error) { return &BillCommand{UI: ui}, nil },
 	}
 }
 

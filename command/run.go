@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/server"
 	"github.com/mitchellh/cli"
 )
@@ -197,4 +198,60 @@ func (c *StatusCommand) Run(args []string) int {
 		c.UI.Output(fmt.Sprintf("%-24s %-9s %3d workers  %s", vs[i].ID, vs[i].Status, vs[i].Workers, vs[i].Reason))
 	}
 	return ExitOK
+}
+
+// BillCommand prints a job's bill.
+type BillCommand struct{ UI cli.Ui }
+
+const billHelp = `
+Usage: cohort bill [options] <job>
+
+  Prints a job's ledger: one line per worker with the milliseconds it was
+  billed for, what it reserved, and the amount; then the total. A running
+  job's bill is open and ends now.
+
+Options:
+
+  -address=<url>  cohort server API. Default: $COHORT_ADDR or
+                  http://127.0.0.1:4747.
+  -json           Print JSON.
+`
+
+func (c *BillCommand) Help() string     { return billHelp }
+func (c *BillCommand) Synopsis() string { return "Show what a job costs, per worker" }
+
+func (c *BillCommand) Run(args []string) int {
+	fs := flagSet("bill")
+	addr := fs.String("address", "", "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parse(c.UI, fs, args, 1, billHelp); !ok {
+		return code
+	}
+	var b billing.Bill
+	if err := call(http.MethodGet, address(*addr)+"/v1/job/"+fs.Arg(0)+"/bill", nil, &b); err != nil {
+		c.UI.Error(err.Error())
+		return ExitError
+	}
+	if *asJSON {
+		printJSON(c.UI, b)
+		return ExitOK
+	}
+	for _, l := range b.Lines {
+		c.UI.Output(fmt.Sprintf("%s[%d] on %s: %d ms × %d MHz, %d MiB%s = %.6f %s",
+			l.Group, l.Index, l.Node, l.EndMs-l.StartMs, l.CPU, l.MemoryMB, deviceList(l.Devices), l.Amount, b.Currency))
+	}
+	open := ""
+	if b.Open {
+		open = " (running: so far)"
+	}
+	c.UI.Output(fmt.Sprintf("total %s: %.6f %s%s", b.Job, b.Total, b.Currency, open))
+	return ExitOK
+}
+
+func deviceList(ds map[string]int) string {
+	out := ""
+	for d, n := range ds {
+		out += fmt.Sprintf(", %d× %s", n, d)
+	}
+	return out
 }

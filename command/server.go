@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/server"
@@ -40,6 +41,13 @@ Options:
   -node-id=<id>        Replica ID. Default: the hostname.
   -nomad-addr=<url>    Nomad API. Default: $NOMAD_ADDR or http://127.0.0.1:4646.
   -log-level=<level>   Default: info.
+
+  Billing prices, per hour of one unit, billed per millisecond from the
+  moment a whole gang runs:
+  -price-cpu-mhz-hour=<n>     Default: 0.00001.
+  -price-memory-gib-hour=<n>  Default: 0.004.
+  -price-device-hour=<n>      Default: 1.
+  -currency=<code>            Default: USD.
 `
 
 func (c *ServerCommand) Help() string     { return serverHelp }
@@ -55,6 +63,11 @@ func (c *ServerCommand) Run(args []string) int {
 	nodeID := fs.String("node-id", host, "")
 	nomadAddr := fs.String("nomad-addr", os.Getenv("NOMAD_ADDR"), "")
 	level := fs.String("log-level", "info", "")
+	prices := billing.DefaultPrices
+	fs.Float64Var(&prices.CPUMHzHour, "price-cpu-mhz-hour", prices.CPUMHzHour, "")
+	fs.Float64Var(&prices.MemoryGiBHour, "price-memory-gib-hour", prices.MemoryGiBHour, "")
+	fs.Float64Var(&prices.DeviceHour, "price-device-hour", prices.DeviceHour, "")
+	fs.StringVar(&prices.Currency, "currency", prices.Currency, "")
 	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
 		return code
 	}
@@ -86,7 +99,7 @@ func (c *ServerCommand) Run(args []string) int {
 		return ExitError
 	}
 	defer r.Shutdown()
-	srv := server.New(r, n, log)
+	srv := server.New(r, n, prices, log)
 	ln, err := net.Listen("tcp", *httpAddr)
 	if err != nil {
 		c.UI.Error(fmt.Sprintf("Error listening on %s: %v", *httpAddr, err))

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -172,6 +173,24 @@ func TestMaxRuntimeStopsGang(t *testing.T) {
 	t.Logf("max_runtime 3s: ran %v, stopped %v after the deadline", ran, late)
 	if late < 0 || late > time.Second {
 		t.Errorf("stopped %v after the deadline", late)
+	}
+	// Billed per worker from the start of the gang to its stop.
+	out, err := exec.Command(cohortBin, "bill", "-json", "-address", addr, "bounded").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bill struct {
+		Lines []struct{ StartMs, EndMs int64 }
+		Total float64
+	}
+	json.Unmarshal(out, &bill)
+	if len(bill.Lines) != 2 || bill.Total <= 0 {
+		t.Fatalf("bill = %s", out)
+	}
+	for _, l := range bill.Lines {
+		if l.StartMs != v.StartedAt.UnixMilli() || l.EndMs != v.EndedAt.UnixMilli() {
+			t.Errorf("bill line %+v does not span the run %v..%v", l, v.StartedAt, v.EndedAt)
+		}
 	}
 	waitFor(t, "workers stopped", func() bool {
 		var as []alloc

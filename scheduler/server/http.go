@@ -7,6 +7,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
 	"github.com/hashicorp/nomad/api"
@@ -53,6 +54,7 @@ func view(j *state.Job) JobView {
 //	GET    /v1/jobs      -> []JobView in submission order
 //	GET    /v1/job/{id}  -> JobView
 //	DELETE /v1/job/{id}  stop the job
+//	GET    /v1/job/{id}/bill -> billing.Bill, per worker and millisecond
 //	GET    /v1/leader    -> {"ID", "Address"} of the Raft leader
 //	GET    /v1/health    -> 200 when this replica has a leader
 //
@@ -63,6 +65,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/jobs", s.handleList)
 	mux.HandleFunc("GET /v1/job/{id}", s.handleGet)
 	mux.HandleFunc("DELETE /v1/job/{id}", s.handleStop)
+	mux.HandleFunc("GET /v1/job/{id}/bill", s.handleBill)
 	mux.HandleFunc("GET /v1/leader", s.handleLeader)
 	mux.HandleFunc("GET /v1/health", s.handleHealth)
 	return mux
@@ -134,6 +137,23 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	var b *billing.Bill
+	now := s.now()
+	s.r.Read(func(st *state.State) {
+		if j, ok := st.Jobs[id]; ok {
+			bill := billing.For(j, s.prices, now)
+			b = &bill
+		}
+	})
+	if b == nil {
+		writeErr(w, http.StatusNotFound, errors.New("no job "+id))
+		return
+	}
+	writeJSON(w, http.StatusOK, b)
 }
 
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
@@ -25,15 +26,16 @@ const tick = 20 * time.Millisecond
 
 // Server is one cohort server.
 type Server struct {
-	r     *replica.Replica
-	nomad *nomad.Client
-	log   hclog.Logger
-	now   func() time.Time
+	r      *replica.Replica
+	nomad  *nomad.Client
+	log    hclog.Logger
+	now    func() time.Time
+	prices billing.Prices
 }
 
 // New returns a server over a started replica and a Nomad client.
-func New(r *replica.Replica, n *nomad.Client, log hclog.Logger) *Server {
-	return &Server{r: r, nomad: n, log: log, now: time.Now}
+func New(r *replica.Replica, n *nomad.Client, prices billing.Prices, log hclog.Logger) *Server {
+	return &Server{r: r, nomad: n, log: log, now: time.Now, prices: prices}
 }
 
 // ErrRejected wraps the reason a job can never run.

@@ -1,0 +1,47 @@
+package billing
+
+import (
+	"math"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/scheduler/placement"
+	"github.com/cohort-dev/cohort/scheduler/state"
+)
+
+func TestBill(t *testing.T) {
+	start := time.Unix(1_700_000_000, 0)
+	j := &state.Job{
+		Spec: placement.Job{ID: "sort", Groups: []placement.Group{
+			{Name: "w", Count: 2, CPU: 1000, MemoryMB: 2048, Devices: map[string]int{"nvidia/gpu": 1}},
+		}},
+		Status:    state.Finished,
+		StartedAt: start,
+		EndedAt:   start.Add(90 * time.Minute),
+		Decision: &placement.Decision{Job: "sort", Workers: []placement.Worker{
+			{Group: "w", Index: 1, Node: "b"}, {Group: "w", Index: 0, Node: "a"},
+		}},
+	}
+	p := Prices{CPUMHzHour: 0.001, MemoryGiBHour: 0.01, DeviceHour: 2, Currency: "EUR"}
+	b := For(j, p, start.Add(time.Hour*10))
+	perWorker := 1.5 * (1000*0.001 + 2*0.01 + 2)
+	if len(b.Lines) != 2 || b.Lines[0].Index != 0 || b.Open {
+		t.Fatalf("bill = %+v", b)
+	}
+	if math.Abs(b.Lines[0].Amount-perWorker) > 1e-9 || math.Abs(b.Total-2*perWorker) > 1e-9 {
+		t.Errorf("amounts = %v total %v, want %v each", b.Lines[0].Amount, b.Total, perWorker)
+	}
+	if b.Lines[0].EndMs-b.Lines[0].StartMs != 90*60*1000 {
+		t.Errorf("line spans %d ms", b.Lines[0].EndMs-b.Lines[0].StartMs)
+	}
+
+	j.EndedAt = time.Time{}
+	j.Status = state.Running
+	if b := For(j, p, start.Add(time.Minute)); !b.Open || b.Lines[0].EndMs-b.Lines[0].StartMs != 60000 {
+		t.Errorf("open bill = %+v", b)
+	}
+	j.StartedAt = time.Time{}
+	if b := For(j, p, start); len(b.Lines) != 0 || b.Total != 0 {
+		t.Errorf("a job that never ran was billed: %+v", b)
+	}
+}
