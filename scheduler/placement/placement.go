@@ -177,7 +177,7 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 	for _, gi := range order {
 		g := &j.Groups[gi]
 		used := map[int]bool{}
-		for w := 0; w < g.Count; w++ {
+		for w := 0; w < g.Count; {
 			best, bestScore := -1, 0.0
 			for i := range inv.nodes {
 				n := &inv.nodes[i]
@@ -192,10 +192,18 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 				rollback()
 				return Decision{}, false
 			}
-			inv.take(best, g, 1)
-			taken = append(taken, undo{best, g})
+			// The tightest node stays the tightest as it fills, so place
+			// as many workers there as fit rather than scanning again.
+			for w < g.Count && fits(&inv.nodes[best], g) {
+				inv.take(best, g, 1)
+				taken = append(taken, undo{best, g})
+				d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID})
+				w++
+				if g.DistinctHosts {
+					break
+				}
+			}
 			used[best] = true
-			d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID})
 		}
 	}
 	return d, true
