@@ -33,6 +33,8 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"run":      func() (cli.Command, error) { return &RunCommand{UI: ui}, nil },
 		"status":   func() (cli.Command, error) { return &StatusCommand{UI: ui}, nil },
 		"bill":     func() (cli.Command, error) { return &BillCommand{UI: ui}, nil },
+		"stop":     func() (cli.Command, error) { return &StopCommand{UI: ui}, nil },
+		"queue":    func() (cli.Command, error) { return &QueueCommand{UI: ui}, nil },
 	}
 }
 

@@ -255,3 +255,77 @@ func deviceList(ds map[string]int) string {
 	}
 	return out
 }
+
+// StopCommand stops a job.
+type StopCommand struct{ UI cli.Ui }
+
+const stopHelp = `
+Usage: cohort stop [options] <job>
+
+  Stops a cluster job: its Nomad job is deregistered, its reservation
+  freed and its bill closed.
+
+Options:
+
+  -address=<url>  cohort server API. Default: $COHORT_ADDR or
+                  http://127.0.0.1:4747.
+`
+
+func (c *StopCommand) Help() string     { return stopHelp }
+func (c *StopCommand) Synopsis() string { return "Stop a cluster job" }
+
+func (c *StopCommand) Run(args []string) int {
+	fs := flagSet("stop")
+	addr := fs.String("address", "", "")
+	if ok, code := parse(c.UI, fs, args, 1, stopHelp); !ok {
+		return code
+	}
+	if err := call(http.MethodDelete, address(*addr)+"/v1/job/"+fs.Arg(0), nil, nil); err != nil {
+		c.UI.Error(err.Error())
+		return ExitError
+	}
+	c.UI.Output("stopped " + fs.Arg(0))
+	return ExitOK
+}
+
+// QueueCommand lists queued jobs in the order they will be considered.
+type QueueCommand struct{ UI cli.Ui }
+
+const queueHelp = `
+Usage: cohort queue [options]
+
+  Lists the queued cluster jobs in scheduling order: priority, then
+  submission. A job waiting behind the head may still start first by
+  backfill when it cannot delay the head.
+
+Options:
+
+  -address=<url>  cohort server API. Default: $COHORT_ADDR or
+                  http://127.0.0.1:4747.
+  -json           Print JSON.
+`
+
+func (c *QueueCommand) Help() string     { return queueHelp }
+func (c *QueueCommand) Synopsis() string { return "List queued cluster jobs" }
+
+func (c *QueueCommand) Run(args []string) int {
+	fs := flagSet("queue")
+	addr := fs.String("address", "", "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parse(c.UI, fs, args, 0, queueHelp); !ok {
+		return code
+	}
+	var vs []server.JobView
+	if err := call(http.MethodGet, address(*addr)+"/v1/queue", nil, &vs); err != nil {
+		c.UI.Error(err.Error())
+		return ExitError
+	}
+	if *asJSON {
+		printJSON(c.UI, vs)
+		return ExitOK
+	}
+	for i, v := range vs {
+		c.UI.Output(fmt.Sprintf("%3d. %-24s priority %3d  %3d workers  %s", i+1, v.ID, v.Priority, v.Workers, v.Reason))
+	}
+	return ExitOK
+}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -138,6 +139,20 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	// The queue shows it, and so do the metrics.
+	if out, err := exec.Command(cohortBin, "queue", "-address", addr).CombinedOutput(); err != nil || !strings.Contains(string(out), "second") {
+		t.Errorf("cohort queue: %v\n%s", err, out)
+	}
+	resp, err := http.Get(addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(metrics), `cohort_jobs{status="queued"} 1`) || !strings.Contains(string(metrics), "cohort_leader 1") {
+		t.Errorf("metrics:\n%s", metrics)
+	}
+
 	// First's workers exit; second starts with all 12.
 	waitFor(t, "second running", func() bool {
 		var v jobView
@@ -195,6 +210,36 @@ func TestMaxRuntimeStopsGang(t *testing.T) {
 	waitFor(t, "workers stopped", func() bool {
 		var as []alloc
 		getJSON(t, c.NomadAddr()+"/v1/job/bounded/allocations", &as)
+		for _, a := range as {
+			if a.ClientStatus == "running" {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestStopGang: cohort stop ends a running gang and its Nomad job.
+func TestStopGang(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	cohortRun(t, addr, sleepGang("stoppable", 2, 64, "10m", 600))
+	waitFor(t, "stoppable running", func() bool {
+		var v jobView
+		getJSON(t, addr+"/v1/job/stoppable", &v)
+		return v.Status == "running"
+	})
+	if out, err := exec.Command(cohortBin, "stop", "-address", addr, "stoppable").CombinedOutput(); err != nil {
+		t.Fatalf("cohort stop: %v\n%s", err, out)
+	}
+	var v jobView
+	getJSON(t, addr+"/v1/job/stoppable", &v)
+	if v.Status != "finished" || v.Reason != "stopped by request" {
+		t.Errorf("after stop: %+v", v)
+	}
+	waitFor(t, "workers stopped", func() bool {
+		var as []alloc
+		getJSON(t, c.NomadAddr()+"/v1/job/stoppable/allocations", &as)
 		for _, a := range as {
 			if a.ClientStatus == "running" {
 				return false

@@ -3,11 +3,13 @@ package server
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"sort"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
 	"github.com/hashicorp/nomad/api"
@@ -57,6 +59,8 @@ func view(j *state.Job) JobView {
 //	GET    /v1/job/{id}/bill -> billing.Bill, per worker and millisecond
 //	GET    /v1/leader    -> {"ID", "Address"} of the Raft leader
 //	GET    /v1/health    -> 200 when this replica has a leader
+//	GET    /v1/queue     -> queued jobs in scheduling order
+//	GET    /metrics      -> Prometheus text format
 //
 // Writes on a follower answer 503 naming the leader.
 func (s *Server) Handler() http.Handler {
@@ -68,6 +72,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/job/{id}/bill", s.handleBill)
 	mux.HandleFunc("GET /v1/leader", s.handleLeader)
 	mux.HandleFunc("GET /v1/health", s.handleHealth)
+	mux.HandleFunc("GET /v1/queue", s.handleQueue)
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	return mux
 }
 
@@ -165,6 +171,57 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"stopped": r.PathValue("id")})
+}
+
+func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
+	var specs []*placement.Job
+	views := map[string]JobView{}
+	s.r.Read(func(st *state.State) {
+		for _, j := range st.ByStatus(state.Queued) {
+			spec := j.Spec
+			specs = append(specs, &spec)
+			views[j.Spec.ID] = view(j)
+		}
+	})
+	placement.Order(specs)
+	out := make([]JobView, 0, len(specs))
+	for _, j := range specs {
+		out = append(out, views[j.ID])
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleMetrics writes the scheduler's gauges in Prometheus's text format.
+func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	counts := map[state.Status]int{}
+	workers := map[state.Status]int{}
+	s.r.Read(func(st *state.State) {
+		for _, j := range st.Jobs {
+			counts[j.Status]++
+			workers[j.Status] += j.Spec.Size()
+		}
+	})
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	fmt.Fprintln(w, "# HELP cohort_jobs Cluster jobs by status.")
+	fmt.Fprintln(w, "# TYPE cohort_jobs gauge")
+	for _, st := range []state.Status{state.Queued, state.Reserved, state.Running, state.Finished, state.Failed} {
+		fmt.Fprintf(w, "cohort_jobs{status=%q} %d\n", st, counts[st])
+	}
+	fmt.Fprintln(w, "# HELP cohort_workers Workers of cluster jobs by job status.")
+	fmt.Fprintln(w, "# TYPE cohort_workers gauge")
+	for _, st := range []state.Status{state.Queued, state.Reserved, state.Running, state.Finished, state.Failed} {
+		fmt.Fprintf(w, "cohort_workers{status=%q} %d\n", st, workers[st])
+	}
+	leader := 0
+	if s.r.IsLeader() {
+		leader = 1
+	}
+	fmt.Fprintln(w, "# HELP cohort_leader 1 when this replica leads.")
+	fmt.Fprintln(w, "# TYPE cohort_leader gauge")
+	fmt.Fprintf(w, "cohort_leader %d\n", leader)
+	fmt.Fprintln(w, "# HELP cohort_raft_applied_index Last Raft index applied here.")
+	fmt.Fprintln(w, "# TYPE cohort_raft_applied_index gauge")
+	fmt.Fprintf(w, "cohort_raft_applied_index %d\n", s.r.AppliedIndex())
 }
 
 func (s *Server) handleLeader(w http.ResponseWriter, r *http.Request) {
