@@ -3,12 +3,15 @@ package command
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 
 	"github.com/cohort-dev/cohort/internal/devcluster"
+	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/hashicorp/go-hclog"
 	"github.com/mitchellh/cli"
 )
@@ -19,11 +22,12 @@ type DevCommand struct{ UI cli.Ui }
 const devHelp = `
 Usage: cohort dev [options]
 
-  Starts a local single-node cluster: a Consul dev agent and a Nomad agent
-  (server and client) wired to it, with cohort's plugins loaded. It waits
-  until all are healthy, prints their addresses, and on Ctrl-C or SIGTERM
-  stops everything it started: jobs, agents, the task processes they ran
-  and any mounts under the data directory.
+  Starts a local single-node cluster: a Consul dev agent, a Nomad agent
+  (server and client) wired to it with cohort's plugins loaded, and a
+  single cohort server (the gang scheduler) with its Nomad-compatible
+  endpoint. It waits until all are healthy, prints their addresses, and on
+  Ctrl-C or SIGTERM stops everything it started: jobs, agents, the task
+  processes they ran and any mounts under the data directory.
 
 Options:
 
@@ -36,6 +40,10 @@ Options:
                       "make kernel" built (.tools/kernel/vmlinux).
   -init=<path>        Guest init for the microvm driver. Default:
                       guest/cohort-init beside the cohort binary.
+  -server-addr=<addr> The cohort server's API. Default: 127.0.0.1:4747
+                      (Raft on the next port).
+  -nomad-listen=<addr> Its Nomad-compatible endpoint. Default:
+                      127.0.0.1:4749.
 
   Without a kernel, an init or the plugin binary the cluster runs without
   the microvm driver, and says so.
@@ -54,6 +62,8 @@ func (c *DevCommand) Run(args []string) int {
 	level := fs.String("log-level", "info", "")
 	kernel := fs.String("kernel", "", "")
 	initBin := fs.String("init", "", "")
+	serverAddr := fs.String("server-addr", "127.0.0.1:4747", "")
+	nomadListen := fs.String("nomad-listen", "127.0.0.1:4749", "")
 	if ok, code := parse(c.UI, fs, args, 0, devHelp); !ok {
 		return code
 	}
@@ -77,7 +87,19 @@ func (c *DevCommand) Run(args []string) int {
 		}
 		cfg.PluginDir = filepath.Join(filepath.Dir(exe), "plugins")
 	}
+	host, port, err := net.SplitHostPort(*serverAddr)
+	if err != nil {
+		c.UI.Error(fmt.Sprintf("Error: -server-addr %q: %v", *serverAddr, err))
+		return ExitUsage
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		c.UI.Error(fmt.Sprintf("Error: -server-addr %q: bad port", *serverAddr))
+		return ExitUsage
+	}
+	raftAddr := net.JoinHostPort(host, strconv.Itoa(p+1))
 	if mv, why := c.microvm(cfg.PluginDir, *kernel, *initBin); mv != nil {
+		mv.CohortServers = []string{"http://" + *serverAddr}
 		cfg.MicroVM = mv
 	} else {
 		log.Warn("running without the microvm driver", "reason", why)
@@ -101,20 +123,37 @@ func (c *DevCommand) Run(args []string) int {
 		c.UI.Error(fmt.Sprintf("Error starting dev cluster: %v", err))
 		return ExitError
 	}
+	srv, err := StartServer(ServerConfig{
+		DataDir: filepath.Join(cfg.DataDir, "cohort"), HTTPAddr: *serverAddr, RaftAddr: raftAddr, NodeID: "dev",
+		NomadAddr: cluster.NomadAddr(), NomadListen: *nomadListen, BootstrapExpect: 1,
+		Prices: billing.DefaultPrices, Logger: log.Named("server"),
+	})
+	if err != nil {
+		cluster.Stop()
+		c.UI.Error(fmt.Sprintf("Error starting the cohort server: %v", err))
+		return ExitError
+	}
 	c.UI.Output(fmt.Sprintf(`cohort dev cluster is ready.
 
+  cohort API:        http://%s
+  Nomad-compatible:  http://%s   (nomad job run of a gang goes through cohort)
   Nomad API and UI:  %s/ui/
   Consul API and UI: %s/ui/
   Consul DNS:        %s
   Data directory:    %s
   Plugin directory:  %s
 
-  export NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s
+  export COHORT_ADDR=http://%s NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s
 
-Press Ctrl-C to stop.`, cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(), cfg.DataDir, cfg.PluginDir,
-		cluster.NomadAddr(), cluster.ConsulAddr()))
+Press Ctrl-C to stop.`, srv.HTTPAddr, srv.NomadAddr, cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(), cfg.DataDir, cfg.PluginDir,
+		srv.HTTPAddr, cluster.NomadAddr(), cluster.ConsulAddr()))
 
 	<-ctx.Done()
+	// The scheduler goes first, so it does not requeue gangs that the
+	// cluster's shutdown stops.
+	if err := srv.Stop(); err != nil {
+		log.Warn("stopping the cohort server", "error", err)
+	}
 	c.UI.Output("Stopping the dev cluster...")
 	if err := cluster.Stop(); err != nil {
 		c.UI.Error(fmt.Sprintf("Error stopping dev cluster: %v", err))

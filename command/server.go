@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -25,22 +26,39 @@ type ServerCommand struct{ UI cli.Ui }
 
 const serverHelp = `
 Usage: cohort server [options]
+       cohort server members [-address=<addr>] [-json]
 
   Runs the gang scheduler: a Raft replica plus, on the leader, the loop that
-  places queued gangs on Nomad all at once or not at all and stops them at
-  their max runtime. This version runs a single replica (-dev or
-  -data-dir); joining several servers is not wired to the CLI yet.
+  places queued gangs on Nomad all at once or not at all, releases their
+  start barrier, and stops them at their max runtime.
+
+  A single server (-dev, or -data-dir alone) forms a group of one. For a
+  replicated scheduler start three servers, each with -bootstrap-expect=3
+  and -join naming the others' HTTP addresses; once they see each other
+  they form the group. A server given -join whose peers already form a
+  group asks to be added. Writes sent to a follower are forwarded to the
+  leader.
 
 Options:
 
-  -data-dir=<path>     Raft log, snapshots. Required unless -dev.
-  -dev                 Single replica with its state in a temporary
-                       directory, removed on exit.
-  -http-addr=<addr>    API address. Default: 127.0.0.1:4747.
-  -raft-addr=<addr>    Raft address. Default: 127.0.0.1:4748.
-  -node-id=<id>        Replica ID. Default: the hostname.
-  -nomad-addr=<url>    Nomad API. Default: $NOMAD_ADDR or http://127.0.0.1:4646.
-  -log-level=<level>   Default: info.
+  -data-dir=<path>          Raft log and snapshots. Required unless -dev.
+  -dev                      Single replica with its state in a temporary
+                            directory, removed on exit.
+  -http-addr=<addr>         API address. Default: 127.0.0.1:4747.
+  -advertise=<url>          API address other servers and the microvm
+                            drivers use. Default: http://<http-addr>.
+  -raft-addr=<addr>         Raft address. Default: 127.0.0.1:4748.
+  -node-id=<id>             Replica ID. Default: the hostname.
+  -bootstrap-expect=<n>     Servers to wait for before forming the group.
+                            Default: 1.
+  -join=<addr>              Another server's API address; repeatable.
+  -nomad-addr=<url>         Nomad API. Default: $NOMAD_ADDR or
+                            http://127.0.0.1:4646.
+  -nomad-listen=<addr>      Serve the Nomad-compatible endpoint here: point
+                            NOMAD_ADDR at it and "nomad job run" of a gang
+                            goes through gang admission; every other
+                            request is passed to Nomad. Default: off.
+  -log-level=<level>        Default: info.
 
   Billing prices, per hour of one unit, billed per millisecond from the
   moment a whole gang runs:
@@ -53,29 +71,169 @@ Options:
 func (c *ServerCommand) Help() string     { return serverHelp }
 func (c *ServerCommand) Synopsis() string { return "Run the gang scheduler" }
 
+// stringList is a repeatable flag.
+type stringList []string
+
+func (l *stringList) String() string { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
+// ServerConfig is what one cohort server runs with.
+type ServerConfig struct {
+	DataDir, HTTPAddr, Advertise, RaftAddr, NodeID string
+	NomadAddr, NomadListen                         string
+	BootstrapExpect                                int
+	Join                                           []string
+	Prices                                         billing.Prices
+	Logger                                         hclog.Logger
+}
+
+// ServerAgent is a running cohort server: replica, leader loop and HTTP.
+type ServerAgent struct {
+	Server    *server.Server
+	HTTPAddr  string // where the API listens
+	NomadAddr string // where the Nomad-compatible endpoint listens, if on
+	r         *replica.Replica
+	servers   []*http.Server
+	cancel    context.CancelFunc
+	done      chan struct{}
+}
+
+// StartServer starts a cohort server; Stop ends it.
+func StartServer(cfg ServerConfig) (*ServerAgent, error) {
+	n, err := nomad.New(cfg.NomadAddr)
+	if err != nil {
+		return nil, err
+	}
+	rc := replica.Config{
+		ID: cfg.NodeID, Bind: cfg.RaftAddr, DataDir: filepath.Join(cfg.DataDir, "raft"),
+		Logger: cfg.Logger, Fast: true,
+	}
+	if cfg.BootstrapExpect <= 1 && len(cfg.Join) == 0 {
+		rc.Peers = map[string]string{cfg.NodeID: cfg.RaftAddr}
+	}
+	r, err := replica.Start(rc)
+	if err != nil {
+		return nil, fmt.Errorf("starting replica: %w", err)
+	}
+	a := &ServerAgent{r: r, done: make(chan struct{})}
+	fail := func(err error) (*ServerAgent, error) {
+		for _, hs := range a.servers {
+			hs.Close()
+		}
+		r.Shutdown()
+		return nil, err
+	}
+	srv := server.New(r, n, cfg.Prices, cfg.Logger)
+	a.Server = srv
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return fail(fmt.Errorf("listening on %s: %w", cfg.HTTPAddr, err))
+	}
+	a.HTTPAddr = ln.Addr().String()
+	adv := cfg.Advertise
+	if adv == "" {
+		adv = "http://" + a.HTTPAddr
+	}
+	srv.Advertise(adv)
+	a.serve(ln, srv.Handler())
+	if cfg.NomadListen != "" {
+		nomadURL := cfg.NomadAddr
+		if nomadURL == "" {
+			nomadURL = "http://127.0.0.1:4646"
+		}
+		p, err := srv.NewNomadProxy(nomadURL)
+		if err != nil {
+			return fail(err)
+		}
+		pl, err := net.Listen("tcp", cfg.NomadListen)
+		if err != nil {
+			return fail(fmt.Errorf("listening on %s: %w", cfg.NomadListen, err))
+		}
+		a.NomadAddr = pl.Addr().String()
+		a.serve(pl, p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
+	go func() {
+		defer close(a.done)
+		srv.Run(ctx)
+	}()
+	if len(cfg.Join) > 0 || cfg.BootstrapExpect > 1 {
+		go func() {
+			if err := srv.Join(ctx, cfg.BootstrapExpect, cfg.Join); err != nil && ctx.Err() == nil {
+				cfg.Logger.Error("joining the server group", "error", err)
+			}
+		}()
+	}
+	return a, nil
+}
+
+func (a *ServerAgent) serve(ln net.Listener, h http.Handler) {
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	a.servers = append(a.servers, hs)
+	go hs.Serve(ln)
+}
+
+// Stop shuts the server down; its data stays.
+func (a *ServerAgent) Stop() error {
+	a.cancel()
+	<-a.done
+	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, hs := range a.servers {
+		if err := hs.Shutdown(shut); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			hs.Close()
+		}
+	}
+	return a.r.Shutdown()
+}
+
 func (c *ServerCommand) Run(args []string) int {
+	if len(args) > 0 && args[0] == "members" {
+		return c.members(args[1:])
+	}
 	fs := flagSet("server")
-	dataDir := fs.String("data-dir", "", "")
+	var cfg ServerConfig
+	fs.StringVar(&cfg.DataDir, "data-dir", "", "")
 	dev := fs.Bool("dev", false, "")
-	httpAddr := fs.String("http-addr", "127.0.0.1:4747", "")
-	raftAddr := fs.String("raft-addr", "127.0.0.1:4748", "")
+	fs.StringVar(&cfg.HTTPAddr, "http-addr", "127.0.0.1:4747", "")
+	fs.StringVar(&cfg.Advertise, "advertise", "", "")
+	fs.StringVar(&cfg.RaftAddr, "raft-addr", "127.0.0.1:4748", "")
 	host, _ := os.Hostname()
-	nodeID := fs.String("node-id", host, "")
-	nomadAddr := fs.String("nomad-addr", os.Getenv("NOMAD_ADDR"), "")
+	fs.StringVar(&cfg.NodeID, "node-id", host, "")
+	fs.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 1, "")
+	fs.Var((*stringList)(&cfg.Join), "join", "")
+	fs.StringVar(&cfg.NomadAddr, "nomad-addr", os.Getenv("NOMAD_ADDR"), "")
+	fs.StringVar(&cfg.NomadListen, "nomad-listen", "", "")
 	level := fs.String("log-level", "info", "")
-	prices := billing.DefaultPrices
-	fs.Float64Var(&prices.CPUMHzHour, "price-cpu-mhz-hour", prices.CPUMHzHour, "")
-	fs.Float64Var(&prices.MemoryGiBHour, "price-memory-gib-hour", prices.MemoryGiBHour, "")
-	fs.Float64Var(&prices.DeviceHour, "price-device-hour", prices.DeviceHour, "")
-	fs.StringVar(&prices.Currency, "currency", prices.Currency, "")
+	cfg.Prices = billing.DefaultPrices
+	fs.Float64Var(&cfg.Prices.CPUMHzHour, "price-cpu-mhz-hour", cfg.Prices.CPUMHzHour, "")
+	fs.Float64Var(&cfg.Prices.MemoryGiBHour, "price-memory-gib-hour", cfg.Prices.MemoryGiBHour, "")
+	fs.Float64Var(&cfg.Prices.DeviceHour, "price-device-hour", cfg.Prices.DeviceHour, "")
+	fs.StringVar(&cfg.Prices.Currency, "currency", cfg.Prices.Currency, "")
 	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
 		return code
 	}
-	if *dataDir == "" && !*dev {
+	if cfg.DataDir == "" && !*dev {
 		c.UI.Error("Error: -data-dir is required (or -dev)\n\n" + serverHelp)
 		return ExitUsage
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "cohort.server", Level: hclog.LevelFromString(*level), Output: os.Stderr})
+	if *dev && (cfg.BootstrapExpect > 1 || len(cfg.Join) > 0) {
+		c.UI.Error("Error: -dev runs a single server; it takes no -bootstrap-expect or -join\n\n" + serverHelp)
+		return ExitUsage
+	}
+	if cfg.BootstrapExpect < 1 {
+		c.UI.Error("Error: -bootstrap-expect must be at least 1\n\n" + serverHelp)
+		return ExitUsage
+	}
+	cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "cohort.server", Level: hclog.LevelFromString(*level), Output: os.Stderr})
 	if *dev {
 		tmp, err := os.MkdirTemp("", "cohort-server-")
 		if err != nil {
@@ -83,40 +241,51 @@ func (c *ServerCommand) Run(args []string) int {
 			return ExitError
 		}
 		defer os.RemoveAll(tmp)
-		*dataDir = tmp
+		cfg.DataDir = tmp
 	}
-	n, err := nomad.New(*nomadAddr)
+	a, err := StartServer(cfg)
 	if err != nil {
-		c.UI.Error(err.Error())
+		c.UI.Error(fmt.Sprintf("Error starting server: %v", err))
 		return ExitError
 	}
-	r, err := replica.Start(replica.Config{
-		ID: *nodeID, Bind: *raftAddr, DataDir: filepath.Join(*dataDir, "raft"),
-		Peers: map[string]string{*nodeID: *raftAddr}, Logger: log, Fast: true,
-	})
-	if err != nil {
-		c.UI.Error(fmt.Sprintf("Error starting replica: %v", err))
-		return ExitError
-	}
-	defer r.Shutdown()
-	srv := server.New(r, n, prices, log)
-	ln, err := net.Listen("tcp", *httpAddr)
-	if err != nil {
-		c.UI.Error(fmt.Sprintf("Error listening on %s: %v", *httpAddr, err))
-		return ExitError
-	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	go hs.Serve(ln)
-
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go srv.Run(ctx)
-	c.UI.Output(fmt.Sprintf("cohort server %s: API on http://%s, raft on %s", *nodeID, ln.Addr(), r.Addr()))
+	msg := fmt.Sprintf("cohort server %s: API on http://%s, raft on %s", cfg.NodeID, a.HTTPAddr, a.r.Addr())
+	if a.NomadAddr != "" {
+		msg += fmt.Sprintf(", Nomad-compatible endpoint on http://%s", a.NomadAddr)
+	}
+	c.UI.Output(msg)
 	<-ctx.Done()
-	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := hs.Shutdown(shut); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.Warn("http shutdown", "error", err)
+	if err := a.Stop(); err != nil {
+		cfg.Logger.Warn("shutting down", "error", err)
+	}
+	return ExitOK
+}
+
+// members lists the server group.
+func (c *ServerCommand) members(args []string) int {
+	fs := flagSet("server members")
+	addr := fs.String("address", "", "")
+	asJSON := fs.Bool("json", false, "")
+	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
+		return code
+	}
+	var ms []server.MemberView
+	if err := call(http.MethodGet, address(*addr)+"/v1/members", nil, &ms); err != nil {
+		c.UI.Error(fmt.Sprintf("Error listing members: %v", err))
+		return ExitError
+	}
+	if *asJSON {
+		printJSON(c.UI, ms)
+		return ExitOK
+	}
+	c.UI.Output(fmt.Sprintf("%-20s %-22s %-30s %-6s %s", "ID", "Raft", "API", "Voter", "Leader"))
+	for _, m := range ms {
+		api := m.HTTPAddr
+		if api == "" {
+			api = "-"
+		}
+		c.UI.Output(fmt.Sprintf("%-20s %-22s %-30s %-6t %t", m.ID, m.RaftAddr, api, m.Voter, m.Leader))
 	}
 	return ExitOK
 }

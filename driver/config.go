@@ -34,6 +34,10 @@ type Config struct {
 	QEMU string `codec:"qemu"`
 	// Network is the workers' network; Subnet "" disables it.
 	Network NetworkConfig `codec:"network"`
+	// CohortServers are the cohort servers' HTTP addresses, for the start
+	// barrier of gang workers. Without them the driver refuses gang tasks
+	// rather than run a gang partially.
+	CohortServers []string `codec:"cohort_servers"`
 }
 
 // NetworkConfig places every worker VM of the node on one bridge inside a
@@ -68,6 +72,7 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewLiteral(`"/run/cohort"`)),
 	"qemu": hclspec.NewDefault(hclspec.NewAttr("qemu", "string", false),
 		hclspec.NewLiteral(`"qemu-system-x86_64"`)),
+	"cohort_servers": hclspec.NewAttr("cohort_servers", "list(string)", false),
 	"network": hclspec.NewBlock("network", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"subnet": hclspec.NewDefault(hclspec.NewAttr("subnet", "string", false),
 			hclspec.NewLiteral(`"10.213.0.0/16"`)),

@@ -1,10 +1,12 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -296,6 +298,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if tc.VCPUs < 1 || tc.VCPUs > 64 {
 		return nil, nil, fmt.Errorf("vcpus = %d: want 1 to 64", tc.VCPUs)
 	}
+	gang, gangTimeout := gangTask(cfg.Env)
+	if gang && len(conf.CohortServers) == 0 {
+		return nil, nil, fmt.Errorf("job %s is a cohort gang, but this node's microvm driver has no cohort_servers configured to hold its workers at the start barrier; refusing to run one worker of it alone", cfg.JobID)
+	}
 	td := cfg.TaskDir()
 	program, err := stageProgram(tc.Program, td.Dir, td.LocalDir)
 	if err != nil {
@@ -355,7 +361,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	h.snapshot = snapPath != ""
 	h.startedAt = start
 	go h.run()
-	if err := h.assign(d.assignment(cfg, program, tc.Args, ls), assignTimeout); err != nil {
+	a := d.assignment(cfg, program, tc.Args, ls)
+	a.Barrier = gang
+	if err := h.assign(a, assignTimeout); err != nil {
 		h.kill()
 		<-h.done
 		return fail(err)
@@ -385,6 +393,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		Timestamp: time.Now(),
 		Message:   fmt.Sprintf("Worker VM %s in %d ms (%s)", how, took.Milliseconds(), accel),
 	})
+	if gang {
+		go h.barrier(conf.CohortServers, gangTimeout)
+	}
 	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", took)
 	return handle, dnet, nil
 }
@@ -480,8 +491,30 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 	h.startedAt, h.snapshot = st.StartedAt, st.Snapshot
 	d.tasks.Store(handle.Config.ID, h)
 	go h.run()
+	d.mu.RLock()
+	conf := d.config
+	d.mu.RUnlock()
+	if gang, timeout := gangTask(handle.Config.Env); gang && conf != nil && len(conf.CohortServers) > 0 && m.Alive() && !programStarted(&m) {
+		// The worker was still waiting at the barrier.
+		go h.barrier(conf.CohortServers, timeout)
+	}
 	d.log.Info("recovered worker vm", "task", handle.Config.Name, "pid", m.PID, "alive", m.Alive())
 	return nil
+}
+
+// programStarted reads the VM's event log: did its program start?
+func programStarted(m *vm.Machine) bool {
+	b, err := os.ReadFile(m.EventsLog())
+	if err != nil {
+		return false
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var ev proto.Event
+		if json.Unmarshal(line, &ev) == nil && ev.Kind == proto.EvStarted {
+			return true
+		}
+	}
+	return false
 }
 
 func (d *Driver) handle(id string) (*taskHandle, error) {

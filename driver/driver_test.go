@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/nomad/plugins/base"
@@ -136,6 +137,27 @@ func TestFingerprintUnhealthy(t *testing.T) {
 		fp := d.fingerprint()
 		if fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, want) {
 			t.Errorf("%s missing: health %s %q", want, fp.Health, fp.HealthDescription)
+		}
+	}
+}
+
+func TestGangTask(t *testing.T) {
+	cases := []struct {
+		env     map[string]string
+		gang    bool
+		timeout time.Duration
+	}{
+		{map[string]string{}, false, 0},
+		{map[string]string{"NOMAD_META_cohort_gang": "0"}, false, 0},
+		{map[string]string{"NOMAD_META_cohort.gang": "1"}, true, 30 * time.Second},
+		{map[string]string{"NOMAD_META_cohort_gang": "1"}, true, 30 * time.Second},
+		{map[string]string{"NOMAD_META_COHORT_GANG": "1", "NOMAD_META_COHORT_GANG_TIMEOUT": "45s"}, true, 45 * time.Second},
+		{map[string]string{"NOMAD_META_cohort_gang": "1", "NOMAD_META_cohort_gang_timeout": "junk"}, true, 30 * time.Second},
+	}
+	for _, c := range cases {
+		gang, timeout := gangTask(c.env)
+		if gang != c.gang || timeout != c.timeout {
+			t.Errorf("gangTask(%v) = %v, %s; want %v, %s", c.env, gang, timeout, c.gang, c.timeout)
 		}
 	}
 }

@@ -33,6 +33,8 @@ type taskHandle struct {
 	result      *drivers.ExitResult
 	killedBy    int // signal the driver used to end the VM, if it had to
 	cleaned     bool
+	started     bool   // the guest reported the program running
+	abortReason string // why the start barrier ended the worker
 }
 
 func newTaskHandle(d *Driver, cfg *drivers.TaskConfig, m *vm.Machine, ls *lease) *taskHandle {
@@ -106,6 +108,9 @@ func (h *taskHandle) run() {
 		case proto.EvAssigned:
 			h.assignedOnce.Do(func() { close(h.assigned) })
 		case proto.EvStarted:
+			h.mu.Lock()
+			h.started = true
+			h.mu.Unlock()
 			h.d.log.Trace("worker program started", "task", h.cfg.Name, "after", time.Since(h.startedAt))
 		case proto.EvExited:
 			h.assignedOnce.Do(func() { close(h.assigned) })
@@ -123,9 +128,12 @@ func (h *taskHandle) run() {
 	}
 	res := &drivers.ExitResult{}
 	h.mu.Lock()
-	killedBy := h.killedBy
+	killedBy, aborted := h.killedBy, h.abortReason
 	h.mu.Unlock()
 	switch {
+	case aborted != "":
+		res.ExitCode, res.Signal = 128+killedBy, killedBy
+		res.Err = errors.New(aborted)
 	case exited != nil:
 		res.ExitCode, res.Signal = exited.ExitCode, exited.Signal
 	case failed != nil:
@@ -179,7 +187,10 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 	if err != nil {
 		return err
 	}
-	if err := h.signal(num); err != nil {
+	if !h.programStarted() {
+		// Waiting at the start barrier: there is no program to signal.
+		timeout = 0
+	} else if err := h.signal(num); err != nil {
 		h.d.log.Warn("could not signal worker program; killing its vm", "task", h.cfg.Name, "error", err)
 		timeout = 0
 	}
@@ -197,13 +208,21 @@ func (h *taskHandle) stop(timeout time.Duration, signal string) error {
 	}
 }
 
-func (h *taskHandle) kill() {
+func (h *taskHandle) kill() { h.killWith(9) }
+
+func (h *taskHandle) killWith(sig int) {
 	h.mu.Lock()
 	if h.killedBy == 0 {
-		h.killedBy = 9
+		h.killedBy = sig
 	}
 	h.mu.Unlock()
 	h.m.Kill()
+}
+
+func (h *taskHandle) programStarted() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.started
 }
 
 // cleanup releases what the VM held on the host: its tap, its address and

@@ -76,8 +76,25 @@ func cluster(t *testing.T) (*devcluster.Cluster, string) {
 	return startCluster(t, nil)
 }
 
-// microvmCluster is a cluster with the microvm driver loaded.
+// microvmCluster is a cluster with the microvm driver loaded, and a cohort
+// server its driver reports gang workers to at the start barrier.
 func microvmCluster(t *testing.T) (*devcluster.Cluster, string) {
+	t.Helper()
+	c, _, _ := microvmServerCluster(t)
+	return c, ""
+}
+
+// microvmServerCluster also returns the cohort server's API and
+// Nomad-compatible endpoint.
+func microvmServerCluster(t *testing.T, args ...string) (c *devcluster.Cluster, api, nomadEndpoint string) {
+	t.Helper()
+	httpAddr, nomadListen := freeAddr(t), freeAddr(t)
+	c, _ = microvmClusterWith(t, []string{"http://" + httpAddr})
+	api = cohortServerAt(t, c, httpAddr, append([]string{"-nomad-listen", nomadListen}, args...)...)
+	return c, api, "http://" + nomadListen
+}
+
+func microvmClusterWith(t *testing.T, servers []string) (*devcluster.Cluster, string) {
 	t.Helper()
 	kernel := os.Getenv("COHORT_KERNEL")
 	if kernel == "" {
@@ -86,7 +103,7 @@ func microvmCluster(t *testing.T) (*devcluster.Cluster, string) {
 	if kernel == "" && os.Getenv("COHORT_E2E") != "0" {
 		t.Fatal("guest kernel not found: run make kernel or set COHORT_KERNEL")
 	}
-	return startCluster(t, &devcluster.MicroVM{Kernel: kernel, Init: initBin})
+	return startCluster(t, &devcluster.MicroVM{Kernel: kernel, Init: initBin, CohortServers: servers})
 }
 
 func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, string) {

@@ -20,16 +20,26 @@ import (
 // its API address.
 func cohortServer(t *testing.T, c *devcluster.Cluster) string {
 	t.Helper()
-	free := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
+	return cohortServerAt(t, c, freeAddr(t))
+}
+
+// freeAddr is a free 127.0.0.1 TCP address.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	httpAddr, raftAddr := free(), free()
-	cmd := exec.Command(cohortBin, "server", "-dev", "-http-addr", httpAddr, "-raft-addr", raftAddr, "-nomad-addr", c.NomadAddr())
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// cohortServerAt starts `cohort server -dev` with its API on httpAddr.
+func cohortServerAt(t *testing.T, c *devcluster.Cluster, httpAddr string, args ...string) string {
+	t.Helper()
+	raftAddr := freeAddr(t)
+	args = append([]string{"server", "-dev", "-http-addr", httpAddr, "-raft-addr", raftAddr, "-nomad-addr", c.NomadAddr(), "-log-level", "debug"}, args...)
+	cmd := exec.Command(cohortBin, args...)
 	logf, _ := os.Create(filepath.Join(t.TempDir(), "server.log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -55,7 +65,22 @@ func cohortServer(t *testing.T, c *devcluster.Cluster) string {
 	return addr
 }
 
+// nodeFreeMemory is the memory (MiB) the dev cluster's node offers jobs.
+func nodeFreeMemory(t *testing.T, c *devcluster.Cluster) int {
+	t.Helper()
+	var nodes []struct{ ID string }
+	getJSON(t, c.NomadAddr()+"/v1/nodes", &nodes)
+	var node struct {
+		NodeResources     struct{ Memory struct{ MemoryMB int } }
+		ReservedResources struct{ Memory struct{ MemoryMB int } }
+	}
+	getJSON(t, c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node)
+	free := node.NodeResources.Memory.MemoryMB - node.ReservedResources.Memory.MemoryMB
+	return free
+}
+
 type jobView struct {
+	Attempts  int
 	ID        string
 	Status    string
 	Reason    string
@@ -102,14 +127,7 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 	c, _ := cluster(t)
 	addr := cohortServer(t, c)
 
-	var nodes []struct{ ID string }
-	getJSON(t, c.NomadAddr()+"/v1/nodes", &nodes)
-	var node struct {
-		NodeResources     struct{ Memory struct{ MemoryMB int } }
-		ReservedResources struct{ Memory struct{ MemoryMB int } }
-	}
-	getJSON(t, c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node)
-	free := node.NodeResources.Memory.MemoryMB - node.ReservedResources.Memory.MemoryMB
+	free := nodeFreeMemory(t, c)
 	mem := free * 2 / 33 // 16 workers fit, 17 do not
 	t.Logf("node memory %d MiB: workers of %d MiB, 16 fit", free, mem)
 

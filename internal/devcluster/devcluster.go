@@ -84,6 +84,9 @@ type MicroVM struct {
 	Kernel string
 	Init   string
 	Subnet string // default 10.213.0.0/16
+	// CohortServers are the cohort servers' API addresses the driver
+	// reports gang workers to at the start barrier.
+	CohortServers []string
 }
 
 // MicroVMStateDir is the microvm driver's state directory.
@@ -109,6 +112,7 @@ plugin "nomad-driver-microvm" {
     kernel    = %q
     init      = %q
     state_dir = %q
+    cohort_servers = %s
     network {
       subnet = %q
       netns  = %q
@@ -116,7 +120,15 @@ plugin "nomad-driver-microvm" {
     }
   }
 }
-`, mv.Kernel, mv.Init, c.MicroVMStateDir(), subnet, c.MicroVMNetNS())
+`, mv.Kernel, mv.Init, c.MicroVMStateDir(), hclList(mv.CohortServers), subnet, c.MicroVMNetNS())
+}
+
+func hclList(ss []string) string {
+	q := make([]string, len(ss))
+	for i, s := range ss {
+		q[i] = strconv.Quote(s)
+	}
+	return "[" + strings.Join(q, ", ") + "]"
 }
 
 // Cluster is a running dev cluster.

@@ -5,6 +5,7 @@
 package nomad
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -143,21 +144,77 @@ func (c *Client) Register(job *api.Job, d *placement.Decision) error {
 // Allocs summarises a job's allocations by client status.
 type Allocs struct {
 	Running, Pending, Complete, Failed, Lost int
+	// Live holds the IDs of the allocations still pending or running:
+	// the only ones whose boot reports count toward the start barrier.
+	Live map[string]bool
+	// Workers is each allocation's state, for progress reports.
+	Workers []Worker
 }
 
-// Allocs counts a job's current allocations.
+// Worker is one allocation of a gang as Nomad reports it.
+type Worker struct {
+	Alloc    string
+	Name     string // job.group[index]
+	Node     string
+	Status   string // Nomad's client status
+	ExitCode *int   `json:",omitempty"`
+}
+
+// ErrNoJob means Nomad does not know the job.
+var ErrNoJob = errors.New("no such nomad job")
+
+// Job reads a job as registered with Nomad.
+func (c *Client) Job(id string) (*api.Job, error) {
+	j, _, err := c.api.Jobs().Info(id, nil)
+	if err != nil {
+		if strings.Contains(err.Error(), "404") {
+			return nil, fmt.Errorf("%w: %s", ErrNoJob, id)
+		}
+		return nil, fmt.Errorf("reading nomad job %s: %w", id, err)
+	}
+	return j, nil
+}
+
+// Allocs counts the allocations of a job's current version. A gang that
+// was stopped and registered again keeps the same job ID; the allocations
+// of its earlier attempts must not count toward (or against) this one.
 func (c *Client) Allocs(jobID string) (Allocs, error) {
+	a := Allocs{Live: map[string]bool{}}
+	job, err := c.Job(jobID)
+	if errors.Is(err, ErrNoJob) {
+		return a, nil
+	}
+	if err != nil {
+		return a, err
+	}
 	stubs, _, err := c.api.Jobs().Allocations(jobID, false, nil)
 	if err != nil {
-		return Allocs{}, err
+		return a, err
 	}
-	var a Allocs
 	for _, s := range stubs {
+		if job.Version != nil && s.JobVersion != *job.Version {
+			continue
+		}
+		w := Worker{Alloc: s.ID, Name: s.Name, Node: s.NodeID, Status: s.ClientStatus}
+		for _, ts := range s.TaskStates {
+			if ts.FinishedAt.IsZero() {
+				continue
+			}
+			for _, ev := range ts.Events {
+				if ev.Type == api.TaskTerminated {
+					code := ev.ExitCode
+					w.ExitCode = &code
+				}
+			}
+		}
+		a.Workers = append(a.Workers, w)
 		switch s.ClientStatus {
 		case "running":
 			a.Running++
+			a.Live[s.ID] = true
 		case "pending":
 			a.Pending++
+			a.Live[s.ID] = true
 		case "complete":
 			a.Complete++
 		case "failed":

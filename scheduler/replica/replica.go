@@ -88,7 +88,7 @@ func Start(cfg Config) (*Replica, error) {
 		store.Close()
 		return nil, fmt.Errorf("raft transport: %w", err)
 	}
-	f := &fsm{st: state.New()}
+	f := &fsm{st: state.New(), changed: make(chan struct{})}
 	if len(cfg.Peers) > 0 {
 		has, err := raft.HasExistingState(store, store, snaps)
 		if err != nil {
@@ -118,6 +118,55 @@ func Start(cfg Config) (*Replica, error) {
 		return nil, err
 	}
 	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, store: store}, nil
+}
+
+// Bootstrap forms a new group of peers (ID -> Raft address). Every member
+// may call it with the same peers; on a replica that already has state it
+// is a no-op.
+func (r *Replica) Bootstrap(peers map[string]string) error {
+	var servers []raft.Server
+	for id, a := range peers {
+		servers = append(servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(a)})
+	}
+	err := r.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error()
+	if errors.Is(err, raft.ErrCantBootstrap) {
+		return nil
+	}
+	return err
+}
+
+// AddVoter adds a member to the group; only the leader can.
+func (r *Replica) AddVoter(id, addr string, timeout time.Duration) error {
+	err := wait(r.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(addr), 0, timeout), timeout)
+	if errors.Is(err, raft.ErrNotLeader) {
+		return fmt.Errorf("%w: %v", ErrNotLeader, err)
+	}
+	return err
+}
+
+// Member is one server of the group as Raft knows it.
+type Member struct {
+	ID, Address string
+	Voter       bool
+}
+
+// Members lists the group's configuration as this replica knows it.
+func (r *Replica) Members() ([]Member, error) {
+	f := r.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, err
+	}
+	var out []Member
+	for _, s := range f.Configuration().Servers {
+		out = append(out, Member{ID: string(s.ID), Address: string(s.Address), Voter: s.Suffrage == raft.Voter})
+	}
+	return out, nil
+}
+
+// Configured reports whether this replica belongs to a group yet.
+func (r *Replica) Configured() bool {
+	m, err := r.Members()
+	return err == nil && len(m) > 0
 }
 
 // Addr is the replica's Raft address.
@@ -180,6 +229,14 @@ func (r *Replica) Read(fn func(*state.State)) {
 	fn(r.fsm.st)
 }
 
+// Changed returns a channel closed when the next command is applied here:
+// long-polling readers wait on it instead of polling the state.
+func (r *Replica) Changed() <-chan struct{} {
+	r.fsm.mu.RLock()
+	defer r.fsm.mu.RUnlock()
+	return r.fsm.changed
+}
+
 // AppliedIndex is the last log index applied here.
 func (r *Replica) AppliedIndex() uint64 { return r.raft.AppliedIndex() }
 
@@ -195,8 +252,15 @@ func (r *Replica) Shutdown() error {
 // called by Raft one at a time; the lock is for readers on other
 // goroutines (Read).
 type fsm struct {
-	mu sync.RWMutex
-	st *state.State
+	mu      sync.RWMutex
+	st      *state.State
+	changed chan struct{} // closed and replaced after every apply
+}
+
+// notify wakes everyone waiting on Changed; call with mu held.
+func (f *fsm) notify() {
+	close(f.changed)
+	f.changed = make(chan struct{})
 }
 
 func (f *fsm) Apply(l *raft.Log) interface{} {
@@ -207,6 +271,7 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	res := f.st.Apply(&c)
+	f.notify()
 	if res.Job != nil {
 		cp := *res.Job // callers read it after the lock is gone
 		res.Job = &cp
@@ -236,6 +301,7 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	f.mu.Lock()
 	f.st = st
+	f.notify()
 	f.mu.Unlock()
 	return nil
 }

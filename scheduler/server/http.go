@@ -61,14 +61,24 @@ func view(j *state.Job) JobView {
 //	GET    /v1/health    -> 200 when this replica has a leader
 //	GET    /v1/queue     -> queued jobs in scheduling order
 //	GET    /metrics      -> Prometheus text format
+//	POST   /v1/barrier/{job}  a worker's boot report; see barrier.go
+//	GET    /v1/members   -> []MemberView, the Raft group
+//	GET    /v1/agent/self -> AgentSelf
+//	POST   /v1/members/join, /v1/members/register  (between servers)
 //
-// Writes on a follower answer 503 naming the leader.
+// Writes on a follower are forwarded to the leader; while no leader is
+// known they answer 503.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/jobs", s.handleSubmit)
+	mux.HandleFunc("POST /v1/jobs", s.leaderOnly(s.handleSubmit))
 	mux.HandleFunc("GET /v1/jobs", s.handleList)
 	mux.HandleFunc("GET /v1/job/{id}", s.handleGet)
-	mux.HandleFunc("DELETE /v1/job/{id}", s.handleStop)
+	mux.HandleFunc("DELETE /v1/job/{id}", s.leaderOnly(s.handleStop))
+	mux.HandleFunc("POST /v1/barrier/{job}", s.leaderOnly(s.handleBarrier))
+	mux.HandleFunc("GET /v1/members", s.handleMembers)
+	mux.HandleFunc("GET /v1/agent/self", s.handleAgentSelf)
+	mux.HandleFunc("POST /v1/members/join", s.leaderOnly(s.handleJoin))
+	mux.HandleFunc("POST /v1/members/register", s.leaderOnly(s.handleRegister))
 	mux.HandleFunc("GET /v1/job/{id}/bill", s.handleBill)
 	mux.HandleFunc("GET /v1/leader", s.handleLeader)
 	mux.HandleFunc("GET /v1/health", s.handleHealth)
@@ -97,9 +107,6 @@ func (s *Server) notLeader(w http.ResponseWriter) bool {
 }
 
 func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
-	if s.notLeader(w) {
-		return
-	}
 	var body struct{ Job *api.Job }
 	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Job == nil || body.Job.ID == nil {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Job": <nomad job>} with an ID`))
@@ -163,9 +170,6 @@ func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	if s.notLeader(w) {
-		return
-	}
 	if err := s.Stop(r.PathValue("id")); err != nil {
 		writeErr(w, http.StatusNotFound, err)
 		return

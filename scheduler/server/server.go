@@ -31,6 +31,9 @@ type Server struct {
 	log    hclog.Logger
 	now    func() time.Time
 	prices billing.Prices
+	self   state.Member // set by Advertise
+	// lastRegister rate-limits a follower's requests to record itself.
+	lastRegister time.Time
 }
 
 // New returns a server over a started replica and a Nomad client.
@@ -63,7 +66,7 @@ func (s *Server) Submit(nj *api.Job) (*state.Job, error) {
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.r.Apply(&state.Command{Op: state.OpSubmit, At: s.now(), Job: spec, Nomad: raw}, 5*time.Second)
+	res, err := s.r.Apply(&state.Command{Op: state.OpSubmit, At: s.now(), Job: spec, Nomad: raw, Barrier: usesBarrier(nj)}, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
@@ -109,6 +112,24 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 	return spec
 }
 
+// usesBarrier says whether a gang's workers wait at the start barrier:
+// the microvm driver holds every worker of a gang there.
+func usesBarrier(nj *api.Job) bool {
+	n := 0
+	for _, tg := range nj.TaskGroups {
+		for _, t := range tg.Tasks {
+			if t.Driver != MicroVMDriver {
+				return false
+			}
+			n++
+		}
+	}
+	return n > 0
+}
+
+// MicroVMDriver is the task driver that implements the start barrier.
+const MicroVMDriver = "microvm"
+
 // Run is the leader loop: while this replica leads, it schedules, starts,
 // enforces deadlines and finishes gangs. It returns when ctx ends.
 func (s *Server) Run(ctx context.Context) {
@@ -123,6 +144,12 @@ func (s *Server) Run(ctx context.Context) {
 		}
 		if !s.r.IsLeader() {
 			leading = false
+			if time.Since(s.lastRegister) > time.Second {
+				s.lastRegister = time.Now()
+				if err := s.registerSelf(); err != nil {
+					s.log.Debug("recording this server's addresses with the leader", "error", err)
+				}
+			}
 			continue
 		}
 		if !leading {
@@ -133,6 +160,9 @@ func (s *Server) Run(ctx context.Context) {
 			}
 			leading = true
 			s.log.Info("leading: scheduling and enforcing deadlines")
+			if err := s.registerSelf(); err != nil {
+				s.log.Warn("recording this server's addresses", "error", err)
+			}
 		}
 		if err := s.pass(); err != nil {
 			s.log.Warn("scheduling pass", "error", err)
@@ -155,16 +185,15 @@ func (s *Server) apply(c *state.Command) error {
 func (s *Server) pass() error {
 	now := s.now()
 	var queued []*placement.Job
+	var waiting []state.Job // queued, for their gang timeout
 	var reserved, running []state.Job
 	var holding []placement.Running
-	ids := map[string]bool{}
+	skip := map[string]bool{}
 	s.r.Read(func(st *state.State) {
-		for id := range st.Jobs {
-			ids[id] = true
-		}
 		for _, j := range st.ByStatus(state.Queued) {
 			spec := j.Spec
 			queued = append(queued, &spec)
+			waiting = append(waiting, *j)
 		}
 		for _, j := range st.ByStatus(state.Reserved) {
 			reserved = append(reserved, *j)
@@ -173,77 +202,36 @@ func (s *Server) pass() error {
 			running = append(running, *j)
 		}
 		holding = st.Holding(now)
+		for _, h := range holding {
+			skip[h.Job.ID] = true
+		}
 	})
 
 	// Deadlines first: they are the tightest promise.
 	for _, j := range running {
-		id := j.Spec.ID
-		if !now.Before(j.Deadline()) {
-			if err := s.nomad.Stop(id); err != nil {
-				return err
-			}
-			late := now.Sub(j.Deadline())
-			s.log.Info("max runtime reached; stopped", "job", id, "late", late)
-			if err := s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds())}); err != nil {
-				return err
-			}
-			continue
-		}
-		a, err := s.nomad.Allocs(id)
-		if err != nil {
+		if err := s.watchRunning(now, &j); err != nil {
 			return err
-		}
-		if a.Running+a.Pending == 0 && a.Complete+a.Failed+a.Lost > 0 {
-			reason := "every worker exited"
-			if a.Failed+a.Lost > 0 {
-				reason = fmt.Sprintf("%d of %d workers failed", a.Failed+a.Lost, j.Spec.Size())
-			}
-			if err := s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: reason}); err != nil {
-				return err
-			}
 		}
 	}
-
-	// Reserved gangs start when every worker runs; a failure or the gang
-	// timeout sends them back to the queue whole.
 	for _, j := range reserved {
-		id := j.Spec.ID
-		a, err := s.nomad.Allocs(id)
-		if err != nil {
+		if err := s.watchReserved(now, &j); err != nil {
 			return err
-		}
-		switch {
-		case a.Running == j.Spec.Size():
-			if err := s.apply(&state.Command{Op: state.OpStart, At: now, JobID: id}); err != nil {
-				return err
-			}
-			s.log.Info("gang running", "job", id, "workers", a.Running, "after", now.Sub(j.ReservedAt))
-		case a.Failed+a.Lost > 0 || now.Sub(j.ReservedAt) > j.Spec.GangTimeout:
-			why := fmt.Sprintf("only %d of %d workers running after %s", a.Running, j.Spec.Size(), now.Sub(j.ReservedAt).Round(time.Millisecond))
-			if a.Failed+a.Lost > 0 {
-				why = fmt.Sprintf("%d workers failed before the gang started", a.Failed+a.Lost)
-			}
-			if err := s.nomad.Stop(id); err != nil {
-				return err
-			}
-			if err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: id, Reason: why}); err != nil {
-				return err
-			}
-			s.log.Warn("gang did not start; requeued", "job", id, "reason", why)
 		}
 	}
 
 	if len(queued) == 0 {
 		return nil
 	}
-	free, err := s.nomad.Inventory(ids)
+	free, err := s.nomad.Inventory(skip)
 	if err != nil {
 		return err
 	}
 	free = subtract(free, holding)
 	plan := placement.Schedule(now, free, holding, queued)
+	placed := map[string]bool{}
 	for _, d := range plan.Decisions {
 		d := d
+		placed[d.Job] = true
 		if err := s.apply(&state.Command{Op: state.OpReserve, At: now, JobID: d.Job, Decision: &d}); err != nil {
 			return err
 		}
@@ -251,6 +239,89 @@ func (s *Server) pass() error {
 			s.log.Warn("registering reserved gang failed; requeued", "job", d.Job, "error", err)
 			s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: d.Job, Reason: err.Error()})
 		}
+	}
+	// A gang that waited in the queue longer than its gang timeout fails,
+	// saying what it lacks.
+	for _, j := range waiting {
+		if placed[j.Spec.ID] || now.Sub(j.QueuedAt) <= j.Spec.GangTimeout {
+			continue
+		}
+		why := fmt.Sprintf("not placed within its gang timeout of %s: %s", j.Spec.GangTimeout, placement.Shortfall(free, &j.Spec))
+		if err := s.apply(&state.Command{Op: state.OpFail, At: now, JobID: j.Spec.ID, Reason: why}); err != nil {
+			return err
+		}
+		s.log.Warn("gang failed in the queue", "job", j.Spec.ID, "reason", why)
+	}
+	return nil
+}
+
+// watchRunning stops a running gang at its deadline and finishes it when
+// its workers have all ended.
+func (s *Server) watchRunning(now time.Time, j *state.Job) error {
+	id := j.Spec.ID
+	if !now.Before(j.Deadline()) {
+		if err := s.nomad.Stop(id); err != nil {
+			return err
+		}
+		late := now.Sub(j.Deadline())
+		s.log.Info("max runtime reached; stopped", "job", id, "late", late)
+		return s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds())})
+	}
+	a, err := s.nomad.Allocs(id)
+	if err != nil {
+		return err
+	}
+	if a.Running+a.Pending == 0 && a.Complete+a.Failed+a.Lost > 0 {
+		reason := "every worker exited"
+		if a.Failed+a.Lost > 0 {
+			reason = fmt.Sprintf("%d of %d workers failed", a.Failed+a.Lost, j.Spec.Size())
+		}
+		return s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: reason})
+	}
+	return nil
+}
+
+// watchReserved starts a reserved gang once it is whole: every worker
+// booted at the barrier (microvm workers) or running (other drivers). A
+// failure or the gang timeout stops it and sends it back to the queue
+// whole.
+func (s *Server) watchReserved(now time.Time, j *state.Job) error {
+	id := j.Spec.ID
+	a, err := s.nomad.Allocs(id)
+	if err != nil {
+		return err
+	}
+	ready := a.Running
+	if j.Barrier {
+		ready = 0
+		for alloc := range j.Booted {
+			if a.Live[alloc] {
+				ready++
+			}
+		}
+	}
+	switch {
+	case ready >= j.Spec.Size():
+		if err := s.apply(&state.Command{Op: state.OpStart, At: now, JobID: id}); err != nil {
+			return err
+		}
+		s.log.Info("gang running", "job", id, "workers", ready, "barrier", j.Barrier, "after", now.Sub(j.ReservedAt))
+	case a.Failed+a.Lost > 0 || now.Sub(j.ReservedAt) > j.Spec.GangTimeout:
+		what := "running"
+		if j.Barrier {
+			what = "booted"
+		}
+		why := fmt.Sprintf("only %d of %d workers %s after %s", ready, j.Spec.Size(), what, now.Sub(j.ReservedAt).Round(time.Millisecond))
+		if a.Failed+a.Lost > 0 {
+			why = fmt.Sprintf("%d workers failed before the gang started", a.Failed+a.Lost)
+		}
+		if err := s.nomad.Stop(id); err != nil {
+			return err
+		}
+		if err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: id, Reason: why}); err != nil {
+			return err
+		}
+		s.log.Warn("gang did not start; stopped and requeued", "job", id, "adopted", j.Adopted, "reason", why)
 	}
 	return nil
 }

@@ -31,12 +31,27 @@ type Job struct {
 	Nomad       json.RawMessage `json:",omitempty"`
 	Status      Status
 	SubmittedAt time.Time
-	Decision    *placement.Decision `json:",omitempty"`
-	ReservedAt  time.Time           `json:",omitempty"`
-	StartedAt   time.Time           `json:",omitempty"`
-	EndedAt     time.Time           `json:",omitempty"`
-	Reason      string              `json:",omitempty"`
-	Attempts    int                 `json:",omitempty"`
+	// QueuedAt is when the job last entered the queue: at submit or at
+	// its latest requeue. A gang queued longer than its gang timeout
+	// fails.
+	QueuedAt   time.Time           `json:",omitempty"`
+	Decision   *placement.Decision `json:",omitempty"`
+	ReservedAt time.Time           `json:",omitempty"`
+	StartedAt  time.Time           `json:",omitempty"`
+	EndedAt    time.Time           `json:",omitempty"`
+	Reason     string              `json:",omitempty"`
+	Attempts   int                 `json:",omitempty"`
+	// Barrier is set when the gang's workers wait at the start barrier
+	// (microvm tasks): the gang starts when every worker has booted,
+	// not when Nomad reports it running.
+	Barrier bool `json:",omitempty"`
+	// Booted holds, per Nomad allocation ID, when its worker reported
+	// booted at the barrier during the current attempt.
+	Booted map[string]time.Time `json:",omitempty"`
+	// Adopted marks a gang registered with Nomad directly, bypassing
+	// cohort: Nomad placed it, so it holds no reservation of cohort's
+	// until it fails to complete and is requeued.
+	Adopted bool `json:",omitempty"`
 }
 
 // Deadline is when a running job must be stopped.
@@ -55,6 +70,14 @@ const (
 	// OpAdmit submits a job and reserves it in one entry: the leader
 	// placed it on arrival, so one commit instead of two makes it so.
 	OpAdmit Op = "admit"
+	// OpBoot records that one worker (a Nomad allocation) booted and
+	// waits at the start barrier.
+	OpBoot Op = "boot"
+	// OpAdopt records a gang found running on Nomad without having been
+	// submitted to cohort; it enters as reserved with no reservation.
+	OpAdopt Op = "adopt"
+	// OpMember records a server's addresses.
+	OpMember Op = "member"
 )
 
 // Command is one log entry.
@@ -66,6 +89,9 @@ type Command struct {
 	Nomad    json.RawMessage     `json:",omitempty"`
 	Decision *placement.Decision `json:",omitempty"`
 	Reason   string              `json:",omitempty"`
+	Alloc    string              `json:",omitempty"` // OpBoot
+	Barrier  bool                `json:",omitempty"` // OpSubmit, OpAdmit, OpAdopt
+	Member   *Member             `json:",omitempty"` // OpMember
 }
 
 // Encode serialises a command for the log.
@@ -83,23 +109,40 @@ type Result struct {
 type State struct {
 	Jobs    map[string]*Job
 	NextSeq uint64
+	// Members holds each server's addresses, so a follower can forward a
+	// write to the leader's HTTP API.
+	Members map[string]Member `json:",omitempty"`
+}
+
+// Member is one cohort server.
+type Member struct {
+	ID, RaftAddr, HTTPAddr string
 }
 
 // New returns an empty state.
-func New() *State { return &State{Jobs: map[string]*Job{}} }
+func New() *State { return &State{Jobs: map[string]*Job{}, Members: map[string]Member{}} }
 
 // Apply applies one command. Submitting a job ID that exists is a no-op that
 // returns the existing job, so a client may retry a submission whose answer
 // it lost without creating the job twice.
 func (s *State) Apply(c *Command) Result {
 	switch c.Op {
+	case OpMember:
+		if c.Member == nil || c.Member.ID == "" {
+			return Result{Err: "member without an ID"}
+		}
+		if s.Members == nil {
+			s.Members = map[string]Member{}
+		}
+		s.Members[c.Member.ID] = *c.Member
+		return Result{}
 	case OpAdmit:
-		res := s.Apply(&Command{Op: OpSubmit, At: c.At, Job: c.Job, Nomad: c.Nomad})
+		res := s.Apply(&Command{Op: OpSubmit, At: c.At, Job: c.Job, Nomad: c.Nomad, Barrier: c.Barrier})
 		if res.Err != "" || res.Job.Status != Queued {
 			return res
 		}
 		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.ID, Decision: c.Decision})
-	case OpSubmit:
+	case OpSubmit, OpAdopt:
 		if c.Job == nil || c.Job.ID == "" {
 			return Result{Err: "submit without a job"}
 		}
@@ -109,7 +152,10 @@ func (s *State) Apply(c *Command) Result {
 		spec := *c.Job
 		spec.Seq = s.NextSeq
 		s.NextSeq++
-		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At}
+		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Barrier: c.Barrier}
+		if c.Op == OpAdopt {
+			j.Status, j.ReservedAt, j.Adopted, j.Attempts = Reserved, c.At, true, 1
+		}
 		s.Jobs[spec.ID] = j
 		return Result{Job: j}
 	}
@@ -126,8 +172,21 @@ func (s *State) Apply(c *Command) Result {
 			return Result{Job: j, Err: fmt.Sprintf("reservation for %s is not whole", j.Spec.ID)}
 		}
 		d := *c.Decision
-		j.Status, j.Decision, j.ReservedAt = Reserved, &d, c.At
+		j.Status, j.Decision, j.ReservedAt, j.Booted = Reserved, &d, c.At, nil
 		j.Attempts++
+	case OpBoot:
+		if j.Status != Reserved && j.Status != Running {
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s: its workers no longer wait at the barrier", j.Spec.ID, j.Status)}
+		}
+		if c.Alloc == "" {
+			return Result{Job: j, Err: "boot without an allocation"}
+		}
+		if _, ok := j.Booted[c.Alloc]; !ok && j.Status == Reserved {
+			if j.Booted == nil {
+				j.Booted = map[string]time.Time{}
+			}
+			j.Booted[c.Alloc] = c.At
+		}
 	case OpStart:
 		if j.Status != Reserved {
 			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Spec.ID, j.Status)}
@@ -137,6 +196,9 @@ func (s *State) Apply(c *Command) Result {
 		if j.Status == Finished || j.Status == Failed {
 			return Result{Job: j}
 		}
+		if j.Status == Reserved {
+			j.Booted = nil
+		}
 		j.Status, j.EndedAt, j.Reason = Finished, c.At, c.Reason
 		if c.Op == OpFail {
 			j.Status = Failed
@@ -145,7 +207,9 @@ func (s *State) Apply(c *Command) Result {
 		if j.Status != Reserved {
 			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Spec.ID, j.Status)}
 		}
-		j.Status, j.Decision, j.Reason = Queued, nil, c.Reason
+		// An adopted gang comes back as cohort's own: requeued, it is
+		// placed and registered like any submitted gang.
+		j.Status, j.Decision, j.Reason, j.Booted, j.Adopted, j.QueuedAt = Queued, nil, c.Reason, nil, false, c.At
 	default:
 		return Result{Err: fmt.Sprintf("unknown op %q", c.Op)}
 	}
@@ -165,11 +229,15 @@ func (s *State) ByStatus(st Status) []*Job {
 }
 
 // Holding lists what reserved and running jobs hold, with the latest time
-// they can hold it, for placement.
+// they can hold it, for placement. Adopted gangs hold no reservation:
+// Nomad accounts for their allocations.
 func (s *State) Holding(now time.Time) []placement.Running {
 	var out []placement.Running
 	for _, st := range []Status{Reserved, Running} {
 		for _, j := range s.ByStatus(st) {
+			if j.Decision == nil {
+				continue
+			}
 			ends := j.Deadline()
 			if st == Reserved {
 				ends = now.Add(j.Spec.MaxRuntime)

@@ -102,3 +102,34 @@ func TestAdmitSubmitsAndReserves(t *testing.T) {
 		t.Errorf("a refused reservation should leave the job queued, got %s", s.Jobs["b"].Status)
 	}
 }
+
+func TestBarrierAndAdoption(t *testing.T) {
+	s := New()
+	if r := s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("direct", 2), Barrier: true}); r.Err != "" || r.Job.Status != Reserved || !r.Job.Adopted {
+		t.Fatalf("adopt: %+v", r)
+	}
+	if h := s.Holding(t0); len(h) != 0 {
+		t.Errorf("an adopted gang holds a reservation: %+v", h)
+	}
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "a1"})
+	s.Apply(&Command{Op: OpBoot, At: t0.Add(time.Second), JobID: "direct", Alloc: "a1"})
+	if got := s.Jobs["direct"].Booted; len(got) != 1 || !got["a1"].Equal(t0) {
+		t.Errorf("a repeated boot report changed the record: %v", got)
+	}
+	// Requeued, the adopted gang is cohort's own and forgets its boots.
+	s.Apply(&Command{Op: OpRequeue, At: t0, JobID: "direct", Reason: "gang timeout"})
+	j := s.Jobs["direct"]
+	if j.Status != Queued || j.Adopted || len(j.Booted) != 0 || !j.Barrier {
+		t.Errorf("after requeue: %+v", j)
+	}
+	if r := s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "stale"}); r.Err == "" {
+		t.Error("a queued gang accepted a boot report")
+	}
+	s.Apply(&Command{Op: OpReserve, At: t0, JobID: "direct", Decision: decision("direct", 2)})
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "b1"})
+	s.Apply(&Command{Op: OpStart, At: t0, JobID: "direct"})
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "late"})
+	if _, ok := s.Jobs["direct"].Booted["late"]; ok {
+		t.Error("a worker booting after the gang started was recorded as part of it")
+	}
+}

@@ -1,0 +1,180 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+)
+
+// eventTimes is an alloc's worker task events with their times.
+func eventTimes(t *testing.T, c *devcluster.Cluster, allocID string) map[string]time.Time {
+	t.Helper()
+	var ev struct {
+		TaskStates map[string]struct {
+			Events []struct {
+				DisplayMessage string
+				Time           int64
+			}
+		}
+	}
+	getJSON(t, c.NomadAddr()+"/v1/allocation/"+allocID, &ev)
+	out := map[string]time.Time{}
+	for _, e := range ev.TaskStates["worker"].Events {
+		for _, prefix := range []string{"Waiting at the start barrier", "Released by the start barrier", "Aborted at the start barrier"} {
+			if strings.HasPrefix(e.DisplayMessage, prefix) {
+				out[prefix] = time.Unix(0, e.Time)
+			}
+		}
+	}
+	return out
+}
+
+func gangJob(name string, count, memMB int, gangTimeout string, args ...string) string {
+	spec := microvmJob(name, count, args...)
+	spec = strings.Replace(spec, `max_runtime = "5m"`, fmt.Sprintf("max_runtime = \"5m\"\n  gang_timeout = %q", gangTimeout), 1)
+	return strings.Replace(spec, "memory = 128", fmt.Sprintf("memory = %d", memMB), 1)
+}
+
+// TestBarrierDirectGangStartsTogether: a gang registered with Nomad
+// directly (nomad job run, bypassing cohort) is adopted by the server from
+// its first worker's boot report; no worker runs its program until every
+// worker has booted, and then all are released.
+func TestBarrierDirectGangStartsTogether(t *testing.T) {
+	c, api, _ := microvmServerCluster(t)
+	submit(t, c, gangJob("together", 3, 128, "60s", "exit", "0"))
+
+	allocs := waitAllocs(t, c, "together", 3, allStatus("complete"))
+	var lastWait, firstRelease time.Time
+	for _, a := range allocs {
+		ev := eventTimes(t, c, a.ID)
+		w, r := ev["Waiting at the start barrier"], ev["Released by the start barrier"]
+		if w.IsZero() || r.IsZero() {
+			t.Fatalf("alloc %s did not pass the barrier:\n%s", a.ID, taskEvents(t, c, a.ID))
+		}
+		if w.After(lastWait) {
+			lastWait = w
+		}
+		if firstRelease.IsZero() || r.Before(firstRelease) {
+			firstRelease = r
+		}
+	}
+	if firstRelease.Before(lastWait) {
+		t.Errorf("a worker was released at %s, before the last worker booted at %s", firstRelease, lastWait)
+	}
+	t.Logf("last worker booted %s; first release %s later", lastWait.Format(time.StampMilli), firstRelease.Sub(lastWait))
+
+	var v jobView
+	waitFor(t, "cohort sees the adopted gang finish", func() bool {
+		getJSON(t, api+"/v1/job/together", &v)
+		return v.Status == "finished"
+	})
+	if v.Reason != "every worker exited" || v.StartedAt.IsZero() {
+		t.Errorf("adopted gang: %+v", v)
+	}
+}
+
+// TestBarrierPartialGangStoppedAndRequeued: a gang registered with Nomad
+// directly on a node with room for only 2 of its 3 workers: the 2 placed
+// workers boot and wait, never running their program; at the gang timeout
+// cohort stops the Nomad job and requeues the gang; once room frees up it
+// runs whole.
+func TestBarrierPartialGangStoppedAndRequeued(t *testing.T) {
+	c, api, _ := microvmServerCluster(t)
+	free := nodeFreeMemory(t, c)
+	const workerMB = 256
+	hog := free - 2*workerMB - workerMB/2 // 2 workers fit beside it, 3 do not
+	nomad, _ := devcluster.FindBinary("nomad")
+	hogSpec := fmt.Sprintf(`job "hog" {
+  type = "batch"
+  group "h" {
+    task "h" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/sleep"
+        args    = ["600"]
+      }
+      resources {
+        cpu    = 20
+        memory = %d
+      }
+    }
+  }
+}
+`, hog)
+	hogFile := t.TempDir() + "/hog.nomad.hcl"
+	writeFile(t, hogFile, hogSpec)
+	run(t, c, nomad, "job", "run", "-detach", hogFile)
+	waitAllocs(t, c, "hog", 1, allStatus("running"))
+
+	submit(t, c, gangJob("partial", 3, workerMB, "8s", "exit", "0"))
+	// Nomad places 2 workers; they boot and wait at the barrier.
+	waitFor(t, "2 workers waiting at the barrier", func() bool {
+		var allocs []alloc
+		getJSON(t, c.NomadAddr()+"/v1/job/partial/allocations", &allocs)
+		waiting := 0
+		for _, a := range allocs {
+			if !eventTimes(t, c, a.ID)["Waiting at the start barrier"].IsZero() {
+				waiting++
+			}
+		}
+		return waiting == 2
+	})
+	var v jobView
+	getJSON(t, api+"/v1/job/partial", &v)
+	if v.Status != "reserved" {
+		t.Fatalf("the adopted partial gang is %s, want reserved: %+v", v.Status, v)
+	}
+
+	// At the gang timeout it is stopped and requeued, and no worker ever
+	// ran its program.
+	waitFor(t, "partial gang requeued", func() bool {
+		getJSON(t, api+"/v1/job/partial", &v)
+		return v.Status == "queued"
+	})
+	t.Logf("requeued: %s", v.Reason)
+	if !strings.Contains(v.Reason, "only 2 of 3 workers booted") {
+		t.Errorf("requeue reason: %q", v.Reason)
+	}
+	var allocs []alloc
+	getJSON(t, c.NomadAddr()+"/v1/job/partial/allocations", &allocs)
+	for _, a := range allocs {
+		ev := eventTimes(t, c, a.ID)
+		if !ev["Released by the start barrier"].IsZero() {
+			t.Errorf("alloc %s of the partial gang was released:\n%s", a.ID, taskEvents(t, c, a.ID))
+		}
+		if logs := run(t, c, nomad, "alloc", "logs", a.ID, "worker"); strings.TrimSpace(logs) != "" {
+			t.Errorf("alloc %s of the partial gang ran its program: %q", a.ID, logs)
+		}
+	}
+
+	// Room frees up: cohort places the gang whole and it runs to the end.
+	run(t, c, nomad, "job", "stop", "-purge", "hog")
+	waitFor(t, "requeued gang finished", func() bool {
+		getJSON(t, api+"/v1/job/partial", &v)
+		return v.Status == "finished" || v.Status == "failed"
+	})
+	if v.Reason != "every worker exited" || v.Attempts != 2 {
+		t.Errorf("requeued gang ended: %+v", v)
+	}
+	getJSON(t, c.NomadAddr()+"/v1/job/partial/allocations", &allocs)
+	released := 0
+	for _, a := range allocs {
+		if !eventTimes(t, c, a.ID)["Released by the start barrier"].IsZero() {
+			released++
+		}
+	}
+	if released != 3 {
+		t.Errorf("%d workers were released in the second attempt, want 3", released)
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}

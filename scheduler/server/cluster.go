@@ -1,0 +1,244 @@
+package server
+
+// Server membership: forming a group with -bootstrap-expect/-join,
+// joining an existing one, and forwarding writes from followers to the
+// leader's HTTP API.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cohort-dev/cohort/scheduler/state"
+)
+
+// forwardedHeader marks a request a follower passed on, so that two
+// servers that each think the other leads cannot bounce it forever.
+const forwardedHeader = "X-Cohort-Forwarded"
+
+// AgentSelf is what GET /v1/agent/self answers: who this server is and
+// whether it belongs to a group yet.
+type AgentSelf struct {
+	Member     state.Member
+	Configured bool
+	LeaderID   string `json:",omitempty"`
+}
+
+// MemberView is one row of GET /v1/members.
+type MemberView struct {
+	ID, RaftAddr, HTTPAddr string
+	Voter, Leader          bool
+}
+
+// Advertise sets the HTTP address other servers and drivers reach this
+// server at; it is recorded in the replicated state.
+func (s *Server) Advertise(httpAddr string) {
+	if !strings.Contains(httpAddr, "://") {
+		httpAddr = "http://" + httpAddr
+	}
+	s.self = state.Member{ID: s.r.ID, RaftAddr: s.r.Addr(), HTTPAddr: httpAddr}
+}
+
+// leaderURL is the leader's HTTP address, if the state knows it.
+func (s *Server) leaderURL() string {
+	_, id := s.r.Leader()
+	var addr string
+	s.r.Read(func(st *state.State) { addr = st.Members[id].HTTPAddr })
+	return addr
+}
+
+// leaderOnly runs h on the leader and forwards the request to the leader
+// from a follower.
+func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.r.IsLeader() {
+			h(w, r)
+			return
+		}
+		target := s.leaderURL()
+		if target == "" || r.Header.Get(forwardedHeader) != "" {
+			s.notLeader(w)
+			return
+		}
+		u, err := url.Parse(target)
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, fmt.Errorf("leader address %q: %w", target, err))
+			return
+		}
+		p := httputil.NewSingleHostReverseProxy(u)
+		p.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
+			writeErr(w, http.StatusBadGateway, fmt.Errorf("forwarding to the leader at %s: %w", target, err))
+		}
+		r.Header.Set(forwardedHeader, s.self.ID)
+		p.ServeHTTP(w, r)
+	}
+}
+
+func (s *Server) handleAgentSelf(w http.ResponseWriter, r *http.Request) {
+	_, leader := s.r.Leader()
+	writeJSON(w, http.StatusOK, AgentSelf{Member: s.self, Configured: s.r.Configured(), LeaderID: leader})
+}
+
+func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
+	ms, err := s.r.Members()
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	_, leader := s.r.Leader()
+	known := map[string]state.Member{}
+	s.r.Read(func(st *state.State) {
+		for id, m := range st.Members {
+			known[id] = m
+		}
+	})
+	out := make([]MemberView, 0, len(ms))
+	for _, m := range ms {
+		out = append(out, MemberView{ID: m.ID, RaftAddr: m.Address, HTTPAddr: known[m.ID].HTTPAddr, Voter: m.Voter, Leader: m.ID == leader})
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleJoin adds a server to the group (leader only) and records its
+// addresses.
+func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
+	var m state.Member
+	if err := json.NewDecoder(r.Body).Decode(&m); err != nil || m.ID == "" || m.RaftAddr == "" {
+		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
+		return
+	}
+	if err := s.r.AddVoter(m.ID, m.RaftAddr, 5*time.Second); err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("adding %s: %w", m.ID, err))
+		return
+	}
+	if err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	s.log.Info("server joined", "id", m.ID, "raft", m.RaftAddr, "http", m.HTTPAddr)
+	writeJSON(w, http.StatusOK, m)
+}
+
+// handleRegister records a member's addresses (leader only).
+func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	var m state.Member
+	if err := json.NewDecoder(r.Body).Decode(&m); err != nil || m.ID == "" {
+		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
+		return
+	}
+	if err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, m)
+}
+
+// registerSelf makes sure the replicated state holds this server's
+// addresses: the leader writes its own; a follower asks the leader.
+func (s *Server) registerSelf() error {
+	if s.self.ID == "" {
+		return nil
+	}
+	var have state.Member
+	s.r.Read(func(st *state.State) { have = st.Members[s.self.ID] })
+	if have == s.self {
+		return nil
+	}
+	if s.r.IsLeader() {
+		return s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &s.self})
+	}
+	target := s.leaderURL()
+	if target == "" {
+		return nil // the leader registers itself first
+	}
+	return postJSON(target+"/v1/members/register", s.self, nil)
+}
+
+// Join makes this server a member of a group: it asks the servers at
+// addrs (HTTP addresses) who they are; if one belongs to a group with a
+// leader, it asks to be added; otherwise, once expect servers (this one
+// included) are known, every one of them bootstraps the same group. It
+// returns when this replica is configured or ctx ends.
+func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
+	for {
+		if s.r.Configured() {
+			return nil
+		}
+		peers := map[string]string{s.self.ID: s.self.RaftAddr}
+		for _, a := range addrs {
+			if !strings.Contains(a, "://") {
+				a = "http://" + a
+			}
+			var self AgentSelf
+			if err := getJSON(a+"/v1/agent/self", &self); err != nil {
+				s.log.Debug("join: peer not answering", "addr", a, "error", err)
+				continue
+			}
+			if self.Member.ID == s.self.ID {
+				continue
+			}
+			if self.Configured && self.LeaderID != "" {
+				if err := postJSON(a+"/v1/members/join", s.self, nil); err != nil {
+					s.log.Warn("join: asking the group to add this server", "via", a, "error", err)
+					continue
+				}
+				s.log.Info("joined an existing group", "via", a)
+				return nil
+			}
+			peers[self.Member.ID] = self.Member.RaftAddr
+		}
+		if expect > 1 && len(peers) >= expect {
+			s.log.Info("bootstrapping the group", "servers", len(peers))
+			return s.r.Bootstrap(peers)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+var httpClient = &http.Client{Timeout: 10 * time.Second}
+
+func getJSON(url string, out any) error {
+	resp, err := httpClient.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+func postJSON(url string, in, out any) error {
+	b, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	resp, err := httpClient.Post(url, "application/json", bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("POST %s: %s: %s", url, resp.Status, e.Error)
+	}
+	if out != nil {
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	return nil
+}
