@@ -22,8 +22,10 @@ type RunCommand struct{ UI cli.Ui }
 const runHelp = `
 Usage: cohort run [options] <file.hcl>
 
-  Submits a cluster job to the gang scheduler and follows it: queued,
-  reserved, running, and how it ended. Exits 0 when every worker exited
+  Submits a cluster job to the gang scheduler and follows it: the gang goes
+  queued, reserved, running, and how it ended; each worker goes queued,
+  reserved (its node), booted (waiting at the start barrier), running, and
+  its exit code. Exits 0 when every worker exited
   successfully, 1 when the job failed, was rejected or was stopped.
 
 Options:
@@ -77,19 +79,29 @@ func (c *RunCommand) Run(args []string) int {
 	}
 	start := time.Now()
 	last := ""
+	workers := map[string]string{}
+	call(http.MethodGet, base+"/v1/job/"+v.ID+"?workers=1", nil, &v) // each worker's first state
 	for {
+		since := time.Since(start).Seconds()
 		line := progress(&v)
 		if line != last {
 			if !*asJSON {
-				c.UI.Output(fmt.Sprintf("gang %s: %s (t+%.1f s)", v.ID, line, time.Since(start).Seconds()))
+				c.UI.Output(fmt.Sprintf("gang %s: %s (t+%.1f s)", v.ID, line, since))
 			}
 			last = line
+		}
+		for _, w := range v.WorkerStates {
+			st := workerState(w)
+			if workers[w.Name] != st && !*asJSON {
+				c.UI.Output(fmt.Sprintf("  %-16s %-10s %s(t+%.1f s)", w.Name, st, nodeNote(w.Node), since))
+			}
+			workers[w.Name] = st
 		}
 		if v.Status == "finished" || v.Status == "failed" {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
-		if err := call(http.MethodGet, base+"/v1/job/"+v.ID, nil, &v); err != nil {
+		if err := call(http.MethodGet, base+"/v1/job/"+v.ID+"?workers=1", nil, &v); err != nil {
 			c.UI.Error(fmt.Sprintf("Error following %s: %v", v.ID, err))
 			return ExitError
 		}
@@ -101,6 +113,25 @@ func (c *RunCommand) Run(args []string) int {
 		return ExitOK
 	}
 	return ExitError
+}
+
+// workerState is one worker's progress word: queued, reserved, booted,
+// running, or its exit code.
+func workerState(w server.WorkerView) string {
+	if w.ExitCode != nil {
+		return fmt.Sprintf("exit %d", *w.ExitCode)
+	}
+	return w.State
+}
+
+func nodeNote(node string) string {
+	if len(node) > 8 {
+		node = node[:8]
+	}
+	if node == "" {
+		return ""
+	}
+	return "on " + node + " "
 }
 
 func progress(v *server.JobView) string {

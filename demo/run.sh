@@ -40,20 +40,26 @@ sed "s#@WORKER@#$root/bin/guest/demo-worker#" demo/hello.hcl >"$spec"
 echo
 echo "==> cohort validate demo.hcl"
 "$cohort" validate "$spec"
-echo "==> cohort plan demo.hcl > demo.nomad.hcl && nomad job run demo.nomad.hcl"
+echo "==> cohort plan demo.hcl > demo.nomad.hcl"
 "$cohort" plan "$spec" >"$data/demo.nomad.hcl"
-"$nomad" job run "$data/demo.nomad.hcl"
+# nomad job run through cohort's Nomad-compatible endpoint: the gang meta
+# sends it through gang admission; cohort registers it with Nomad whole.
+echo "==> NOMAD_ADDR=http://127.0.0.1:4749 nomad job run demo.nomad.hcl"
+NOMAD_ADDR=http://127.0.0.1:4749 "$nomad" job run "$data/demo.nomad.hcl"
+echo
+echo "==> waiting for the gang: cohort places it whole; each worker waits at the start barrier until all have booted"
 
 for _ in $(seq 1 300); do
-  states=$("$nomad" job allocs -t '{{range .}}{{.ClientStatus}} {{end}}' demo)
+  states=$("$nomad" job allocs -t '{{range .}}{{.ClientStatus}} {{end}}' demo 2>/dev/null || true)
   case "$states" in *pending*|*running*|"") sleep 0.1 ;; *) break ;; esac
 done
 echo "allocation states: $states"
+"$cohort" status demo
 
 echo
 echo "==> how each worker VM started"
 for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
-  "$nomad" alloc status "$id" | sed -n 's/.*\(Worker VM .*\)/\1/p' | sed -n 1p
+  "$nomad" alloc status "$id" | sed -n 's/.*\(Worker VM .*\|Released by the start barrier.*\)/\1/p' | tac | tr '\n' ' '; echo
 done
 echo
 echo "==> what each worker printed"

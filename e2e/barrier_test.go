@@ -1,8 +1,11 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -177,4 +180,53 @@ func writeFile(t *testing.T, path, content string) {
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestRunShowsWorkerProgress: `cohort run` follows every worker of a
+// microvm gang from its reservation to its exit code, and exits 1 when
+// the workers failed.
+func TestRunShowsWorkerProgress(t *testing.T) {
+	_, api, _ := microvmServerCluster(t)
+	path := filepath.Join(t.TempDir(), "progress.hcl")
+	writeFile(t, path, gangJob("progress", 2, 128, "60s", "exit", "3"))
+	out, err := exec.Command(cohortBin, "run", "-address", api, path).CombinedOutput()
+	t.Logf("cohort run:\n%s", out)
+	if code := exitStatus(err); code != 1 {
+		t.Errorf("cohort run of a gang whose workers exit 3: exit status %d, want 1", code)
+	}
+	rank := map[string]int{"queued": 0, "reserved": 1, "booted": 2, "running": 3, "exit": 4}
+	for _, w := range []string{"w[0]", "w[1]"} {
+		var states []string
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != w {
+				continue
+			}
+			st := f[1]
+			if st == "exit" {
+				st += " " + f[2]
+			}
+			if n := len(states); n > 0 && rank[strings.Fields(st)[0]] < rank[strings.Fields(states[n-1])[0]] {
+				t.Errorf("worker %s went back from %s to %s", w, states[n-1], st)
+			}
+			states = append(states, st)
+		}
+		if len(states) < 3 || states[0] != "queued" || states[1] != "reserved" || states[len(states)-1] != "exit 3" {
+			t.Errorf("worker %s went through %v; want queued, reserved, ..., exit 3", w, states)
+		}
+	}
+	if !strings.Contains(string(out), "finished: 2 of 2 workers failed") {
+		t.Errorf("the gang's end is not reported")
+	}
+}
+
+func exitStatus(err error) int {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
 }

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net/http"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -29,13 +31,16 @@ type JobView struct {
 	StartedAt   time.Time `json:",omitempty"`
 	Deadline    time.Time `json:",omitempty"`
 	EndedAt     time.Time `json:",omitempty"`
+	Adopted     bool      `json:",omitempty"`
+	// WorkerStates is filled by GET /v1/job/{id}?workers=1.
+	WorkerStates []WorkerView `json:",omitempty"`
 }
 
 func view(j *state.Job) JobView {
 	v := JobView{
 		ID: j.Spec.ID, Status: j.Status, Priority: j.Spec.Priority, Workers: j.Spec.Size(),
 		Reason: j.Reason, Attempts: j.Attempts, SubmittedAt: j.SubmittedAt, ReservedAt: j.ReservedAt,
-		StartedAt: j.StartedAt, EndedAt: j.EndedAt,
+		StartedAt: j.StartedAt, EndedAt: j.EndedAt, Adopted: j.Adopted,
 	}
 	if !j.StartedAt.IsZero() {
 		v.Deadline = j.Deadline()
@@ -139,15 +144,28 @@ func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	var v *JobView
+	var job state.Job
 	s.r.Read(func(st *state.State) {
 		if j, ok := st.Jobs[id]; ok {
 			jv := view(j)
 			v = &jv
+			job = *j
 		}
 	})
 	if v == nil {
 		writeErr(w, http.StatusNotFound, errors.New("no job "+id))
 		return
+	}
+	if r.URL.Query().Get("workers") != "" {
+		var a nomad.Allocs
+		if job.Status != state.Queued {
+			var err error
+			if a, err = s.nomad.Allocs(id); err != nil {
+				writeErr(w, http.StatusBadGateway, fmt.Errorf("reading the gang's allocations: %w", err))
+				return
+			}
+		}
+		v.WorkerStates = workerViews(&job, a)
 	}
 	writeJSON(w, http.StatusOK, v)
 }
@@ -239,4 +257,68 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
+}
+
+// WorkerView is one worker of a gang: where it is in
+// queued -> reserved -> booted -> running -> exited (code).
+type WorkerView struct {
+	Name     string // group[index]
+	Node     string `json:",omitempty"`
+	Alloc    string `json:",omitempty"`
+	State    string
+	ExitCode *int `json:",omitempty"`
+}
+
+// workerViews merges what the state knows of a gang's workers with what
+// Nomad reports of their allocations.
+func workerViews(j *state.Job, a nomad.Allocs) []WorkerView {
+	byName := map[string]*WorkerView{}
+	var order []string
+	add := func(name string) *WorkerView {
+		if w, ok := byName[name]; ok {
+			return w
+		}
+		w := &WorkerView{Name: name, State: string(state.Queued)}
+		byName[name] = w
+		order = append(order, name)
+		return w
+	}
+	for _, g := range j.Spec.Groups {
+		for i := 0; i < g.Count; i++ {
+			add(fmt.Sprintf("%s[%d]", g.Name, i))
+		}
+	}
+	if j.Decision != nil && (j.Status == state.Reserved || j.Status == state.Running) {
+		for _, d := range j.Decision.Workers {
+			w := add(fmt.Sprintf("%s[%d]", d.Group, d.Index))
+			w.Node, w.State = d.Node, string(state.Reserved)
+		}
+	}
+	if j.Status != state.Queued {
+		for _, al := range a.Workers {
+			name := strings.TrimPrefix(al.Name, j.Spec.ID+".")
+			w := add(name)
+			w.Node, w.Alloc = al.Node, al.Alloc
+			_, booted := j.Booted[al.Alloc]
+			switch {
+			case al.ExitCode != nil:
+				w.State, w.ExitCode = "exited", al.ExitCode
+			case al.Status == "failed" || al.Status == "lost":
+				w.State = al.Status
+			case j.Status == state.Running && al.Status == "running":
+				w.State = string(state.Running)
+			case booted:
+				w.State = "booted"
+			case al.Status == "complete":
+				w.State = "complete"
+			default:
+				w.State = string(state.Reserved)
+			}
+		}
+	}
+	out := make([]WorkerView, 0, len(order))
+	for _, n := range order {
+		out = append(out, *byName[n])
+	}
+	return out
 }

@@ -1,0 +1,264 @@
+package e2e
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+)
+
+// TestNomadEndpoint: with NOMAD_ADDR at cohort's Nomad-compatible
+// endpoint, `nomad job run` of a gang goes through gang admission (and its
+// monitor ends cleanly); other jobs, job status and the UI pass through to
+// Nomad; an impossible gang is refused with the reason.
+func TestNomadEndpoint(t *testing.T) {
+	c, _ := cluster(t)
+	listen := freeAddr(t)
+	api := cohortServerAt(t, c, freeAddr(t), "-nomad-listen", listen)
+	endpoint := "http://" + listen
+	nomad, _ := devcluster.FindBinary("nomad")
+	dir := t.TempDir()
+	viaCohort := func(wantOK bool, args ...string) string {
+		t.Helper()
+		cmd := exec.Command(nomad, args...)
+		cmd.Env = append(os.Environ(), "NOMAD_ADDR="+endpoint)
+		out, err := cmd.CombinedOutput()
+		if (err == nil) != wantOK {
+			t.Fatalf("nomad %s via cohort: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	plan := func(name, spec string) string {
+		src := filepath.Join(dir, name+".hcl")
+		writeFile(t, src, spec)
+		out := run(t, c, cohortBin, "plan", src)
+		dst := filepath.Join(dir, name+".nomad.hcl")
+		writeFile(t, dst, out)
+		return dst
+	}
+
+	out := viaCohort(true, "job", "run", plan("viaendpoint", sleepGang("viaendpoint", 2, 64, "1m", 1)))
+	if !strings.Contains(out, "admitted for gang scheduling") {
+		t.Errorf("nomad job run output does not say the gang was admitted:\n%s", out)
+	}
+	var v jobView
+	waitFor(t, "gang admitted through the endpoint finished", func() bool {
+		getJSON(t, api+"/v1/job/viaendpoint", &v)
+		return v.Status == "finished"
+	})
+	if v.Reason != "every worker exited" || v.Workers != 2 {
+		t.Errorf("gang: %+v", v)
+	}
+	if out := viaCohort(true, "job", "status", "viaendpoint"); !strings.Contains(out, "viaendpoint") {
+		t.Errorf("nomad job status through the endpoint:\n%s", out)
+	}
+
+	// A job without gang meta goes to Nomad as it is.
+	plain := filepath.Join(dir, "plain.nomad.hcl")
+	writeFile(t, plain, `job "plain" {
+  type = "batch"
+  group "g" {
+    task "t" {
+      driver = "raw_exec"
+      config { command = "/bin/true" }
+      resources {
+        cpu    = 20
+        memory = 32
+      }
+    }
+  }
+}
+`)
+	viaCohort(true, "job", "run", "-detach", plain)
+	var nj struct{ ID string }
+	getJSON(t, c.NomadAddr()+"/v1/job/plain", &nj)
+	if resp, err := http.Get(api + "/v1/job/plain"); err != nil || resp.StatusCode != 404 {
+		t.Errorf("a job without gang meta went through cohort: %v %v", err, resp)
+	}
+
+	// An impossible gang is refused, saying why.
+	out = viaCohort(false, "job", "run", plan("huge", sleepGang("huge", 2, 10_000_000, "1m", 1)))
+	if !strings.Contains(out, "cannot fit") {
+		t.Errorf("impossible gang refusal:\n%s", out)
+	}
+
+	// The UI is served through the endpoint.
+	resp, err := http.Get(endpoint + "/ui/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), "nomad-ui") {
+		t.Errorf("UI through the endpoint: %s %.200s", resp.Status, body)
+	}
+}
+
+type serverProc struct {
+	id, http, raft, data string
+	cmd                  *exec.Cmd
+	log                  string
+}
+
+func (s *serverProc) start(t *testing.T, c *devcluster.Cluster, join []string) {
+	t.Helper()
+	args := []string{"server", "-node-id", s.id, "-data-dir", s.data, "-http-addr", s.http, "-raft-addr", s.raft,
+		"-bootstrap-expect", "3", "-nomad-addr", c.NomadAddr()}
+	for _, j := range join {
+		args = append(args, "-join", j)
+	}
+	s.cmd = exec.Command(cohortBin, args...)
+	f, err := os.OpenFile(s.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cmd.Stdout, s.cmd.Stderr = f, f
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type member struct {
+	ID, HTTPAddr string
+	Voter        bool
+	Leader       bool
+}
+
+func members(t *testing.T, addr string) ([]member, error) {
+	t.Helper()
+	out, err := exec.Command(cohortBin, "server", "members", "-json", "-address", "http://"+addr).CombinedOutput()
+	if err != nil {
+		return nil, err
+	}
+	var ms []member
+	return ms, json.Unmarshal(out, &ms)
+}
+
+// TestServerGroup: three `cohort server` processes form a Raft group with
+// -bootstrap-expect/-join; `cohort server members` lists them; a job sent
+// to a follower is forwarded to the leader; with the leader killed the
+// survivors elect another and keep scheduling; the killed server comes
+// back with its data and catches up.
+func TestServerGroup(t *testing.T) {
+	c, _ := cluster(t)
+	dir := t.TempDir()
+	servers := make([]*serverProc, 3)
+	for i := range servers {
+		id := string(rune('a' + i))
+		servers[i] = &serverProc{id: "s" + id, http: freeAddr(t), raft: freeAddr(t),
+			data: filepath.Join(dir, id), log: filepath.Join(dir, id+".log")}
+	}
+	for i, s := range servers {
+		var join []string
+		for j, o := range servers {
+			if j != i {
+				join = append(join, o.http)
+			}
+		}
+		s.start(t, c, join)
+	}
+	t.Cleanup(func() {
+		for _, s := range servers {
+			if s.cmd.ProcessState == nil {
+				s.cmd.Process.Signal(syscall.SIGTERM)
+				s.cmd.Wait()
+			}
+			if t.Failed() {
+				b, _ := os.ReadFile(s.log)
+				t.Logf("server %s log:\n%s", s.id, b)
+			}
+		}
+	})
+
+	leaderOf := func(via *serverProc) (leader *serverProc, follower *serverProc) {
+		ms, err := members(t, via.http)
+		if err != nil {
+			return nil, nil
+		}
+		var lid string
+		for _, m := range ms {
+			if m.Leader && m.HTTPAddr != "" {
+				lid = m.ID
+			}
+		}
+		for _, s := range servers {
+			if s.id == lid {
+				leader = s
+			} else if s.cmd.ProcessState == nil && follower == nil {
+				follower = s
+			}
+		}
+		return leader, follower
+	}
+	var leader, follower *serverProc
+	waitFor(t, "three servers with a leader", func() bool {
+		ms, err := members(t, servers[0].http)
+		if err != nil || len(ms) != 3 {
+			return false
+		}
+		leader, follower = leaderOf(servers[0])
+		return leader != nil
+	})
+	out := run(t, c, cohortBin, "server", "members", "-address", "http://"+follower.http)
+	t.Logf("cohort server members:\n%s", out)
+
+	// A job sent to a follower runs: the follower forwards it.
+	cohortRun(t, "http://"+follower.http, sleepGang("first", 2, 64, "1m", 1))
+	var v jobView
+	waitFor(t, "first finished", func() bool {
+		getJSON(t, "http://"+leader.http+"/v1/job/first", &v)
+		return v.Status == "finished"
+	})
+
+	// Kill the leader; the others elect a new one and go on.
+	killedAt := time.Now()
+	leader.cmd.Process.Kill()
+	leader.cmd.Wait()
+	old := leader
+	var survivor *serverProc
+	for _, s := range servers {
+		if s != old {
+			survivor = s
+			break
+		}
+	}
+	waitFor(t, "a new leader", func() bool {
+		leader, follower = leaderOf(survivor)
+		return leader != nil && leader != old
+	})
+	t.Logf("new leader %s after %s", leader.id, time.Since(killedAt).Round(time.Millisecond))
+	cohortRun(t, "http://"+follower.http, sleepGang("second", 2, 64, "1m", 1))
+	waitFor(t, "second finished", func() bool {
+		getJSON(t, "http://"+leader.http+"/v1/job/second", &v)
+		return v.Status == "finished"
+	})
+
+	// The killed server restarts on its data and catches up.
+	old.start(t, c, nil)
+	waitFor(t, "restarted server has both jobs", func() bool {
+		var jobs []jobView
+		resp, err := http.Get("http://" + old.http + "/v1/jobs")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		if json.NewDecoder(resp.Body).Decode(&jobs) != nil {
+			return false
+		}
+		done := 0
+		for _, j := range jobs {
+			if (j.ID == "first" || j.ID == "second") && j.Status == "finished" {
+				done++
+			}
+		}
+		return done == 2
+	})
+}
