@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -218,6 +219,14 @@ func TestServerGroup(t *testing.T) {
 		return v.Status == "finished"
 	})
 
+	// A running gang's deadline survives the leader: the new leader stops
+	// it at its max_runtime.
+	cohortRun(t, "http://"+follower.http, sleepGang("deadline", 2, 64, "4s", 60))
+	waitFor(t, "deadline running", func() bool {
+		getJSON(t, "http://"+leader.http+"/v1/job/deadline", &v)
+		return v.Status == "running"
+	})
+
 	// Kill the leader; the others elect a new one and go on.
 	killedAt := time.Now()
 	leader.cmd.Process.Kill()
@@ -235,6 +244,18 @@ func TestServerGroup(t *testing.T) {
 		return leader != nil && leader != old
 	})
 	t.Logf("new leader %s after %s", leader.id, time.Since(killedAt).Round(time.Millisecond))
+	waitFor(t, "deadline stopped by the new leader", func() bool {
+		getJSON(t, "http://"+leader.http+"/v1/job/deadline", &v)
+		return v.Status == "finished"
+	})
+	var late int
+	if _, err := fmt.Sscanf(v.Reason, "max_runtime reached (stopped %d ms after the deadline)", &late); err != nil {
+		t.Fatalf("deadline gang ended: %q", v.Reason)
+	}
+	t.Logf("the new leader stopped the gang %d ms after its max_runtime (ran %s)", late, v.EndedAt.Sub(v.StartedAt))
+	if late > 1000 {
+		t.Errorf("the deadline was enforced %d ms late across a leader change", late)
+	}
 	cohortRun(t, "http://"+follower.http, sleepGang("second", 2, 64, "1m", 1))
 	waitFor(t, "second finished", func() bool {
 		getJSON(t, "http://"+leader.http+"/v1/job/second", &v)

@@ -5,17 +5,30 @@
 package nomad
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sort"
 	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
 )
 
 // Client wraps the Nomad API.
-type Client struct{ api *api.Client }
+type Client struct {
+	api *api.Client
+
+	mu     sync.Mutex
+	nodes  []*api.NodeListStub
+	allocs []*api.AllocationListStub
+	// watching is set while Watch keeps nodes and allocs current.
+	watching bool
+}
 
 // New connects to Nomad at addr ("" means $NOMAD_ADDR or the default).
 func New(addr string) (*Client, error) {
@@ -30,31 +43,133 @@ func New(addr string) (*Client, error) {
 	return &Client{api: c}, nil
 }
 
+// resources asks list endpoints for each entry's resources.
+var resources = map[string]string{"resources": "true"}
+
+// snapshot returns the node and allocation lists: the watcher's, or read
+// now.
+func (c *Client) snapshot() ([]*api.NodeListStub, []*api.AllocationListStub, error) {
+	c.mu.Lock()
+	if c.watching && c.nodes != nil && c.allocs != nil {
+		n, a := c.nodes, c.allocs
+		c.mu.Unlock()
+		return n, a, nil
+	}
+	c.mu.Unlock()
+	nodes, _, err := c.api.Nodes().List(&api.QueryOptions{Params: resources})
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing nodes: %w", err)
+	}
+	allocs, _, err := c.api.Allocations().List(&api.QueryOptions{Params: resources, Namespace: "*"})
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing allocations: %w", err)
+	}
+	return nodes, allocs, nil
+}
+
+// Watch keeps the node and allocation lists current with Nomad's blocking
+// queries until ctx ends, so a scheduling pass reads its inventory from
+// memory instead of asking Nomad for every node.
+func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
+	c.mu.Lock()
+	c.watching = true
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.watching, c.nodes, c.allocs = false, nil, nil
+		c.mu.Unlock()
+	}()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		follow(ctx, log.Named("nodes"), func(q *api.QueryOptions) (uint64, error) {
+			q.Params = resources
+			ns, meta, err := c.api.Nodes().List(q.WithContext(ctx))
+			if err != nil {
+				return 0, err
+			}
+			c.mu.Lock()
+			c.nodes = ns
+			c.mu.Unlock()
+			return meta.LastIndex, nil
+		})
+	}()
+	go func() {
+		defer wg.Done()
+		follow(ctx, log.Named("allocations"), func(q *api.QueryOptions) (uint64, error) {
+			q.Params, q.Namespace = resources, "*"
+			as, meta, err := c.api.Allocations().List(q.WithContext(ctx))
+			if err != nil {
+				return 0, err
+			}
+			c.mu.Lock()
+			c.allocs = as
+			c.mu.Unlock()
+			return meta.LastIndex, nil
+		})
+	}()
+	wg.Wait()
+}
+
+// follow repeats a blocking query from the last index it saw.
+func follow(ctx context.Context, log hclog.Logger, query func(*api.QueryOptions) (uint64, error)) {
+	var index uint64
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		next, err := query(&api.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			log.Warn("blocking query failed; retrying", "error", err, "in", backoff)
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		if next < index {
+			next = 0 // the index went back (a new cluster): start over
+		}
+		index = next
+	}
+}
+
 // Inventory lists ready, eligible nodes with their free capacity: total
 // minus the node's reserved share minus every non-terminal allocation,
 // except those of the jobs in skip (cohort's own, which the scheduler
-// accounts for from its reservations, placed or not yet).
+// accounts for from its reservations, placed or not yet). It reads the
+// watcher's cache when Watch runs, and asks Nomad otherwise.
 func (c *Client) Inventory(skip map[string]bool) ([]placement.Node, error) {
-	return c.nodes(skip, true)
+	nodes, allocs, err := c.snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return FreeNodes(nodes, allocs, skip), nil
 }
 
 // Capacity lists ready, eligible nodes as if no allocation ran on them:
 // what a job can at most ever get.
-func (c *Client) Capacity() ([]placement.Node, error) { return c.nodes(nil, false) }
-
-func (c *Client) nodes(skip map[string]bool, countAllocs bool) ([]placement.Node, error) {
-	stubs, _, err := c.api.Nodes().List(nil)
+func (c *Client) Capacity() ([]placement.Node, error) {
+	nodes, _, err := c.snapshot()
 	if err != nil {
-		return nil, fmt.Errorf("listing nodes: %w", err)
+		return nil, err
 	}
+	return FreeNodes(nodes, nil, nil), nil
+}
+
+// FreeNodes computes the inventory from Nomad's node and allocation lists
+// (both read with resources=true). Devices are counted per kind,
+// "vendor/type/model", whatever name requests use for them.
+func FreeNodes(nodes []*api.NodeListStub, allocs []*api.AllocationListStub, skip map[string]bool) []placement.Node {
+	idx := map[string]int{}
 	var out []placement.Node
-	for _, s := range stubs {
-		if s.Status != "ready" || s.Drain || s.SchedulingEligibility != "eligible" {
+	for _, n := range nodes {
+		if n.Status != "ready" || n.Drain || n.SchedulingEligibility != "eligible" {
 			continue
-		}
-		n, _, err := c.api.Nodes().Info(s.ID, nil)
-		if err != nil {
-			return nil, fmt.Errorf("reading node %s: %w", s.ID, err)
 		}
 		pn := placement.Node{ID: n.ID, Datacenter: n.Datacenter, Pool: n.NodePool, Devices: map[string]int{}}
 		if r := n.NodeResources; r != nil {
@@ -67,48 +182,49 @@ func (c *Client) nodes(skip map[string]bool, countAllocs bool) ([]placement.Node
 						healthy++
 					}
 				}
-				for _, name := range deviceNames(d.Vendor, d.Type, d.Name) {
-					pn.Devices[name] += healthy
-				}
+				pn.Devices[deviceKind(d.Vendor, d.Type, d.Name)] += healthy
 			}
 		}
 		if r := n.ReservedResources; r != nil {
 			pn.CPU -= int(r.Cpu.CpuShares)
 			pn.MemoryMB -= int(r.Memory.MemoryMB)
 		}
-		if !countAllocs {
-			out = append(out, pn)
-			continue
-		}
-		allocs, _, err := c.api.Nodes().Allocations(n.ID, nil)
-		if err != nil {
-			return nil, fmt.Errorf("reading allocations of %s: %w", n.ID, err)
-		}
-		for _, a := range allocs {
-			if skip[a.JobID] || a.ServerTerminalStatus() || a.ClientTerminalStatus() || a.AllocatedResources == nil {
-				continue
-			}
-			for _, t := range a.AllocatedResources.Tasks {
-				pn.CPU -= int(t.Cpu.CpuShares)
-				pn.MemoryMB -= int(t.Memory.MemoryMB)
-				for _, d := range t.Devices {
-					for _, name := range deviceNames(d.Vendor, d.Type, d.Name) {
-						pn.Devices[name] -= len(d.DeviceIDs)
-					}
-				}
-			}
-		}
+		idx[n.ID] = len(out)
 		out = append(out, pn)
 	}
+	for _, a := range allocs {
+		i, ok := idx[a.NodeID]
+		if !ok || skip[a.JobID] || a.AllocatedResources == nil || terminal(a) {
+			continue
+		}
+		pn := &out[i]
+		for _, t := range a.AllocatedResources.Tasks {
+			pn.CPU -= int(t.Cpu.CpuShares)
+			pn.MemoryMB -= int(t.Memory.MemoryMB)
+			for _, d := range t.Devices {
+				pn.Devices[deviceKind(d.Vendor, d.Type, d.Name)] -= len(d.DeviceIDs)
+			}
+		}
+	}
 	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
-	return out, nil
+	return out
 }
 
-// deviceNames are the names a request may use for a device: its type, its
-// vendor/type, and its vendor/type/model.
-func deviceNames(vendor, typ, model string) []string {
-	return []string{typ, vendor + "/" + typ, vendor + "/" + typ + "/" + model}
+// terminal says whether an allocation no longer holds its resources.
+func terminal(a *api.AllocationListStub) bool {
+	switch a.DesiredStatus {
+	case "stop", "evict":
+		return a.ClientStatus != "running" && a.ClientStatus != "pending"
+	}
+	switch a.ClientStatus {
+	case "complete", "failed", "lost":
+		return true
+	}
+	return false
 }
+
+// deviceKind names a kind of device as placement counts it.
+func deviceKind(vendor, typ, model string) string { return vendor + "/" + typ + "/" + model }
 
 // Register submits a reserved gang to Nomad with each group pinned to the
 // nodes its workers were reserved on, so Nomad places them inside the

@@ -19,7 +19,9 @@ type Node struct {
 	Pool       string
 	CPU        int            // MHz free
 	MemoryMB   int            // MiB free
-	Devices    map[string]int // device name -> free count
+	// Devices maps each kind of device on the node, named
+	// "vendor/type/model", to how many are free.
+	Devices map[string]int
 }
 
 // Group is a set of identical workers of a gang.
@@ -58,6 +60,9 @@ type Worker struct {
 	Group string
 	Index int
 	Node  string
+	// Devices are the node's device kinds the worker's requests were
+	// served from, so releasing it gives back exactly what it took.
+	Devices map[string]int `json:",omitempty"`
 }
 
 // Decision places every worker of one job.
@@ -130,19 +135,90 @@ func fits(n *Node, g *Group) bool {
 	if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB {
 		return false
 	}
-	for d, c := range g.Devices {
-		if n.Devices[d] < c {
-			return false
-		}
-	}
-	return true
+	_, ok := pickDevices(n.Devices, g.Devices)
+	return ok
 }
 
-func (inv *inventory) take(i int, g *Group, sign int) {
+// DeviceMatches says whether a device request names a node's device kind:
+// "gpu" names every GPU, "nvidia/gpu" every NVIDIA GPU, and
+// "nvidia/gpu/A100" that model only, as Nomad's device requests do.
+func DeviceMatches(request, kind string) bool {
+	if request == kind {
+		return true
+	}
+	k := strings.Split(kind, "/")
+	if len(k) != 3 {
+		return false
+	}
+	switch r := strings.Split(request, "/"); len(r) {
+	case 1:
+		return r[0] == k[1]
+	case 2:
+		return r[0] == k[0] && r[1] == k[1]
+	}
+	return false
+}
+
+// pickDevices serves device requests from the free device kinds and says
+// which kinds it took. The most specific requests go first: as names nest
+// (a model is within its vendor/type, which is within its type), serving
+// them before the general ones never strands a request that could be met.
+func pickDevices(free, requests map[string]int) (map[string]int, bool) {
+	if len(requests) == 0 {
+		return nil, true
+	}
+	reqs := make([]string, 0, len(requests))
+	for r := range requests {
+		reqs = append(reqs, r)
+	}
+	sort.Slice(reqs, func(a, b int) bool {
+		sa, sb := strings.Count(reqs[a], "/"), strings.Count(reqs[b], "/")
+		if sa != sb {
+			return sa > sb
+		}
+		return reqs[a] < reqs[b]
+	})
+	kinds := make([]string, 0, len(free))
+	for k := range free {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	taken := map[string]int{}
+	for _, r := range reqs {
+		need := requests[r]
+		for _, k := range kinds {
+			if need == 0 {
+				break
+			}
+			if !DeviceMatches(r, k) {
+				continue
+			}
+			if n := min(free[k]-taken[k], need); n > 0 {
+				taken[k] += n
+				need -= n
+			}
+		}
+		if need > 0 {
+			return nil, false
+		}
+	}
+	return taken, true
+}
+
+// take places one worker of g on node i and returns the device kinds it
+// took; fits must have said yes.
+func (inv *inventory) take(i int, g *Group) map[string]int {
+	devs, _ := pickDevices(inv.nodes[i].Devices, g.Devices)
+	inv.apply(i, g, devs, 1)
+	return devs
+}
+
+// apply takes (sign 1) or gives back (sign -1) one worker's resources.
+func (inv *inventory) apply(i int, g *Group, devs map[string]int, sign int) {
 	n := &inv.nodes[i]
 	n.CPU -= sign * g.CPU
 	n.MemoryMB -= sign * g.MemoryMB
-	for d, c := range g.Devices {
+	for d, c := range devs {
 		n.Devices[d] -= sign * c
 	}
 }
@@ -167,11 +243,12 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 	type undo struct {
 		node int
 		g    *Group
+		devs map[string]int
 	}
 	var taken []undo
 	rollback := func() {
 		for _, u := range taken {
-			inv.take(u.node, u.g, -1)
+			inv.apply(u.node, u.g, u.devs, -1)
 		}
 	}
 	for _, gi := range order {
@@ -195,9 +272,9 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 			// The tightest node stays the tightest as it fills, so place
 			// as many workers there as fit rather than scanning again.
 			for w < g.Count && fits(&inv.nodes[best], g) {
-				inv.take(best, g, 1)
-				taken = append(taken, undo{best, g})
-				d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID})
+				devs := inv.take(best, g)
+				taken = append(taken, undo{best, g, devs})
+				d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID, Devices: devs})
 				w++
 				if g.DistinctHosts {
 					break
@@ -210,16 +287,27 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 }
 
 // release gives a running job's resources back.
-func (inv *inventory) release(r *Running) {
-	groups := map[string]*Group{}
-	for i := range r.Job.Groups {
-		groups[r.Job.Groups[i].Name] = &r.Job.Groups[i]
-	}
-	for _, w := range r.Decision.Workers {
-		if i, ok := inv.index[w.Node]; ok {
-			inv.take(i, groups[w.Group], -1)
+func (inv *inventory) release(r *Running) { inv.applyDecision(r.Job, r.Decision, -1) }
+
+// group finds a job's group by name.
+func (j *Job) group(name string) *Group {
+	for i := range j.Groups {
+		if j.Groups[i].Name == name {
+			return &j.Groups[i]
 		}
 	}
+	return nil
+}
+
+// Subtract takes what the holding gangs' workers occupy from nodes (the
+// free capacity without them) and returns the result; nodes is not
+// changed.
+func Subtract(nodes []Node, holding []Running) []Node {
+	inv := newInventory(nodes)
+	for _, h := range holding {
+		inv.applyDecision(h.Job, h.Decision, 1)
+	}
+	return inv.nodes
 }
 
 // Order sorts a queue: higher priority first, then submission order.
@@ -289,11 +377,11 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 			// Holds resources past the head's start: allowed only if the
 			// head still fits in the future inventory without them.
 			f := future.clone()
-			f.applyDecision(j, d)
+			f.applyDecision(j, d, 1)
 			if _, ok := f.place(head); !ok {
 				continue
 			}
-			future.applyDecision(j, d)
+			future.applyDecision(j, d, 1)
 		}
 		inv = trial
 		plan.Decisions = append(plan.Decisions, d)
@@ -301,16 +389,16 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 	return plan
 }
 
-// applyDecision takes a decision's resources from the inventory.
-func (inv *inventory) applyDecision(j *Job, d Decision) {
-	groups := map[string]*Group{}
-	for i := range j.Groups {
-		groups[j.Groups[i].Name] = &j.Groups[i]
-	}
+// applyDecision takes (sign 1) or gives back (sign -1) a decision's
+// resources.
+func (inv *inventory) applyDecision(j *Job, d Decision, sign int) {
 	for _, w := range d.Workers {
-		if i, ok := inv.index[w.Node]; ok {
-			inv.take(i, groups[w.Group], 1)
+		i, ok := inv.index[w.Node]
+		g := j.group(w.Group)
+		if !ok || g == nil {
+			continue
 		}
+		inv.apply(i, g, w.Devices, sign)
 	}
 }
 

@@ -45,6 +45,42 @@ func TestBestFitAndDistinctHosts(t *testing.T) {
 	}
 }
 
+// TestDeviceNames: requests by type, vendor/type and model all draw on the
+// same devices, so two requests under different names cannot both count
+// one node's GPUs.
+func TestDeviceNames(t *testing.T) {
+	n := node("gpu", 8000, 8000)
+	n.Devices["nvidia/gpu/A100"] = 2
+	n.Devices["amd/gpu/MI250"] = 1
+	fitsOn := func(devs ...map[string]int) bool {
+		j := job("j", 50, 1, time.Minute)
+		for i, d := range devs {
+			j.Groups = append(j.Groups, Group{Name: fmt.Sprint("g", i), Count: 1, CPU: 10, MemoryMB: 10, Devices: d})
+		}
+		_, ok := newInventory([]Node{n}).place(j)
+		return ok
+	}
+	cases := []struct {
+		devs []map[string]int
+		want bool
+	}{
+		{[]map[string]int{{"gpu": 3}}, true},
+		{[]map[string]int{{"gpu": 4}}, false},
+		{[]map[string]int{{"nvidia/gpu": 2}, {"nvidia/gpu/A100": 1}}, false},
+		{[]map[string]int{{"gpu": 2}, {"nvidia/gpu": 1}}, true}, // the AMD one serves "gpu"
+		{[]map[string]int{{"gpu": 2}, {"nvidia/gpu": 2}}, false},
+		{[]map[string]int{{"gpu": 1, "nvidia/gpu/A100": 2}}, true},
+		{[]map[string]int{{"amd/gpu": 1, "gpu": 2}}, true},
+		{[]map[string]int{{"amd/gpu": 2}}, false},
+		{[]map[string]int{{"fpga": 1}}, false},
+	}
+	for _, c := range cases {
+		if got := fitsOn(c.devs...); got != c.want {
+			t.Errorf("%v on 2 A100 + 1 MI250: fits = %v, want %v", c.devs, got, c.want)
+		}
+	}
+}
+
 func TestConstraints(t *testing.T) {
 	gpu := node("gpu", 1000, 1000)
 	gpu.Devices["nvidia/gpu"] = 2
@@ -84,7 +120,7 @@ func TestPriorityThenFIFO(t *testing.T) {
 func TestBackfill(t *testing.T) {
 	nodes := []Node{node("a", 1000, 1000), node("b", 1000, 1000)}
 	holder := job("holder", 50, 0, 10*time.Minute, Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000})
-	run := []Running{{Job: holder, Decision: Decision{Job: "holder", Workers: []Worker{{"w", 0, "a"}}}, Ends: t0.Add(10 * time.Minute)}}
+	run := []Running{{Job: holder, Decision: Decision{Job: "holder", Workers: []Worker{{Group: "w", Index: 0, Node: "a"}}}, Ends: t0.Add(10 * time.Minute)}}
 	nodes[0].CPU, nodes[0].MemoryMB = 0, 0 // held by holder
 	head := job("head", 50, 1, time.Hour, Group{Name: "w", Count: 2, CPU: 1000, MemoryMB: 1000})
 	short := job("short", 50, 2, 5*time.Minute, Group{Name: "w", Count: 1, CPU: 1000, MemoryMB: 1000})
@@ -105,7 +141,10 @@ func randomCase(r *rand.Rand) ([]Node, []Running, []*Job) {
 	for i := 0; i < 1+r.Intn(12); i++ {
 		n := node(fmt.Sprintf("n%02d", i), 500*(1+r.Intn(8)), 512*(1+r.Intn(8)))
 		if r.Intn(4) == 0 {
-			n.Devices["nvidia/gpu"] = 1 + r.Intn(4)
+			n.Devices["nvidia/gpu/A100"] = 1 + r.Intn(4)
+		}
+		if r.Intn(6) == 0 {
+			n.Devices["amd/gpu/MI250"] = 1 + r.Intn(2)
 		}
 		if r.Intn(5) == 0 {
 			n.Datacenter = "dc2"
@@ -117,7 +156,12 @@ func randomCase(r *rand.Rand) ([]Node, []Running, []*Job) {
 		for g := 0; g < 1+r.Intn(3); g++ {
 			grp := Group{Name: fmt.Sprintf("g%d", g), Count: 1 + r.Intn(6), CPU: 100 * (1 + r.Intn(10)), MemoryMB: 128 * (1 + r.Intn(8)), DistinctHosts: r.Intn(4) == 0}
 			if r.Intn(5) == 0 {
-				grp.Devices = map[string]int{"nvidia/gpu": 1}
+				// Requests name devices at any level, as Nomad's do.
+				names := []string{"gpu", "nvidia/gpu", "nvidia/gpu/A100", "amd/gpu"}
+				grp.Devices = map[string]int{names[r.Intn(len(names))]: 1 + r.Intn(2)}
+				if r.Intn(3) == 0 {
+					grp.Devices[names[r.Intn(len(names))]]++
+				}
 			}
 			j.Groups = append(j.Groups, grp)
 		}
@@ -185,7 +229,7 @@ func TestPropertyNoOvercommitWholeGangs(t *testing.T) {
 					t.Fatalf("iter %d: %s/%s has %d of %d workers", iter, j.ID, g.Name, total, g.Count)
 				}
 			}
-			inv.applyDecision(j, d)
+			inv.applyDecision(j, d, 1)
 		}
 		for _, n := range inv.nodes {
 			if n.CPU < 0 || n.MemoryMB < 0 {
@@ -222,7 +266,7 @@ func TestPropertyBackfillNeverDelaysHead(t *testing.T) {
 		run := append([]Running(nil), running...)
 		for _, d := range p.Decisions {
 			j := byID[d.Job]
-			inv.applyDecision(j, d)
+			inv.applyDecision(j, d, 1)
 			run = append(run, Running{Job: j, Decision: d, Ends: t0.Add(j.MaxRuntime)})
 		}
 		head := byID[p.Head]

@@ -140,7 +140,7 @@ func (g *group) schedule(l *Replica) {
 			}
 		}
 	})
-	free := freeAfter(inventory, holding)
+	free := placement.Subtract(inventory, holding)
 	plan := placement.Schedule(now, free, holding, queue)
 	for _, d := range plan.Decisions {
 		d := d
@@ -152,27 +152,6 @@ func (g *group) schedule(l *Replica) {
 	for _, id := range running {
 		l.Apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: "exited"}, time.Second)
 	}
-}
-
-func freeAfter(nodes []placement.Node, holding []placement.Running) []placement.Node {
-	free := map[string]*placement.Node{}
-	out := make([]placement.Node, len(nodes))
-	copy(out, nodes)
-	for i := range out {
-		free[out[i].ID] = &out[i]
-	}
-	for _, h := range holding {
-		groups := map[string]placement.Group{}
-		for _, gr := range h.Job.Groups {
-			groups[gr.Name] = gr
-		}
-		for _, w := range h.Decision.Workers {
-			n := free[w.Node]
-			n.CPU -= groups[w.Group].CPU
-			n.MemoryMB -= groups[w.Group].MemoryMB
-		}
-	}
-	return out
 }
 
 // TestThousandJobsTwoLeaderKills: 1,000 gangs are submitted while the

@@ -133,6 +133,7 @@ const MicroVMDriver = "microvm"
 // Run is the leader loop: while this replica leads, it schedules, starts,
 // enforces deadlines and finishes gangs. It returns when ctx ends.
 func (s *Server) Run(ctx context.Context) {
+	go s.nomad.Watch(ctx, s.log.Named("nomad"))
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	leading := false
@@ -226,7 +227,7 @@ func (s *Server) pass() error {
 	if err != nil {
 		return err
 	}
-	free = subtract(free, holding)
+	free = placement.Subtract(free, holding)
 	plan := placement.Schedule(now, free, holding, queued)
 	placed := map[string]bool{}
 	for _, d := range plan.Decisions {
@@ -334,34 +335,6 @@ func (s *Server) register(d placement.Decision) error {
 		return fmt.Errorf("decoding stored nomad job: %w", err)
 	}
 	return s.nomad.Register(&nj, &d)
-}
-
-// subtract takes what cohort's reserved and running gangs hold from the
-// free capacity Nomad reports without them.
-func subtract(nodes []placement.Node, holding []placement.Running) []placement.Node {
-	idx := map[string]int{}
-	for i := range nodes {
-		idx[nodes[i].ID] = i
-	}
-	for _, h := range holding {
-		groups := map[string]placement.Group{}
-		for _, g := range h.Job.Groups {
-			groups[g.Name] = g
-		}
-		for _, w := range h.Decision.Workers {
-			i, ok := idx[w.Node]
-			if !ok {
-				continue
-			}
-			g := groups[w.Group]
-			nodes[i].CPU -= g.CPU
-			nodes[i].MemoryMB -= g.MemoryMB
-			for d, c := range g.Devices {
-				nodes[i].Devices[d] -= c
-			}
-		}
-	}
-	return nodes
 }
 
 // Stop ends a job at a user's request.
