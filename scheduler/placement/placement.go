@@ -17,8 +17,8 @@ type Node struct {
 	ID         string
 	Datacenter string
 	Pool       string
-	CPU        int            // MHz free
-	MemoryMB   int            // MiB free
+	CPU        int // MHz free
+	MemoryMB   int // MiB free
 	// Devices maps each kind of device on the node, named
 	// "vendor/type/model", to how many are free.
 	Devices map[string]int
