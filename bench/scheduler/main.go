@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"sync"
 	"time"
@@ -27,6 +28,7 @@ var (
 	jobs    = flag.Int("jobs", 4000, "gangs admitted per figure")
 	workers = flag.Int("workers", 8, "workers per gang")
 	clients = flag.Int("clients", 32, "concurrent submitters")
+	cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the Raft admissions here")
 )
 
 func main() {
@@ -96,6 +98,14 @@ func run() error {
 			return 0, fmt.Errorf("admit: %v %s", err, res.Err)
 		}
 		return time.Since(start), nil
+	}
+	if *cpuprof != "" {
+		f, err := os.Create(*cpuprof)
+		if err != nil {
+			return err
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
 	}
 	lat := make([]float64, *jobs)
 	next := make(chan int)

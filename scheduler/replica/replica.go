@@ -19,6 +19,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"go.etcd.io/bbolt"
 )
 
 // Config describes one replica.
@@ -69,7 +70,14 @@ func Start(cfg Config) (*Replica, error) {
 	// left off: with it a future queued when the replica shuts down is
 	// never answered.)
 	rc.MaxAppendEntries = 256
-	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db"))
+	// Every log write is still fsynced; the freelist is not written on
+	// each commit (bbolt rebuilds it when it opens the file), which saves
+	// a page write per commit, and the map freelist keeps the cost of
+	// finding free pages flat as the log grows.
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path:        filepath.Join(cfg.DataDir, "raft.db"),
+		BoltOptions: &bbolt.Options{Timeout: time.Second, NoFreelistSync: true, FreelistType: bbolt.FreelistMapType},
+	})
 	if err != nil {
 		return nil, fmt.Errorf("opening raft store: %w", err)
 	}
@@ -111,7 +119,15 @@ func Start(cfg Config) (*Replica, error) {
 			}
 		}
 	}
-	r, err := raft.NewRaft(rc, f, store, store, snaps, trans)
+	// Replication reads back the entries it sends; the newest ones come
+	// from memory instead of a BoltDB read transaction.
+	logs, err := raft.NewLogCache(512, store)
+	if err != nil {
+		trans.Close()
+		store.Close()
+		return nil, err
+	}
+	r, err := raft.NewRaft(rc, f, logs, store, snaps, trans)
 	if err != nil {
 		trans.Close()
 		store.Close()
@@ -279,14 +295,13 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 	return res
 }
 
+// Snapshot copies the state under the lock and leaves the encoding to
+// Persist, which Raft runs while new commands apply: encoding a large
+// state under the lock would stall every admission for its duration.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	b, err := f.st.Marshal()
-	if err != nil {
-		return nil, err
-	}
-	return snapshot(b), nil
+	return &snapshot{st: f.st.Clone()}, nil
 }
 
 func (f *fsm) Restore(rc io.ReadCloser) error {
@@ -306,14 +321,18 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	return nil
 }
 
-type snapshot []byte
+type snapshot struct{ st *state.State }
 
-func (s snapshot) Persist(sink raft.SnapshotSink) error {
-	if _, err := sink.Write(s); err != nil {
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	b, err := s.st.Marshal()
+	if err == nil {
+		_, err = sink.Write(b)
+	}
+	if err != nil {
 		sink.Cancel()
 		return err
 	}
 	return sink.Close()
 }
 
-func (s snapshot) Release() {}
+func (s *snapshot) Release() {}

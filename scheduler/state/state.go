@@ -249,6 +249,27 @@ func (s *State) Holding(now time.Time) []placement.Running {
 	return out
 }
 
+// Clone copies the state deeply enough that later commands do not change
+// the copy: Apply replaces a job's Decision and Spec rather than editing
+// them, so only each job record and its Booted map are copied.
+func (s *State) Clone() *State {
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: make(map[string]Member, len(s.Members))}
+	for id, j := range s.Jobs {
+		cj := *j
+		if j.Booted != nil {
+			cj.Booted = make(map[string]time.Time, len(j.Booted))
+			for a, t := range j.Booted {
+				cj.Booted[a] = t
+			}
+		}
+		c.Jobs[id] = &cj
+	}
+	for id, m := range s.Members {
+		c.Members[id] = m
+	}
+	return c
+}
+
 // Marshal and Unmarshal are the snapshot format.
 func (s *State) Marshal() ([]byte, error) { return json.Marshal(s) }
 

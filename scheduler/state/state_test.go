@@ -133,3 +133,20 @@ func TestBarrierAndAdoption(t *testing.T) {
 		t.Error("a worker booting after the gang started was recorded as part of it")
 	}
 }
+
+// A clone does not change when the state goes on applying commands.
+func TestCloneIsIndependent(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("a", 2), Barrier: true})
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "a", Alloc: "x"})
+	c := s.Clone()
+	before, _ := c.Marshal()
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "a", Alloc: "y"})
+	s.Apply(&Command{Op: OpStart, At: t0, JobID: "a"})
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("b", 1)})
+	s.Apply(&Command{Op: OpMember, Member: &Member{ID: "s1"}})
+	after, _ := c.Marshal()
+	if string(before) != string(after) {
+		t.Errorf("the clone changed:\nbefore %s\nafter  %s", before, after)
+	}
+}
