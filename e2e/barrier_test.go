@@ -78,6 +78,15 @@ func TestBarrierDirectGangStartsTogether(t *testing.T) {
 	if v.Reason != "every worker exited" || v.StartedAt.IsZero() {
 		t.Errorf("adopted gang: %+v", v)
 	}
+	// It is billed per worker from its release, like a submitted gang.
+	var bill struct {
+		Lines []struct{ StartMs, EndMs int64 }
+		Total float64
+	}
+	getJSON(t, api+"/v1/job/together/bill", &bill)
+	if len(bill.Lines) != 3 || bill.Total <= 0 || bill.Lines[0].StartMs != v.StartedAt.UnixMilli() {
+		t.Errorf("bill of the adopted gang: %+v (started %d)", bill, v.StartedAt.UnixMilli())
+	}
 }
 
 // TestBarrierPartialGangStoppedAndRequeued: a gang registered with Nomad

@@ -80,14 +80,15 @@ func nodeFreeMemory(t *testing.T, c *devcluster.Cluster) int {
 }
 
 type jobView struct {
-	Attempts  int
-	ID        string
-	Status    string
-	Reason    string
-	Workers   int
-	StartedAt time.Time
-	Deadline  time.Time
-	EndedAt   time.Time
+	SubmittedAt time.Time
+	Attempts    int
+	ID          string
+	Status      string
+	Reason      string
+	Workers     int
+	StartedAt   time.Time
+	Deadline    time.Time
+	EndedAt     time.Time
 }
 
 func sleepGang(name string, count, memMB int, maxRuntime string, secs int) string {
@@ -157,6 +158,16 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	// The nodes view shows what first holds.
+	var nv []struct {
+		ID             string
+		Capacity, Free struct{ MemoryMB int }
+	}
+	getJSON(t, addr+"/v1/nodes", &nv)
+	if len(nv) != 1 || nv[0].Capacity.MemoryMB != free || nv[0].Free.MemoryMB != free-6*mem {
+		t.Errorf("GET /v1/nodes while first holds 6 x %d MiB of %d: %+v", mem, free, nv)
+	}
+
 	// The queue shows it, and so do the metrics.
 	if out, err := exec.Command(cohortBin, "queue", "-address", addr).CombinedOutput(); err != nil || !strings.Contains(string(out), "second") {
 		t.Errorf("cohort queue: %v\n%s", err, out)
@@ -186,6 +197,35 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 		getJSON(t, addr+"/v1/job/second", &v)
 		return v.Status == "finished" && v.Reason == "every worker exited"
 	})
+}
+
+// TestQueuedGangTimesOut: a gang that would fit the empty cluster but
+// not beside what runs now fails once it has waited its gang timeout,
+// saying what it needs and what the most free node had.
+func TestQueuedGangTimesOut(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	mem := nodeFreeMemory(t, c) / 4
+	cohortRun(t, addr, sleepGang("holder", 3, mem, "1m", 30))
+	waitFor(t, "holder running", func() bool {
+		var v jobView
+		getJSON(t, addr+"/v1/job/holder", &v)
+		return v.Status == "running"
+	})
+	spec := strings.Replace(sleepGang("waiter", 2, mem, "1m", 1), `gang_timeout = "30s"`, `gang_timeout = "2s"`, 1)
+	cohortRun(t, addr, spec)
+	var v jobView
+	waitFor(t, "waiter failed", func() bool {
+		getJSON(t, addr+"/v1/job/waiter", &v)
+		return v.Status == "failed"
+	})
+	t.Logf("waiter: %s", v.Reason)
+	if !strings.Contains(v.Reason, "not placed within its gang timeout of 2s") || !strings.Contains(v.Reason, "the most free of 1 eligible nodes") {
+		t.Errorf("reason: %q", v.Reason)
+	}
+	if waited := v.EndedAt.Sub(v.SubmittedAt); waited < 2*time.Second || waited > 10*time.Second {
+		t.Errorf("failed %s after submission, want its gang timeout of 2s", waited)
+	}
 }
 
 // TestMaxRuntimeStopsGang: a gang with max_runtime = "3s" is stopped 3 s

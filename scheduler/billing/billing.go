@@ -57,13 +57,12 @@ func For(j *state.Job, p Prices, now time.Time) Bill {
 	if end.IsZero() {
 		end, b.Open = now, true
 	}
-	groups := map[string]int{}
-	for i, g := range j.Spec.Groups {
-		groups[g.Name] = i
-	}
 	hours := end.Sub(j.StartedAt).Hours()
 	for _, w := range j.Decision.Workers {
-		g := j.Spec.Groups[groups[w.Group]]
+		g := j.Spec.Group(w.Group)
+		if g == nil {
+			continue
+		}
 		devices := 0
 		for _, c := range g.Devices {
 			devices += c

@@ -289,8 +289,8 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 // release gives a running job's resources back.
 func (inv *inventory) release(r *Running) { inv.applyDecision(r.Job, r.Decision, -1) }
 
-// group finds a job's group by name.
-func (j *Job) group(name string) *Group {
+// Group finds a job's group by name; nil if it has none.
+func (j *Job) Group(name string) *Group {
 	for i := range j.Groups {
 		if j.Groups[i].Name == name {
 			return &j.Groups[i]
@@ -394,7 +394,7 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 func (inv *inventory) applyDecision(j *Job, d Decision, sign int) {
 	for _, w := range d.Workers {
 		i, ok := inv.index[w.Node]
-		g := j.group(w.Group)
+		g := j.Group(w.Group)
 		if !ok || g == nil {
 			continue
 		}

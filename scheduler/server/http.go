@@ -67,6 +67,7 @@ func view(j *state.Job) JobView {
 //	GET    /v1/queue     -> queued jobs in scheduling order
 //	GET    /metrics      -> Prometheus text format
 //	POST   /v1/barrier/{job}  a worker's boot report; see barrier.go
+//	GET    /v1/nodes     -> []NodeView: capacity and what is free, as placement sees it
 //	GET    /v1/members   -> []MemberView, the Raft group
 //	GET    /v1/agent/self -> AgentSelf
 //	POST   /v1/members/join, /v1/members/register  (between servers)
@@ -80,6 +81,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/job/{id}", s.handleGet)
 	mux.HandleFunc("DELETE /v1/job/{id}", s.leaderOnly(s.handleStop))
 	mux.HandleFunc("POST /v1/barrier/{job}", s.leaderOnly(s.handleBarrier))
+	mux.HandleFunc("GET /v1/nodes", s.handleNodes)
 	mux.HandleFunc("GET /v1/members", s.handleMembers)
 	mux.HandleFunc("GET /v1/agent/self", s.handleAgentSelf)
 	mux.HandleFunc("POST /v1/members/join", s.leaderOnly(s.handleJoin))
@@ -244,6 +246,48 @@ func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintln(w, "# HELP cohort_raft_applied_index Last Raft index applied here.")
 	fmt.Fprintln(w, "# TYPE cohort_raft_applied_index gauge")
 	fmt.Fprintf(w, "cohort_raft_applied_index %d\n", s.r.AppliedIndex())
+}
+
+// NodeView is one Nomad node as the scheduler sees it.
+type NodeView struct {
+	ID, Datacenter, Pool string
+	// Capacity is what jobs can use at all; Free what is left after every
+	// allocation and every cohort reservation.
+	Capacity, Free Resources
+}
+
+// Resources is CPU (MHz), memory (MiB) and devices by kind.
+type Resources struct {
+	CPU      int
+	MemoryMB int
+	Devices  map[string]int `json:",omitempty"`
+}
+
+func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {
+	var holding []placement.Running
+	s.r.Read(func(st *state.State) { holding = st.Holding(s.now()) })
+	capacity, err := s.nomad.Capacity()
+	if err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	free, err := s.free(holding)
+	if err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	byID := map[string]placement.Node{}
+	for _, n := range free {
+		byID[n.ID] = n
+	}
+	out := make([]NodeView, 0, len(capacity))
+	for _, c := range capacity {
+		f := byID[c.ID]
+		out = append(out, NodeView{ID: c.ID, Datacenter: c.Datacenter, Pool: c.Pool,
+			Capacity: Resources{CPU: c.CPU, MemoryMB: c.MemoryMB, Devices: c.Devices},
+			Free:     Resources{CPU: f.CPU, MemoryMB: f.MemoryMB, Devices: f.Devices}})
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) handleLeader(w http.ResponseWriter, r *http.Request) {

@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
@@ -189,7 +191,6 @@ func (s *Server) pass() error {
 	var waiting []state.Job // queued, for their gang timeout
 	var reserved, running []state.Job
 	var holding []placement.Running
-	skip := map[string]bool{}
 	s.r.Read(func(st *state.State) {
 		for _, j := range st.ByStatus(state.Queued) {
 			spec := j.Spec
@@ -203,9 +204,6 @@ func (s *Server) pass() error {
 			running = append(running, *j)
 		}
 		holding = st.Holding(now)
-		for _, h := range holding {
-			skip[h.Job.ID] = true
-		}
 	})
 
 	// Deadlines first: they are the tightest promise.
@@ -223,11 +221,10 @@ func (s *Server) pass() error {
 	if len(queued) == 0 {
 		return nil
 	}
-	free, err := s.nomad.Inventory(skip)
+	free, err := s.free(holding)
 	if err != nil {
 		return err
 	}
-	free = placement.Subtract(free, holding)
 	plan := placement.Schedule(now, free, holding, queued)
 	placed := map[string]bool{}
 	for _, d := range plan.Decisions {
@@ -303,7 +300,11 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 	}
 	switch {
 	case ready >= j.Spec.Size():
-		if err := s.apply(&state.Command{Op: state.OpStart, At: now, JobID: id}); err != nil {
+		start := &state.Command{Op: state.OpStart, At: now, JobID: id}
+		if j.Decision == nil {
+			start.Decision = adoptedDecision(j, a)
+		}
+		if err := s.apply(start); err != nil {
 			return err
 		}
 		s.log.Info("gang running", "job", id, "workers", ready, "barrier", j.Barrier, "after", now.Sub(j.ReservedAt))
@@ -335,6 +336,40 @@ func (s *Server) register(d placement.Decision) error {
 		return fmt.Errorf("decoding stored nomad job: %w", err)
 	}
 	return s.nomad.Register(&nj, &d)
+}
+
+// adoptedDecision records where Nomad placed an adopted gang's live
+// workers, as if cohort had placed them.
+func adoptedDecision(j *state.Job, a nomad.Allocs) *placement.Decision {
+	d := &placement.Decision{Job: j.Spec.ID}
+	for _, w := range a.Workers {
+		if !a.Live[w.Alloc] {
+			continue
+		}
+		// Nomad names allocations "<job>.<group>[<index>]".
+		name := strings.TrimPrefix(w.Name, j.Spec.ID+".")
+		group, idx, ok := strings.Cut(strings.TrimSuffix(name, "]"), "[")
+		if !ok {
+			continue
+		}
+		i, _ := strconv.Atoi(idx)
+		d.Workers = append(d.Workers, placement.Worker{Group: group, Index: i, Node: w.Node})
+	}
+	return d
+}
+
+// free is what placement may use now: what Nomad reports free with
+// cohort's own gangs left out, minus what those gangs hold.
+func (s *Server) free(holding []placement.Running) ([]placement.Node, error) {
+	skip := map[string]bool{}
+	for _, h := range holding {
+		skip[h.Job.ID] = true
+	}
+	nodes, err := s.nomad.Inventory(skip)
+	if err != nil {
+		return nil, err
+	}
+	return placement.Subtract(nodes, holding), nil
 }
 
 // Stop ends a job at a user's request.

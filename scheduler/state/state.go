@@ -192,6 +192,12 @@ func (s *State) Apply(c *Command) Result {
 			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Spec.ID, j.Status)}
 		}
 		j.Status, j.StartedAt = Running, c.At
+		if j.Decision == nil && c.Decision != nil {
+			// An adopted gang: where Nomad put its workers, for the
+			// ledger and for placement from now on.
+			d := *c.Decision
+			j.Decision = &d
+		}
 	case OpFinish, OpFail:
 		if j.Status == Finished || j.Status == Failed {
 			return Result{Job: j}
