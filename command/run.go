@@ -245,6 +245,8 @@ Options:
 
   -address=<url>  cohort server API. Default: $COHORT_ADDR or
                   http://127.0.0.1:4747.
+  -run=<n>        Bill run n of a job run several times. Default: the
+                  latest run.
   -json           Print JSON.
 `
 
@@ -255,11 +257,16 @@ func (c *BillCommand) Run(args []string) int {
 	fs := flagSet("bill")
 	addr := fs.String("address", "", "")
 	asJSON := fs.Bool("json", false, "")
+	run := fs.Int("run", 0, "")
 	if ok, code := parse(c.UI, fs, args, 1, billHelp); !ok {
 		return code
 	}
+	path := "/v1/job/" + fs.Arg(0) + "/bill"
+	if *run != 0 {
+		path += fmt.Sprintf("?run=%d", *run)
+	}
 	var b billing.Bill
-	if err := call(http.MethodGet, address(*addr)+"/v1/job/"+fs.Arg(0)+"/bill", nil, &b); err != nil {
+	if err := call(http.MethodGet, address(*addr)+path, nil, &b); err != nil {
 		c.UI.Error(err.Error())
 		return ExitError
 	}
@@ -275,7 +282,11 @@ func (c *BillCommand) Run(args []string) int {
 	if b.Open {
 		open = " (running: so far)"
 	}
-	c.UI.Output(fmt.Sprintf("total %s: %.6f %s%s", b.Job, b.Total, b.Currency, open))
+	runNote := ""
+	if b.Run > 1 {
+		runNote = fmt.Sprintf(" (run %d)", b.Run)
+	}
+	c.UI.Output(fmt.Sprintf("total %s%s: %.6f %s%s", b.Job, runNote, b.Total, b.Currency, open))
 	return ExitOK
 }
 

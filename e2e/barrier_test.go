@@ -87,6 +87,18 @@ func TestBarrierDirectGangStartsTogether(t *testing.T) {
 	if len(bill.Lines) != 3 || bill.Total <= 0 || bill.Lines[0].StartMs != v.StartedAt.UnixMilli() {
 		t.Errorf("bill of the adopted gang: %+v (started %d)", bill, v.StartedAt.UnixMilli())
 	}
+
+	// Registered again (changed, so Nomad runs it again), it is the job's
+	// second run; the first run's bill stays.
+	submit(t, c, gangJob("together", 3, 128, "60s", "env"))
+	waitFor(t, "second run finished", func() bool {
+		getJSON(t, api+"/v1/job/together", &v)
+		return v.Run == 2 && v.Status == "finished"
+	})
+	getJSON(t, api+"/v1/job/together/bill?run=1", &bill)
+	if len(bill.Lines) != 3 {
+		t.Errorf("bill of the first run after the second: %+v", bill)
+	}
 }
 
 // TestBarrierPartialGangStoppedAndRequeued: a gang registered with Nomad

@@ -80,6 +80,7 @@ func nodeFreeMemory(t *testing.T, c *devcluster.Cluster) int {
 }
 
 type jobView struct {
+	Run         int
 	SubmittedAt time.Time
 	Attempts    int
 	ID          string

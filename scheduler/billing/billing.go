@@ -40,6 +40,7 @@ type Line struct {
 // Bill is a job's ledger and its total.
 type Bill struct {
 	Job      string
+	Run      int `json:",omitempty"`
 	Status   state.Status
 	Open     bool // still running: the last line ends now
 	Lines    []Line
@@ -49,7 +50,7 @@ type Bill struct {
 
 // For bills a job as of now. A job that never ran costs nothing.
 func For(j *state.Job, p Prices, now time.Time) Bill {
-	b := Bill{Job: j.Spec.ID, Status: j.Status, Currency: p.Currency}
+	b := Bill{Job: j.Spec.ID, Run: j.Run, Status: j.Status, Currency: p.Currency}
 	if j.StartedAt.IsZero() || j.Decision == nil {
 		return b
 	}

@@ -67,7 +67,9 @@ func (s *Server) Boot(jobID, alloc string) (BarrierResponse, error) {
 	var known, recorded bool
 	s.r.Read(func(st *state.State) {
 		j, ok := st.Jobs[jobID]
-		known = ok
+		// A job whose run ended and that reports again was registered
+		// with Nomad again: a new run to adopt.
+		known = ok && !j.Ended()
 		if ok {
 			_, recorded = j.Booted[alloc]
 		}
@@ -98,6 +100,9 @@ func (s *Server) adopt(jobID string) (BarrierResponse, error) {
 	}
 	if err != nil {
 		return BarrierResponse{}, err
+	}
+	if nj.Stop != nil && *nj.Stop {
+		return BarrierResponse{Status: BarrierAbort, Reason: fmt.Sprintf("nomad job %s is stopped", jobID)}, nil
 	}
 	g, err := jobspec.GangFromNomad(nj)
 	if err != nil || g == nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,6 +33,7 @@ type JobView struct {
 	Deadline    time.Time `json:",omitempty"`
 	EndedAt     time.Time `json:",omitempty"`
 	Adopted     bool      `json:",omitempty"`
+	Run         int       `json:",omitempty"`
 	// WorkerStates is filled by GET /v1/job/{id}?workers=1.
 	WorkerStates []WorkerView `json:",omitempty"`
 }
@@ -40,7 +42,7 @@ func view(j *state.Job) JobView {
 	v := JobView{
 		ID: j.Spec.ID, Status: j.Status, Priority: j.Spec.Priority, Workers: j.Spec.Size(),
 		Reason: j.Reason, Attempts: j.Attempts, SubmittedAt: j.SubmittedAt, ReservedAt: j.ReservedAt,
-		StartedAt: j.StartedAt, EndedAt: j.EndedAt, Adopted: j.Adopted,
+		StartedAt: j.StartedAt, EndedAt: j.EndedAt, Adopted: j.Adopted, Run: j.Run,
 	}
 	if !j.StartedAt.IsZero() {
 		v.Deadline = j.Deadline()
@@ -61,7 +63,7 @@ func view(j *state.Job) JobView {
 //	GET    /v1/jobs      -> []JobView in submission order
 //	GET    /v1/job/{id}  -> JobView
 //	DELETE /v1/job/{id}  stop the job
-//	GET    /v1/job/{id}/bill -> billing.Bill, per worker and millisecond
+//	GET    /v1/job/{id}/bill[?run=N] -> billing.Bill, per worker and millisecond
 //	GET    /v1/leader    -> {"ID", "Address"} of the Raft leader
 //	GET    /v1/health    -> 200 when this replica has a leader
 //	GET    /v1/queue     -> queued jobs in scheduling order
@@ -176,14 +178,31 @@ func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	var b *billing.Bill
 	now := s.now()
-	s.r.Read(func(st *state.State) {
-		if j, ok := st.Jobs[id]; ok {
-			bill := billing.For(j, s.prices, now)
-			b = &bill
+	run := 0
+	if v := r.URL.Query().Get("run"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("run must be a run number from 1, got %q", v))
+			return
 		}
+		run = n
+	}
+	s.r.Read(func(st *state.State) {
+		j, ok := st.Jobs[id]
+		if !ok {
+			return
+		}
+		if run != 0 && run != j.Run {
+			if run > len(j.Previous) {
+				return
+			}
+			j = &j.Previous[run-1]
+		}
+		bill := billing.For(j, s.prices, now)
+		b = &bill
 	})
 	if b == nil {
-		writeErr(w, http.StatusNotFound, errors.New("no job "+id))
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no job %s (run %d)", id, run))
 		return
 	}
 	writeJSON(w, http.StatusOK, b)

@@ -52,7 +52,14 @@ type Job struct {
 	// cohort: Nomad placed it, so it holds no reservation of cohort's
 	// until it fails to complete and is requeued.
 	Adopted bool `json:",omitempty"`
+	// Run counts the runs of this job ID, from 1; Previous holds the
+	// ended runs before this one, oldest first, for their bills.
+	Run      int   `json:",omitempty"`
+	Previous []Job `json:",omitempty"`
 }
+
+// Ended says whether the job has finished or failed.
+func (j *Job) Ended() bool { return j.Status == Finished || j.Status == Failed }
 
 // Deadline is when a running job must be stopped.
 func (j *Job) Deadline() time.Time { return j.StartedAt.Add(j.Spec.MaxRuntime) }
@@ -122,9 +129,10 @@ type Member struct {
 // New returns an empty state.
 func New() *State { return &State{Jobs: map[string]*Job{}, Members: map[string]Member{}} }
 
-// Apply applies one command. Submitting a job ID that exists is a no-op that
-// returns the existing job, so a client may retry a submission whose answer
-// it lost without creating the job twice.
+// Apply applies one command. Submitting a job ID that exists and has not
+// ended is a no-op that returns the existing job, so a client may retry a
+// submission whose answer it lost without creating the job twice;
+// submitting one whose run ended starts its next run.
 func (s *State) Apply(c *Command) Result {
 	switch c.Op {
 	case OpMember:
@@ -146,13 +154,22 @@ func (s *State) Apply(c *Command) Result {
 		if c.Job == nil || c.Job.ID == "" {
 			return Result{Err: "submit without a job"}
 		}
-		if j, ok := s.Jobs[c.Job.ID]; ok {
-			return Result{Job: j}
+		// A known ID is the same submission retried, unless its run has
+		// ended: then, as with Nomad, registering it again runs it again.
+		old, ok := s.Jobs[c.Job.ID]
+		if ok && !old.Ended() {
+			return Result{Job: old}
 		}
 		spec := *c.Job
 		spec.Seq = s.NextSeq
 		s.NextSeq++
-		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Barrier: c.Barrier}
+		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Barrier: c.Barrier, Run: 1}
+		if ok {
+			prev := *old
+			prev.Previous = nil
+			j.Previous = append(append([]Job(nil), old.Previous...), prev)
+			j.Run = old.Run + 1
+		}
 		if c.Op == OpAdopt {
 			j.Status, j.ReservedAt, j.Adopted, j.Attempts = Reserved, c.At, true, 1
 		}

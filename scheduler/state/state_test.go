@@ -150,3 +150,28 @@ func TestCloneIsIndependent(t *testing.T) {
 		t.Errorf("the clone changed:\nbefore %s\nafter  %s", before, after)
 	}
 }
+
+// A job ID submitted again while its run goes on is a retry; once the run
+// has ended it is a new run, and the ended one is kept for its bill.
+func TestRerunAfterEnd(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("a", 1)})
+	if r := s.Apply(&Command{Op: OpSubmit, At: t0.Add(time.Second), Job: spec("a", 1)}); r.Job.Run != 1 || !r.Job.SubmittedAt.Equal(t0) {
+		t.Fatalf("a retried submission made a new run: %+v", r.Job)
+	}
+	s.Apply(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 1)})
+	s.Apply(&Command{Op: OpStart, At: t0, JobID: "a"})
+	s.Apply(&Command{Op: OpFinish, At: t0.Add(time.Minute), JobID: "a", Reason: "every worker exited"})
+	r := s.Apply(&Command{Op: OpSubmit, At: t0.Add(2 * time.Minute), Job: spec("a", 1)})
+	if r.Job.Run != 2 || r.Job.Status != Queued || len(r.Job.Previous) != 1 {
+		t.Fatalf("rerun: %+v", r.Job)
+	}
+	if p := r.Job.Previous[0]; p.Run != 1 || p.Status != Finished || !p.EndedAt.Equal(t0.Add(time.Minute)) {
+		t.Errorf("the ended run was not kept: %+v", p)
+	}
+	s.Apply(&Command{Op: OpFail, At: t0.Add(3 * time.Minute), JobID: "a", Reason: "gang timeout"})
+	r = s.Apply(&Command{Op: OpAdopt, At: t0.Add(4 * time.Minute), Job: spec("a", 1)})
+	if r.Job.Run != 3 || r.Job.Status != Reserved || len(r.Job.Previous) != 2 || r.Job.Previous[1].Status != Failed {
+		t.Errorf("adopting an ended job's new run: %+v", r.Job)
+	}
+}
