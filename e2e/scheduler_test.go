@@ -229,6 +229,23 @@ func TestQueuedGangTimesOut(t *testing.T) {
 	}
 }
 
+// TestGangFailsAfterAttempts: a gang whose workers fail before it starts
+// is stopped and requeued whole, and after three attempts fails for good.
+func TestGangFailsAfterAttempts(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	cohortRun(t, addr, strings.Replace(sleepGang("broken", 2, 64, "1m", 1), "/bin/sleep", "/nonexistent/program", 1))
+	var v jobView
+	waitFor(t, "broken failed", func() bool {
+		getJSON(t, addr+"/v1/job/broken", &v)
+		return v.Status == "failed"
+	})
+	t.Logf("broken: %s", v.Reason)
+	if v.Attempts != 3 || !strings.Contains(v.Reason, "did not start in 3 attempts") || !strings.Contains(v.Reason, "failed before the gang started") {
+		t.Errorf("broken gang ended after %d attempts: %q", v.Attempts, v.Reason)
+	}
+}
+
 // TestMaxRuntimeStopsGang: a gang with max_runtime = "3s" is stopped 3 s
 // after it started; the test reports how late.
 func TestMaxRuntimeStopsGang(t *testing.T) {

@@ -129,6 +129,10 @@ func usesBarrier(nj *api.Job) bool {
 	return n > 0
 }
 
+// MaxAttempts is how many times a gang is placed before a failure to start
+// fails it for good.
+const MaxAttempts = 3
+
 // MicroVMDriver is the task driver that implements the start barrier.
 const MicroVMDriver = "microvm"
 
@@ -319,6 +323,14 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 		}
 		if err := s.nomad.Stop(id); err != nil {
 			return err
+		}
+		if j.Attempts >= MaxAttempts {
+			// Something placement cannot see keeps the gang from starting
+			// where it fits (a constraint only Nomad checks, a node that
+			// cannot boot it): stop trying.
+			why = fmt.Sprintf("did not start in %d attempts; the last: %s", j.Attempts, why)
+			s.log.Warn("gang failed", "job", id, "reason", why)
+			return s.apply(&state.Command{Op: state.OpFail, At: now, JobID: id, Reason: why})
 		}
 		if err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: id, Reason: why}); err != nil {
 			return err
