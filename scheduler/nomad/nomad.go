@@ -26,6 +26,9 @@ type Client struct {
 	mu     sync.Mutex
 	nodes  []*api.NodeListStub
 	allocs []*api.AllocationListStub
+	// jobIndex is, per job, the highest ModifyIndex among its
+	// allocations in allocs: it moves whenever one of them changes.
+	jobIndex map[string]uint64
 	// watching is set while Watch keeps nodes and allocs current.
 	watching bool
 }
@@ -76,7 +79,7 @@ func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.watching, c.nodes, c.allocs = false, nil, nil
+		c.watching, c.nodes, c.allocs, c.jobIndex = false, nil, nil, nil
 		c.mu.Unlock()
 	}()
 	var wg sync.WaitGroup
@@ -103,8 +106,12 @@ func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 			if err != nil {
 				return 0, err
 			}
+			idx := make(map[string]uint64, len(as))
+			for _, a := range as {
+				idx[a.JobID] = max(idx[a.JobID], a.ModifyIndex)
+			}
 			c.mu.Lock()
-			c.allocs = as
+			c.allocs, c.jobIndex = as, idx
 			c.mu.Unlock()
 			return meta.LastIndex, nil
 		})
@@ -289,6 +296,20 @@ func (c *Client) Job(id string) (*api.Job, error) {
 		return nil, fmt.Errorf("reading nomad job %s: %w", id, err)
 	}
 	return j, nil
+}
+
+// AllocIndex is a job's allocation change marker from the watcher: while
+// it stays the same, none of the job's allocations changed. Without a
+// running watcher it is 0, which means unknown.
+func (c *Client) AllocIndex(jobID string) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.watching || c.jobIndex == nil {
+		return 0
+	}
+	// A job with no allocations yet still gets a marker, distinct from
+	// "unknown".
+	return c.jobIndex[jobID] + 1
 }
 
 // Allocs counts the allocations of a job's current version. A gang that

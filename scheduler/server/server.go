@@ -36,6 +36,38 @@ type Server struct {
 	self   state.Member // set by Advertise
 	// lastRegister rate-limits a follower's requests to record itself.
 	lastRegister time.Time
+	// seen caches each watched job's allocations (leader loop only).
+	seen map[string]seenAllocs
+}
+
+// seenAllocs is a job's allocations as last read from Nomad.
+type seenAllocs struct {
+	index uint64
+	at    time.Time
+	a     nomad.Allocs
+}
+
+// allocRecheck bounds how long the leader trusts a job's allocations
+// without asking Nomad, even when the watcher reports no change.
+const allocRecheck = 5 * time.Second
+
+// allocs reads a gang's allocations from Nomad when the watcher saw them
+// change (or allocRecheck passed), and from the last read otherwise: a
+// pass over many running gangs then costs Nomad nothing.
+func (s *Server) allocs(id string, now time.Time) (nomad.Allocs, error) {
+	idx := s.nomad.AllocIndex(id)
+	if c, ok := s.seen[id]; ok && idx != 0 && c.index == idx && now.Sub(c.at) < allocRecheck {
+		return c.a, nil
+	}
+	a, err := s.nomad.Allocs(id)
+	if err != nil {
+		return a, err
+	}
+	if s.seen == nil {
+		s.seen = map[string]seenAllocs{}
+	}
+	s.seen[id] = seenAllocs{index: idx, at: now, a: a}
+	return a, nil
 }
 
 // New returns a server over a started replica and a Nomad client.
@@ -150,7 +182,7 @@ func (s *Server) Run(ctx context.Context) {
 		case <-t.C:
 		}
 		if !s.r.IsLeader() {
-			leading = false
+			leading, s.seen = false, nil
 			if time.Since(s.lastRegister) > time.Second {
 				s.lastRegister = time.Now()
 				if err := s.registerSelf(); err != nil {
@@ -209,6 +241,20 @@ func (s *Server) pass() error {
 		}
 		holding = st.Holding(now)
 	})
+
+	// Forget the allocations of gangs no longer watched: one that comes
+	// back is registered anew.
+	watched := make(map[string]bool, len(reserved)+len(running))
+	for _, l := range [][]state.Job{reserved, running} {
+		for i := range l {
+			watched[l[i].Spec.ID] = true
+		}
+	}
+	for id := range s.seen {
+		if !watched[id] {
+			delete(s.seen, id)
+		}
+	}
 
 	// Deadlines first: they are the tightest promise.
 	for _, j := range running {
@@ -269,7 +315,7 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 		s.log.Info("max runtime reached; stopped", "job", id, "late", late)
 		return s.apply(&state.Command{Op: state.OpFinish, At: now, JobID: id, Reason: fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds())})
 	}
-	a, err := s.nomad.Allocs(id)
+	a, err := s.allocs(id, now)
 	if err != nil {
 		return err
 	}
@@ -289,7 +335,7 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 // whole.
 func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 	id := j.Spec.ID
-	a, err := s.nomad.Allocs(id)
+	a, err := s.allocs(id, now)
 	if err != nil {
 		return err
 	}
