@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -232,8 +233,9 @@ func TestRunShowsWorkerProgress(t *testing.T) {
 			}
 			states = append(states, st)
 		}
-		if len(states) < 3 || states[0] != "queued" || states[1] != "reserved" || states[len(states)-1] != "exit 3" {
-			t.Errorf("worker %s went through %v; want queued, reserved, ..., exit 3", w, states)
+		// A gang that fits is reserved on arrival: it may skip queued.
+		if len(states) < 2 || !slices.Contains(states, "reserved") || states[len(states)-1] != "exit 3" {
+			t.Errorf("worker %s went through %v; want [queued] reserved ... exit 3", w, states)
 		}
 	}
 	if !strings.Contains(string(out), "finished: 2 of 2 workers failed") {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
@@ -36,6 +37,9 @@ type Server struct {
 	self   state.Member // set by Advertise
 	// lastRegister rate-limits a follower's requests to record itself.
 	lastRegister time.Time
+	// schedMu serialises placing gangs: the leader loop's passes and
+	// admissions that place a gang on arrival.
+	schedMu sync.Mutex
 	// seen caches each watched job's allocations (leader loop only).
 	seen map[string]seenAllocs
 }
@@ -100,14 +104,58 @@ func (s *Server) Submit(nj *api.Job) (*state.Job, error) {
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.r.Apply(&state.Command{Op: state.OpSubmit, At: s.now(), Job: spec, Nomad: raw, Barrier: usesBarrier(nj)}, 5*time.Second)
+	// Admission: a gang that can start now is placed and reserved in the
+	// same commit that accepts it; any other waits in the queue for the
+	// leader loop.
+	s.schedMu.Lock()
+	defer s.schedMu.Unlock()
+	now := s.now()
+	c := &state.Command{Op: state.OpSubmit, At: now, Job: spec, Nomad: raw, Barrier: usesBarrier(nj)}
+	if d, ok := s.placeNow(now, spec); ok {
+		c.Op, c.Decision = state.OpAdmit, &d
+	}
+	res, err := s.r.Apply(c, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
 	if res.Err != "" {
 		return nil, errors.New(res.Err)
 	}
+	if c.Op == state.OpAdmit && res.Job.Status == state.Reserved && res.Job.Decision != nil && res.Job.ReservedAt.Equal(now) {
+		if err := s.register(*res.Job.Decision); err != nil {
+			s.log.Warn("registering admitted gang failed; requeued", "job", spec.ID, "error", err)
+			s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: spec.ID, Reason: err.Error()})
+		}
+	}
 	return res.Job, nil
+}
+
+// placeNow places a new gang at once when nothing queued goes before it
+// and it fits beside what runs. The caller holds schedMu.
+func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decision, bool) {
+	var ahead bool
+	var holding []placement.Running
+	s.r.Read(func(st *state.State) {
+		if j, ok := st.Jobs[spec.ID]; ok && !j.Ended() {
+			ahead = true // a retry: the job is known already
+			return
+		}
+		for _, j := range st.ByStatus(state.Queued) {
+			if j.Spec.Priority >= spec.Priority {
+				ahead = true
+				return
+			}
+		}
+		holding = st.Holding(now)
+	})
+	if ahead || !s.r.IsLeader() {
+		return placement.Decision{}, false
+	}
+	free, err := s.free(holding)
+	if err != nil {
+		return placement.Decision{}, false
+	}
+	return placement.NewInventory(free).Place(spec)
 }
 
 // gangSpec turns a Nomad job and its gang options into what placement
@@ -203,7 +251,10 @@ func (s *Server) Run(ctx context.Context) {
 				s.log.Warn("recording this server's addresses", "error", err)
 			}
 		}
-		if err := s.pass(); err != nil {
+		s.schedMu.Lock()
+		err := s.pass()
+		s.schedMu.Unlock()
+		if err != nil {
 			s.log.Warn("scheduling pass", "error", err)
 		}
 	}
@@ -365,7 +416,7 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 		}
 		why := fmt.Sprintf("only %d of %d workers %s after %s", ready, j.Spec.Size(), what, now.Sub(j.ReservedAt).Round(time.Millisecond))
 		if a.Failed+a.Lost > 0 {
-			why = fmt.Sprintf("%d workers failed before the gang started", a.Failed+a.Lost)
+			why = fmt.Sprintf("%d of %d workers failed before the gang started", a.Failed+a.Lost, j.Spec.Size())
 		}
 		if err := s.nomad.Stop(id); err != nil {
 			return err
