@@ -124,6 +124,9 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 	}
 	a := &ServerAgent{r: r, done: make(chan struct{})}
 	fail := func(err error) (*ServerAgent, error) {
+		if a.Server != nil {
+			a.Server.Close()
+		}
 		for _, hs := range a.servers {
 			hs.Close()
 		}
@@ -192,6 +195,7 @@ func (a *ServerAgent) Stop() error {
 			hs.Close()
 		}
 	}
+	a.Server.Close()
 	return a.r.Shutdown()
 }
 

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -198,6 +199,55 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 		getJSON(t, addr+"/v1/job/second", &v)
 		return v.Status == "finished" && v.Reason == "every worker exited"
 	})
+}
+
+// TestConcurrentAdmissions: 16 gangs submitted at once to a node with room
+// for 10: admissions placed concurrently never hold more than fits, the
+// rest queue, and all 16 end up running to completion.
+func TestConcurrentAdmissions(t *testing.T) {
+	c, _ := cluster(t)
+	addr := cohortServer(t, c)
+	mem := nodeFreeMemory(t, c) * 2 / 21 // 10 fit, 11 do not
+	dir := t.TempDir()
+	var wg sync.WaitGroup
+	for i := 0; i < 16; i++ {
+		path := filepath.Join(dir, fmt.Sprintf("c%d.hcl", i))
+		writeFile(t, path, sleepGang(fmt.Sprintf("c%02d", i), 1, mem, "1m", 2))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if out, err := exec.Command(cohortBin, "run", "-detach", "-address", addr, path).CombinedOutput(); err != nil {
+				t.Errorf("cohort run: %v\n%s", err, out)
+			}
+		}()
+	}
+	wg.Wait()
+	maxHeld := 0
+	waitFor(t, "all 16 finished", func() bool {
+		var vs []jobView
+		getJSON(t, addr+"/v1/jobs", &vs)
+		held, done := 0, 0
+		for _, v := range vs {
+			switch v.Status {
+			case "reserved", "running":
+				held++
+			case "finished":
+				if v.Reason != "every worker exited" {
+					t.Errorf("%s ended: %s", v.ID, v.Reason)
+				}
+				done++
+			}
+		}
+		maxHeld = max(maxHeld, held)
+		if held > 10 {
+			t.Fatalf("%d gangs of %d MiB hold room at once; only 10 fit", held, mem)
+		}
+		return done == 16
+	})
+	t.Logf("at most %d gangs held room at once", maxHeld)
+	if maxHeld < 10 {
+		t.Errorf("at most %d gangs ran at once; 10 fit", maxHeld)
+	}
 }
 
 // TestQueuedGangTimesOut: a gang that would fit the empty cluster but

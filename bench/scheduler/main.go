@@ -81,6 +81,23 @@ func run() error {
 	}()
 	inv = placement.NewInventory(inventory())
 	var mu sync.Mutex
+	// Admissions are committed through the leader's batcher, as the
+	// server commits them.
+	batchers := map[*replica.Replica]*replica.Batcher{}
+	commit := func(c *state.Command) (state.Result, error) {
+		l := leader()
+		if l == nil {
+			return state.Result{}, replica.ErrNotLeader
+		}
+		mu.Lock()
+		b, ok := batchers[l]
+		if !ok {
+			b = replica.NewBatcher(l)
+			batchers[l] = b
+		}
+		mu.Unlock()
+		return b.Apply(c)
+	}
 	// An admission places the gang on the leader's inventory and commits
 	// it, submitted and reserved, in one Raft entry.
 	admit := func(j *placement.Job) (time.Duration, error) {
@@ -91,7 +108,7 @@ func run() error {
 		if !ok {
 			return 0, fmt.Errorf("gang %s did not fit", j.ID)
 		}
-		if res, err := leader().Apply(&state.Command{Op: state.OpAdmit, At: start, Job: j, Decision: &d}, 5*time.Second); err != nil || res.Err != "" {
+		if res, err := commit(&state.Command{Op: state.OpAdmit, At: start, Job: j, Decision: &d}); err != nil || res.Err != "" {
 			mu.Lock()
 			inv.Release(j, d)
 			mu.Unlock()

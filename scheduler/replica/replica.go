@@ -288,11 +288,20 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 	defer f.mu.Unlock()
 	res := f.st.Apply(&c)
 	f.notify()
+	copyJobs(&res)
+	return res
+}
+
+// copyJobs copies the jobs a result points to: callers read them after the
+// lock is gone.
+func copyJobs(res *state.Result) {
 	if res.Job != nil {
-		cp := *res.Job // callers read it after the lock is gone
+		cp := *res.Job
 		res.Job = &cp
 	}
-	return res
+	for i := range res.Results {
+		copyJobs(&res.Results[i])
+	}
 }
 
 // Snapshot copies the state under the lock and leaves the encoding to

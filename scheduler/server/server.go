@@ -38,8 +38,12 @@ type Server struct {
 	// lastRegister rate-limits a follower's requests to record itself.
 	lastRegister time.Time
 	// schedMu serialises placing gangs: the leader loop's passes and
-	// admissions that place a gang on arrival.
-	schedMu sync.Mutex
+	// admissions that place a gang on arrival. It guards inflight: the
+	// admissions placed whose commit has not returned yet.
+	schedMu  sync.Mutex
+	inflight map[string]placement.Running
+	// batch commits admissions and boot reports together.
+	batch *replica.Batcher
 	// seen caches each watched job's allocations (leader loop only).
 	seen map[string]seenAllocs
 }
@@ -76,8 +80,12 @@ func (s *Server) allocs(id string, now time.Time) (nomad.Allocs, error) {
 
 // New returns a server over a started replica and a Nomad client.
 func New(r *replica.Replica, n *nomad.Client, prices billing.Prices, log hclog.Logger) *Server {
-	return &Server{r: r, nomad: n, log: log, now: time.Now, prices: prices}
+	return &Server{r: r, nomad: n, log: log, now: time.Now, prices: prices,
+		inflight: map[string]placement.Running{}, batch: replica.NewBatcher(r)}
 }
+
+// Close stops the server's commit batcher; call it after Run has returned.
+func (s *Server) Close() { s.batch.Close() }
 
 // ErrRejected wraps the reason a job can never run.
 var ErrRejected = errors.New("job rejected")
@@ -106,15 +114,23 @@ func (s *Server) Submit(nj *api.Job) (*state.Job, error) {
 	}
 	// Admission: a gang that can start now is placed and reserved in the
 	// same commit that accepts it; any other waits in the queue for the
-	// leader loop.
-	s.schedMu.Lock()
-	defer s.schedMu.Unlock()
+	// leader loop. Placing is serialised; the commits of concurrent
+	// admissions are batched, with what each placed held as in flight
+	// meanwhile so no two admissions place on the same room.
 	now := s.now()
 	c := &state.Command{Op: state.OpSubmit, At: now, Job: spec, Nomad: raw, Barrier: usesBarrier(nj)}
+	s.schedMu.Lock()
 	if d, ok := s.placeNow(now, spec); ok {
 		c.Op, c.Decision = state.OpAdmit, &d
+		s.inflight[spec.ID] = placement.Running{Job: spec, Decision: d, Ends: now.Add(spec.MaxRuntime)}
 	}
-	res, err := s.r.Apply(c, 5*time.Second)
+	s.schedMu.Unlock()
+	res, err := s.batch.Apply(c)
+	if c.Op == state.OpAdmit {
+		s.schedMu.Lock()
+		delete(s.inflight, spec.ID) // committed (now held in the state) or failed
+		s.schedMu.Unlock()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -131,8 +147,12 @@ func (s *Server) Submit(nj *api.Job) (*state.Job, error) {
 }
 
 // placeNow places a new gang at once when nothing queued goes before it
-// and it fits beside what runs. The caller holds schedMu.
+// and it fits beside what runs and what is being admitted. The caller
+// holds schedMu.
 func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decision, bool) {
+	if _, ok := s.inflight[spec.ID]; ok || !s.r.IsLeader() {
+		return placement.Decision{}, false // a concurrent retry
+	}
 	var ahead bool
 	var holding []placement.Running
 	s.r.Read(func(st *state.State) {
@@ -148,14 +168,23 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decisio
 		}
 		holding = st.Holding(now)
 	})
-	if ahead || !s.r.IsLeader() {
+	if ahead {
 		return placement.Decision{}, false
 	}
-	free, err := s.free(holding)
+	free, err := s.free(s.withInflight(holding))
 	if err != nil {
 		return placement.Decision{}, false
 	}
 	return placement.NewInventory(free).Place(spec)
+}
+
+// withInflight adds the admissions placed but not yet committed to what
+// the state's gangs hold. The caller holds schedMu.
+func (s *Server) withInflight(holding []placement.Running) []placement.Running {
+	for _, r := range s.inflight {
+		holding = append(holding, r)
+	}
+	return holding
 }
 
 // gangSpec turns a Nomad job and its gang options into what placement
@@ -322,6 +351,7 @@ func (s *Server) pass() error {
 	if len(queued) == 0 {
 		return nil
 	}
+	holding = s.withInflight(holding)
 	free, err := s.free(holding)
 	if err != nil {
 		return err

@@ -85,6 +85,9 @@ const (
 	OpAdopt Op = "adopt"
 	// OpMember records a server's addresses.
 	OpMember Op = "member"
+	// OpBatch applies several commands in one log entry, in order, each
+	// on its own: one failing does not undo the others.
+	OpBatch Op = "batch"
 )
 
 // Command is one log entry.
@@ -99,6 +102,7 @@ type Command struct {
 	Alloc    string              `json:",omitempty"` // OpBoot
 	Barrier  bool                `json:",omitempty"` // OpSubmit, OpAdmit, OpAdopt
 	Member   *Member             `json:",omitempty"` // OpMember
+	Commands []*Command          `json:",omitempty"` // OpBatch
 }
 
 // Encode serialises a command for the log.
@@ -109,6 +113,8 @@ func (c *Command) Encode() ([]byte, error) { return json.Marshal(c) }
 type Result struct {
 	Job *Job
 	Err string
+	// Results answers an OpBatch, one per command, in order.
+	Results []Result `json:",omitempty"`
 }
 
 // State is the whole replicated state. It is not safe for concurrent use;
@@ -135,6 +141,16 @@ func New() *State { return &State{Jobs: map[string]*Job{}, Members: map[string]M
 // submitting one whose run ended starts its next run.
 func (s *State) Apply(c *Command) Result {
 	switch c.Op {
+	case OpBatch:
+		out := Result{Results: make([]Result, len(c.Commands))}
+		for i, sub := range c.Commands {
+			if sub.Op == OpBatch {
+				out.Results[i] = Result{Err: "nested batch"}
+				continue
+			}
+			out.Results[i] = s.Apply(sub)
+		}
+		return out
 	case OpMember:
 		if c.Member == nil || c.Member.ID == "" {
 			return Result{Err: "member without an ID"}
