@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -89,7 +90,7 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 			return // released before a restart of the plugin
 		}
 		base := strings.TrimRight(servers[i%len(servers)], "/")
-		v, err := reportBoot(ctx, base+"/v1/barrier/"+h.cfg.JobID, body)
+		v, err := reportBoot(ctx, base+"/v1/barrier/"+url.PathEscape(h.cfg.JobID), body)
 		switch {
 		case ctx.Err() != nil:
 			if h.d.ctx.Err() != nil || isClosed(h.done) {
@@ -122,8 +123,8 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 	}
 }
 
-func reportBoot(ctx context.Context, url string, body []byte) (*barrierVerdict, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+func reportBoot(ctx context.Context, endpoint string, body []byte) (*barrierVerdict, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
