@@ -71,11 +71,7 @@ func TestBarrierDirectGangStartsTogether(t *testing.T) {
 	}
 	t.Logf("last worker booted %s; first release %s later", lastWait.Format(time.StampMilli), firstRelease.Sub(lastWait))
 
-	var v jobView
-	waitFor(t, "cohort sees the adopted gang finish", func() bool {
-		getJSON(t, api+"/v1/job/together", &v)
-		return v.Status == "finished"
-	})
+	v := waitStatus(t, api, "together", "finished")
 	if v.Reason != "every worker exited" || v.StartedAt.IsZero() {
 		t.Errorf("adopted gang: %+v", v)
 	}
@@ -156,10 +152,7 @@ func TestBarrierPartialGangStoppedAndRequeued(t *testing.T) {
 
 	// At the gang timeout it is stopped and requeued, and no worker ever
 	// ran its program.
-	waitFor(t, "partial gang requeued", func() bool {
-		getJSON(t, api+"/v1/job/partial", &v)
-		return v.Status == "queued"
-	})
+	v = waitStatus(t, api, "partial", "queued")
 	t.Logf("requeued: %s", v.Reason)
 	if !strings.Contains(v.Reason, "only 2 of 3 workers booted") {
 		t.Errorf("requeue reason: %q", v.Reason)
@@ -178,10 +171,7 @@ func TestBarrierPartialGangStoppedAndRequeued(t *testing.T) {
 
 	// Room frees up: cohort places the gang whole and it runs to the end.
 	run(t, c, nomad, "job", "stop", "-purge", "hog")
-	waitFor(t, "requeued gang finished", func() bool {
-		getJSON(t, api+"/v1/job/partial", &v)
-		return v.Status == "finished" || v.Status == "failed"
-	})
+	v = waitStatus(t, api, "partial", "finished", "failed")
 	if v.Reason != "every worker exited" || v.Attempts != 2 {
 		t.Errorf("requeued gang ended: %+v", v)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -64,6 +65,33 @@ func cohortServerAt(t *testing.T, c *devcluster.Cluster, httpAddr string, args .
 		return resp.StatusCode == 200
 	})
 	return addr
+}
+
+// waitStatus waits until the cohort job id is in one of statuses and
+// returns it.
+func waitStatus(t *testing.T, api, id string, statuses ...string) jobView {
+	t.Helper()
+	var v jobView
+	waitFor(t, fmt.Sprintf("job %s %s", id, strings.Join(statuses, " or ")), func() bool {
+		getJSON(t, api+"/v1/job/"+id, &v)
+		return slices.Contains(statuses, v.Status)
+	})
+	return v
+}
+
+// waitWorkersStopped waits until no allocation of the Nomad job runs.
+func waitWorkersStopped(t *testing.T, c *devcluster.Cluster, job string) {
+	t.Helper()
+	waitFor(t, "workers of "+job+" stopped", func() bool {
+		var as []alloc
+		getJSON(t, c.NomadAddr()+"/v1/job/"+job+"/allocations", &as)
+		for _, a := range as {
+			if a.ClientStatus == "running" {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // nodeFreeMemory is the memory (MiB) the dev cluster's node offers jobs.
@@ -135,11 +163,7 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 	t.Logf("node memory %d MiB: workers of %d MiB, 16 fit", free, mem)
 
 	cohortRun(t, addr, sleepGang("first", 6, mem, "1m", 4))
-	waitFor(t, "first running", func() bool {
-		var v jobView
-		getJSON(t, addr+"/v1/job/first", &v)
-		return v.Status == "running"
-	})
+	waitStatus(t, addr, "first", "running")
 	cohortRun(t, addr, sleepGang("second", 12, mem, "1m", 2))
 
 	// While first runs, second waits whole: no Nomad job, no allocation.
@@ -185,11 +209,7 @@ func TestGangQueuesUntilWhole(t *testing.T) {
 	}
 
 	// First's workers exit; second starts with all 12.
-	waitFor(t, "second running", func() bool {
-		var v jobView
-		getJSON(t, addr+"/v1/job/second", &v)
-		return v.Status == "running" || v.Status == "finished"
-	})
+	waitStatus(t, addr, "second", "running", "finished")
 	allocs := waitAllocs(t, c, "second", 12, func(as []alloc) bool { return true })
 	if len(allocs) != 12 {
 		t.Fatalf("second has %d allocations, want 12", len(allocs))
@@ -258,18 +278,10 @@ func TestQueuedGangTimesOut(t *testing.T) {
 	addr := cohortServer(t, c)
 	mem := nodeFreeMemory(t, c) / 4
 	cohortRun(t, addr, sleepGang("holder", 3, mem, "1m", 30))
-	waitFor(t, "holder running", func() bool {
-		var v jobView
-		getJSON(t, addr+"/v1/job/holder", &v)
-		return v.Status == "running"
-	})
+	waitStatus(t, addr, "holder", "running")
 	spec := strings.Replace(sleepGang("waiter", 2, mem, "1m", 1), `gang_timeout = "30s"`, `gang_timeout = "2s"`, 1)
 	cohortRun(t, addr, spec)
-	var v jobView
-	waitFor(t, "waiter failed", func() bool {
-		getJSON(t, addr+"/v1/job/waiter", &v)
-		return v.Status == "failed"
-	})
+	v := waitStatus(t, addr, "waiter", "failed")
 	t.Logf("waiter: %s", v.Reason)
 	if !strings.Contains(v.Reason, "not placed within its gang timeout of 2s") || !strings.Contains(v.Reason, "the most free of 1 eligible nodes") {
 		t.Errorf("reason: %q", v.Reason)
@@ -285,11 +297,7 @@ func TestGangFailsAfterAttempts(t *testing.T) {
 	c, _ := cluster(t)
 	addr := cohortServer(t, c)
 	cohortRun(t, addr, strings.Replace(sleepGang("broken", 2, 64, "1m", 1), "/bin/sleep", "/nonexistent/program", 1))
-	var v jobView
-	waitFor(t, "broken failed", func() bool {
-		getJSON(t, addr+"/v1/job/broken", &v)
-		return v.Status == "failed"
-	})
+	v := waitStatus(t, addr, "broken", "failed")
 	t.Logf("broken: %s", v.Reason)
 	if v.Attempts != 3 || !strings.Contains(v.Reason, "did not start in 3 attempts") || !strings.Contains(v.Reason, "failed before the gang started") {
 		t.Errorf("broken gang ended after %d attempts: %q", v.Attempts, v.Reason)
@@ -302,11 +310,7 @@ func TestMaxRuntimeStopsGang(t *testing.T) {
 	c, _ := cluster(t)
 	addr := cohortServer(t, c)
 	cohortRun(t, addr, sleepGang("bounded", 2, 64, "3s", 600))
-	var v jobView
-	waitFor(t, "bounded to finish", func() bool {
-		getJSON(t, addr+"/v1/job/bounded", &v)
-		return v.Status == "finished"
-	})
+	v := waitStatus(t, addr, "bounded", "finished")
 	if !strings.Contains(v.Reason, "max_runtime reached") {
 		t.Fatalf("bounded ended with %q", v.Reason)
 	}
@@ -333,16 +337,7 @@ func TestMaxRuntimeStopsGang(t *testing.T) {
 			t.Errorf("bill line %+v does not span the run %v..%v", l, v.StartedAt, v.EndedAt)
 		}
 	}
-	waitFor(t, "workers stopped", func() bool {
-		var as []alloc
-		getJSON(t, c.NomadAddr()+"/v1/job/bounded/allocations", &as)
-		for _, a := range as {
-			if a.ClientStatus == "running" {
-				return false
-			}
-		}
-		return true
-	})
+	waitWorkersStopped(t, c, "bounded")
 }
 
 // TestStopGang: cohort stop ends a running gang and its Nomad job.
@@ -350,11 +345,7 @@ func TestStopGang(t *testing.T) {
 	c, _ := cluster(t)
 	addr := cohortServer(t, c)
 	cohortRun(t, addr, sleepGang("stoppable", 2, 64, "10m", 600))
-	waitFor(t, "stoppable running", func() bool {
-		var v jobView
-		getJSON(t, addr+"/v1/job/stoppable", &v)
-		return v.Status == "running"
-	})
+	waitStatus(t, addr, "stoppable", "running")
 	if out, err := exec.Command(cohortBin, "stop", "-address", addr, "stoppable").CombinedOutput(); err != nil {
 		t.Fatalf("cohort stop: %v\n%s", err, out)
 	}
@@ -363,16 +354,7 @@ func TestStopGang(t *testing.T) {
 	if v.Status != "finished" || v.Reason != "stopped by request" {
 		t.Errorf("after stop: %+v", v)
 	}
-	waitFor(t, "workers stopped", func() bool {
-		var as []alloc
-		getJSON(t, c.NomadAddr()+"/v1/job/stoppable/allocations", &as)
-		for _, a := range as {
-			if a.ClientStatus == "running" {
-				return false
-			}
-		}
-		return true
-	})
+	waitWorkersStopped(t, c, "stoppable")
 }
 
 // TestRejectsImpossibleGang: a gang that cannot fit even on the empty

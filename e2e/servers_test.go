@@ -50,11 +50,7 @@ func TestNomadEndpoint(t *testing.T) {
 	if !strings.Contains(out, "admitted for gang scheduling") {
 		t.Errorf("nomad job run output does not say the gang was admitted:\n%s", out)
 	}
-	var v jobView
-	waitFor(t, "gang admitted through the endpoint finished", func() bool {
-		getJSON(t, api+"/v1/job/viaendpoint", &v)
-		return v.Status == "finished"
-	})
+	v := waitStatus(t, api, "viaendpoint", "finished")
 	if v.Reason != "every worker exited" || v.Workers != 2 {
 		t.Errorf("gang: %+v", v)
 	}
@@ -213,19 +209,12 @@ func TestServerGroup(t *testing.T) {
 
 	// A job sent to a follower runs: the follower forwards it.
 	cohortRun(t, "http://"+follower.http, sleepGang("first", 2, 64, "1m", 1))
-	var v jobView
-	waitFor(t, "first finished", func() bool {
-		getJSON(t, "http://"+leader.http+"/v1/job/first", &v)
-		return v.Status == "finished"
-	})
+	waitStatus(t, "http://"+leader.http, "first", "finished")
 
 	// A running gang's deadline survives the leader: the new leader stops
 	// it at its max_runtime.
 	cohortRun(t, "http://"+follower.http, sleepGang("deadline", 2, 64, "4s", 60))
-	waitFor(t, "deadline running", func() bool {
-		getJSON(t, "http://"+leader.http+"/v1/job/deadline", &v)
-		return v.Status == "running"
-	})
+	waitStatus(t, "http://"+leader.http, "deadline", "running")
 
 	// Kill the leader; the others elect a new one and go on.
 	killedAt := time.Now()
@@ -244,10 +233,7 @@ func TestServerGroup(t *testing.T) {
 		return leader != nil && leader != old
 	})
 	t.Logf("new leader %s after %s", leader.id, time.Since(killedAt).Round(time.Millisecond))
-	waitFor(t, "deadline stopped by the new leader", func() bool {
-		getJSON(t, "http://"+leader.http+"/v1/job/deadline", &v)
-		return v.Status == "finished"
-	})
+	v := waitStatus(t, "http://"+leader.http, "deadline", "finished")
 	var late int
 	if _, err := fmt.Sscanf(v.Reason, "max_runtime reached (stopped %d ms after the deadline)", &late); err != nil {
 		t.Fatalf("deadline gang ended: %q", v.Reason)
@@ -257,10 +243,7 @@ func TestServerGroup(t *testing.T) {
 		t.Errorf("the deadline was enforced %d ms late across a leader change", late)
 	}
 	cohortRun(t, "http://"+follower.http, sleepGang("second", 2, 64, "1m", 1))
-	waitFor(t, "second finished", func() bool {
-		getJSON(t, "http://"+leader.http+"/v1/job/second", &v)
-		return v.Status == "finished"
-	})
+	waitStatus(t, "http://"+leader.http, "second", "finished")
 
 	// The killed server restarts on its data and catches up.
 	old.start(t, c, nil)
