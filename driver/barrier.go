@@ -21,14 +21,9 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/hashicorp/nomad/plugins/drivers"
 	"golang.org/x/sys/unix"
-)
-
-// Job meta keys (jobspec.MetaGang, jobspec.MetaGangTimeout).
-const (
-	metaGang        = "cohort.gang"
-	metaGangTimeout = "cohort.gang_timeout"
 )
 
 // metaEnv finds a meta key in a task's environment. Nomad hands drivers
@@ -54,12 +49,12 @@ const barrierPoll = 30 * time.Second
 // gangTask says whether a task belongs to a cohort gang, and its gang
 // timeout.
 func gangTask(env map[string]string) (bool, time.Duration) {
-	v := metaEnv(env, metaGang)
+	v := metaEnv(env, jobspec.MetaGang)
 	if v == "" || v == "0" || v == "false" {
 		return false, 0
 	}
-	timeout := 30 * time.Second
-	if d, err := time.ParseDuration(metaEnv(env, metaGangTimeout)); err == nil && d > 0 {
+	timeout := jobspec.DefaultGangTimeout
+	if d, err := time.ParseDuration(metaEnv(env, jobspec.MetaGangTimeout)); err == nil && d > 0 {
 		timeout = d
 	}
 	return true, timeout

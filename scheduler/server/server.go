@@ -224,12 +224,13 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 }
 
 // usesBarrier says whether a gang's workers wait at the start barrier:
-// the microvm driver holds every worker of a gang there.
+// the microvm driver, the one that implements it, holds every worker of
+// a gang there.
 func usesBarrier(nj *api.Job) bool {
 	n := 0
 	for _, tg := range nj.TaskGroups {
 		for _, t := range tg.Tasks {
-			if t.Driver != MicroVMDriver {
+			if t.Driver != jobspec.DriverMicroVM {
 				return false
 			}
 			n++
@@ -241,9 +242,6 @@ func usesBarrier(nj *api.Job) bool {
 // MaxAttempts is how many times a gang is placed before a failure to start
 // fails it for good.
 const MaxAttempts = 3
-
-// MicroVMDriver is the task driver that implements the start barrier.
-const MicroVMDriver = "microvm"
 
 // Run is the leader loop: while this replica leads, it schedules, starts,
 // enforces deadlines and finishes gangs. It returns when ctx ends.
