@@ -139,10 +139,10 @@ func fits(n *Node, g *Group) bool {
 	return ok
 }
 
-// DeviceMatches says whether a device request names a node's device kind:
+// deviceMatches says whether a device request names a node's device kind:
 // "gpu" names every GPU, "nvidia/gpu" every NVIDIA GPU, and
 // "nvidia/gpu/A100" that model only, as Nomad's device requests do.
-func DeviceMatches(request, kind string) bool {
+func deviceMatches(request, kind string) bool {
 	if request == kind {
 		return true
 	}
@@ -190,7 +190,7 @@ func pickDevices(free, requests map[string]int) (map[string]int, bool) {
 			if need == 0 {
 				break
 			}
-			if !DeviceMatches(r, k) {
+			if !deviceMatches(r, k) {
 				continue
 			}
 			if n := min(free[k]-taken[k], need); n > 0 {

@@ -197,9 +197,6 @@ func (r *Replica) Leader() (string, string) {
 	return string(a), string(id)
 }
 
-// LeaderCh reports leadership changes of this replica.
-func (r *Replica) LeaderCh() <-chan bool { return r.raft.LeaderCh() }
-
 // Apply replicates a command and returns its result once committed and
 // applied here. On a follower it fails with ErrNotLeader.
 func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, error) {

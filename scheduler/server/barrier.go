@@ -70,7 +70,7 @@ func (s *Server) Boot(jobID, alloc string) (BarrierResponse, error) {
 		// A job whose run ended and that reports again was registered
 		// with Nomad again: a new run to adopt.
 		known = ok && !j.Ended()
-		if ok {
+		if known {
 			_, recorded = j.Booted[alloc]
 		}
 	})

@@ -235,9 +235,6 @@ func (s *State) Apply(c *Command) Result {
 		if j.Status == Finished || j.Status == Failed {
 			return Result{Job: j}
 		}
-		if j.Status == Reserved {
-			j.Booted = nil
-		}
 		j.Status, j.EndedAt, j.Reason = Finished, c.At, c.Reason
 		if c.Op == OpFail {
 			j.Status = Failed
