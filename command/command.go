@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 
 	"github.com/mitchellh/cli"
@@ -30,11 +31,11 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"plan":     func() (cli.Command, error) { return &PlanCommand{UI: ui}, nil },
 		"dev":      func() (cli.Command, error) { return &DevCommand{UI: ui}, nil },
 		"server":   func() (cli.Command, error) { return &ServerCommand{UI: ui}, nil },
-		"run":      func() (cli.Command, error) { return &RunCommand{UI: ui}, nil },
-		"status":   func() (cli.Command, error) { return &StatusCommand{UI: ui}, nil },
-		"bill":     func() (cli.Command, error) { return &BillCommand{UI: ui}, nil },
-		"stop":     func() (cli.Command, error) { return &StopCommand{UI: ui}, nil },
-		"queue":    func() (cli.Command, error) { return &QueueCommand{UI: ui}, nil },
+		"run":      func() (cli.Command, error) { return &RunCommand{Meta{UI: ui}}, nil },
+		"status":   func() (cli.Command, error) { return &StatusCommand{Meta{UI: ui}}, nil },
+		"bill":     func() (cli.Command, error) { return &BillCommand{Meta{UI: ui}}, nil },
+		"stop":     func() (cli.Command, error) { return &StopCommand{Meta{UI: ui}}, nil },
+		"queue":    func() (cli.Command, error) { return &QueueCommand{Meta{UI: ui}}, nil },
 	}
 }
 
@@ -63,6 +64,15 @@ func parse(ui cli.Ui, fs *flag.FlagSet, args []string, nargs int, help string) (
 		return false, ExitUsage
 	}
 	return true, ExitOK
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
 }
 
 func printJSON(ui cli.Ui, v any) {

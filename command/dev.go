@@ -9,9 +9,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/internal/devcluster"
 	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/hashicorp/go-hclog"
 	"github.com/mitchellh/cli"
 )
@@ -44,6 +47,10 @@ Options:
                       (Raft on the next port).
   -nomad-listen=<addr> Its Nomad-compatible endpoint. Default:
                       127.0.0.1:4749.
+  -ready-timeout=<d>  How long to wait for the cluster to be ready: a
+                      cohort leader, and the node's template snapshot
+                      built (so workers restore instead of cold-booting).
+                      Default: 5m.
 
   Without a kernel, an init or the plugin binary the cluster runs without
   the microvm driver, and says so.
@@ -64,6 +71,7 @@ func (c *DevCommand) Run(args []string) int {
 	initBin := fs.String("init", "", "")
 	serverAddr := fs.String("server-addr", "127.0.0.1:4747", "")
 	nomadListen := fs.String("nomad-listen", "127.0.0.1:4749", "")
+	readyTimeout := fs.Duration("ready-timeout", 5*time.Minute, "")
 	if ok, code := parse(c.UI, fs, args, 0, devHelp); !ok {
 		return code
 	}
@@ -127,10 +135,19 @@ func (c *DevCommand) Run(args []string) int {
 		DataDir: filepath.Join(cfg.DataDir, "cohort"), HTTPAddr: *serverAddr, RaftAddr: raftAddr, NodeID: "dev",
 		NomadAddr: cluster.NomadAddr(), NomadListen: *nomadListen, BootstrapExpect: 1,
 		Prices: billing.DefaultPrices, Logger: log.Named("server"),
+		BarrierTask: DefaultBarrierTask(), RaftTimeouts: replica.LANTimeouts,
 	})
 	if err != nil {
 		cluster.Stop()
 		c.UI.Error(fmt.Sprintf("Error starting the cohort server: %v", err))
+		return ExitError
+	}
+	// Ready means ready: a cohort leader takes jobs, and the node restores
+	// workers from its template instead of cold-booting them.
+	if err := waitReady(ctx, log, srv, cluster, cfg.MicroVM != nil, *readyTimeout); err != nil {
+		srv.Stop()
+		cluster.Stop()
+		c.UI.Error(fmt.Sprintf("Error: the dev cluster did not become ready: %v", err))
 		return ExitError
 	}
 	c.UI.Output(fmt.Sprintf(`cohort dev cluster is ready.
@@ -181,4 +198,59 @@ func (c *DevCommand) microvm(pluginDir, kernel, initBin string) (*devcluster.Mic
 		return nil, "no guest init at " + initBin + " (run make build, or pass -init)"
 	}
 	return &devcluster.MicroVM{Kernel: kernel, Init: initBin}, ""
+}
+
+// waitReady waits until the cohort server has a leader and, with the
+// microvm driver, the node's template snapshot is built, saying what it
+// waits for.
+func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster *devcluster.Cluster, microvm bool, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	client := api.NewClient(api.Config{Address: srv.HTTPAddr, Timeout: 2 * time.Second})
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	wait := func(what string, ok func() (bool, string)) error {
+		log.Info("waiting for " + what)
+		last := ""
+		for {
+			done, why := ok()
+			if done {
+				return nil
+			}
+			last = why
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%s: not after %s (%s)", what, timeout, last)
+			case <-tick.C:
+			}
+		}
+	}
+	if err := wait("a cohort leader", func() (bool, string) {
+		if err := client.Health(); err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	}); err != nil {
+		return err
+	}
+	if !microvm {
+		return nil
+	}
+	var snap string
+	err := wait("the node's template snapshot (workers restore from it)", func() (bool, string) {
+		v, err := cluster.NodeAttribute("driver.microvm.snapshot")
+		if err != nil {
+			return false, err.Error()
+		}
+		snap = v
+		return v != "" && v != "building", "driver.microvm.snapshot = " + v
+	})
+	if err != nil {
+		return err
+	}
+	if snap != "ready" {
+		// Workers still run, cold-booted; say why the snapshot is not there.
+		log.Warn("no template snapshot: workers will cold-boot", "driver.microvm.snapshot", snap)
+	}
+	return nil
 }

@@ -58,6 +58,19 @@ Options:
                             NOMAD_ADDR at it and "nomad job run" of a gang
                             goes through gang admission; every other
                             request is passed to Nomad. Default: off.
+  -barrier-task=<path>      The static cohort-barrier program, handed to
+                            Nomad clients for gangs on drivers without a
+                            start barrier of their own (raw_exec, exec,
+                            docker, ...). Default: cohort-barrier beside
+                            the cohort binary; without it such gangs are
+                            refused.
+  -raft-heartbeat-timeout=<d>     Default: 1s.
+  -raft-election-timeout=<d>      Default: 1s.
+  -raft-leader-lease-timeout=<d>  Default: 500ms.
+                            hashicorp/raft's defaults, right for servers on
+                            separate machines. -dev uses 300ms, 300ms and
+                            150ms: failover in well under a second on one
+                            host.
   -log-level=<level>        Default: info.
 
   Billing prices, per hour of one unit, billed per millisecond from the
@@ -91,7 +104,25 @@ type ServerConfig struct {
 	BootstrapExpect                                int
 	Join                                           []string
 	Prices                                         billing.Prices
-	Logger                                         hclog.Logger
+	// BarrierTask is the cohort-barrier program; "" means none.
+	BarrierTask string
+	// RaftTimeouts are Raft's; zero means replica.DefaultTimeouts.
+	RaftTimeouts replica.Timeouts
+	Logger       hclog.Logger
+}
+
+// DefaultBarrierTask is cohort-barrier beside the running binary, if it
+// is there.
+func DefaultBarrierTask() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return ""
+	}
+	p := filepath.Join(filepath.Dir(exe), "cohort-barrier")
+	if _, err := os.Stat(p); err != nil {
+		return ""
+	}
+	return p
 }
 
 // ServerAgent is a running cohort server: replica, leader loop and HTTP.
@@ -113,7 +144,7 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 	}
 	rc := replica.Config{
 		ID: cfg.NodeID, Bind: cfg.RaftAddr, DataDir: filepath.Join(cfg.DataDir, "raft"),
-		Logger: cfg.Logger, Fast: true,
+		Logger: cfg.Logger, Timeouts: cfg.RaftTimeouts,
 	}
 	if cfg.BootstrapExpect <= 1 && len(cfg.Join) == 0 {
 		rc.Peers = map[string]string{cfg.NodeID: cfg.RaftAddr}
@@ -133,7 +164,10 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 		r.Shutdown()
 		return nil, err
 	}
-	srv := server.New(r, n, cfg.Prices, cfg.Logger)
+	srv, err := server.New(r, n, server.Config{Prices: cfg.Prices, Logger: cfg.Logger, BarrierTaskPath: cfg.BarrierTask})
+	if err != nil {
+		return fail(err)
+	}
 	a.Server = srv
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
@@ -222,9 +256,30 @@ func (c *ServerCommand) Run(args []string) int {
 	fs.Float64Var(&cfg.Prices.MemoryGiBHour, "price-memory-gib-hour", cfg.Prices.MemoryGiBHour, "")
 	fs.Float64Var(&cfg.Prices.DeviceHour, "price-device-hour", cfg.Prices.DeviceHour, "")
 	fs.StringVar(&cfg.Prices.Currency, "currency", cfg.Prices.Currency, "")
+	fs.StringVar(&cfg.BarrierTask, "barrier-task", DefaultBarrierTask(), "")
+	rt := replica.DefaultTimeouts
+	fs.DurationVar(&rt.Heartbeat, "raft-heartbeat-timeout", 0, "")
+	fs.DurationVar(&rt.Election, "raft-election-timeout", 0, "")
+	fs.DurationVar(&rt.LeaderLease, "raft-leader-lease-timeout", 0, "")
 	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
 		return code
 	}
+	// Unset timeouts take the profile's: production, or one host for -dev.
+	profile := replica.DefaultTimeouts
+	if *dev {
+		profile = replica.LANTimeouts
+	}
+	for _, t := range []struct{ set, def *time.Duration }{{&rt.Heartbeat, &profile.Heartbeat}, {&rt.Election, &profile.Election}, {&rt.LeaderLease, &profile.LeaderLease}} {
+		if *t.set == 0 {
+			*t.set = *t.def
+		}
+	}
+	rt.Commit = profile.Commit
+	if err := rt.Validate(); err != nil {
+		c.UI.Error("Error: " + err.Error() + "\n\n" + serverHelp)
+		return ExitUsage
+	}
+	cfg.RaftTimeouts = rt
 	if cfg.DataDir == "" && !*dev {
 		c.UI.Error("Error: -data-dir is required (or -dev)\n\n" + serverHelp)
 		return ExitUsage
@@ -268,18 +323,17 @@ func (c *ServerCommand) Run(args []string) int {
 
 // members lists the server group.
 func (c *ServerCommand) members(args []string) int {
-	fs := flagSet("server members")
-	addr := fs.String("address", "", "")
-	asJSON := fs.Bool("json", false, "")
+	m := Meta{UI: c.UI}
+	fs := m.FlagSet("server members", true)
 	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
 		return code
 	}
-	var ms []server.MemberView
-	if err := call(http.MethodGet, address(*addr)+"/v1/members", nil, &ms); err != nil {
+	ms, err := m.Client().Members()
+	if err != nil {
 		c.UI.Error(fmt.Sprintf("Error listing members: %v", err))
 		return ExitError
 	}
-	if *asJSON {
+	if m.json {
 		printJSON(c.UI, ms)
 		return ExitOK
 	}

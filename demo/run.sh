@@ -17,22 +17,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for _ in $(seq 1 600); do
+# cohort dev says it is ready only once a cohort leader takes jobs and the
+# node's template snapshot is built (so workers restore from it): a cold
+# first run waits here as long as that takes, up to its -ready-timeout.
+echo "==> starting the dev cluster (waits for a cohort leader and the node's template snapshot)"
+for _ in $(seq 1 3300); do
   grep -q 'dev cluster is ready' "$log" && break
-  kill -0 "$dev" 2>/dev/null || { cat "$log"; echo "demo: cohort dev exited" >&2; exit 1; }
+  kill -0 "$dev" 2>/dev/null || { cat "$log"; echo "demo: cohort dev exited before it was ready (log above)" >&2; exit 1; }
   sleep 0.1
 done
-grep -q 'dev cluster is ready' "$log" || { cat "$log"; echo "demo: cluster not ready in 60s" >&2; exit 1; }
+grep -q 'dev cluster is ready' "$log" || { cat "$log"; echo "demo: the dev cluster was not ready in 330 s (log above)" >&2; exit 1; }
 sed -n '/dev cluster is ready/,/Press Ctrl-C/p' "$log"
 
 export NOMAD_ADDR=http://127.0.0.1:4646
-echo
-echo "==> waiting for the node's template snapshot (workers restore from it)"
-for _ in $(seq 1 600); do
-  snap=$("$nomad" node status -self -verbose 2>/dev/null | awk '/driver.microvm.snapshot/ {print $3}')
-  [ "$snap" = ready ] && break
-  sleep 0.1
-done
+snap=$("$nomad" node status -self -verbose 2>/dev/null | awk '/driver.microvm.snapshot/ {print $3}')
 echo "driver.microvm.snapshot = ${snap:-unknown}"
 
 spec=$data/demo.hcl

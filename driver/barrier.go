@@ -11,15 +11,12 @@ package driver
 // lost server never leaves a VM parked forever.
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/hashicorp/nomad/plugins/drivers"
@@ -60,12 +57,9 @@ func gangTask(env map[string]string) (bool, time.Duration) {
 	return true, timeout
 }
 
-type barrierVerdict struct {
-	Status string
-	Reason string
-}
-
-// barrier follows the worker through the start barrier.
+// barrier follows the worker through the start barrier. Its instance is
+// the task's ID, new at every start of the task and kept across a plugin
+// restart, so the server tells a restarted task from a repeated report.
 func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 	began := time.Now()
 	h.event("Waiting at the start barrier for the whole gang")
@@ -78,14 +72,14 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		case <-ctx.Done():
 		}
 	}()
-	body, _ := json.Marshal(map[string]string{"Alloc": h.cfg.AllocID, "Wait": barrierPoll.String()})
+	req := api.BarrierRequest{Alloc: h.cfg.AllocID, Instance: instanceOf(h.cfg.ID), Wait: barrierPoll.String()}
 	backoff := 100 * time.Millisecond
 	for i := 0; ; i++ {
 		if h.programStarted() {
 			return // released before a restart of the plugin
 		}
-		base := strings.TrimRight(servers[i%len(servers)], "/")
-		v, err := reportBoot(ctx, base+"/v1/barrier/"+url.PathEscape(h.cfg.JobID), body)
+		server := servers[i%len(servers)]
+		v, err := barrierClient(server).Barrier(ctx, h.cfg.Namespace, h.cfg.JobID, req)
 		switch {
 		case ctx.Err() != nil:
 			if h.d.ctx.Err() != nil || isClosed(h.done) {
@@ -94,7 +88,7 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 			h.abort(fmt.Sprintf("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", gangTimeout, barrierGrace, err))
 			return
 		case err != nil:
-			h.d.log.Debug("start barrier: server not answering", "server", base, "error", err)
+			h.d.log.Debug("start barrier: server not answering", "server", server, "error", err)
 			select {
 			case <-ctx.Done():
 			case <-time.After(backoff):
@@ -104,44 +98,31 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		}
 		backoff = 100 * time.Millisecond
 		switch v.Status {
-		case "release":
+		case api.BarrierRelease:
 			if err := h.send(&proto.Command{Kind: proto.CmdRelease}); err != nil {
 				h.abort("releasing the worker: " + err.Error())
 				return
 			}
 			h.event(fmt.Sprintf("Released by the start barrier after %d ms", time.Since(began).Milliseconds()))
 			return
-		case "abort":
+		case api.BarrierAbort:
 			h.abort("the gang did not start: " + v.Reason)
 			return
 		}
 	}
 }
 
-func reportBoot(ctx context.Context, endpoint string, body []byte) (*barrierVerdict, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
-	if err != nil {
-		return nil, err
+// instanceOf bounds a task ID to what the barrier accepts as an instance.
+func instanceOf(taskID string) string {
+	if len(taskID) > 64 {
+		return taskID[len(taskID)-64:]
 	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := barrierClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e struct{ Error string }
-		json.NewDecoder(resp.Body).Decode(&e)
-		return nil, fmt.Errorf("%s: %s", resp.Status, e.Error)
-	}
-	var v barrierVerdict
-	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
-		return nil, err
-	}
-	return &v, nil
+	return taskID
 }
 
-var barrierClient = &http.Client{Timeout: barrierPoll + 10*time.Second}
+func barrierClient(server string) *api.Client {
+	return api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second})
+}
 
 // abort ends a worker that must not run: the VM is killed and the task
 // fails with why.

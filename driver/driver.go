@@ -19,6 +19,7 @@ import (
 	"github.com/cohort-dev/cohort/driver/guest/initramfs"
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/driver/vm"
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/version"
 	"github.com/hashicorp/go-hclog"
 	cstructs "github.com/hashicorp/nomad/client/structs"
@@ -435,12 +436,17 @@ func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []stri
 	return a
 }
 
-// hostname is "<group>-<alloc index>" when Nomad gives the index, which is
-// the worker's rank in a cohort gang.
+// hostname is "<group>-<rank>" for a gang worker (cohort may split a group
+// into one Nomad group per worker, so the gang's own names come first),
+// else "<task group>-<alloc index>" when Nomad gives the index.
 func hostname(cfg *drivers.TaskConfig) string {
-	if idx, ok := cfg.Env["NOMAD_ALLOC_INDEX"]; ok {
-		h := runDirName.ReplaceAllString(strings.ToLower(cfg.TaskGroupName), "-")
-		return strings.Trim(h, "-") + "-" + idx
+	group, idx := cfg.Env[jobspec.EnvGroup], cfg.Env[jobspec.EnvRank]
+	if group == "" || idx == "" {
+		group, idx = cfg.TaskGroupName, cfg.Env["NOMAD_ALLOC_INDEX"]
+	}
+	if idx != "" {
+		h := strings.Trim(runDirName.ReplaceAllString(strings.ToLower(group), "-"), "-")
+		return h + "-" + idx
 	}
 	return cfg.AllocID[:8]
 }

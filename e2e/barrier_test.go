@@ -228,7 +228,7 @@ func TestRunShowsWorkerProgress(t *testing.T) {
 			t.Errorf("worker %s went through %v; want [queued] reserved ... exit 3", w, states)
 		}
 	}
-	if !strings.Contains(string(out), "finished: 2 of 2 workers failed") {
+	if !strings.Contains(string(out), "failed: ") || !strings.Contains(string(out), "(exit 3)") {
 		t.Errorf("the gang's end is not reported")
 	}
 }

@@ -49,6 +49,7 @@ func TestMain(m *testing.M) {
 		static   bool
 	}{
 		{cohortBin, "../cmd/cohort", false},
+		{filepath.Join(dir, "cohort-barrier"), "../cmd/cohort-barrier", true},
 		{filepath.Join(pluginDir, "nomad-driver-microvm"), "../cmd/nomad-driver-microvm", false},
 		{initBin, "../driver/guest/init", true},
 		{workerBin, "../driver/vm/vmtest/worker", true},

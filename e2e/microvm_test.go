@@ -242,9 +242,11 @@ func TestMicroVMNetwork(t *testing.T) {
 }
 
 // TestMicroVMBadProgram: a program the VM cannot run fails the task with a
-// message that says why.
+// message that says why. The job is a gang registered with Nomad directly,
+// so cohort adopts it; its worker fails before the gang starts, so the gang
+// is retried whole and fails after three attempts, each with that message.
 func TestMicroVMBadProgram(t *testing.T) {
-	c, _ := microvmCluster(t)
+	c, api, _ := microvmServerCluster(t)
 	for name, tc := range map[string]struct{ path, want string }{
 		"dynamic": {"/bin/true", "dynamically linked"},
 		"missing": {"/nonexistent/worker", "does not exist on this node"},
@@ -252,10 +254,15 @@ func TestMicroVMBadProgram(t *testing.T) {
 	} {
 		spec := strings.Replace(microvmJob(name, 1), workerBin, tc.path, 1)
 		submit(t, c, spec)
-		as := waitAllocs(t, c, name, 1, allStatus("failed"))
-		msgs := taskEvents(t, c, as[0].ID)
-		if !strings.Contains(msgs, tc.want) {
-			t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
+		v := waitStatus(t, api, name, "failed")
+		if v.Attempts != 3 || !strings.Contains(v.Reason, "did not start in 3 attempts") {
+			t.Errorf("%s: %+v", name, v)
+		}
+		as := waitAllocs(t, c, name, 3, allStatus("failed"))
+		for _, a := range as {
+			if msgs := taskEvents(t, c, a.ID); !strings.Contains(msgs, tc.want) {
+				t.Errorf("%s: task events do not say %q:\n%s", name, tc.want, msgs)
+			}
 		}
 	}
 }

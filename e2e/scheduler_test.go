@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	cohortapi "github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/internal/devcluster"
 )
 
@@ -67,13 +68,25 @@ func cohortServerAt(t *testing.T, c *devcluster.Cluster, httpAddr string, args .
 	return addr
 }
 
+// client is the typed API client for the cohort server at addr.
+func client(addr string) *cohortapi.Client {
+	return cohortapi.NewClient(cohortapi.Config{Address: addr})
+}
+
 // waitStatus waits until the cohort job id is in one of statuses and
 // returns it.
-func waitStatus(t *testing.T, api, id string, statuses ...string) jobView {
+func waitStatus(t *testing.T, addr, id string, statuses ...string) jobView {
 	t.Helper()
 	var v jobView
 	waitFor(t, fmt.Sprintf("job %s %s", id, strings.Join(statuses, " or ")), func() bool {
-		getJSON(t, api+"/v1/job/"+id, &v)
+		var err error
+		v, err = client(addr).Job("", id, false)
+		if cohortapi.IsStatus(err, http.StatusNotFound) {
+			return false // not adopted yet
+		}
+		if err != nil {
+			t.Fatalf("reading job %s: %v", id, err)
+		}
 		return slices.Contains(statuses, v.Status)
 	})
 	return v
@@ -108,18 +121,7 @@ func nodeFreeMemory(t *testing.T, c *devcluster.Cluster) int {
 	return free
 }
 
-type jobView struct {
-	Run         int
-	SubmittedAt time.Time
-	Attempts    int
-	ID          string
-	Status      string
-	Reason      string
-	Workers     int
-	StartedAt   time.Time
-	Deadline    time.Time
-	EndedAt     time.Time
-}
+type jobView = cohortapi.JobView
 
 func sleepGang(name string, count, memMB int, maxRuntime string, secs int) string {
 	return fmt.Sprintf(`job %q {
@@ -291,16 +293,21 @@ func TestQueuedGangTimesOut(t *testing.T) {
 	}
 }
 
-// TestGangFailsAfterAttempts: a gang whose workers fail before it starts
-// is stopped and requeued whole, and after three attempts fails for good.
-func TestGangFailsAfterAttempts(t *testing.T) {
+// TestGangFailsWhenWorkersFail: a raw_exec gang whose program does not
+// exist passes its start barrier whole and then fails; its run ends at
+// once, failed, with the workers named, and it never runs again.
+func TestGangFailsWhenWorkersFail(t *testing.T) {
 	c, _ := cluster(t)
 	addr := cohortServer(t, c)
 	cohortRun(t, addr, strings.Replace(sleepGang("broken", 2, 64, "1m", 1), "/bin/sleep", "/nonexistent/program", 1))
 	v := waitStatus(t, addr, "broken", "failed")
 	t.Logf("broken: %s", v.Reason)
-	if v.Attempts != 3 || !strings.Contains(v.Reason, "did not start in 3 attempts") || !strings.Contains(v.Reason, "failed before the gang started") {
+	if v.Attempts != 1 || !strings.Contains(v.Reason, "w[") || !strings.Contains(v.Reason, "failed") {
 		t.Errorf("broken gang ended after %d attempts: %q", v.Attempts, v.Reason)
+	}
+	time.Sleep(2 * time.Second)
+	if allocs := waitAllocs(t, c, "broken", 2, func([]alloc) bool { return true }); len(allocs) != 2 {
+		t.Errorf("the failed gang ran again: %d allocations", len(allocs))
 	}
 }
 

@@ -408,6 +408,22 @@ func (c *Cluster) nomadReady() (bool, error) {
 	return true, nil
 }
 
+// NodeAttribute reads one attribute of the cluster's (first) node.
+func (c *Cluster) NodeAttribute(name string) (string, error) {
+	var nodes []struct{ ID string }
+	if err := getJSON(c.NomadAddr()+"/v1/nodes", &nodes); err != nil {
+		return "", err
+	}
+	if len(nodes) == 0 {
+		return "", errors.New("no node")
+	}
+	var node struct{ Attributes map[string]string }
+	if err := getJSON(c.NomadAddr()+"/v1/node/"+nodes[0].ID, &node); err != nil {
+		return "", err
+	}
+	return node.Attributes[name], nil
+}
+
 // RestartNomad stops the Nomad agent as an operator would (SIGINT: the
 // client leaves its tasks running) and starts it again on the same data
 // directory, then waits until the node is ready.

@@ -45,3 +45,23 @@ func TestBill(t *testing.T) {
 		t.Errorf("a job that never ran was billed: %+v", b)
 	}
 }
+
+// A worker that ended before its gang is billed to its own end; one
+// whose end is unknown, to the gang's.
+func TestBillPerWorkerEnds(t *testing.T) {
+	start := time.Unix(1_700_000_000, 0)
+	j := &state.Job{
+		Spec:      placement.Job{ID: "j", Groups: []placement.Group{{Name: "w", Count: 2, CPU: 1000, MemoryMB: 1024}}},
+		Status:    state.Finished,
+		StartedAt: start, EndedAt: start.Add(10 * time.Second),
+		WorkerEnds: map[string]time.Time{"w[0]": start.Add(4 * time.Second), "w[1]": start.Add(time.Hour)},
+		Decision:   &placement.Decision{Workers: []placement.Worker{{Group: "w", Index: 0}, {Group: "w", Index: 1}}},
+	}
+	b := For(j, DefaultPrices, start.Add(time.Hour))
+	if got := b.Lines[0].EndMs - b.Lines[0].StartMs; got != 4000 {
+		t.Errorf("w[0] billed %d ms, want 4000", got)
+	}
+	if got := b.Lines[1].EndMs - b.Lines[1].StartMs; got != 10000 {
+		t.Errorf("w[1] billed %d ms, want the gang's 10000", got)
+	}
+}

@@ -1,7 +1,8 @@
 // Package nomad is the gang scheduler's edge to a Nomad cluster: the
 // inventory of nodes with what every allocation (cohort's or not) leaves
-// free, registering a reserved gang pinned to its nodes, watching its
-// allocations and stopping it.
+// free, the gang jobs registered with Nomad, registering a reserved gang
+// pinned to its nodes, watching its allocations and stopping it. Every
+// call carries the job's namespace.
 package nomad
 
 import (
@@ -9,12 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
 )
@@ -26,10 +27,11 @@ type Client struct {
 	mu     sync.Mutex
 	nodes  []*api.NodeListStub
 	allocs []*api.AllocationListStub
-	// jobIndex is, per job, the highest ModifyIndex among its
+	gangs  []GangJob
+	// jobIndex is, per job key, the highest ModifyIndex among its
 	// allocations in allocs: it moves whenever one of them changes.
 	jobIndex map[string]uint64
-	// watching is set while Watch keeps nodes and allocs current.
+	// watching is set while Watch keeps the lists current.
 	watching bool
 }
 
@@ -70,20 +72,31 @@ func (c *Client) snapshot() ([]*api.NodeListStub, []*api.AllocationListStub, err
 	return nodes, allocs, nil
 }
 
-// Watch keeps the node and allocation lists current with Nomad's blocking
-// queries until ctx ends, so a scheduling pass reads its inventory from
-// memory instead of asking Nomad for every node.
+// GangJob is a job registered with Nomad that carries cohort's gang meta.
+type GangJob struct {
+	Namespace, ID  string
+	Stop           bool
+	Status         string
+	JobModifyIndex uint64
+}
+
+// Key is the job's key, as placement.Key.
+func (g GangJob) Key() string { return placement.Key(g.Namespace, g.ID) }
+
+// Watch keeps the node, allocation and gang job lists current with Nomad's
+// blocking queries until ctx ends, so a scheduling pass reads its
+// inventory from memory instead of asking Nomad for every node.
 func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 	c.mu.Lock()
 	c.watching = true
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.watching, c.nodes, c.allocs, c.jobIndex = false, nil, nil, nil
+		c.watching, c.nodes, c.allocs, c.gangs, c.jobIndex = false, nil, nil, nil, nil
 		c.mu.Unlock()
 	}()
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		follow(ctx, log.Named("nodes"), func(q *api.QueryOptions) (uint64, error) {
@@ -108,7 +121,8 @@ func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 			}
 			idx := make(map[string]uint64, len(as))
 			for _, a := range as {
-				idx[a.JobID] = max(idx[a.JobID], a.ModifyIndex)
+				k := placement.Key(a.Namespace, a.JobID)
+				idx[k] = max(idx[k], a.ModifyIndex)
 			}
 			c.mu.Lock()
 			c.allocs, c.jobIndex = as, idx
@@ -116,15 +130,48 @@ func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 			return meta.LastIndex, nil
 		})
 	}()
+	go func() {
+		defer wg.Done()
+		follow(ctx, log.Named("jobs"), func(q *api.QueryOptions) (uint64, error) {
+			q.Namespace = "*"
+			js, meta, err := c.api.Jobs().ListOptions(&api.JobListOptions{Fields: &api.JobListFields{Meta: true}}, q.WithContext(ctx))
+			if err != nil {
+				return 0, err
+			}
+			var gangs []GangJob
+			for _, j := range js {
+				if j.Meta[jobspec.MetaGang] == "" {
+					continue
+				}
+				gangs = append(gangs, GangJob{Namespace: j.Namespace, ID: j.ID, Stop: j.Stop, Status: j.Status, JobModifyIndex: j.JobModifyIndex})
+			}
+			c.mu.Lock()
+			c.gangs = gangs
+			c.mu.Unlock()
+			return meta.LastIndex, nil
+		})
+	}()
 	wg.Wait()
 }
 
+// GangJobs lists the jobs registered with Nomad that carry the gang meta,
+// as the watcher last saw them; nil while no watcher runs.
+func (c *Client) GangJobs() []GangJob {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gangs
+}
+
+// query is one blocking query from index; it returns the index to wait
+// from next.
+type query func(*api.QueryOptions) (uint64, error)
+
 // follow repeats a blocking query from the last index it saw.
-func follow(ctx context.Context, log hclog.Logger, query func(*api.QueryOptions) (uint64, error)) {
+func follow(ctx context.Context, log hclog.Logger, q query) {
 	var index uint64
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		next, err := query(&api.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
+		next, err := q(&api.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -138,18 +185,28 @@ func follow(ctx context.Context, log hclog.Logger, query func(*api.QueryOptions)
 			continue
 		}
 		backoff = 100 * time.Millisecond
-		if next < index {
-			next = 0 // the index went back (a new cluster): start over
-		}
-		index = next
+		index = nextIndex(index, next)
 	}
+}
+
+// nextIndex is the index the next blocking query waits from. Nomad
+// blocks only for an index above zero, and a table that was never written
+// (no allocation yet on a fresh cluster) reports index 0: waiting from 0
+// again would return at once, for ever, so the floor is 1. An index that
+// went back (a new cluster) starts over from the floor.
+func nextIndex(prev, got uint64) uint64 {
+	if got < prev || got == 0 {
+		return 1
+	}
+	return got
 }
 
 // Inventory lists ready, eligible nodes with their free capacity: total
 // minus the node's reserved share minus every non-terminal allocation,
-// except those of the jobs in skip (cohort's own, which the scheduler
-// accounts for from its reservations, placed or not yet). It reads the
-// watcher's cache when Watch runs, and asks Nomad otherwise.
+// except those of the jobs in skip (keyed by placement.Key: cohort's own,
+// which the scheduler accounts for from its reservations, placed or not
+// yet). It reads the watcher's cache when Watch runs, and asks Nomad
+// otherwise.
 func (c *Client) Inventory(skip map[string]bool) ([]placement.Node, error) {
 	nodes, allocs, err := c.snapshot()
 	if err != nil {
@@ -201,10 +258,13 @@ func FreeNodes(nodes []*api.NodeListStub, allocs []*api.AllocationListStub, skip
 	}
 	for _, a := range allocs {
 		i, ok := idx[a.NodeID]
-		if !ok || skip[a.JobID] || a.AllocatedResources == nil || terminal(a) {
+		if !ok || skip[placement.Key(a.Namespace, a.JobID)] || a.AllocatedResources == nil || terminal(a) {
 			continue
 		}
 		pn := &out[i]
+		// The list does not say which tasks are prestart ones, which
+		// Nomad counts as the larger of them and the main tasks; summing
+		// every task overstates what other jobs hold, never understates.
 		for _, t := range a.AllocatedResources.Tasks {
 			pn.CPU -= int(t.Cpu.CpuShares)
 			pn.MemoryMB -= int(t.Memory.MemoryMB)
@@ -233,38 +293,81 @@ func terminal(a *api.AllocationListStub) bool {
 // deviceKind names a kind of device as placement counts it.
 func deviceKind(vendor, typ, model string) string { return vendor + "/" + typ + "/" + model }
 
-// Register submits a reserved gang to Nomad with each group pinned to the
-// nodes its workers were reserved on, so Nomad places them inside the
-// reservation or not at all.
-func (c *Client) Register(job *api.Job, d *placement.Decision) error {
-	nodes := map[string]map[string]bool{}
-	for _, w := range d.Workers {
-		if nodes[w.Group] == nil {
-			nodes[w.Group] = map[string]bool{}
-		}
-		nodes[w.Group][w.Node] = true
+// RefusedError is Nomad answering a request with an error status: the
+// request reached Nomad and Nomad said no, as opposed to Nomad being out
+// of reach.
+type RefusedError struct {
+	Status int
+	Err    error
+}
+
+func (e *RefusedError) Error() string { return e.Err.Error() }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// refused wraps err as a RefusedError when Nomad answered it.
+func refused(err error) error {
+	var ue api.UnexpectedResponseError
+	if errors.As(err, &ue) {
+		return &RefusedError{Status: ue.StatusCode(), Err: err}
 	}
-	for _, tg := range job.TaskGroups {
-		set := nodes[*tg.Name]
-		if len(set) == 0 {
-			return fmt.Errorf("group %s has no reserved nodes", *tg.Name)
-		}
-		ids := make([]string, 0, len(set))
-		for id := range set {
-			ids = append(ids, id)
-		}
-		sort.Strings(ids)
-		tg.Constraints = append(tg.Constraints, &api.Constraint{
-			LTarget: "${node.unique.id}", Operand: api.ConstraintSetContainsAny, RTarget: strings.Join(ids, ","),
-		})
+	var uep *api.UnexpectedResponseError
+	if errors.As(err, &uep) {
+		return &RefusedError{Status: uep.StatusCode(), Err: err}
 	}
-	if _, _, err := c.api.Jobs().Register(job, nil); err != nil {
-		return fmt.Errorf("registering %s with nomad: %w", *job.ID, err)
+	return err
+}
+
+// Validate asks Nomad whether it would accept job, without registering
+// it.
+func (c *Client) Validate(job *api.Job) error {
+	resp, _, err := c.api.Jobs().Validate(job, nil)
+	if err != nil {
+		return fmt.Errorf("asking nomad to validate %s: %w", deref(job.ID), refused(err))
+	}
+	if resp.Error != "" {
+		return &RefusedError{Status: 400, Err: fmt.Errorf("nomad refuses the job: %s", resp.Error)}
 	}
 	return nil
 }
 
-// Allocs summarises a job's allocations by client status.
+// Registration identifies one registration of a job: its JobModifyIndex
+// and the job version it made, whose allocations are that attempt's.
+type Registration struct {
+	Index, Version uint64
+}
+
+// Register submits a job (pinned by Pin) to Nomad.
+func (c *Client) Register(job *api.Job) (Registration, error) {
+	ns := deref(job.Namespace)
+	resp, _, err := c.api.Jobs().Register(job, &api.WriteOptions{Namespace: ns})
+	if err != nil {
+		return Registration{}, fmt.Errorf("registering %s with nomad: %w", deref(job.ID), refused(err))
+	}
+	// The answer has no version. The job as Nomad holds it now says which
+	// version the registration made; registering a job identical to the
+	// one held changes nothing and answers a newer index than the job's.
+	cur, _, err := c.api.Jobs().Info(deref(job.ID), &api.QueryOptions{Namespace: ns})
+	if err != nil {
+		return Registration{}, fmt.Errorf("reading %s back: %w", deref(job.ID), err)
+	}
+	if idx := deref(cur.JobModifyIndex); idx <= resp.JobModifyIndex {
+		return Registration{Index: idx, Version: deref(cur.Version)}, nil
+	}
+	// Changed again since: find this registration among the versions.
+	versions, _, _, err := c.api.Jobs().Versions(deref(job.ID), false, &api.QueryOptions{Namespace: ns})
+	if err != nil {
+		return Registration{}, fmt.Errorf("reading the versions of %s: %w", deref(job.ID), err)
+	}
+	for _, v := range versions {
+		if deref(v.JobModifyIndex) == resp.JobModifyIndex {
+			return Registration{Index: resp.JobModifyIndex, Version: deref(v.Version)}, nil
+		}
+	}
+	return Registration{}, fmt.Errorf("nomad registered %s at index %d but lists no version of it", deref(job.ID), resp.JobModifyIndex)
+}
+
+// Allocs summarises a job's state in Nomad and the allocations of its
+// current version.
 type Allocs struct {
 	Running, Pending, Complete, Failed, Lost int
 	// Live holds the IDs of the allocations still pending or running:
@@ -272,25 +375,34 @@ type Allocs struct {
 	Live map[string]bool
 	// Workers is each allocation's state, for progress reports.
 	Workers []Worker
+	// Missing says Nomad does not know the job (it was never registered,
+	// or was purged); Stopped that it is stopped; JobModifyIndex is the
+	// index of its latest registration.
+	Missing, Stopped bool
+	JobModifyIndex   uint64
 }
 
 // Worker is one allocation of a gang as Nomad reports it.
 type Worker struct {
-	Alloc    string
-	Name     string // job.group[index]
-	Node     string
-	Status   string // Nomad's client status
-	ExitCode *int   `json:",omitempty"`
+	Alloc     string
+	Name      string // job.group[index]
+	TaskGroup string
+	Node      string
+	Status    string // Nomad's client status
+	ExitCode  *int   `json:",omitempty"`
+	// FinishedAt is when the allocation's last task finished, once it
+	// has.
+	FinishedAt time.Time `json:",omitempty"`
 }
 
 // ErrNoJob means Nomad does not know the job.
 var ErrNoJob = errors.New("no such nomad job")
 
 // Job reads a job as registered with Nomad.
-func (c *Client) Job(id string) (*api.Job, error) {
-	j, _, err := c.api.Jobs().Info(id, nil)
+func (c *Client) Job(ns, id string) (*api.Job, error) {
+	j, _, err := c.api.Jobs().Info(id, &api.QueryOptions{Namespace: ns})
 	if err != nil {
-		if strings.Contains(err.Error(), "404") {
+		if e := refused(err); errors.As(e, new(*RefusedError)) && e.(*RefusedError).Status == 404 {
 			return nil, fmt.Errorf("%w: %s", ErrNoJob, id)
 		}
 		return nil, fmt.Errorf("reading nomad job %s: %w", id, err)
@@ -301,7 +413,7 @@ func (c *Client) Job(id string) (*api.Job, error) {
 // AllocIndex is a job's allocation change marker from the watcher: while
 // it stays the same, none of the job's allocations changed. Without a
 // running watcher it is 0, which means unknown.
-func (c *Client) AllocIndex(jobID string) uint64 {
+func (c *Client) AllocIndex(ns, id string) uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.watching || c.jobIndex == nil {
@@ -309,33 +421,54 @@ func (c *Client) AllocIndex(jobID string) uint64 {
 	}
 	// A job with no allocations yet still gets a marker, distinct from
 	// "unknown".
-	return c.jobIndex[jobID] + 1
+	return c.jobIndex[placement.Key(ns, id)] + 1
 }
 
-// Allocs counts the allocations of a job's current version. A gang that
-// was stopped and registered again keeps the same job ID; the allocations
-// of its earlier attempts must not count toward (or against) this one.
-func (c *Client) Allocs(jobID string) (Allocs, error) {
+// Allocs reads the job and counts the allocations of one version of it:
+// the one cohort registered (or adopted) for the gang's current attempt.
+// A gang that was stopped and registered again keeps the same job ID; the
+// allocations of its earlier attempts must not count toward (or against)
+// this one, and stopping the job makes a new version without allocations.
+func (c *Client) Allocs(ns, id string, version uint64) (Allocs, error) {
 	a := Allocs{Live: map[string]bool{}}
-	job, err := c.Job(jobID)
+	job, err := c.Job(ns, id)
 	if errors.Is(err, ErrNoJob) {
+		a.Missing = true
 		return a, nil
 	}
 	if err != nil {
 		return a, err
 	}
-	stubs, _, err := c.api.Jobs().Allocations(jobID, false, nil)
+	a.Stopped = job.Stop != nil && *job.Stop
+	a.JobModifyIndex = deref(job.JobModifyIndex)
+	stubs, _, err := c.api.Jobs().Allocations(id, false, &api.QueryOptions{Namespace: ns})
 	if err != nil {
-		return a, err
+		return a, fmt.Errorf("listing the allocations of %s: %w", id, err)
+	}
+	return CountAllocs(a, version, stubs), nil
+}
+
+// CountAllocs adds the allocations of one job version to a.
+func CountAllocs(a Allocs, version uint64, stubs []*api.AllocationListStub) Allocs {
+	if a.Live == nil {
+		a.Live = map[string]bool{}
 	}
 	for _, s := range stubs {
-		if job.Version != nil && s.JobVersion != *job.Version {
+		if s.JobVersion != version {
 			continue
 		}
-		w := Worker{Alloc: s.ID, Name: s.Name, Node: s.NodeID, Status: s.ClientStatus}
-		for _, ts := range s.TaskStates {
+		w := Worker{Alloc: s.ID, Name: s.Name, TaskGroup: s.TaskGroup, Node: s.NodeID, Status: s.ClientStatus}
+		finished := true
+		for task, ts := range s.TaskStates {
 			if ts.FinishedAt.IsZero() {
+				finished = false
 				continue
+			}
+			if ts.FinishedAt.After(w.FinishedAt) {
+				w.FinishedAt = ts.FinishedAt
+			}
+			if task == jobspec.BarrierTaskName {
+				continue // its exit is the release, not the worker's
 			}
 			for _, ev := range ts.Events {
 				if ev.Type == api.TaskTerminated {
@@ -343,6 +476,9 @@ func (c *Client) Allocs(jobID string) (Allocs, error) {
 					w.ExitCode = &code
 				}
 			}
+		}
+		if !finished || len(s.TaskStates) == 0 {
+			w.FinishedAt = time.Time{}
 		}
 		a.Workers = append(a.Workers, w)
 		switch s.ClientStatus {
@@ -360,13 +496,25 @@ func (c *Client) Allocs(jobID string) (Allocs, error) {
 			a.Lost++
 		}
 	}
-	return a, nil
+	return a
 }
 
-// Stop deregisters a job, stopping all its workers.
-func (c *Client) Stop(jobID string) error {
-	if _, _, err := c.api.Jobs().Deregister(jobID, false, nil); err != nil {
-		return fmt.Errorf("stopping %s: %w", jobID, err)
+// Stop deregisters a job, stopping all its workers. A job Nomad does not
+// know is already stopped.
+func (c *Client) Stop(ns, id string) error {
+	if _, _, err := c.api.Jobs().Deregister(id, false, &api.WriteOptions{Namespace: ns}); err != nil {
+		if e := refused(err); errors.As(e, new(*RefusedError)) && e.(*RefusedError).Status == 404 {
+			return nil
+		}
+		return fmt.Errorf("stopping %s: %w", id, refused(err))
 	}
 	return nil
+}
+
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
 }

@@ -3,6 +3,7 @@ package nomad
 import (
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
@@ -60,5 +61,33 @@ func TestFreeNodes(t *testing.T) {
 	capacity := FreeNodes(nodes, nil, nil)
 	if capacity[1].CPU != 3900 || capacity[1].Devices["nvidia/gpu/A100"] != 3 {
 		t.Errorf("capacity of b: %+v", capacity[1])
+	}
+}
+
+// Allocations of other versions are another attempt's; the worker's exit
+// code is its main task's, not the barrier task's; a worker finished when
+// its last task did.
+func TestCountAllocs(t *testing.T) {
+	at := time.Unix(1_700_000_000, 0)
+	stubs := []*api.AllocationListStub{
+		{ID: "old", JobVersion: 1, ClientStatus: "failed"},
+		{ID: "a", Name: "j.w[0]", TaskGroup: "w", JobVersion: 2, ClientStatus: "complete", TaskStates: map[string]*api.TaskState{
+			"cohort-barrier": {FinishedAt: at, Events: []*api.TaskEvent{{Type: api.TaskTerminated, ExitCode: 0}}},
+			"worker":         {FinishedAt: at.Add(time.Second), Events: []*api.TaskEvent{{Type: api.TaskTerminated, ExitCode: 3}}},
+		}},
+		{ID: "b", JobVersion: 2, ClientStatus: "running", TaskStates: map[string]*api.TaskState{
+			"cohort-barrier": {FinishedAt: at}, "worker": {},
+		}},
+	}
+	a := CountAllocs(Allocs{}, 2, stubs)
+	if a.Failed != 0 || a.Complete != 1 || a.Running != 1 || !a.Live["b"] || a.Live["a"] {
+		t.Fatalf("counts %+v", a)
+	}
+	w := a.Workers[0]
+	if w.ExitCode == nil || *w.ExitCode != 3 || !w.FinishedAt.Equal(at.Add(time.Second)) {
+		t.Errorf("finished worker %+v", w)
+	}
+	if !a.Workers[1].FinishedAt.IsZero() {
+		t.Errorf("a running worker has a finish time: %+v", a.Workers[1])
 	}
 }

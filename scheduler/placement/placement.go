@@ -36,7 +36,10 @@ type Group struct {
 
 // Job is a gang waiting in the queue.
 type Job struct {
+	// ID is the Nomad job ID; Namespace its Nomad namespace ("" is the
+	// default one). Key() joins them: jobs are known by both.
 	ID          string
+	Namespace   string `json:",omitempty"`
 	Priority    int
 	Seq         uint64 // submission order; FIFO within a priority
 	Datacenters []string
@@ -67,8 +70,22 @@ type Worker struct {
 
 // Decision places every worker of one job.
 type Decision struct {
-	Job     string
+	Job     string // the job's Key
 	Workers []Worker
+}
+
+// Key names a job uniquely across Nomad namespaces: the ID alone in the
+// default namespace, "<namespace>/<id>" in any other. Namespaces cannot
+// contain a slash and cohort refuses gang IDs that do, so keys never
+// collide.
+func (j *Job) Key() string { return Key(j.Namespace, j.ID) }
+
+// Key is the key of the job id in namespace ns.
+func Key(ns, id string) string {
+	if ns == "" || ns == "default" {
+		return id
+	}
+	return ns + "/" + id
 }
 
 // Size is the number of workers a job needs.
@@ -239,7 +256,7 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 		ga, gb := &j.Groups[order[a]], &j.Groups[order[b]]
 		return ga.MemoryMB*ga.CPU > gb.MemoryMB*gb.CPU
 	})
-	d := Decision{Job: j.ID}
+	d := Decision{Job: j.Key()}
 	type undo struct {
 		node int
 		g    *Group
@@ -354,7 +371,7 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 		return plan
 	}
 	head := q[i]
-	plan.Head = head.ID
+	plan.Head = head.Key()
 	shadow, future, reserved := reserve(inv, run, head)
 	if reserved {
 		plan.HeadStart = shadow

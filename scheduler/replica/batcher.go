@@ -15,7 +15,7 @@ import (
 // the batches shrink and the p99 of bench-scheduler rose from 13-16 ms to
 // 15-26 ms.
 type Batcher struct {
-	r    *Replica
+	r    Applier
 	reqs chan *batchReq
 	stop chan struct{}
 }
@@ -36,8 +36,13 @@ const (
 	batchTimeout = 5 * time.Second
 )
 
+// Applier commits one command; *Replica is one.
+type Applier interface {
+	Apply(c *state.Command, timeout time.Duration) (state.Result, error)
+}
+
 // NewBatcher starts a batcher over r; Close stops it.
-func NewBatcher(r *Replica) *Batcher {
+func NewBatcher(r Applier) *Batcher {
 	b := &Batcher{r: r, reqs: make(chan *batchReq, 4*maxBatch), stop: make(chan struct{})}
 	go b.work()
 	return b

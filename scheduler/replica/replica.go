@@ -31,8 +31,43 @@ type Config struct {
 	// with these members (ID -> address), this one included.
 	Peers  map[string]string
 	Logger hclog.Logger
-	// Fast shortens Raft's timeouts for clusters on one host or LAN.
+	// Timeouts are Raft's; zero means DefaultTimeouts.
+	Timeouts Timeouts
+	// Fast is LANTimeouts, for tests and benchmarks on one host.
 	Fast bool
+	// InMemory keeps the log, the snapshots and the transport in memory:
+	// a group of one for tests that exercise the real Raft library
+	// without disks or sockets. DataDir and Bind are then unused.
+	InMemory bool
+}
+
+// Timeouts are Raft's failure-detection and commit timeouts.
+type Timeouts struct {
+	Heartbeat, Election, LeaderLease, Commit time.Duration
+}
+
+// DefaultTimeouts are hashicorp/raft's own defaults, which Nomad and
+// Consul also use: right for servers on separate machines, where a
+// missed heartbeat or two must not cost a leader election.
+var DefaultTimeouts = Timeouts{Heartbeat: time.Second, Election: time.Second, LeaderLease: 500 * time.Millisecond, Commit: 50 * time.Millisecond}
+
+// LANTimeouts suit servers on one host or a fast, quiet LAN (cohort dev,
+// tests, benchmarks): failover in well under a second.
+var LANTimeouts = Timeouts{Heartbeat: 300 * time.Millisecond, Election: 300 * time.Millisecond, LeaderLease: 150 * time.Millisecond, Commit: 5 * time.Millisecond}
+
+// Validate checks timeouts as Raft will.
+func (t Timeouts) Validate() error {
+	switch {
+	case t.Heartbeat < 5*time.Millisecond || t.Election < 5*time.Millisecond:
+		return fmt.Errorf("raft heartbeat and election timeouts must be at least 5ms; got %s and %s", t.Heartbeat, t.Election)
+	case t.LeaderLease < 5*time.Millisecond || t.LeaderLease > t.Heartbeat:
+		return fmt.Errorf("raft leader lease timeout must be between 5ms and the heartbeat timeout (%s); got %s", t.Heartbeat, t.LeaderLease)
+	case t.Election < t.Heartbeat:
+		return fmt.Errorf("raft election timeout (%s) must be at least the heartbeat timeout (%s)", t.Election, t.Heartbeat)
+	case t.Commit <= 0:
+		return fmt.Errorf("raft commit timeout must be positive; got %s", t.Commit)
+	}
+	return nil
 }
 
 // Replica is one running member.
@@ -40,8 +75,9 @@ type Replica struct {
 	ID    string
 	raft  *raft.Raft
 	fsm   *fsm
-	trans *raft.NetworkTransport
-	store *raftboltdb.BoltStore
+	trans raft.Transport
+	// closers release the transport and the stores after Shutdown.
+	closers []func() error
 }
 
 // ErrNotLeader is returned for writes on a follower; Leader says where to
@@ -53,87 +89,116 @@ func Start(cfg Config) (*Replica, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+	t := cfg.Timeouts
+	if cfg.Fast {
+		t = LANTimeouts
+	}
+	if t == (Timeouts{}) {
+		t = DefaultTimeouts
+	}
+	if err := t.Validate(); err != nil {
 		return nil, err
 	}
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.ID)
 	rc.Logger = cfg.Logger.Named("raft")
-	if cfg.Fast {
-		rc.HeartbeatTimeout = 300 * time.Millisecond
-		rc.ElectionTimeout = 300 * time.Millisecond
-		rc.LeaderLeaseTimeout = 150 * time.Millisecond
-		rc.CommitTimeout = 5 * time.Millisecond
-	}
+	rc.HeartbeatTimeout, rc.ElectionTimeout, rc.LeaderLeaseTimeout, rc.CommitTimeout = t.Heartbeat, t.Election, t.LeaderLease, t.Commit
 	rc.SnapshotThreshold = 4096
 	// Larger appends when admissions arrive in bursts. (BatchApplyCh is
 	// left off: with it a future queued when the replica shuts down is
 	// never answered.)
 	rc.MaxAppendEntries = 256
-	// Every log write is still fsynced; the freelist is not written on
-	// each commit (bbolt rebuilds it when it opens the file), which saves
-	// a page write per commit, and the map freelist keeps the cost of
-	// finding free pages flat as the log grows.
-	store, err := raftboltdb.New(raftboltdb.Options{
-		Path:        filepath.Join(cfg.DataDir, "raft.db"),
-		BoltOptions: &bbolt.Options{Timeout: time.Second, NoFreelistSync: true, FreelistType: bbolt.FreelistMapType},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("opening raft store: %w", err)
+
+	var (
+		logs    raft.LogStore
+		stable  raft.StableStore
+		snaps   raft.SnapshotStore
+		trans   raft.Transport
+		closers []func() error
+	)
+	closeAll := func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
 	}
-	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger)
-	if err != nil {
-		store.Close()
-		return nil, err
-	}
-	addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
-	if err != nil {
-		store.Close()
-		return nil, err
-	}
-	trans, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
-	if err != nil {
-		store.Close()
-		return nil, fmt.Errorf("raft transport: %w", err)
+	if cfg.InMemory {
+		store := raft.NewInmemStore()
+		logs, stable, snaps = store, store, raft.NewInmemSnapshotStore()
+		_, it := raft.NewInmemTransport(raft.ServerAddress(cfg.ID))
+		trans = it
+		closers = append(closers, it.Close)
+	} else {
+		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+			return nil, err
+		}
+		// Every log write is still fsynced; the freelist is not written on
+		// each commit (bbolt rebuilds it when it opens the file), which
+		// saves a page write per commit, and the map freelist keeps the
+		// cost of finding free pages flat as the log grows.
+		store, err := raftboltdb.New(raftboltdb.Options{
+			Path:        filepath.Join(cfg.DataDir, "raft.db"),
+			BoltOptions: &bbolt.Options{Timeout: time.Second, NoFreelistSync: true, FreelistType: bbolt.FreelistMapType},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("opening raft store: %w", err)
+		}
+		closers = append(closers, store.Close)
+		logs, stable = store, store
+		if snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger); err != nil {
+			closeAll()
+			return nil, err
+		}
+		addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		nt, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("raft transport: %w", err)
+		}
+		trans = nt
+		closers = append(closers, nt.Close)
 	}
 	f := &fsm{st: state.New(), changed: make(chan struct{})}
-	if len(cfg.Peers) > 0 {
-		has, err := raft.HasExistingState(store, store, snaps)
+	peers := cfg.Peers
+	if cfg.InMemory && len(peers) == 0 {
+		peers = map[string]string{cfg.ID: ""}
+	}
+	if len(peers) > 0 {
+		has, err := raft.HasExistingState(logs, stable, snaps)
 		if err != nil {
-			trans.Close()
-			store.Close()
+			closeAll()
 			return nil, err
 		}
 		if !has {
 			var servers []raft.Server
-			for id, a := range cfg.Peers {
+			for id, a := range peers {
 				if id == cfg.ID {
 					a = string(trans.LocalAddr())
 				}
 				servers = append(servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(a)})
 			}
-			if err := raft.BootstrapCluster(rc, store, store, snaps, trans, raft.Configuration{Servers: servers}); err != nil {
-				trans.Close()
-				store.Close()
+			if err := raft.BootstrapCluster(rc, logs, stable, snaps, trans, raft.Configuration{Servers: servers}); err != nil {
+				closeAll()
 				return nil, fmt.Errorf("bootstrapping: %w", err)
 			}
 		}
 	}
 	// Replication reads back the entries it sends; the newest ones come
 	// from memory instead of a BoltDB read transaction.
-	logs, err := raft.NewLogCache(512, store)
+	cached, err := raft.NewLogCache(512, logs)
 	if err != nil {
-		trans.Close()
-		store.Close()
+		closeAll()
 		return nil, err
 	}
-	r, err := raft.NewRaft(rc, f, logs, store, snaps, trans)
+	r, err := raft.NewRaft(rc, f, cached, stable, snaps, trans)
 	if err != nil {
-		trans.Close()
-		store.Close()
+		closeAll()
 		return nil, err
 	}
-	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, store: store}, nil
+	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, closers: closers}, nil
 }
 
 // Bootstrap forms a new group of peers (ID -> Raft address). Every member
@@ -184,6 +249,9 @@ func (r *Replica) Configured() bool {
 	m, err := r.Members()
 	return err == nil && len(m) > 0
 }
+
+// LocalID is the replica's ID.
+func (r *Replica) LocalID() string { return r.ID }
 
 // Addr is the replica's Raft address.
 func (r *Replica) Addr() string { return string(r.trans.LocalAddr()) }
@@ -256,8 +324,9 @@ func (r *Replica) AppliedIndex() uint64 { return r.raft.AppliedIndex() }
 // Shutdown stops the replica and closes its stores; its data stays.
 func (r *Replica) Shutdown() error {
 	err := r.raft.Shutdown().Error()
-	r.trans.Close()
-	r.store.Close()
+	for i := len(r.closers) - 1; i >= 0; i-- {
+		r.closers[i]()
+	}
 	return err
 }
 
@@ -293,7 +362,7 @@ func (f *fsm) Apply(l *raft.Log) interface{} {
 // lock is gone.
 func copyJobs(res *state.Result) {
 	if res.Job != nil {
-		cp := *res.Job
+		cp := res.Job.Clone()
 		res.Job = &cp
 	}
 	for i := range res.Results {

@@ -277,3 +277,41 @@ func gang(i int) *placement.Job {
 		Groups: []placement.Group{{Name: "w", Count: 8, CPU: 500, MemoryMB: 1024}},
 	}
 }
+
+// Raft's timeouts default to hashicorp/raft's own (production); bad ones
+// are refused before Raft starts.
+func TestTimeouts(t *testing.T) {
+	if DefaultTimeouts.Heartbeat != time.Second || DefaultTimeouts.Election != time.Second || DefaultTimeouts.LeaderLease != 500*time.Millisecond {
+		t.Errorf("defaults %+v", DefaultTimeouts)
+	}
+	for _, bad := range []Timeouts{
+		{Heartbeat: time.Millisecond, Election: time.Second, LeaderLease: time.Millisecond, Commit: time.Millisecond},
+		{Heartbeat: time.Second, Election: time.Second, LeaderLease: 2 * time.Second, Commit: time.Millisecond},
+		{Heartbeat: time.Second, Election: 500 * time.Millisecond, LeaderLease: 100 * time.Millisecond, Commit: time.Millisecond},
+	} {
+		if _, err := Start(Config{ID: "x", InMemory: true, Timeouts: bad}); err == nil {
+			t.Errorf("timeouts %+v were accepted", bad)
+		}
+	}
+	if err := LANTimeouts.Validate(); err != nil {
+		t.Error(err)
+	}
+}
+
+// An in-memory replica is a group of one that leads and applies.
+func TestInMemoryReplica(t *testing.T) {
+	r, err := Start(Config{ID: "mem", InMemory: true, Timeouts: Timeouts{Heartbeat: 20 * time.Millisecond, Election: 20 * time.Millisecond, LeaderLease: 10 * time.Millisecond, Commit: time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Shutdown()
+	for deadline := time.Now().Add(5 * time.Second); !r.IsLeader(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no leader")
+		}
+	}
+	res, err := r.Apply(&state.Command{Op: state.OpSubmit, At: time.Unix(1, 0), Job: &placement.Job{ID: "a"}}, time.Second)
+	if err != nil || res.Err != "" || res.Job.Status != state.Queued {
+		t.Fatalf("apply: %v %+v", err, res)
+	}
+}

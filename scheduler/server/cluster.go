@@ -5,9 +5,7 @@ package server
 // leader's HTTP API.
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -17,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/scheduler/state"
 )
 
@@ -24,27 +23,13 @@ import (
 // servers that each think the other leads cannot bounce it forever.
 const forwardedHeader = "X-Cohort-Forwarded"
 
-// AgentSelf is what GET /v1/agent/self answers: who this server is and
-// whether it belongs to a group yet.
-type AgentSelf struct {
-	Member     state.Member
-	Configured bool
-	LeaderID   string `json:",omitempty"`
-}
-
-// MemberView is one row of GET /v1/members.
-type MemberView struct {
-	ID, RaftAddr, HTTPAddr string
-	Voter, Leader          bool
-}
-
 // Advertise sets the HTTP address other servers and drivers reach this
 // server at; it is recorded in the replicated state.
 func (s *Server) Advertise(httpAddr string) {
 	if !strings.Contains(httpAddr, "://") {
 		httpAddr = "http://" + httpAddr
 	}
-	s.self = state.Member{ID: s.r.ID, RaftAddr: s.r.Addr(), HTTPAddr: httpAddr}
+	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/")}
 }
 
 // leaderURL is the leader's HTTP address, if the state knows it.
@@ -84,7 +69,7 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
 
 func (s *Server) handleAgentSelf(w http.ResponseWriter, r *http.Request) {
 	_, leader := s.r.Leader()
-	writeJSON(w, http.StatusOK, AgentSelf{Member: s.self, Configured: s.r.Configured(), LeaderID: leader})
+	writeJSON(w, http.StatusOK, api.AgentSelf{Member: api.Member(s.self), Configured: s.r.Configured(), LeaderID: leader})
 }
 
 func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
@@ -100,9 +85,9 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 			known[id] = m
 		}
 	})
-	out := make([]MemberView, 0, len(ms))
+	out := make([]api.MemberView, 0, len(ms))
 	for _, m := range ms {
-		out = append(out, MemberView{ID: m.ID, RaftAddr: m.Address, HTTPAddr: known[m.ID].HTTPAddr, Voter: m.Voter, Leader: m.ID == leader})
+		out = append(out, api.MemberView{ID: m.ID, RaftAddr: m.Address, HTTPAddr: known[m.ID].HTTPAddr, Voter: m.Voter, Leader: m.ID == leader})
 	}
 	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
 	writeJSON(w, http.StatusOK, out)
@@ -112,7 +97,10 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 // addresses.
 func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 	var m state.Member
-	if err := json.NewDecoder(r.Body).Decode(&m); err != nil || m.ID == "" || m.RaftAddr == "" {
+	if !decodeBody(w, r, maxSmallBody, &m) {
+		return
+	}
+	if m.ID == "" || m.RaftAddr == "" {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
 		return
 	}
@@ -120,7 +108,7 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("adding %s: %w", m.ID, err))
 		return
 	}
-	if err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
+	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
@@ -131,11 +119,14 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 // handleRegister records a member's addresses (leader only).
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	var m state.Member
-	if err := json.NewDecoder(r.Body).Decode(&m); err != nil || m.ID == "" {
+	if !decodeBody(w, r, maxSmallBody, &m) {
+		return
+	}
+	if m.ID == "" {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
 		return
 	}
-	if err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
+	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
@@ -154,13 +145,14 @@ func (s *Server) registerSelf() error {
 		return nil
 	}
 	if s.r.IsLeader() {
-		return s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &s.self})
+		_, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &s.self})
+		return err
 	}
 	target := s.leaderURL()
 	if target == "" {
 		return nil // the leader registers itself first
 	}
-	return postJSON(target+"/v1/members/register", s.self, nil)
+	return peer(target).RegisterMember(api.Member(s.self))
 }
 
 // Join makes this server a member of a group: it asks the servers at
@@ -178,8 +170,8 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 			if !strings.Contains(a, "://") {
 				a = "http://" + a
 			}
-			var self AgentSelf
-			if err := getJSON(a+"/v1/agent/self", &self); err != nil {
+			self, err := peer(a).AgentSelf()
+			if err != nil {
 				s.log.Debug("join: peer not answering", "addr", a, "error", err)
 				continue
 			}
@@ -187,7 +179,7 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 				continue
 			}
 			if self.Configured && self.LeaderID != "" {
-				if err := postJSON(a+"/v1/members/join", s.self, nil); err != nil {
+				if err := peer(a).Join(api.Member(s.self)); err != nil {
 					s.log.Warn("join: asking the group to add this server", "via", a, "error", err)
 					continue
 				}
@@ -208,37 +200,7 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 	}
 }
 
-var httpClient = &http.Client{Timeout: 10 * time.Second}
-
-func getJSON(url string, out any) error {
-	resp, err := httpClient.Get(url)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return json.NewDecoder(resp.Body).Decode(out)
-}
-
-func postJSON(url string, in, out any) error {
-	b, err := json.Marshal(in)
-	if err != nil {
-		return err
-	}
-	resp, err := httpClient.Post(url, "application/json", bytes.NewReader(b))
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e struct{ Error string }
-		json.NewDecoder(resp.Body).Decode(&e)
-		return fmt.Errorf("POST %s: %s: %s", url, resp.Status, e.Error)
-	}
-	if out != nil {
-		return json.NewDecoder(resp.Body).Decode(out)
-	}
-	return nil
+// peer is a client for another server's API.
+func peer(addr string) *api.Client {
+	return api.NewClient(api.Config{Address: addr, Timeout: 10 * time.Second})
 }

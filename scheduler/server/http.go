@@ -4,43 +4,31 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 
+	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
-	"github.com/hashicorp/nomad/api"
 )
 
-// JobView is a job as the API shows it.
-type JobView struct {
-	ID          string
-	Status      state.Status
-	Priority    int
-	Workers     int
-	Nodes       int       `json:",omitempty"`
-	Reason      string    `json:",omitempty"`
-	Attempts    int       `json:",omitempty"`
-	SubmittedAt time.Time `json:",omitempty"`
-	ReservedAt  time.Time `json:",omitempty"`
-	StartedAt   time.Time `json:",omitempty"`
-	Deadline    time.Time `json:",omitempty"`
-	EndedAt     time.Time `json:",omitempty"`
-	Adopted     bool      `json:",omitempty"`
-	Run         int       `json:",omitempty"`
-	// WorkerStates is filled by GET /v1/job/{id}?workers=1.
-	WorkerStates []WorkerView `json:",omitempty"`
-}
+// Request body limits. A job is the largest thing anyone sends; Nomad
+// itself takes jobs of a few MiB at most.
+const (
+	maxJobBody   = 4 << 20
+	maxSmallBody = 16 << 10
+)
 
-func view(j *state.Job) JobView {
-	v := JobView{
-		ID: j.Spec.ID, Status: j.Status, Priority: j.Spec.Priority, Workers: j.Spec.Size(),
+func view(j *state.Job) api.JobView {
+	v := api.JobView{
+		ID: j.Spec.ID, Namespace: orDefault(j.Spec.Namespace), Status: string(j.Status), Priority: j.Spec.Priority, Workers: j.Spec.Size(),
 		Reason: j.Reason, Attempts: j.Attempts, SubmittedAt: j.SubmittedAt, ReservedAt: j.ReservedAt,
 		StartedAt: j.StartedAt, EndedAt: j.EndedAt, Adopted: j.Adopted, Run: j.Run,
 	}
@@ -57,18 +45,27 @@ func view(j *state.Job) JobView {
 	return v
 }
 
-// Handler is the JSON HTTP API:
+func orDefault(ns string) string {
+	if ns == "" {
+		return api.DefaultNamespace
+	}
+	return ns
+}
+
+// Handler is the JSON HTTP API. Job endpoints take ?namespace= as Nomad's
+// do (default: "default").
 //
-//	POST   /v1/jobs      {"Job": <Nomad job with cohort meta>} -> JobView
+//	POST   /v1/jobs      {"Job": <Nomad job with cohort meta>} -> SubmitResponse
 //	GET    /v1/jobs      -> []JobView in submission order
-//	GET    /v1/job/{id}  -> JobView
-//	DELETE /v1/job/{id}  stop the job
-//	GET    /v1/job/{id}/bill[?run=N] -> billing.Bill, per worker and millisecond
+//	GET    /v1/job/{id}  -> JobView (?workers=1 adds each worker's state)
+//	DELETE /v1/job/{id}  stop the job, at any stage
+//	GET    /v1/job/{id}/bill[?run=N] -> Bill, per worker and millisecond
 //	GET    /v1/leader    -> {"ID", "Address"} of the Raft leader
 //	GET    /v1/health    -> 200 when this replica has a leader
 //	GET    /v1/queue     -> queued jobs in scheduling order
 //	GET    /metrics      -> Prometheus text format
 //	POST   /v1/barrier/{job}  a worker's boot report; see barrier.go
+//	GET    /v1/barrier-task/cohort-barrier.tar.gz  the barrier task's program
 //	GET    /v1/nodes     -> []NodeView: capacity and what is free, as placement sees it
 //	GET    /v1/members   -> []MemberView, the Raft group
 //	GET    /v1/agent/self -> AgentSelf
@@ -83,6 +80,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/job/{id}", s.handleGet)
 	mux.HandleFunc("DELETE /v1/job/{id}", s.leaderOnly(s.handleStop))
 	mux.HandleFunc("POST /v1/barrier/{job}", s.leaderOnly(s.handleBarrier))
+	mux.HandleFunc("GET "+barrierTaskPath, s.handleBarrierTask)
 	mux.HandleFunc("GET /v1/nodes", s.handleNodes)
 	mux.HandleFunc("GET /v1/members", s.handleMembers)
 	mux.HandleFunc("GET /v1/agent/self", s.handleAgentSelf)
@@ -99,11 +97,49 @@ func (s *Server) Handler() http.Handler {
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	json.NewEncoder(w).Encode(v)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false) // errors quote job specs; keep them readable
+	enc.Encode(v)
 }
 
 func writeErr(w http.ResponseWriter, code int, err error) {
-	writeJSON(w, code, map[string]string{"error": err.Error()})
+	writeJSON(w, code, api.ErrorBody{Error: err.Error()})
+}
+
+// decodeBody decodes a JSON body of at most limit bytes into v, answering
+// 400 (or 413) itself when it cannot.
+func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, limit))
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeErr(w, http.StatusRequestEntityTooLarge, fmt.Errorf("request body over %d bytes", limit))
+			return false
+		}
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("decoding the request body: %v", err))
+		return false
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		writeErr(w, http.StatusBadRequest, errors.New("the request body holds more than one JSON value"))
+		return false
+	}
+	return true
+}
+
+// jobRef reads and checks a job's namespace (?namespace=) and ID (the path
+// value name).
+func jobRef(w http.ResponseWriter, r *http.Request, name string) (ns, id string, ok bool) {
+	id = r.PathValue(name)
+	ns = r.URL.Query().Get("namespace")
+	if err := jobspec.ValidateJobID(id); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return "", "", false
+	}
+	if err := jobspec.ValidateNamespace(ns); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return "", "", false
+	}
+	return normNS(ns), id, true
 }
 
 func (s *Server) notLeader(w http.ResponseWriter) bool {
@@ -111,17 +147,20 @@ func (s *Server) notLeader(w http.ResponseWriter) bool {
 		return false
 	}
 	addr, id := s.r.Leader()
-	writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "not the leader", "leader_id": id, "leader_address": addr})
+	writeJSON(w, http.StatusServiceUnavailable, api.ErrorBody{Error: "not the leader", LeaderID: id, LeaderAddress: addr})
 	return true
 }
 
 func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
-	var body struct{ Job *api.Job }
-	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Job == nil || body.Job.ID == nil {
-		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Job": <nomad job>} with an ID`))
+	var body api.SubmitRequest
+	if !decodeBody(w, r, maxJobBody, &body) {
 		return
 	}
-	j, err := s.Submit(body.Job)
+	if body.Job == nil {
+		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Job": <nomad job>}`))
+		return
+	}
+	sub, err := s.Submit(body.Job)
 	switch {
 	case errors.Is(err, ErrRejected):
 		writeErr(w, http.StatusBadRequest, err)
@@ -130,12 +169,12 @@ func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
 	case err != nil:
 		writeErr(w, http.StatusInternalServerError, err)
 	default:
-		writeJSON(w, http.StatusOK, view(j))
+		writeJSON(w, http.StatusOK, api.SubmitResponse{JobView: view(&sub.Job), Warnings: sub.Notes})
 	}
 }
 
 func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
-	var out []JobView
+	out := []api.JobView{}
 	s.r.Read(func(st *state.State) {
 		for _, j := range st.Jobs {
 			out = append(out, view(j))
@@ -146,25 +185,21 @@ func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	var v *JobView
-	var job state.Job
-	s.r.Read(func(st *state.State) {
-		if j, ok := st.Jobs[id]; ok {
-			jv := view(j)
-			v = &jv
-			job = *j
-		}
-	})
-	if v == nil {
-		writeErr(w, http.StatusNotFound, errors.New("no job "+id))
+	ns, id, ok := jobRef(w, r, "id")
+	if !ok {
 		return
 	}
+	job, ok := s.job(placement.Key(ns, id))
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no job %s", placement.Key(ns, id)))
+		return
+	}
+	v := view(&job)
 	if r.URL.Query().Get("workers") != "" {
 		var a nomad.Allocs
-		if job.Status != state.Queued {
+		if job.NomadIndex != 0 {
 			var err error
-			if a, err = s.nomad.Allocs(id); err != nil {
+			if a, err = s.nomad.Allocs(job.Spec.Namespace, job.Spec.ID, job.NomadVersion); err != nil {
 				writeErr(w, http.StatusBadGateway, fmt.Errorf("reading the gang's allocations: %w", err))
 				return
 			}
@@ -175,61 +210,64 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	var b *billing.Bill
-	now := s.now()
+	ns, id, ok := jobRef(w, r, "id")
+	if !ok {
+		return
+	}
 	run := 0
 	if v := r.URL.Query().Get("run"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
-			writeErr(w, http.StatusBadRequest, fmt.Errorf("run must be a run number from 1, got %q", v))
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("run must be a run number from 1, got %.16q", v))
 			return
 		}
 		run = n
 	}
-	s.r.Read(func(st *state.State) {
-		j, ok := st.Jobs[id]
-		if !ok {
-			return
+	j, ok := s.job(placement.Key(ns, id))
+	if ok && run != 0 && run != j.Run {
+		if run > len(j.Previous) {
+			ok = false
+		} else {
+			j = j.Previous[run-1]
 		}
-		if run != 0 && run != j.Run {
-			if run > len(j.Previous) {
-				return
-			}
-			j = &j.Previous[run-1]
-		}
-		bill := billing.For(j, s.prices, now)
-		b = &bill
-	})
-	if b == nil {
-		writeErr(w, http.StatusNotFound, fmt.Errorf("no job %s (run %d)", id, run))
+	}
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no job %s (run %d)", placement.Key(ns, id), run))
 		return
 	}
-	writeJSON(w, http.StatusOK, b)
+	writeJSON(w, http.StatusOK, billing.For(&j, s.prices, s.now()))
 }
 
 func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
-	if err := s.Stop(r.PathValue("id")); err != nil {
-		writeErr(w, http.StatusNotFound, err)
+	ns, id, ok := jobRef(w, r, "id")
+	if !ok {
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"stopped": r.PathValue("id")})
+	j, err := s.Stop(placement.Key(ns, id))
+	switch {
+	case errors.Is(err, ErrNoJob):
+		writeErr(w, http.StatusNotFound, err)
+	case err != nil:
+		writeErr(w, http.StatusInternalServerError, err)
+	default:
+		writeJSON(w, http.StatusOK, view(&j))
+	}
 }
 
 func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 	var specs []*placement.Job
-	views := map[string]JobView{}
+	views := map[string]api.JobView{}
 	s.r.Read(func(st *state.State) {
 		for _, j := range st.ByStatus(state.Queued) {
 			spec := j.Spec
 			specs = append(specs, &spec)
-			views[j.Spec.ID] = view(j)
+			views[j.Key()] = view(j)
 		}
 	})
 	placement.Order(specs)
-	out := make([]JobView, 0, len(specs))
+	out := make([]api.JobView, 0, len(specs))
 	for _, j := range specs {
-		out = append(out, views[j.ID])
+		out = append(out, views[j.Key()])
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -267,21 +305,6 @@ func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, "cohort_raft_applied_index %d\n", s.r.AppliedIndex())
 }
 
-// NodeView is one Nomad node as the scheduler sees it.
-type NodeView struct {
-	ID, Datacenter, Pool string
-	// Capacity is what jobs can use at all; Free what is left after every
-	// allocation and every cohort reservation.
-	Capacity, Free Resources
-}
-
-// Resources is CPU (MHz), memory (MiB) and devices by kind.
-type Resources struct {
-	CPU      int
-	MemoryMB int
-	Devices  map[string]int `json:",omitempty"`
-}
-
 func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {
 	var holding []placement.Running
 	s.r.Read(func(st *state.State) { holding = st.Holding(s.now()) })
@@ -299,19 +322,19 @@ func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {
 	for _, n := range free {
 		byID[n.ID] = n
 	}
-	out := make([]NodeView, 0, len(capacity))
+	out := make([]api.NodeView, 0, len(capacity))
 	for _, c := range capacity {
 		f := byID[c.ID]
-		out = append(out, NodeView{ID: c.ID, Datacenter: c.Datacenter, Pool: c.Pool,
-			Capacity: Resources{CPU: c.CPU, MemoryMB: c.MemoryMB, Devices: c.Devices},
-			Free:     Resources{CPU: f.CPU, MemoryMB: f.MemoryMB, Devices: f.Devices}})
+		out = append(out, api.NodeView{ID: c.ID, Datacenter: c.Datacenter, Pool: c.Pool,
+			Capacity: api.Resources{CPU: c.CPU, MemoryMB: c.MemoryMB, Devices: c.Devices},
+			Free:     api.Resources{CPU: f.CPU, MemoryMB: f.MemoryMB, Devices: f.Devices}})
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) handleLeader(w http.ResponseWriter, r *http.Request) {
 	addr, id := s.r.Leader()
-	writeJSON(w, http.StatusOK, map[string]string{"ID": id, "Address": addr})
+	writeJSON(w, http.StatusOK, api.Leader{ID: id, Address: addr})
 }
 
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
@@ -322,26 +345,16 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
 }
 
-// WorkerView is one worker of a gang: where it is in
-// queued -> reserved -> booted -> running -> exited (code).
-type WorkerView struct {
-	Name     string // group[index]
-	Node     string `json:",omitempty"`
-	Alloc    string `json:",omitempty"`
-	State    string
-	ExitCode *int `json:",omitempty"`
-}
-
 // workerViews merges what the state knows of a gang's workers with what
 // Nomad reports of their allocations.
-func workerViews(j *state.Job, a nomad.Allocs) []WorkerView {
-	byName := map[string]*WorkerView{}
+func workerViews(j *state.Job, a nomad.Allocs) []api.WorkerView {
+	byName := map[string]*api.WorkerView{}
 	var order []string
-	add := func(name string) *WorkerView {
+	add := func(name string) *api.WorkerView {
 		if w, ok := byName[name]; ok {
 			return w
 		}
-		w := &WorkerView{Name: name, State: string(state.Queued)}
+		w := &api.WorkerView{Name: name, State: string(state.Queued)}
 		byName[name] = w
 		order = append(order, name)
 		return w
@@ -359,12 +372,11 @@ func workerViews(j *state.Job, a nomad.Allocs) []WorkerView {
 	}
 	if j.Status != state.Queued {
 		for _, al := range a.Workers {
-			name := strings.TrimPrefix(al.Name, j.Spec.ID+".")
-			w := add(name)
+			w := add(nomad.WorkerName(j.Spec.ID, al))
 			w.Node, w.Alloc = al.Node, al.Alloc
 			_, booted := j.Booted[al.Alloc]
 			switch {
-			case al.ExitCode != nil:
+			case al.ExitCode != nil && !al.FinishedAt.IsZero():
 				w.State, w.ExitCode = "exited", al.ExitCode
 			case al.Status == "failed" || al.Status == "lost":
 				w.State = al.Status
@@ -379,9 +391,17 @@ func workerViews(j *state.Job, a nomad.Allocs) []WorkerView {
 			}
 		}
 	}
-	out := make([]WorkerView, 0, len(order))
+	out := make([]api.WorkerView, 0, len(order))
 	for _, n := range order {
 		out = append(out, *byName[n])
 	}
 	return out
+}
+
+// splitKey splits a job key into namespace and ID.
+func splitKey(key string) (ns, id string) {
+	if i := strings.IndexByte(key, '/'); i >= 0 {
+		return key[:i], key[i+1:]
+	}
+	return "", key
 }

@@ -26,8 +26,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
-	"github.com/hashicorp/nomad/api"
+	"github.com/cohort-dev/cohort/scheduler/placement"
+	nomadapi "github.com/hashicorp/nomad/api"
 )
 
 // NomadProxy serves the Nomad-compatible endpoint in front of the Nomad
@@ -63,6 +65,8 @@ func (p *NomadProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case (r.Method == http.MethodPut || r.Method == http.MethodPost) && r.URL.Path == "/v1/jobs":
 		p.register(w, r)
+	case r.Method == http.MethodDelete && strings.HasPrefix(r.URL.Path, "/v1/job/") && strings.Count(r.URL.Path, "/") == 3:
+		p.deregister(w, r)
 	case r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v1/evaluation/"):
 		if p.evaluation(w, r) {
 			return
@@ -75,19 +79,29 @@ func (p *NomadProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // register admits a gang or passes any other job on to Nomad.
 func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(io.LimitReader(r.Body, 8<<20))
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxJobBody+1))
 	if err != nil {
 		nomadErr(w, http.StatusBadRequest, err)
 		return
 	}
-	var req api.JobRegisterRequest
+	if len(body) > maxJobBody {
+		nomadErr(w, http.StatusRequestEntityTooLarge, fmt.Errorf("job over %d bytes", maxJobBody))
+		return
+	}
+	var req nomadapi.JobRegisterRequest
 	if err := json.Unmarshal(body, &req); err != nil || req.Job == nil || req.Job.Meta[jobspec.MetaGang] == "" {
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		r.ContentLength = int64(len(body))
 		p.proxy.ServeHTTP(w, r)
 		return
 	}
-	job := req.Job
+	// The job as cohort will register it: normalized, with the barrier
+	// task where its driver needs one.
+	job, notes, err := p.s.Normalize(req.Job)
+	if err != nil {
+		nomadErr(w, http.StatusBadRequest, err)
+		return
+	}
 	// Let Nomad judge the job and the caller's token first: a plan is a
 	// dry run that needs the same capability as a registration.
 	if code, msg := p.plan(r, job); code != http.StatusOK {
@@ -103,44 +117,104 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 		nomadErr(w, code, err)
 		return
 	}
-	id := newEvalID()
-	p.mu.Lock()
-	for old, ev := range p.evals {
-		if time.Since(ev.At) > time.Hour { // long after any monitor gave up
-			delete(p.evals, old)
+	id := p.newEval(*job.ID, deref(job.Namespace))
+	p.s.log.Info("gang admitted through the nomad endpoint", "job", *job.ID, "status", v.Status)
+	warn := fmt.Sprintf("cohort: gang %q admitted for gang scheduling (%s, %d workers); it is registered with Nomad "+
+		"whole once every worker fits. Follow it with: cohort status %s", *job.ID, v.Status, v.Workers, *job.ID)
+	for _, n := range append(notes, v.Warnings...) {
+		if !strings.Contains(warn, n) {
+			warn += "\n* " + n
 		}
 	}
-	p.evals[id] = syntheticEval{JobID: *job.ID, Namespace: deref(job.Namespace), At: time.Now()}
-	p.mu.Unlock()
-	p.s.log.Info("gang admitted through the nomad endpoint", "job", *job.ID, "status", v.Status)
-	writeJSON(w, http.StatusOK, api.JobRegisterResponse{
-		EvalID: id,
-		Warnings: fmt.Sprintf("cohort: gang %q admitted for gang scheduling (%s, %d workers); it is registered with Nomad "+
-			"whole once every worker fits. Follow it with: cohort status %s", *job.ID, v.Status, v.Workers, *job.ID),
-	})
+	writeJSON(w, http.StatusOK, nomadapi.JobRegisterResponse{EvalID: id, Warnings: warn})
 }
 
-// plan asks Nomad to plan job with the caller's headers (its ACL token).
-func (p *NomadProxy) plan(r *http.Request, job *api.Job) (int, string) {
-	b, err := json.Marshal(api.JobPlanRequest{Job: job})
-	if err != nil {
-		return http.StatusBadRequest, err.Error()
+// deregister stops a gang cohort knows (`nomad job stop`), at whatever
+// stage it is, queued included, where Nomad has nothing to stop yet; any
+// other job, and a purge, go on to Nomad.
+func (p *NomadProxy) deregister(w http.ResponseWriter, r *http.Request) {
+	id, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, "/v1/job/"))
+	if err != nil || jobspec.ValidateJobID(id) != nil {
+		p.proxy.ServeHTTP(w, r)
+		return
 	}
+	ns := r.URL.Query().Get("namespace")
+	if jobspec.ValidateNamespace(ns) != nil {
+		p.proxy.ServeHTTP(w, r)
+		return
+	}
+	j, known := p.s.job(placement.Key(normNS(ns), id))
+	if !known || j.Ended() {
+		p.proxy.ServeHTTP(w, r)
+		return
+	}
+	// Nomad's own check of the caller's token comes first: a plan needs
+	// no capability a stop lacks, so ask Nomad to read the job instead.
+	if code, msg := p.authorize(r, id, ns); code != http.StatusOK && code != http.StatusNotFound {
+		nomadErr(w, code, errors.New(msg))
+		return
+	}
+	if err := p.s.stopAnywhere(normNS(ns), id); err != nil {
+		nomadErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	if r.URL.Query().Get("purge") == "true" {
+		p.proxy.ServeHTTP(w, r)
+		return
+	}
+	eval := p.newEval(id, ns)
+	p.s.log.Info("gang stopped through the nomad endpoint", "job", placement.Key(normNS(ns), id))
+	writeJSON(w, http.StatusOK, nomadapi.JobDeregisterResponse{EvalID: eval})
+}
+
+// authorize asks Nomad whether the caller may read the job (its ACL token).
+func (p *NomadProxy) authorize(r *http.Request, id, ns string) (int, string) {
+	q := url.Values{}
+	if ns != "" {
+		q.Set("namespace", ns)
+	}
+	return p.ask(r, http.MethodGet, "/v1/job/"+url.PathEscape(id), q.Encode(), nil)
+}
+
+// ask sends Nomad one request with the caller's headers (its ACL token)
+// and returns Nomad's status and the start of its answer.
+func (p *NomadProxy) ask(r *http.Request, method, path, rawQuery string, body []byte) (int, string) {
 	u := *p.nomad
-	u.Path = "/v1/job/" + url.PathEscape(*job.ID) + "/plan"
-	u.RawQuery = r.URL.RawQuery
-	req, err := http.NewRequestWithContext(r.Context(), http.MethodPut, u.String(), bytes.NewReader(b))
+	u.Path, u.RawQuery = path, rawQuery
+	req, err := http.NewRequestWithContext(r.Context(), method, u.String(), bytes.NewReader(body))
 	if err != nil {
 		return http.StatusInternalServerError, err.Error()
 	}
 	req.Header = r.Header.Clone()
 	resp, err := httpClient.Do(req)
 	if err != nil {
-		return http.StatusBadGateway, "asking nomad to plan the job: " + err.Error()
+		return http.StatusBadGateway, fmt.Sprintf("asking nomad (%s %s): %v", method, path, err)
 	}
 	defer resp.Body.Close()
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	return resp.StatusCode, strings.TrimSpace(string(msg))
+}
+
+func (p *NomadProxy) newEval(jobID, ns string) string {
+	id := newEvalID()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for old, ev := range p.evals {
+		if time.Since(ev.At) > time.Hour { // long after any monitor gave up
+			delete(p.evals, old)
+		}
+	}
+	p.evals[id] = syntheticEval{JobID: jobID, Namespace: ns, At: time.Now()}
+	return id
+}
+
+// plan asks Nomad to plan job with the caller's headers (its ACL token).
+func (p *NomadProxy) plan(r *http.Request, job *nomadapi.Job) (int, string) {
+	b, err := json.Marshal(nomadapi.JobPlanRequest{Job: job})
+	if err != nil {
+		return http.StatusBadRequest, err.Error()
+	}
+	return p.ask(r, http.MethodPut, "/v1/job/"+url.PathEscape(*job.ID)+"/plan", r.URL.RawQuery, b)
 }
 
 // evaluation answers for the synthetic evaluations it handed out.
@@ -155,13 +229,13 @@ func (p *NomadProxy) evaluation(w http.ResponseWriter, r *http.Request) bool {
 	}
 	switch sub {
 	case "":
-		writeJSON(w, http.StatusOK, api.Evaluation{
+		writeJSON(w, http.StatusOK, nomadapi.Evaluation{
 			ID: id, JobID: ev.JobID, Namespace: ev.Namespace, Type: "batch", TriggeredBy: "job-register",
 			Status: "complete", StatusDescription: "admitted by cohort's gang scheduler",
 			CreateTime: ev.At.UnixNano(), ModifyTime: ev.At.UnixNano(),
 		})
 	case "allocations":
-		writeJSON(w, http.StatusOK, []api.AllocationListStub{})
+		writeJSON(w, http.StatusOK, []nomadapi.AllocationListStub{})
 	default:
 		return false
 	}
@@ -169,25 +243,39 @@ func (p *NomadProxy) evaluation(w http.ResponseWriter, r *http.Request) bool {
 }
 
 // submitAnywhere submits on the leader: here, or over its HTTP API.
-func (s *Server) submitAnywhere(job *api.Job) (JobView, error) {
+func (s *Server) submitAnywhere(job *nomadapi.Job) (api.SubmitResponse, error) {
 	if s.r.IsLeader() {
-		j, err := s.Submit(job)
+		sub, err := s.Submit(job)
 		if err != nil {
-			return JobView{}, err
+			return api.SubmitResponse{}, err
 		}
-		return view(j), nil
+		return api.SubmitResponse{JobView: view(&sub.Job), Warnings: sub.Notes}, nil
 	}
 	target := s.leaderURL()
 	if target == "" {
-		return JobView{}, errors.New("no cohort leader is known")
+		return api.SubmitResponse{}, errors.New("no cohort leader is known yet; try again in a moment")
 	}
-	var v JobView
-	err := postJSON(target+"/v1/jobs", map[string]any{"Job": job}, &v)
-	if err != nil && strings.Contains(err.Error(), "400 Bad Request") {
+	v, err := peer(target).Submit(job)
+	if api.IsStatus(err, http.StatusBadRequest) {
 		err = fmt.Errorf("%w: %v", ErrRejected, err)
 	}
 	return v, err
 }
+
+// stopAnywhere stops a job on the leader: here, or over its HTTP API.
+func (s *Server) stopAnywhere(ns, id string) error {
+	if s.r.IsLeader() {
+		_, err := s.Stop(placement.Key(ns, id))
+		return err
+	}
+	target := s.leaderURL()
+	if target == "" {
+		return errors.New("no cohort leader is known yet; try again in a moment")
+	}
+	return peer(target).Stop(ns, id)
+}
+
+var httpClient = &http.Client{Timeout: 10 * time.Second}
 
 // nomadErr answers like Nomad: a plain-text error body.
 func nomadErr(w http.ResponseWriter, code int, err error) {

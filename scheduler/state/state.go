@@ -7,6 +7,7 @@ package state
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"sort"
 	"time"
 
@@ -19,50 +20,85 @@ type Status string
 const (
 	Queued   Status = "queued"   // accepted, waiting for room
 	Reserved Status = "reserved" // nodes reserved, workers booting
-	Running  Status = "running"  // every worker booted; billing runs
+	Running  Status = "running"  // every worker booted and released; billing runs
 	Finished Status = "finished" // ended: exited, stopped or deadline
-	Failed   Status = "failed"   // gang timeout or an error
+	Failed   Status = "failed"   // did not start, or a worker failed while it ran
 )
 
-// Job is one accepted gang.
+// Job is one accepted gang. Jobs are keyed by placement.Key(namespace, ID).
 type Job struct {
 	Spec placement.Job
-	// Nomad is the Nomad job (API JSON) registered when the gang is placed.
+	// Nomad is the normalized Nomad job (API JSON) registered when the
+	// gang is placed.
 	Nomad       json.RawMessage `json:",omitempty"`
 	Status      Status
 	SubmittedAt time.Time
 	// QueuedAt is when the job last entered the queue: at submit or at
 	// its latest requeue. A gang queued longer than its gang timeout
 	// fails.
-	QueuedAt   time.Time           `json:",omitempty"`
+	QueuedAt time.Time `json:",omitempty"`
+	// RetryAt keeps a requeued gang out of placement until then: the
+	// back-off after Nomad refused its registration.
+	RetryAt    time.Time           `json:",omitempty"`
 	Decision   *placement.Decision `json:",omitempty"`
 	ReservedAt time.Time           `json:",omitempty"`
 	StartedAt  time.Time           `json:",omitempty"`
 	EndedAt    time.Time           `json:",omitempty"`
 	Reason     string              `json:",omitempty"`
 	Attempts   int                 `json:",omitempty"`
-	// Barrier is set when the gang's workers wait at the start barrier
-	// (microvm tasks): the gang starts when every worker has booted,
-	// not when Nomad reports it running.
-	Barrier bool `json:",omitempty"`
-	// Booted holds, per Nomad allocation ID, when its worker reported
-	// booted at the barrier during the current attempt.
-	Booted map[string]time.Time `json:",omitempty"`
+	// Booted holds, per Nomad allocation ID, the worker's boot report at
+	// the barrier during the current attempt.
+	Booted map[string]Boot `json:",omitempty"`
 	// Adopted marks a gang registered with Nomad directly, bypassing
 	// cohort: Nomad placed it, so it holds no reservation of cohort's
 	// until it fails to complete and is requeued.
 	Adopted bool `json:",omitempty"`
+	// NomadIndex is the JobModifyIndex of the Nomad job of the current
+	// attempt (cohort's registration, or the adopted one); 0 while the
+	// attempt is not registered yet.
+	NomadIndex uint64 `json:",omitempty"`
+	// NomadVersion is the Nomad job version of that registration: its
+	// allocations are the attempt's workers.
+	NomadVersion uint64 `json:",omitempty"`
+	// WorkerEnds holds, by worker name ("group[rank]"), when a worker's
+	// allocation finished, where it finished before the gang ended: the
+	// ledger bills each worker to its own end.
+	WorkerEnds map[string]time.Time `json:",omitempty"`
+	// Cleaned is set once an ended run's Nomad job is deregistered.
+	Cleaned bool `json:",omitempty"`
 	// Run counts the runs of this job ID, from 1; Previous holds the
 	// ended runs before this one, oldest first, for their bills.
 	Run      int   `json:",omitempty"`
 	Previous []Job `json:",omitempty"`
 }
 
+// Boot is one worker's report at the start barrier.
+type Boot struct {
+	At time.Time
+	// Instance names the task start that reported: the same allocation
+	// reporting as another instance was restarted, and is refused.
+	Instance string `json:",omitempty"`
+}
+
+// Key is the job's key in State.Jobs.
+func (j Job) Key() string { return j.Spec.Key() }
+
 // Ended says whether the job has finished or failed.
 func (j *Job) Ended() bool { return j.Status == Finished || j.Status == Failed }
 
 // Deadline is when a running job must be stopped.
 func (j *Job) Deadline() time.Time { return j.StartedAt.Add(j.Spec.MaxRuntime) }
+
+// Clone copies a job deeply enough that applying later commands to the
+// state never changes the copy, and the copy may be read without the
+// state's lock. Apply replaces Spec, Decision and Previous rather than
+// editing them, so those are shared.
+func (j *Job) Clone() Job {
+	c := *j
+	c.Booted = maps.Clone(j.Booted)
+	c.WorkerEnds = maps.Clone(j.WorkerEnds)
+	return c
+}
 
 // Op names a command.
 type Op string
@@ -77,12 +113,17 @@ const (
 	// OpAdmit submits a job and reserves it in one entry: the leader
 	// placed it on arrival, so one commit instead of two makes it so.
 	OpAdmit Op = "admit"
+	// OpRegistered records the Nomad job cohort registered for the
+	// current attempt.
+	OpRegistered Op = "registered"
 	// OpBoot records that one worker (a Nomad allocation) booted and
 	// waits at the start barrier.
 	OpBoot Op = "boot"
 	// OpAdopt records a gang found running on Nomad without having been
 	// submitted to cohort; it enters as reserved with no reservation.
 	OpAdopt Op = "adopt"
+	// OpCleaned records that an ended run's Nomad job is deregistered.
+	OpCleaned Op = "cleaned"
 	// OpMember records a server's addresses.
 	OpMember Op = "member"
 	// OpBatch applies several commands in one log entry, in order, each
@@ -90,7 +131,7 @@ const (
 	OpBatch Op = "batch"
 )
 
-// Command is one log entry.
+// Command is one log entry. JobID is the job's key.
 type Command struct {
 	Op       Op
 	At       time.Time
@@ -100,9 +141,21 @@ type Command struct {
 	Decision *placement.Decision `json:",omitempty"`
 	Reason   string              `json:",omitempty"`
 	Alloc    string              `json:",omitempty"` // OpBoot
-	Barrier  bool                `json:",omitempty"` // OpSubmit, OpAdmit, OpAdopt
-	Member   *Member             `json:",omitempty"` // OpMember
-	Commands []*Command          `json:",omitempty"` // OpBatch
+	Instance string              `json:",omitempty"` // OpBoot
+	// Index and Version are the Nomad job's JobModifyIndex and version
+	// (OpRegistered, OpAdopt).
+	Index   uint64 `json:",omitempty"`
+	Version uint64 `json:",omitempty"`
+	// Attempt guards OpRegistered: it applies only to that attempt.
+	Attempt int `json:",omitempty"`
+	// Run guards OpCleaned: it applies only to that run.
+	Run int `json:",omitempty"`
+	// RetryAt is the back-off of OpRequeue.
+	RetryAt time.Time `json:",omitempty"`
+	// Ends are the workers' own end times (OpFinish, OpFail).
+	Ends     map[string]time.Time `json:",omitempty"`
+	Member   *Member              `json:",omitempty"` // OpMember
+	Commands []*Command           `json:",omitempty"` // OpBatch
 }
 
 // Encode serialises a command for the log.
@@ -135,7 +188,7 @@ type Member struct {
 // New returns an empty state.
 func New() *State { return &State{Jobs: map[string]*Job{}, Members: map[string]Member{}} }
 
-// Apply applies one command. Submitting a job ID that exists and has not
+// Apply applies one command. Submitting a job that exists and has not
 // ended is a no-op that returns the existing job, so a client may retry a
 // submission whose answer it lost without creating the job twice;
 // submitting one whose run ended starts its next run.
@@ -144,8 +197,8 @@ func (s *State) Apply(c *Command) Result {
 	case OpBatch:
 		out := Result{Results: make([]Result, len(c.Commands))}
 		for i, sub := range c.Commands {
-			if sub.Op == OpBatch {
-				out.Results[i] = Result{Err: "nested batch"}
+			if sub == nil || sub.Op == OpBatch {
+				out.Results[i] = Result{Err: "nested or empty batch entry"}
 				continue
 			}
 			out.Results[i] = s.Apply(sub)
@@ -161,36 +214,16 @@ func (s *State) Apply(c *Command) Result {
 		s.Members[c.Member.ID] = *c.Member
 		return Result{}
 	case OpAdmit:
-		res := s.Apply(&Command{Op: OpSubmit, At: c.At, Job: c.Job, Nomad: c.Nomad, Barrier: c.Barrier})
+		if c.Job == nil {
+			return Result{Err: "admit without a job"}
+		}
+		res := s.Apply(&Command{Op: OpSubmit, At: c.At, Job: c.Job, Nomad: c.Nomad})
 		if res.Err != "" || res.Job.Status != Queued {
 			return res
 		}
-		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.ID, Decision: c.Decision})
+		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.Key(), Decision: c.Decision})
 	case OpSubmit, OpAdopt:
-		if c.Job == nil || c.Job.ID == "" {
-			return Result{Err: "submit without a job"}
-		}
-		// A known ID is the same submission retried, unless its run has
-		// ended: then, as with Nomad, registering it again runs it again.
-		old, ok := s.Jobs[c.Job.ID]
-		if ok && !old.Ended() {
-			return Result{Job: old}
-		}
-		spec := *c.Job
-		spec.Seq = s.NextSeq
-		s.NextSeq++
-		j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Barrier: c.Barrier, Run: 1}
-		if ok {
-			prev := *old
-			prev.Previous = nil
-			j.Previous = append(append([]Job(nil), old.Previous...), prev)
-			j.Run = old.Run + 1
-		}
-		if c.Op == OpAdopt {
-			j.Status, j.ReservedAt, j.Adopted, j.Attempts = Reserved, c.At, true, 1
-		}
-		s.Jobs[spec.ID] = j
-		return Result{Job: j}
+		return s.submit(c)
 	}
 	j, ok := s.Jobs[c.JobID]
 	if !ok {
@@ -199,30 +232,38 @@ func (s *State) Apply(c *Command) Result {
 	switch c.Op {
 	case OpReserve:
 		if j.Status != Queued {
-			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not queued", j.Spec.ID, j.Status)}
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not queued", j.Key(), j.Status)}
 		}
 		if c.Decision == nil || len(c.Decision.Workers) != j.Spec.Size() {
-			return Result{Job: j, Err: fmt.Sprintf("reservation for %s is not whole", j.Spec.ID)}
+			return Result{Job: j, Err: fmt.Sprintf("reservation for %s is not whole", j.Key())}
 		}
 		d := *c.Decision
 		j.Status, j.Decision, j.ReservedAt, j.Booted = Reserved, &d, c.At, nil
+		j.NomadIndex, j.NomadVersion, j.RetryAt = 0, 0, time.Time{}
 		j.Attempts++
+	case OpRegistered:
+		if j.Status != Reserved || j.Attempts != c.Attempt {
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s at attempt %d: the registration of attempt %d is stale", j.Key(), j.Status, j.Attempts, c.Attempt)}
+		}
+		j.NomadIndex, j.NomadVersion = c.Index, c.Version
 	case OpBoot:
 		if j.Status != Reserved && j.Status != Running {
-			return Result{Job: j, Err: fmt.Sprintf("job %s is %s: its workers no longer wait at the barrier", j.Spec.ID, j.Status)}
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s: its workers no longer wait at the barrier", j.Key(), j.Status)}
 		}
 		if c.Alloc == "" {
 			return Result{Job: j, Err: "boot without an allocation"}
 		}
+		// Only the first report of an allocation counts; a later one from
+		// another instance (a restarted task) is refused by the verdict.
 		if _, ok := j.Booted[c.Alloc]; !ok && j.Status == Reserved {
 			if j.Booted == nil {
-				j.Booted = map[string]time.Time{}
+				j.Booted = map[string]Boot{}
 			}
-			j.Booted[c.Alloc] = c.At
+			j.Booted[c.Alloc] = Boot{At: c.At, Instance: c.Instance}
 		}
 	case OpStart:
 		if j.Status != Reserved {
-			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Spec.ID, j.Status)}
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Key(), j.Status)}
 		}
 		j.Status, j.StartedAt = Running, c.At
 		if j.Decision == nil && c.Decision != nil {
@@ -232,23 +273,60 @@ func (s *State) Apply(c *Command) Result {
 			j.Decision = &d
 		}
 	case OpFinish, OpFail:
-		if j.Status == Finished || j.Status == Failed {
+		if j.Ended() {
 			return Result{Job: j}
 		}
 		j.Status, j.EndedAt, j.Reason = Finished, c.At, c.Reason
 		if c.Op == OpFail {
 			j.Status = Failed
 		}
+		if len(c.Ends) > 0 {
+			j.WorkerEnds = maps.Clone(c.Ends)
+		}
+	case OpCleaned:
+		if j.Ended() && j.Run == c.Run {
+			j.Cleaned = true
+		}
 	case OpRequeue:
 		if j.Status != Reserved {
-			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Spec.ID, j.Status)}
+			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Key(), j.Status)}
 		}
 		// An adopted gang comes back as cohort's own: requeued, it is
 		// placed and registered like any submitted gang.
 		j.Status, j.Decision, j.Reason, j.Booted, j.Adopted, j.QueuedAt = Queued, nil, c.Reason, nil, false, c.At
+		j.NomadIndex, j.NomadVersion, j.RetryAt = 0, 0, c.RetryAt
 	default:
 		return Result{Err: fmt.Sprintf("unknown op %q", c.Op)}
 	}
+	return Result{Job: j}
+}
+
+func (s *State) submit(c *Command) Result {
+	if c.Job == nil || c.Job.ID == "" {
+		return Result{Err: "submit without a job"}
+	}
+	key := c.Job.Key()
+	// A known job is the same submission retried, unless its run has
+	// ended: then, as with Nomad, registering it again runs it again.
+	old, ok := s.Jobs[key]
+	if ok && !old.Ended() {
+		return Result{Job: old}
+	}
+	spec := *c.Job
+	spec.Seq = s.NextSeq
+	s.NextSeq++
+	j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Run: 1}
+	if ok {
+		prev := *old
+		prev.Previous = nil
+		j.Previous = append(append([]Job(nil), old.Previous...), prev)
+		j.Run = old.Run + 1
+	}
+	if c.Op == OpAdopt {
+		j.Status, j.ReservedAt, j.Adopted, j.Attempts = Reserved, c.At, true, 1
+		j.NomadIndex, j.NomadVersion = c.Index, c.Version
+	}
+	s.Jobs[key] = j
 	return Result{Job: j}
 }
 
@@ -286,22 +364,15 @@ func (s *State) Holding(now time.Time) []placement.Running {
 }
 
 // Clone copies the state deeply enough that later commands do not change
-// the copy: Apply replaces a job's Decision and Spec rather than editing
-// them, so only each job record and its Booted map are copied.
+// the copy.
 func (s *State) Clone() *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: make(map[string]Member, len(s.Members))}
-	for id, j := range s.Jobs {
-		cj := *j
-		if j.Booted != nil {
-			cj.Booted = make(map[string]time.Time, len(j.Booted))
-			for a, t := range j.Booted {
-				cj.Booted[a] = t
-			}
-		}
-		c.Jobs[id] = &cj
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: maps.Clone(s.Members)}
+	if c.Members == nil {
+		c.Members = map[string]Member{}
 	}
-	for id, m := range s.Members {
-		c.Members[id] = m
+	for id, j := range s.Jobs {
+		cj := j.Clone()
+		c.Jobs[id] = &cj
 	}
 	return c
 }

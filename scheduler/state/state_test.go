@@ -105,21 +105,21 @@ func TestAdmitSubmitsAndReserves(t *testing.T) {
 
 func TestBarrierAndAdoption(t *testing.T) {
 	s := New()
-	if r := s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("direct", 2), Barrier: true}); r.Err != "" || r.Job.Status != Reserved || !r.Job.Adopted {
+	if r := s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("direct", 2), Index: 7, Version: 2}); r.Err != "" || r.Job.Status != Reserved || !r.Job.Adopted || r.Job.NomadIndex != 7 || r.Job.NomadVersion != 2 {
 		t.Fatalf("adopt: %+v", r)
 	}
 	if h := s.Holding(t0); len(h) != 0 {
 		t.Errorf("an adopted gang holds a reservation: %+v", h)
 	}
-	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "a1"})
-	s.Apply(&Command{Op: OpBoot, At: t0.Add(time.Second), JobID: "direct", Alloc: "a1"})
-	if got := s.Jobs["direct"].Booted; len(got) != 1 || !got["a1"].Equal(t0) {
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "a1", Instance: "i1"})
+	s.Apply(&Command{Op: OpBoot, At: t0.Add(time.Second), JobID: "direct", Alloc: "a1", Instance: "i2"})
+	if got := s.Jobs["direct"].Booted; len(got) != 1 || !got["a1"].At.Equal(t0) || got["a1"].Instance != "i1" {
 		t.Errorf("a repeated boot report changed the record: %v", got)
 	}
 	// Requeued, the adopted gang is cohort's own and forgets its boots.
 	s.Apply(&Command{Op: OpRequeue, At: t0, JobID: "direct", Reason: "gang timeout"})
 	j := s.Jobs["direct"]
-	if j.Status != Queued || j.Adopted || len(j.Booted) != 0 || !j.Barrier {
+	if j.Status != Queued || j.Adopted || len(j.Booted) != 0 || j.NomadIndex != 0 {
 		t.Errorf("after requeue: %+v", j)
 	}
 	if r := s.Apply(&Command{Op: OpBoot, At: t0, JobID: "direct", Alloc: "stale"}); r.Err == "" {
@@ -137,7 +137,7 @@ func TestBarrierAndAdoption(t *testing.T) {
 // A clone does not change when the state goes on applying commands.
 func TestCloneIsIndependent(t *testing.T) {
 	s := New()
-	s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("a", 2), Barrier: true})
+	s.Apply(&Command{Op: OpAdopt, At: t0, Job: spec("a", 2)})
 	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "a", Alloc: "x"})
 	c := s.Clone()
 	before, _ := c.Marshal()
@@ -173,5 +173,56 @@ func TestRerunAfterEnd(t *testing.T) {
 	r = s.Apply(&Command{Op: OpAdopt, At: t0.Add(4 * time.Minute), Job: spec("a", 1)})
 	if r.Job.Run != 3 || r.Job.Status != Reserved || len(r.Job.Previous) != 2 || r.Job.Previous[1].Status != Failed {
 		t.Errorf("adopting an ended job's new run: %+v", r.Job)
+	}
+}
+
+// A registration is recorded only for the attempt that made it: a late
+// answer for an earlier attempt must not mark a later one registered.
+func TestRegisteredGuardsAttempt(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpAdmit, At: t0, Job: spec("a", 1), Decision: decision("a", 1)})
+	if r := s.Apply(&Command{Op: OpRegistered, JobID: "a", Index: 10, Version: 0, Attempt: 1}); r.Err != "" || r.Job.NomadIndex != 10 {
+		t.Fatalf("registered: %+v", r)
+	}
+	s.Apply(&Command{Op: OpRequeue, At: t0, JobID: "a", Reason: "timeout", RetryAt: t0.Add(time.Second)})
+	if j := s.Jobs["a"]; j.NomadIndex != 0 || !j.RetryAt.Equal(t0.Add(time.Second)) {
+		t.Errorf("requeue kept the registration or lost the back-off: %+v", j)
+	}
+	s.Apply(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 1)})
+	if r := s.Apply(&Command{Op: OpRegistered, JobID: "a", Index: 11, Attempt: 1}); r.Err == "" || s.Jobs["a"].NomadIndex != 0 {
+		t.Errorf("a stale registration was recorded for attempt 2: %+v", s.Jobs["a"])
+	}
+	if !s.Jobs["a"].RetryAt.IsZero() {
+		t.Error("reserve kept the back-off")
+	}
+}
+
+// An ended run is cleaned once; a cleanup for another run does nothing.
+func TestCleanedGuardsRun(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("a", 1)})
+	if r := s.Apply(&Command{Op: OpCleaned, JobID: "a", Run: 1}); r.Job.Cleaned {
+		t.Error("a queued job was marked cleaned")
+	}
+	s.Apply(&Command{Op: OpFinish, At: t0, JobID: "a", Reason: "stopped", Ends: map[string]time.Time{"w[0]": t0}})
+	s.Apply(&Command{Op: OpCleaned, JobID: "a", Run: 2})
+	if s.Jobs["a"].Cleaned {
+		t.Error("a cleanup of run 2 marked run 1")
+	}
+	s.Apply(&Command{Op: OpCleaned, JobID: "a", Run: 1})
+	if j := s.Jobs["a"]; !j.Cleaned || !j.WorkerEnds["w[0]"].Equal(t0) {
+		t.Errorf("after cleanup: %+v", j)
+	}
+}
+
+// Jobs of the same ID in two namespaces are two jobs.
+func TestNamespacesKeyJobs(t *testing.T) {
+	s := New()
+	a, b := spec("same", 1), spec("same", 2)
+	b.Namespace = "team-b"
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: a})
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: b})
+	if len(s.Jobs) != 2 || s.Jobs["same"].Spec.Size() != 1 || s.Jobs["team-b/same"].Spec.Size() != 2 {
+		t.Errorf("jobs = %+v", s.Jobs)
 	}
 }

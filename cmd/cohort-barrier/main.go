@@ -1,0 +1,94 @@
+// Command cohort-barrier is the start barrier for gang workers on drivers
+// that have none of their own (raw_exec, exec, docker, ...). cohort adds
+// it to each such group as a prestart task: it reports the worker to the
+// cohort servers and exits 0 when the whole gang is released, which lets
+// Nomad start the worker's main task; it exits 1 when the gang is aborted
+// or no verdict comes within the gang timeout plus a grace period, which
+// fails the allocation without ever starting the worker.
+//
+// It reads what Nomad and cohort put in its environment: NOMAD_JOB_ID,
+// NOMAD_NAMESPACE, NOMAD_ALLOC_ID, COHORT_SERVERS (API addresses, comma
+// separated) and COHORT_GANG_TIMEOUT. It is built static, so it runs under
+// the exec driver's chroot too.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cohort-dev/cohort/api"
+)
+
+// grace is how long past the gang timeout a worker still waits: the
+// leader decides at the gang timeout, and may need an election first.
+const grace = 30 * time.Second
+
+// poll is how long one report may wait for the verdict.
+const poll = 30 * time.Second
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	os.Exit(run(ctx, os.Getenv, os.Stdout, os.Stderr))
+}
+
+func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) int {
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(stderr, "cohort-barrier: "+format+"\n", args...)
+		return 1
+	}
+	var servers []string
+	for _, s := range strings.Split(env("COHORT_SERVERS"), ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			servers = append(servers, s)
+		}
+	}
+	job, ns, alloc := env("NOMAD_JOB_ID"), env("NOMAD_NAMESPACE"), env("NOMAD_ALLOC_ID")
+	if len(servers) == 0 || job == "" || alloc == "" {
+		return fail("COHORT_SERVERS, NOMAD_JOB_ID and NOMAD_ALLOC_ID must be set; this program runs as a gang's prestart task")
+	}
+	timeout := 30 * time.Second
+	if d, err := time.ParseDuration(env("COHORT_GANG_TIMEOUT")); err == nil && d > 0 {
+		timeout = d
+	}
+	b := make([]byte, 8)
+	rand.Read(b)
+	req := api.BarrierRequest{Alloc: alloc, Instance: hex.EncodeToString(b), Wait: poll.String()}
+
+	began := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, timeout+grace)
+	defer cancel()
+	fmt.Fprintf(stdout, "waiting at the start barrier of gang %s for the whole gang\n", job)
+	backoff := 100 * time.Millisecond
+	for i := 0; ; i++ {
+		server := servers[i%len(servers)]
+		c := api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second})
+		v, err := c.Barrier(ctx, ns, job, req)
+		switch {
+		case ctx.Err() != nil:
+			return fail("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", timeout, grace, err)
+		case err != nil:
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 2*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		switch v.Status {
+		case api.BarrierRelease:
+			fmt.Fprintf(stdout, "released by the start barrier after %d ms\n", time.Since(began).Milliseconds())
+			return 0
+		case api.BarrierAbort:
+			return fail("the gang did not start: %s", v.Reason)
+		}
+	}
+}

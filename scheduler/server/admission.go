@@ -1,0 +1,215 @@
+package server
+
+// Admission: a job arrives (cohort's API, the Nomad-compatible endpoint,
+// or a gang cohort takes over from Nomad), is normalized into a gang,
+// checked against the cluster and Nomad, and accepted into the replicated
+// state: placed and reserved in the same commit when it fits now,
+// queued otherwise.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
+	"github.com/cohort-dev/cohort/scheduler/placement"
+	"github.com/cohort-dev/cohort/scheduler/state"
+	"github.com/hashicorp/nomad/api"
+)
+
+// Normalize makes a Nomad job a gang as cohort runs it (see
+// jobspec.Normalize), with this server group's barrier task for drivers
+// that need it. A job that cannot be a gang is refused with ErrRejected.
+func (s *Server) Normalize(nj *api.Job) (*api.Job, []string, error) {
+	out, notes, err := jobspec.Normalize(nj, s.barrierTaskFor())
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrRejected, err)
+	}
+	return out, notes, nil
+}
+
+// Submitted is the outcome of an admission.
+type Submitted struct {
+	Job   state.Job
+	Notes []string
+}
+
+// Submit admits a Nomad job that carries cohort's gang meta. A job that
+// cannot be a gang, that cannot fit even on the empty cluster, or that
+// Nomad would refuse is rejected with the reason; nothing of it is kept.
+func (s *Server) Submit(in *api.Job) (Submitted, error) {
+	nj, notes, err := s.Normalize(in)
+	if err != nil {
+		return Submitted{}, err
+	}
+	g, err := jobspec.GangFromNomad(nj)
+	if err != nil {
+		return Submitted{}, fmt.Errorf("%w: %v", ErrRejected, err)
+	}
+	spec := gangSpec(nj, g)
+	capacity, err := s.nomad.Capacity()
+	if err != nil {
+		return Submitted{}, err
+	}
+	if ok, why := placement.Feasible(capacity, spec); !ok {
+		return Submitted{}, fmt.Errorf("%w: it cannot fit even on the empty cluster: %s", ErrRejected, why)
+	}
+	// What Nomad would refuse at registration is refused now, with
+	// Nomad's own words, instead of failing three attempts later.
+	if err := s.nomad.Validate(nj); err != nil {
+		var re *nomad.RefusedError
+		if errors.As(err, &re) {
+			return Submitted{}, fmt.Errorf("%w: %v", ErrRejected, err)
+		}
+		return Submitted{}, err
+	}
+	raw, err := json.Marshal(nj)
+	if err != nil {
+		return Submitted{}, err
+	}
+	// Admission: a gang that can start now is placed and reserved in the
+	// same commit that accepts it; any other waits in the queue for the
+	// leader loop. Placing is serialised; the commits of concurrent
+	// admissions are batched, with what each placed held as in flight
+	// meanwhile so no two admissions place on the same room.
+	now := s.now()
+	key := spec.Key()
+	c := &state.Command{Op: state.OpSubmit, At: now, Job: spec, Nomad: raw}
+	s.schedMu.Lock()
+	if d, ok := s.placeNow(now, spec); ok {
+		c.Op, c.Decision = state.OpAdmit, &d
+		s.inflight[key] = placement.Running{Job: spec, Decision: d, Ends: now.Add(spec.MaxRuntime)}
+	}
+	s.schedMu.Unlock()
+	res, err := s.batch.Apply(c)
+	if c.Op == state.OpAdmit {
+		s.schedMu.Lock()
+		delete(s.inflight, key) // committed (now held in the state) or failed
+		s.schedMu.Unlock()
+	}
+	if err != nil {
+		// The command may still commit (a Raft timeout): if it does, the
+		// leader loop registers the reserved gang or places the queued one.
+		return Submitted{}, err
+	}
+	if res.Err != "" {
+		return Submitted{}, errors.New(res.Err)
+	}
+	if c.Op == state.OpAdmit && res.Job.Status == state.Reserved && res.Job.ReservedAt.Equal(now) {
+		s.ensureRegistered(key)
+		if j, ok := s.job(key); ok {
+			return Submitted{Job: j, Notes: notes}, nil
+		}
+	}
+	return Submitted{Job: *res.Job, Notes: notes}, nil
+}
+
+// placeNow places a new gang at once when nothing queued goes before it
+// and it fits beside what runs and what is being admitted. The caller
+// holds schedMu.
+func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decision, bool) {
+	if _, ok := s.inflight[spec.Key()]; ok || !s.r.IsLeader() {
+		return placement.Decision{}, false // a concurrent retry
+	}
+	var ahead bool
+	var holding []placement.Running
+	s.r.Read(func(st *state.State) {
+		if j, ok := st.Jobs[spec.Key()]; ok && !j.Ended() {
+			ahead = true // a retry: the job is known already
+			return
+		}
+		for _, j := range st.ByStatus(state.Queued) {
+			if j.Spec.Priority >= spec.Priority {
+				ahead = true
+				return
+			}
+		}
+		holding = st.Holding(now)
+	})
+	if ahead {
+		return placement.Decision{}, false
+	}
+	free, err := s.free(s.withInflight(holding))
+	if err != nil {
+		return placement.Decision{}, false
+	}
+	return placement.NewInventory(free).Place(spec)
+}
+
+// withInflight adds the admissions placed but not yet committed to what
+// the state's gangs hold. The caller holds schedMu.
+func (s *Server) withInflight(holding []placement.Running) []placement.Running {
+	for _, r := range s.inflight {
+		holding = append(holding, r)
+	}
+	return holding
+}
+
+// free is what placement may use now: what Nomad reports free with
+// cohort's own gangs left out, minus what those gangs hold.
+func (s *Server) free(holding []placement.Running) ([]placement.Node, error) {
+	skip := map[string]bool{}
+	for _, h := range holding {
+		skip[h.Job.Key()] = true
+	}
+	nodes, err := s.nomad.Inventory(skip)
+	if err != nil {
+		return nil, err
+	}
+	return placement.Subtract(nodes, holding), nil
+}
+
+// gangSpec turns a normalized Nomad job and its gang options into what
+// placement needs.
+func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
+	spec := &placement.Job{
+		ID:          deref(nj.ID),
+		Namespace:   deref(nj.Namespace),
+		Priority:    deref(nj.Priority),
+		Datacenters: nj.Datacenters,
+		Pool:        deref(nj.NodePool),
+		MaxRuntime:  g.MaxRuntime,
+		GangTimeout: g.GangTimeout,
+	}
+	if spec.Namespace == "default" {
+		spec.Namespace = ""
+	}
+	if spec.Priority == 0 {
+		spec.Priority = jobspec.DefaultPriority
+	}
+	for i, tg := range nj.TaskGroups {
+		pg := placement.Group{Name: g.Groups[i].Name, Count: g.Groups[i].Count}
+		for _, c := range tg.Constraints {
+			if c.Operand == api.ConstraintDistinctHosts {
+				pg.DistinctHosts = true
+			}
+		}
+		pg.CPU, pg.MemoryMB, pg.Devices = jobspec.GroupResources(tg)
+		spec.Groups = append(spec.Groups, pg)
+	}
+	return spec
+}
+
+// barrierTaskFor is the barrier task the leader adds to gangs on drivers
+// without their own start barrier: its program from this server, its
+// reports to every server of the group.
+func (s *Server) barrierTaskFor() *jobspec.BarrierTask {
+	if s.barrierTask == nil || s.self.HTTPAddr == "" {
+		return nil
+	}
+	servers := map[string]bool{s.self.HTTPAddr: true}
+	s.r.Read(func(st *state.State) {
+		for _, m := range st.Members {
+			if m.HTTPAddr != "" {
+				servers[m.HTTPAddr] = true
+			}
+		}
+	})
+	bt := &jobspec.BarrierTask{Source: s.self.HTTPAddr + barrierTaskPath, Checksum: s.barrierTask.checksum}
+	for a := range servers {
+		bt.Servers = append(bt.Servers, a)
+	}
+	return bt
+}

@@ -1,0 +1,718 @@
+package server
+
+import (
+	"errors"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/state"
+	nomadapi "github.com/hashicorp/nomad/api"
+)
+
+// A gang that fits is placed, reserved and registered in its admission;
+// its workers wait at the barrier until the last one boots; then all are
+// released at once, and the gang runs from that moment.
+func TestBarrierReleasesWholeGang(t *testing.T) {
+	h := newHarness(t)
+	j := h.submit(gang("sort", jobspec.DriverMicroVM, 3))
+	if j.Status != state.Reserved || j.NomadIndex == 0 {
+		t.Fatalf("admitted gang: %+v", j)
+	}
+	allocs := h.nomad.live("sort")
+	if len(allocs) != 3 {
+		t.Fatalf("%d allocations, want 3", len(allocs))
+	}
+	for i, a := range allocs[:2] {
+		v, _ := h.srv.Boot("", "sort", api.BarrierRequest{Alloc: a.ID, Instance: "i-" + a.ID[:8]})
+		h.pass()
+		if v.Status != api.BarrierWait || h.job("sort").Status != state.Reserved {
+			t.Fatalf("after %d of 3 boots: verdict %+v, job %s", i+1, v, h.job("sort").Status)
+		}
+	}
+	h.srv.Boot("", "sort", api.BarrierRequest{Alloc: allocs[2].ID, Instance: "i-" + allocs[2].ID[:8]})
+	h.advance(15 * time.Millisecond)
+	h.pass()
+	j = h.job("sort")
+	if j.Status != state.Running || !j.StartedAt.Equal(t0.Add(15*time.Millisecond)) {
+		t.Fatalf("after the last boot: %+v", j)
+	}
+	for _, a := range allocs {
+		if v := h.verdict("sort", a.ID); v.Status != api.BarrierRelease {
+			t.Errorf("worker %s: %+v", a.ID, v)
+		}
+	}
+}
+
+// Regression: a raw_exec gang whose workers exit at once ran again and
+// again, because cohort waited to see all its workers running at one
+// moment. Now its barrier task holds every worker until the gang is
+// whole, the gang runs from the release, its fast exits end it, and it is
+// registered once and billed.
+func TestFastExitGangRunsOnce(t *testing.T) {
+	h := newHarness(t)
+	j := h.submit(gang("fast", jobspec.DriverRawExec, 4))
+	reg := h.nomad.latest("fast")
+	for _, tg := range reg.TaskGroups {
+		if len(tg.Tasks) != 2 || tg.Tasks[0].Name != jobspec.BarrierTaskName || tg.Tasks[0].Lifecycle.Hook != "prestart" {
+			t.Fatalf("group %s has no barrier task: %+v", *tg.Name, tg.Tasks)
+		}
+	}
+	h.bootAll(j.Key())
+	h.advance(10 * time.Millisecond)
+	h.pass()
+	if h.job("fast").Status != state.Running {
+		t.Fatalf("not running after every barrier task reported: %+v", h.job("fast"))
+	}
+	// Released, every worker exits at once.
+	end := t0.Add(12 * time.Millisecond)
+	for _, a := range h.nomad.live("fast") {
+		h.nomad.set(a, "complete", 0, end)
+	}
+	h.advance(50 * time.Millisecond)
+	h.pass()
+	j = h.job("fast")
+	if j.Status != state.Finished || j.Reason != api.ReasonExited || !j.EndedAt.Equal(end) {
+		t.Fatalf("after the fast exits: %+v", j)
+	}
+	// Long past its gang timeout nothing runs it again.
+	for i := 0; i < 5; i++ {
+		h.advance(time.Minute)
+		h.pass()
+	}
+	if n := h.nomad.count("register fast"); n != 1 {
+		t.Errorf("registered %d times, want once", n)
+	}
+	b := billing.For(&j, billing.DefaultPrices, t0.Add(time.Hour))
+	if len(b.Lines) != 4 || b.Total <= 0 || b.Lines[0].EndMs-b.Lines[0].StartMs != 2 {
+		t.Errorf("bill: %+v", b)
+	}
+	if !j.Cleaned || !deref(h.nomad.latest("fast").Stop) {
+		t.Errorf("the ended run's nomad job is still registered (cleaned %v)", j.Cleaned)
+	}
+}
+
+// A gang whose last worker cannot be placed by Nomad never releases any:
+// the placed workers wait, and at the gang timeout the gang is requeued
+// (its Nomad job stopped); after MaxAttempts it fails with the reason.
+func TestGangTimeoutRequeuesThenFails(t *testing.T) {
+	h := newHarness(t)
+	key := h.submit(gang("partial", jobspec.DriverRawExec, 3)).Key()
+	for attempt := 1; attempt <= MaxAttempts; attempt++ {
+		live := h.nomad.live(key)
+		if len(live) != 3 {
+			t.Fatalf("attempt %d: %d allocations", attempt, len(live))
+		}
+		// Two of three report; the third never gets placed.
+		for _, a := range live[:2] {
+			h.srv.Boot("", "partial", api.BarrierRequest{Alloc: a.ID, Instance: "x"})
+		}
+		h.pass()
+		if v := h.srv.verdict(key, api.BarrierRequest{Alloc: live[0].ID, Instance: "x"}); v.Status != api.BarrierWait {
+			t.Fatalf("attempt %d: a worker was told %+v before its gang was whole", attempt, v)
+		}
+		h.advance(11 * time.Second)
+		h.pass()
+		j := h.job(key)
+		if v := h.srv.verdict(key, api.BarrierRequest{Alloc: live[0].ID, Instance: "x"}); v.Status != api.BarrierAbort {
+			t.Errorf("attempt %d: a waiting worker was told %+v after the gang timeout", attempt, v)
+		}
+		if attempt < MaxAttempts {
+			if j.Status != state.Queued || !strings.Contains(j.Reason, "only 2 of 3 workers booted") {
+				t.Fatalf("attempt %d: %+v", attempt, j)
+			}
+			if !deref(h.nomad.latest(key).Stop) {
+				t.Fatalf("attempt %d: the nomad job was not stopped", attempt)
+			}
+			h.pass() // placed again
+			continue
+		}
+		if j.Status != state.Failed || !strings.Contains(j.Reason, "did not start in 3 attempts") {
+			t.Fatalf("after %d attempts: %+v", attempt, j)
+		}
+	}
+	if n := h.nomad.count("register " + key); n != MaxAttempts {
+		t.Errorf("registered %d times, want %d", n, MaxAttempts)
+	}
+}
+
+// A gang is stopped at its deadline, and billed until then.
+func TestDeadlineStopsGang(t *testing.T) {
+	h := newHarness(t)
+	key := h.started(gang("bounded", jobspec.DriverMicroVM, 2))
+	h.advance(59 * time.Second)
+	h.pass()
+	if h.job(key).Status != state.Running {
+		t.Fatal("stopped before its deadline")
+	}
+	h.advance(time.Second + 5*time.Millisecond)
+	h.pass()
+	j := h.job(key)
+	if j.Status != state.Finished || !strings.Contains(j.Reason, "max_runtime reached (stopped 5 ms after") {
+		t.Fatalf("at the deadline: %+v", j)
+	}
+	if !deref(h.nomad.latest(key).Stop) || !j.Cleaned {
+		t.Error("the nomad job was not stopped at the deadline")
+	}
+}
+
+// Regression: a gang that lost a worker after release ran on, and was
+// billed, until max_runtime. Now the others are stopped at once; the lost
+// worker is billed to its own end, the others to the stop.
+func TestLostWorkerStopsGang(t *testing.T) {
+	h := newHarness(t)
+	key := h.started(gang("lossy", jobspec.DriverMicroVM, 3))
+	live := h.nomad.live(key)
+	h.advance(time.Second)
+	h.nomad.set(live[1], "failed", 3, t0.Add(500*time.Millisecond))
+	h.pass()
+	j := h.job(key)
+	if j.Status != state.Failed || !strings.Contains(j.Reason, "worker a[1] (exit 3) failed while the gang ran") {
+		t.Fatalf("after a worker failed: %+v", j)
+	}
+	if !deref(h.nomad.latest(key).Stop) {
+		t.Fatal("the other workers were not stopped")
+	}
+	b := billing.For(&j, billing.DefaultPrices, t0.Add(time.Hour))
+	for _, l := range b.Lines {
+		want := j.EndedAt.UnixMilli()
+		if l.Index == 1 {
+			want = t0.Add(500 * time.Millisecond).UnixMilli()
+		}
+		if l.EndMs != want {
+			t.Errorf("worker a[%d] billed to %d, want %d", l.Index, l.EndMs, want)
+		}
+	}
+}
+
+// Regression: `nomad job stop` of a gang was ignored; cohort kept it
+// running and billed, or requeued a reserved one and registered it again.
+func TestStopThroughNomad(t *testing.T) {
+	for _, stage := range []string{"reserved", "running"} {
+		t.Run(stage, func(t *testing.T) {
+			h := newHarness(t)
+			var key string
+			if stage == "running" {
+				key = h.started(gang("g", jobspec.DriverMicroVM, 2))
+			} else {
+				key = h.submit(gang("g", jobspec.DriverMicroVM, 2)).Key()
+			}
+			h.nomad.Stop("", "g") // the user, through Nomad
+			h.advance(time.Second)
+			h.pass()
+			j := h.job(key)
+			if j.Status != state.Finished || !strings.Contains(j.Reason, "stopped through Nomad") {
+				t.Fatalf("after nomad job stop: %+v", j)
+			}
+			h.advance(time.Minute)
+			h.pass()
+			if n := h.nomad.count("register g"); n != 1 {
+				t.Errorf("registered %d times after the user stopped it", n)
+			}
+		})
+	}
+}
+
+// A user's stop ends a gang at every stage, and leaves no Nomad job
+// running: queued, reserved while its registration is in flight, booting,
+// running.
+func TestStopAtEveryStage(t *testing.T) {
+	t.Run("queued", func(t *testing.T) {
+		h := newHarness(t, node("n1", 1000, 1024))
+		h.started(gang("big", jobspec.DriverMicroVM, 2))
+		key := h.submit(gang("waiting", jobspec.DriverMicroVM, 2)).Key()
+		if h.job(key).Status != state.Queued {
+			t.Fatal("not queued")
+		}
+		if _, err := h.srv.Stop(key); err != nil {
+			t.Fatal(err)
+		}
+		h.srv.Stop("big")
+		h.pass()
+		if j := h.job(key); j.Status != state.Finished || j.Reason != "stopped by request" {
+			t.Fatalf("%+v", j)
+		}
+		if h.nomad.count("register waiting") != 0 {
+			t.Error("a gang stopped in the queue was registered")
+		}
+	})
+	t.Run("registering", func(t *testing.T) {
+		// Regression: Stop did not serialise with registration; a stop
+		// landing while a registration was in flight left the Nomad job
+		// registered for a finished gang.
+		h := newHarness(t)
+		gate := make(chan struct{})
+		h.nomad.set2(func() { h.nomad.registerGate = gate })
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.srv.Submit(gang("racy", jobspec.DriverMicroVM, 2))
+		}()
+		for h.nomad.count("register") == 0 && len(h.srv.jobKeys()) == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		stopped := make(chan error, 1)
+		go func() { _, err := h.srv.Stop("racy"); stopped <- err }()
+		time.Sleep(20 * time.Millisecond)
+		close(gate)
+		wg.Wait()
+		if err := <-stopped; err != nil {
+			t.Fatal(err)
+		}
+		h.pass()
+		if j := h.job("racy"); j.Status != state.Finished {
+			t.Fatalf("%+v", j)
+		}
+		if latest := h.nomad.latest("racy"); latest != nil && !deref(latest.Stop) {
+			t.Error("the nomad job of the stopped gang is still registered")
+		}
+	})
+	t.Run("booting", func(t *testing.T) {
+		h := newHarness(t)
+		key := h.submit(gang("booting", jobspec.DriverMicroVM, 2)).Key()
+		live := h.nomad.live(key)
+		h.srv.Boot("", "booting", api.BarrierRequest{Alloc: live[0].ID, Instance: "x"})
+		h.srv.Stop(key)
+		if v := h.srv.verdict(key, api.BarrierRequest{Alloc: live[0].ID, Instance: "x"}); v.Status != api.BarrierAbort {
+			t.Errorf("a waiting worker of a stopped gang was told %+v", v)
+		}
+		if !deref(h.nomad.latest(key).Stop) {
+			t.Error("nomad job not stopped")
+		}
+	})
+	t.Run("running", func(t *testing.T) {
+		h := newHarness(t)
+		key := h.started(gang("running", jobspec.DriverMicroVM, 2))
+		h.advance(3 * time.Second)
+		j, err := h.srv.Stop(key)
+		if err != nil || j.Status != state.Finished || !j.Cleaned || !deref(h.nomad.latest(key).Stop) {
+			t.Fatalf("stop: %v %+v", err, j)
+		}
+		if b := billing.For(&j, billing.DefaultPrices, t0.Add(time.Hour)); b.Lines[0].EndMs-b.Lines[0].StartMs != 3000 {
+			t.Errorf("billed %d ms, want 3000", b.Lines[0].EndMs-b.Lines[0].StartMs)
+		}
+	})
+}
+
+// Regression: a job Nomad refused was requeued without counting an
+// attempt, with its queue time reset, for ever: two Raft writes and a
+// Nomad call every 20 ms. Now each refusal is an attempt, retried with a
+// growing back-off, and the gang fails with Nomad's reason.
+func TestRegistrationRefusedCountsAttempts(t *testing.T) {
+	h := newHarness(t)
+	h.nomad.set2(func() { h.nomad.refuse = "constraint on an unknown attribute" })
+	key := h.submit(gang("refused", jobspec.DriverMicroVM, 1)).Key()
+	j := h.job(key)
+	if j.Status != state.Queued || j.Attempts != 1 || !strings.Contains(j.Reason, "nomad refused its registration (attempt 1 of 3; retrying in 1s)") {
+		t.Fatalf("after the first refusal: %+v", j)
+	}
+	for i := 0; i < 20; i++ { // 400 ms of passes inside the back-off
+		h.advance(20 * time.Millisecond)
+		h.pass()
+	}
+	if n := h.nomad.count("register"); n != 1 {
+		t.Fatalf("%d registrations within the back-off", n)
+	}
+	h.advance(time.Second)
+	h.pass()
+	if j := h.job(key); j.Attempts != 2 || !strings.Contains(j.Reason, "retrying in 2s") {
+		t.Fatalf("after the second refusal: %+v", j)
+	}
+	h.advance(2 * time.Second)
+	h.pass()
+	j = h.job(key)
+	if j.Status != state.Failed || !strings.Contains(j.Reason, "nomad refused its registration 3 times; the last time:") ||
+		!strings.Contains(j.Reason, "constraint on an unknown attribute") {
+		t.Fatalf("after three refusals: %+v", j)
+	}
+	if n := h.nomad.count("register"); n != 3 {
+		t.Errorf("%d registrations, want 3", n)
+	}
+}
+
+// Nomad out of reach is not a refusal: the reserved gang is registered
+// once Nomad answers again, within its gang timeout, as attempt 1.
+func TestRegistrationRetriedWhileNomadDown(t *testing.T) {
+	h := newHarness(t)
+	h.nomad.set2(func() { h.nomad.registerDown = true })
+	key := h.submit(gang("patient", jobspec.DriverMicroVM, 1)).Key()
+	for i := 0; i < 3; i++ {
+		h.advance(time.Second)
+		h.pass()
+	}
+	if j := h.job(key); j.Status != state.Reserved || j.NomadIndex != 0 || j.Attempts != 1 {
+		t.Fatalf("while nomad is down: %+v", j)
+	}
+	h.nomad.set2(func() { h.nomad.registerDown = false })
+	h.advance(time.Second)
+	h.pass()
+	if j := h.job(key); j.Status != state.Reserved || j.NomadIndex == 0 || j.Attempts != 1 {
+		t.Fatalf("once nomad is back: %+v", j)
+	}
+}
+
+// Regression: a restarted task reported an allocation already booted and
+// was released alone in the middle of its gang. Now another instance of a
+// booted allocation is aborted, whatever the gang's stage.
+func TestRestartedWorkerAborted(t *testing.T) {
+	h := newHarness(t)
+	key := h.submit(gang("restart", jobspec.DriverMicroVM, 2)).Key()
+	live := h.nomad.live(key)
+	h.srv.Boot("", "restart", api.BarrierRequest{Alloc: live[0].ID, Instance: "first"})
+	v, _ := h.srv.Boot("", "restart", api.BarrierRequest{Alloc: live[0].ID, Instance: "first"})
+	if v.Status != api.BarrierWait {
+		t.Fatalf("a repeated report was told %+v", v)
+	}
+	v, _ = h.srv.Boot("", "restart", api.BarrierRequest{Alloc: live[0].ID, Instance: "second"})
+	if v.Status != api.BarrierAbort || !strings.Contains(v.Reason, "was restarted") {
+		t.Fatalf("a restarted worker was told %+v", v)
+	}
+	h.srv.Boot("", "restart", api.BarrierRequest{Alloc: live[1].ID, Instance: "other"})
+	h.pass()
+	if v := h.srv.verdict(key, api.BarrierRequest{Alloc: live[0].ID, Instance: "second"}); v.Status != api.BarrierAbort {
+		t.Errorf("after release, the restarted instance was told %+v", v)
+	}
+	if v := h.srv.verdict(key, api.BarrierRequest{Alloc: live[0].ID, Instance: "first"}); v.Status != api.BarrierRelease {
+		t.Errorf("the first instance was told %+v", v)
+	}
+}
+
+// Regression: a hand-written Nomad job with only the gang meta kept
+// Nomad's batch defaults (3 restarts, 1 reschedule) and gave its workers
+// empty COHORT_RANK, COHORT_SIZE and COHORT_ADDRESS. Admission now
+// normalizes it and says what it changed.
+func TestHandWrittenJobNormalized(t *testing.T) {
+	h := newHarness(t)
+	job := &nomadapi.Job{
+		ID: ptrTo("hand"), Datacenters: []string{"dc1"},
+		Meta: map[string]string{jobspec.MetaGang: "1", jobspec.MetaMaxRuntime: "1m"},
+		TaskGroups: []*nomadapi.TaskGroup{{
+			Name: ptrTo("w"), Count: ptrTo(3),
+			RestartPolicy: &nomadapi.RestartPolicy{Attempts: ptrTo(3)},
+			Tasks: []*nomadapi.Task{{Name: "main", Driver: jobspec.DriverMicroVM,
+				Config:    map[string]any{"program": "/bin/worker"},
+				Resources: &nomadapi.Resources{CPU: ptrTo(100), MemoryMB: ptrTo(128)}}},
+		}},
+	}
+	sub, err := h.srv.Submit(job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sub.Notes) < 3 {
+		t.Errorf("notes: %q", sub.Notes)
+	}
+	reg := h.nomad.latest("hand")
+	tg := reg.TaskGroups[0]
+	if deref(reg.Type) != "batch" || deref(tg.RestartPolicy.Attempts) != 0 || deref(tg.ReschedulePolicy.Attempts) != 0 || deref(tg.ReschedulePolicy.Unlimited) {
+		t.Errorf("registered job keeps per-worker restarts: type %s restart %+v reschedule %+v", deref(reg.Type), tg.RestartPolicy, tg.ReschedulePolicy)
+	}
+	env := tg.Tasks[0].Env
+	if env["COHORT_RANK"] != "${NOMAD_ALLOC_INDEX}" || env["COHORT_SIZE"] != "3" || env["COHORT_ADDRESS"] != "hand-w" || env["COHORT_JOB"] != "hand" {
+		t.Errorf("env: %v", env)
+	}
+	if s := tg.Tasks[0].Services; len(s) != 1 || s[0].Name != "hand-w" || s[0].Tags[0] != "w${NOMAD_ALLOC_INDEX}" || s[0].AddressMode != "driver" {
+		t.Errorf("services: %+v", s)
+	}
+	// Submitting the normalized job again changes nothing more.
+	if _, notes, _ := jobspec.Normalize(reg, h.srv.barrierTaskFor()); len(notes) != 0 {
+		t.Errorf("normalizing the registered job again: %q", notes)
+	}
+}
+
+// Jobs that cannot be gangs are refused with what to change, and leave
+// nothing in the state.
+func TestAdmissionRefusals(t *testing.T) {
+	h := newHarness(t)
+	service := gang("svc", jobspec.DriverMicroVM, 1)
+	service.Type = ptrTo("service")
+	twoTasks := gang("two", jobspec.DriverMicroVM, 1)
+	twoTasks.TaskGroups[0].Tasks = append(twoTasks.TaskGroups[0].Tasks, &nomadapi.Task{Name: "sidecar", Driver: "raw_exec"})
+	badID := gang("x", jobspec.DriverMicroVM, 1)
+	badID.ID = ptrTo("has/slash")
+	huge := gang("huge", jobspec.DriverMicroVM, 1)
+	huge.TaskGroups[0].Tasks[0].Resources.MemoryMB = ptrTo(1 << 30)
+	for _, c := range []struct {
+		job  *nomadapi.Job
+		want string
+	}{
+		{service, `set type = "batch"`},
+		{twoTasks, "put each in a group of its own"},
+		{badID, "contains a space or a slash"},
+		{huge, "cannot fit even on the empty cluster"},
+	} {
+		_, err := h.srv.Submit(c.job)
+		if !errors.Is(err, ErrRejected) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want a rejection saying %q", deref(c.job.ID), err, c.want)
+		}
+	}
+	if keys := h.srv.jobKeys(); len(keys) != 0 {
+		t.Errorf("rejected jobs left %v in the state", keys)
+	}
+	// A raw_exec gang on a server without a barrier task is refused.
+	h.srv.barrierTask = nil
+	if _, err := h.srv.Submit(gang("raw", jobspec.DriverRawExec, 1)); !errors.Is(err, ErrRejected) || !strings.Contains(err.Error(), "barrier task") {
+		t.Errorf("raw_exec without a barrier task: %v", err)
+	}
+}
+
+// Namespaces travel on every call and key the jobs: the same ID in two
+// namespaces is two gangs.
+func TestNamespacedGangs(t *testing.T) {
+	h := newHarness(t)
+	a := gang("same", jobspec.DriverMicroVM, 1)
+	b := gang("same", jobspec.DriverMicroVM, 1)
+	b.Namespace = ptrTo("team-b")
+	h.submit(a)
+	h.submit(b)
+	if h.job("same").Spec.Namespace != "" || h.job("team-b/same").Spec.Namespace != "team-b" {
+		t.Fatal("namespaces not kept")
+	}
+	if h.nomad.latest("team-b/same") == nil || h.nomad.latest("same") == nil {
+		t.Fatal("not both registered in their namespaces")
+	}
+	h.runAll("team-b/same")
+	h.bootAll("team-b/same")
+	h.pass()
+	if h.job("team-b/same").Status != state.Running || h.job("same").Status != state.Reserved {
+		t.Fatalf("team-b/same %s, same %s", h.job("team-b/same").Status, h.job("same").Status)
+	}
+	h.srv.Stop("team-b/same")
+	if !deref(h.nomad.latest("team-b/same").Stop) || deref(h.nomad.latest("same").Stop) {
+		t.Error("stop reached the wrong namespace")
+	}
+}
+
+// A worker that runs to completion is billed to its own end; the bill of
+// a gang whose workers all exited ends with its last worker, not when the
+// leader noticed.
+func TestBillEndsAtAllocationFinish(t *testing.T) {
+	h := newHarness(t)
+	key := h.started(gang("ends", jobspec.DriverMicroVM, 2))
+	live := h.nomad.live(key)
+	h.nomad.set(live[0], "complete", 0, t0.Add(time.Second))
+	h.advance(3 * time.Second)
+	h.pass()
+	h.nomad.set(live[1], "complete", 0, t0.Add(2*time.Second))
+	h.advance(time.Second)
+	h.pass()
+	j := h.job(key)
+	if j.Status != state.Finished || !j.EndedAt.Equal(t0.Add(2*time.Second)) {
+		t.Fatalf("%+v", j)
+	}
+	b := billing.For(&j, billing.DefaultPrices, t0.Add(time.Hour))
+	if b.Lines[0].EndMs != t0.Add(time.Second).UnixMilli() || b.Lines[1].EndMs != t0.Add(2*time.Second).UnixMilli() {
+		t.Errorf("lines end at %d and %d", b.Lines[0].EndMs, b.Lines[1].EndMs)
+	}
+}
+
+// Regression: job views iterated a job's boots outside the state's lock
+// while boots were applied: a data race, and "concurrent map iteration and
+// map write" without -race. Views and passes now read copies.
+func TestJobViewsRaceWithBoots(t *testing.T) {
+	h := newHarness(t, node("big", 40*500, 40*512))
+	key := h.submit(gang("racing", jobspec.DriverMicroVM, 40)).Key()
+	handler := h.srv.Handler()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				rec := httptest.NewRecorder()
+				handler.ServeHTTP(rec, httptest.NewRequest("GET", "/v1/job/racing?workers=1", nil))
+				h.srv.Pass()
+			}
+		}()
+	}
+	for _, a := range h.nomad.live(key) {
+		h.srv.Boot("", "racing", api.BarrierRequest{Alloc: a.ID, Instance: "i"})
+	}
+	close(stop)
+	wg.Wait()
+	h.pass()
+	if h.job(key).Status != state.Running {
+		t.Errorf("after 40 boots: %s", h.job(key).Status)
+	}
+}
+
+// The per-node counts of a reservation reach Nomad exactly.
+func TestRegisteredPinnedToReservation(t *testing.T) {
+	h := newHarness(t, node("n1", 2000, 4096), node("n2", 500, 4096))
+	h.submit(gang("spread", jobspec.DriverMicroVM, 4)) // 500 MHz each: 3 on n1, 1 on n2
+	reg := h.nomad.latest("spread")
+	if len(reg.TaskGroups) != 4 {
+		t.Fatalf("an uneven reservation was registered as %d groups, want one per worker", len(reg.TaskGroups))
+	}
+	ranks := map[string]bool{}
+	for _, tg := range reg.TaskGroups {
+		ranks[tg.Tasks[0].Env["COHORT_RANK"]] = true
+		if deref(tg.Count) != 1 || tg.Constraints[len(tg.Constraints)-1].Operand != "=" {
+			t.Errorf("group %s: count %d constraints %+v", *tg.Name, deref(tg.Count), tg.Constraints)
+		}
+	}
+	if len(ranks) != 4 || !ranks["0"] || !ranks["3"] {
+		t.Errorf("ranks %v", ranks)
+	}
+	// The workers, named by their groups, are the gang's.
+	key := "spread"
+	h.runAll(key)
+	h.bootAll(key)
+	h.pass()
+	j := h.job(key)
+	if j.Status != state.Running {
+		t.Fatalf("%+v", j)
+	}
+	a, _ := h.nomad.Allocs("", "spread", j.NomadVersion)
+	views := workerViews(&j, a)
+	for _, v := range views {
+		if v.State != "running" || v.Alloc == "" {
+			t.Errorf("worker view %+v", v)
+		}
+	}
+}
+
+// Gangs registered with Nomad directly: a normalized microvm gang is
+// adopted where Nomad put it; an unnormalized one is taken over and
+// queued as cohort's own; one whose workers start unheld is stopped and
+// recorded as failed.
+func TestDirectRegistrations(t *testing.T) {
+	t.Run("adopted", func(t *testing.T) {
+		h := newHarness(t)
+		h.nomad.adopt(gang("direct", jobspec.DriverMicroVM, 2))
+		h.pass() // the watcher's list shows it
+		j := h.job("direct")
+		if j.Status != state.Reserved || !j.Adopted {
+			t.Fatalf("%+v", j)
+		}
+		h.runAll("direct")
+		h.bootAll("direct")
+		h.pass()
+		if j := h.job("direct"); j.Status != state.Running || j.Decision == nil || len(j.Decision.Workers) != 2 {
+			t.Fatalf("%+v", j)
+		}
+	})
+	t.Run("taken over", func(t *testing.T) {
+		h := newHarness(t)
+		job := gang("loose", jobspec.DriverMicroVM, 2)
+		job.TaskGroups[0].RestartPolicy = &nomadapi.RestartPolicy{Attempts: ptrTo(3), Mode: ptrTo("fail")}
+		h.nomad.adopt(job)
+		first := h.nomad.live("loose")
+		v, err := h.srv.Boot("", "loose", api.BarrierRequest{Alloc: first[0].ID, Instance: "x"})
+		if err != nil || v.Status != api.BarrierAbort || !strings.Contains(v.Reason, "took the gang over") {
+			t.Fatalf("boot of an unnormalized direct gang: %v %+v", err, v)
+		}
+		j := h.job("loose")
+		if j.Adopted || j.Status != state.Reserved || j.NomadIndex == 0 {
+			t.Fatalf("taken over: %+v", j)
+		}
+		reg := h.nomad.latest("loose")
+		if deref(reg.TaskGroups[0].RestartPolicy.Attempts) != 0 {
+			t.Error("cohort's registration keeps the restarts")
+		}
+	})
+	t.Run("unheld", func(t *testing.T) {
+		h := newHarness(t)
+		h.nomad.adopt(gang("raw", jobspec.DriverRawExec, 2)) // no barrier task
+		h.pass()
+		j := h.job("raw")
+		if j.Status != state.Failed || !strings.Contains(j.Reason, "Submit it through cohort") {
+			t.Fatalf("%+v", j)
+		}
+		if !deref(h.nomad.latest("raw").Stop) {
+			t.Error("not stopped")
+		}
+		h.advance(time.Minute)
+		h.pass()
+		if h.nomad.count("register raw") != 0 {
+			t.Error("cohort ran it again")
+		}
+	})
+	t.Run("stale worker of an ended run", func(t *testing.T) {
+		h := newHarness(t)
+		key := h.started(gang("over", jobspec.DriverMicroVM, 1))
+		old := h.nomad.live(key)[0]
+		h.srv.Stop(key)
+		v, _ := h.srv.Boot("", "over", api.BarrierRequest{Alloc: old.ID, Instance: "late"})
+		if v.Status != api.BarrierAbort {
+			t.Errorf("a late report of an ended run was told %+v", v)
+		}
+		if j := h.job(key); j.Run != 1 {
+			t.Errorf("a late report started run %d", j.Run)
+		}
+	})
+}
+
+func (s *Server) jobKeys() []string {
+	var keys []string
+	s.r.Read(func(st *state.State) {
+		for k := range st.Jobs {
+			keys = append(keys, k)
+		}
+	})
+	return keys
+}
+
+// Regression: an admission whose Raft commit timed out for its caller may
+// still commit, leaving a reserved gang that nothing registers. The leader
+// loop registers every reserved gang that is not registered yet.
+func TestCommittedAdmissionWithoutRegistration(t *testing.T) {
+	h := newHarness(t)
+	job := gang("orphan", jobspec.DriverMicroVM, 2)
+	norm, _, err := h.srv.Normalize(job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _ := jobspec.GangFromNomad(norm)
+	spec := gangSpec(norm, g)
+	d, ok := h.srv.placeNow(t0, spec)
+	if !ok {
+		t.Fatal("does not fit")
+	}
+	if _, err := h.srv.apply(&state.Command{Op: state.OpAdmit, At: t0, Job: spec, Nomad: mustJSON(norm), Decision: &d}); err != nil {
+		t.Fatal(err)
+	}
+	if h.nomad.latest("orphan") != nil {
+		t.Fatal("registered before the pass")
+	}
+	h.pass()
+	if j := h.job("orphan"); j.NomadIndex == 0 || h.nomad.latest("orphan") == nil {
+		t.Fatalf("the pass did not register it: %+v", j)
+	}
+}
+
+// Regression: a finished run left its Nomad job registered, so submitting
+// the same gang again registered an identical job that Nomad did not act
+// on. The ended run is deregistered, and the next run is placed and runs.
+func TestResubmittedGangRunsAgain(t *testing.T) {
+	h := newHarness(t)
+	key := h.started(gang("again", jobspec.DriverMicroVM, 2))
+	for _, a := range h.nomad.live(key) {
+		h.nomad.set(a, "complete", 0, t0)
+	}
+	h.pass()
+	if j := h.job(key); j.Status != state.Finished || !j.Cleaned {
+		t.Fatalf("run 1: %+v", j)
+	}
+	j := h.submit(gang("again", jobspec.DriverMicroVM, 2))
+	if j.Run != 2 || j.Status != state.Reserved || len(h.nomad.live(key)) != 2 {
+		t.Fatalf("run 2: %+v, %d live allocations", j, len(h.nomad.live(key)))
+	}
+	h.runAll(key)
+	h.bootAll(key)
+	h.pass()
+	if j := h.job(key); j.Status != state.Running || j.Run != 2 || len(j.Previous) != 1 {
+		t.Fatalf("run 2: %+v", j)
+	}
+}
