@@ -21,6 +21,12 @@ const (
 	MetaRank  = "cohort.rank"
 )
 
+// MetaRun marks a Nomad job cohort registered itself with the run of the
+// gang it registered, so a registration of a run that has ended (one that
+// a deposed leader made late, say) is never taken for a new gang
+// registered behind cohort's back.
+const MetaRun = "cohort.run"
+
 // BarrierTaskName is the prestart task cohort adds to every group whose
 // driver has no start barrier of its own.
 const BarrierTaskName = "cohort-barrier"

@@ -304,17 +304,34 @@ type RefusedError struct {
 func (e *RefusedError) Error() string { return e.Err.Error() }
 func (e *RefusedError) Unwrap() error { return e.Err }
 
-// refused wraps err as a RefusedError when Nomad answered it.
+// refused wraps err as a RefusedError when Nomad answered it with a
+// refusal: a 4xx other than a timeout or a rate limit. A 5xx (no cluster
+// leader, a proxy in front of Nomad failing) is Nomad out of reach for
+// now, not a verdict on the request.
 func refused(err error) error {
+	status := 0
 	var ue api.UnexpectedResponseError
-	if errors.As(err, &ue) {
-		return &RefusedError{Status: ue.StatusCode(), Err: err}
-	}
 	var uep *api.UnexpectedResponseError
-	if errors.As(err, &uep) {
-		return &RefusedError{Status: uep.StatusCode(), Err: err}
+	switch {
+	case errors.As(err, &ue):
+		status = ue.StatusCode()
+	case errors.As(err, &uep):
+		status = uep.StatusCode()
+	}
+	if status >= 400 && status < 500 && status != 408 && status != 429 {
+		return &RefusedError{Status: status, Err: err}
 	}
 	return err
+}
+
+// ns is the namespace Nomad is asked about: the job's, or the default one
+// by name, never "" (which would mean the namespace the Nomad client
+// itself defaults to, from NOMAD_NAMESPACE).
+func ns(namespace string) string {
+	if namespace == "" {
+		return "default"
+	}
+	return namespace
 }
 
 // Validate asks Nomad whether it would accept job, without registering
@@ -338,15 +355,16 @@ type Registration struct {
 
 // Register submits a job (pinned by Pin) to Nomad.
 func (c *Client) Register(job *api.Job) (Registration, error) {
-	ns := deref(job.Namespace)
-	resp, _, err := c.api.Jobs().Register(job, &api.WriteOptions{Namespace: ns})
+	namespace := ns(deref(job.Namespace))
+	job.Namespace = &namespace
+	resp, _, err := c.api.Jobs().Register(job, &api.WriteOptions{Namespace: namespace})
 	if err != nil {
 		return Registration{}, fmt.Errorf("registering %s with nomad: %w", deref(job.ID), refused(err))
 	}
 	// The answer has no version. The job as Nomad holds it now says which
 	// version the registration made; registering a job identical to the
 	// one held changes nothing and answers a newer index than the job's.
-	cur, _, err := c.api.Jobs().Info(deref(job.ID), &api.QueryOptions{Namespace: ns})
+	cur, _, err := c.api.Jobs().Info(deref(job.ID), &api.QueryOptions{Namespace: namespace})
 	if err != nil {
 		return Registration{}, fmt.Errorf("reading %s back: %w", deref(job.ID), err)
 	}
@@ -354,7 +372,7 @@ func (c *Client) Register(job *api.Job) (Registration, error) {
 		return Registration{Index: idx, Version: deref(cur.Version)}, nil
 	}
 	// Changed again since: find this registration among the versions.
-	versions, _, _, err := c.api.Jobs().Versions(deref(job.ID), false, &api.QueryOptions{Namespace: ns})
+	versions, _, _, err := c.api.Jobs().Versions(deref(job.ID), false, &api.QueryOptions{Namespace: namespace})
 	if err != nil {
 		return Registration{}, fmt.Errorf("reading the versions of %s: %w", deref(job.ID), err)
 	}
@@ -399,8 +417,8 @@ type Worker struct {
 var ErrNoJob = errors.New("no such nomad job")
 
 // Job reads a job as registered with Nomad.
-func (c *Client) Job(ns, id string) (*api.Job, error) {
-	j, _, err := c.api.Jobs().Info(id, &api.QueryOptions{Namespace: ns})
+func (c *Client) Job(namespace, id string) (*api.Job, error) {
+	j, _, err := c.api.Jobs().Info(id, &api.QueryOptions{Namespace: ns(namespace)})
 	if err != nil {
 		if e := refused(err); errors.As(e, new(*RefusedError)) && e.(*RefusedError).Status == 404 {
 			return nil, fmt.Errorf("%w: %s", ErrNoJob, id)
@@ -413,7 +431,7 @@ func (c *Client) Job(ns, id string) (*api.Job, error) {
 // AllocIndex is a job's allocation change marker from the watcher: while
 // it stays the same, none of the job's allocations changed. Without a
 // running watcher it is 0, which means unknown.
-func (c *Client) AllocIndex(ns, id string) uint64 {
+func (c *Client) AllocIndex(namespace, id string) uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.watching || c.jobIndex == nil {
@@ -421,7 +439,7 @@ func (c *Client) AllocIndex(ns, id string) uint64 {
 	}
 	// A job with no allocations yet still gets a marker, distinct from
 	// "unknown".
-	return c.jobIndex[placement.Key(ns, id)] + 1
+	return c.jobIndex[placement.Key(namespace, id)] + 1
 }
 
 // Allocs reads the job and counts the allocations of one version of it:
@@ -429,9 +447,9 @@ func (c *Client) AllocIndex(ns, id string) uint64 {
 // A gang that was stopped and registered again keeps the same job ID; the
 // allocations of its earlier attempts must not count toward (or against)
 // this one, and stopping the job makes a new version without allocations.
-func (c *Client) Allocs(ns, id string, version uint64) (Allocs, error) {
+func (c *Client) Allocs(namespace, id string, version uint64) (Allocs, error) {
 	a := Allocs{Live: map[string]bool{}}
-	job, err := c.Job(ns, id)
+	job, err := c.Job(namespace, id)
 	if errors.Is(err, ErrNoJob) {
 		a.Missing = true
 		return a, nil
@@ -441,7 +459,7 @@ func (c *Client) Allocs(ns, id string, version uint64) (Allocs, error) {
 	}
 	a.Stopped = job.Stop != nil && *job.Stop
 	a.JobModifyIndex = deref(job.JobModifyIndex)
-	stubs, _, err := c.api.Jobs().Allocations(id, false, &api.QueryOptions{Namespace: ns})
+	stubs, _, err := c.api.Jobs().Allocations(id, false, &api.QueryOptions{Namespace: ns(namespace)})
 	if err != nil {
 		return a, fmt.Errorf("listing the allocations of %s: %w", id, err)
 	}
@@ -501,8 +519,8 @@ func CountAllocs(a Allocs, version uint64, stubs []*api.AllocationListStub) Allo
 
 // Stop deregisters a job, stopping all its workers. A job Nomad does not
 // know is already stopped.
-func (c *Client) Stop(ns, id string) error {
-	if _, _, err := c.api.Jobs().Deregister(id, false, &api.WriteOptions{Namespace: ns}); err != nil {
+func (c *Client) Stop(namespace, id string) error {
+	if _, _, err := c.api.Jobs().Deregister(id, false, &api.WriteOptions{Namespace: ns(namespace)}); err != nil {
 		if e := refused(err); errors.As(e, new(*RefusedError)) && e.(*RefusedError).Status == 404 {
 			return nil
 		}

@@ -1,6 +1,9 @@
 package nomad
 
 import (
+	"errors"
+	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"testing"
 	"time"
@@ -89,5 +92,28 @@ func TestCountAllocs(t *testing.T) {
 	}
 	if !a.Workers[1].FinishedAt.IsZero() {
 		t.Errorf("a running worker has a finish time: %+v", a.Workers[1])
+	}
+}
+
+// Nomad refusing a job is a 4xx; a 5xx (no cluster leader, a failing
+// proxy) or a rate limit is Nomad out of reach for now, and must not cost
+// a gang an attempt.
+func TestRefusedOnlyFor4xx(t *testing.T) {
+	for _, c := range []struct {
+		code    int
+		refused bool
+	}{{400, true}, {403, true}, {500, false}, {502, false}, {503, false}, {429, false}} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(c.code)
+			w.Write([]byte("nope"))
+		}))
+		cl, _ := New(srv.URL)
+		id := "j"
+		_, err := cl.Register(&api.Job{ID: &id})
+		var re *RefusedError
+		if err == nil || errors.As(err, &re) != c.refused {
+			t.Errorf("HTTP %d: %v (refused %v, want %v)", c.code, err, errors.As(err, &re), c.refused)
+		}
+		srv.Close()
 	}
 }

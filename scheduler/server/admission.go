@@ -39,7 +39,11 @@ type Submitted struct {
 // Submit admits a Nomad job that carries cohort's gang meta. A job that
 // cannot be a gang, that cannot fit even on the empty cluster, or that
 // Nomad would refuse is rejected with the reason; nothing of it is kept.
-func (s *Server) Submit(in *api.Job) (Submitted, error) {
+func (s *Server) Submit(in *api.Job) (Submitted, error) { return s.admit(in, true) }
+
+// admit is Submit; placeNow false always queues the gang, for the leader
+// loop to place.
+func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 	nj, notes, err := s.Normalize(in)
 	if err != nil {
 		return Submitted{}, err
@@ -76,22 +80,35 @@ func (s *Server) Submit(in *api.Job) (Submitted, error) {
 	// meanwhile so no two admissions place on the same room.
 	now := s.now()
 	key := spec.Key()
+	if j, ok := s.job(key); ok && !j.Ended() {
+		// The same submission retried, or a changed spec for a run that
+		// goes on: either way this run is the one.
+		notes = append(notes, fmt.Sprintf("gang %s already has a live run (%s); this submission changes nothing: stop it first to run a changed spec", key, j.Status))
+	}
 	c := &state.Command{Op: state.OpSubmit, At: now, Job: spec, Nomad: raw}
 	s.schedMu.Lock()
-	if d, ok := s.placeNow(now, spec); ok {
-		c.Op, c.Decision = state.OpAdmit, &d
-		s.inflight[key] = placement.Running{Job: spec, Decision: d, Ends: now.Add(spec.MaxRuntime)}
+	if placeNow {
+		if d, ok := s.placeNow(now, spec); ok {
+			c.Op, c.Decision = state.OpAdmit, &d
+			s.inflight[key] = inflight{run: placement.Running{Job: spec, Decision: d, Ends: now.Add(spec.MaxRuntime)}}
+		}
 	}
 	s.schedMu.Unlock()
 	res, err := s.batch.Apply(c)
 	if c.Op == state.OpAdmit {
 		s.schedMu.Lock()
-		delete(s.inflight, key) // committed (now held in the state) or failed
+		if err != nil {
+			// A Raft timeout may still commit: the room stays held as
+			// in flight until the state shows the gang, or for a while.
+			s.inflight[key] = inflight{run: s.inflight[key].run, until: now.Add(inflightHold)}
+		} else {
+			delete(s.inflight, key) // committed: now held in the state
+		}
 		s.schedMu.Unlock()
 	}
 	if err != nil {
-		// The command may still commit (a Raft timeout): if it does, the
-		// leader loop registers the reserved gang or places the queued one.
+		// If the command commits after all, the leader loop registers the
+		// reserved gang or places the queued one.
 		return Submitted{}, err
 	}
 	if res.Err != "" {
@@ -138,11 +155,36 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decisio
 	return placement.NewInventory(free).Place(spec)
 }
 
+// inflight is an admission placed whose commit has not returned, or
+// returned an error but may still commit (until is then set).
+type inflight struct {
+	run   placement.Running
+	until time.Time
+}
+
+// inflightHold is how long the room of an admission whose commit failed
+// stays held: longer than Raft takes to commit or drop a command.
+const inflightHold = 15 * time.Second
+
 // withInflight adds the admissions placed but not yet committed to what
 // the state's gangs hold. The caller holds schedMu.
 func (s *Server) withInflight(holding []placement.Running) []placement.Running {
-	for _, r := range s.inflight {
-		holding = append(holding, r)
+	held := make(map[string]bool, len(holding))
+	for _, h := range holding {
+		held[h.Job.Key()] = true
+	}
+	now := s.now()
+	for key, f := range s.inflight {
+		switch {
+		case held[key]:
+			if !f.until.IsZero() {
+				delete(s.inflight, key) // it committed after all
+			}
+		case !f.until.IsZero() && now.After(f.until):
+			delete(s.inflight, key) // it never committed
+		default:
+			holding = append(holding, f.run)
+		}
 	}
 	return holding
 }

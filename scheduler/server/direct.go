@@ -26,6 +26,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"strconv"
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
@@ -49,27 +50,49 @@ func (s *Server) markHandled(key string, index uint64) {
 	s.loopMu.Unlock()
 }
 
+func (s *Server) unmarkHandled(key string) {
+	s.loopMu.Lock()
+	delete(s.direct, key)
+	s.loopMu.Unlock()
+}
+
 // Direct deals with a gang found registered with Nomad that cohort has no
 // live run of, and returns the verdict for a worker of it reporting at the
-// barrier. It must run on the leader.
+// barrier. It must run on the leader, without schedMu.
 func (s *Server) Direct(ns, id string) (api.BarrierResponse, error) {
-	key := placement.Key(ns, id)
+	key := placement.Key(normNS(ns), id)
 	unlock := s.lockJob(key)
 	v, takeover, err := s.directLocked(ns, id, key)
 	unlock()
-	if takeover != nil {
-		// Outside the job's lock: admission registers the gang, which
-		// takes the lock itself.
-		if _, err := s.Submit(takeover); err != nil {
-			s.recordFailed(key, ns, id, fmt.Sprintf("registered with Nomad directly; cohort stopped it to run it as a gang, and then refused it: %v", err))
-		}
+	if takeover == nil {
+		return v, err
 	}
-	return v, err
+	// Outside the job's lock: admission takes it itself. The gang is
+	// queued, not placed now: the pass that places it first stops the
+	// direct registration (a queued gang has no Nomad job running), and
+	// until the queue holds it the registration stays as it is, its
+	// workers waiting at the barrier.
+	if _, err := s.admit(takeover.job, false); err != nil {
+		if !errors.Is(err, ErrRejected) {
+			s.unmarkHandled(key)
+			return api.BarrierResponse{}, err
+		}
+		s.refuse(key, ns, id, fmt.Sprintf("registered with Nomad directly; cohort took it over to run it as a gang, and refused it: %v", errors.Unwrap(err)))
+		return v, nil
+	}
+	s.log.Info("took over a gang registered with nomad directly", "job", key, "changes", takeover.notes)
+	return v, nil
 }
 
-func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *nomadapi.Job, error) {
+type takeover struct {
+	job   *nomadapi.Job
+	notes []string
+}
+
+func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *takeover, error) {
 	wait := api.BarrierResponse{Status: api.BarrierWait}
-	if j, ok := s.job(key); ok {
+	j, known := s.job(key)
+	if known {
 		switch {
 		case !j.Ended():
 			return wait, nil, nil // it is cohort's (again) after all
@@ -95,7 +118,16 @@ func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *nomadap
 		s.markHandled(key, idx)
 		return abort("nomad job %s has ended", id), nil, nil
 	}
-	s.markHandled(key, idx)
+	// cohort's own registration of a run that has ended (made late by a
+	// leader that had lost its leadership, say): stop it, never run it.
+	if run, err := strconv.Atoi(nj.Meta[jobspec.MetaRun]); err == nil && known && run <= j.Run {
+		if err := s.nomad.Stop(ns, id); err != nil {
+			return api.BarrierResponse{}, nil, err
+		}
+		s.markHandled(key, idx)
+		s.log.Warn("stopped a late registration of an ended run", "job", key, "run", run)
+		return abort("the registration of run %d, which has ended", run), nil, nil
+	}
 
 	norm, notes, nerr := s.Normalize(nj)
 	var g *jobspec.Gang
@@ -104,65 +136,71 @@ func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *nomadap
 	}
 	switch {
 	case nerr != nil:
-		why := fmt.Sprintf("registered with Nomad directly, but it is not a valid gang: %v", errors.Unwrap(nerr))
-		s.stopDirect(key, ns, id, why)
+		why := fmt.Sprintf("registered with Nomad directly, but it is not a valid gang: %v", unwrapRejected(nerr))
+		if err := s.refuse(key, ns, id, why); err != nil {
+			return api.BarrierResponse{}, nil, err
+		}
+		s.markHandled(key, idx)
 		return abort("%s", why), nil, nil
-	case !barrierHeld(nj):
+	case !s.barrierHeld(nj):
 		why := fmt.Sprintf("registered with Nomad directly on %s, whose workers start without waiting for the whole gang; "+
 			"cohort stopped it so it does not run partially. Submit it through cohort (cohort run, or nomad job run with "+
 			"NOMAD_ADDR at cohort's Nomad-compatible endpoint), which adds the start barrier", unheldDrivers(nj))
-		s.stopDirect(key, ns, id, why)
-		return abort("%s", why), nil, nil
-	case len(notes) > 0:
-		s.log.Info("a gang registered with nomad directly is not normalized; taking it over", "job", key, "changes", notes)
-		if err := s.nomad.Stop(ns, id); err != nil {
+		if err := s.refuse(key, ns, id, why); err != nil {
 			return api.BarrierResponse{}, nil, err
 		}
-		return abort("cohort took the gang over to run it as a gang (%s); it is queued as cohort's own", notes[0]), norm, nil
+		s.markHandled(key, idx)
+		return abort("%s", why), nil, nil
+	case len(notes) > 0:
+		s.markHandled(key, idx)
+		return abort("cohort took the gang over to run it as a gang (%s); it is queued as cohort's own", notes[0]), &takeover{job: norm, notes: notes}, nil
 	}
 	res, err := s.apply(&state.Command{Op: state.OpAdopt, At: s.now(), Job: gangSpec(norm, g), Nomad: mustJSON(norm), Index: idx, Version: deref(nj.Version)})
 	if err != nil {
 		return api.BarrierResponse{}, nil, err
 	}
+	s.markHandled(key, idx)
 	s.log.Info("adopted a gang registered with nomad directly; its workers wait at the barrier", "job", key, "workers", res.Job.Spec.Size())
 	return wait, nil, nil
 }
 
-// stopDirect stops a direct registration cohort will not run and records
-// the run as failed, so `cohort status` says why.
-func (s *Server) stopDirect(key, ns, id, why string) {
-	s.log.Warn("stopped a gang registered with nomad directly", "job", key, "reason", why)
-	if err := s.nomad.Stop(ns, id); err != nil {
-		s.log.Warn("stopping a direct registration", "job", key, "error", err)
+// refuse records a direct registration cohort will not run as a failed
+// run, so `cohort status` says why, and then stops it in Nomad.
+func (s *Server) refuse(key, ns, id, why string) error {
+	if _, err := s.apply(&state.Command{Op: state.OpRefuse, At: s.now(), Job: &placement.Job{ID: id, Namespace: normNS(ns)}, Reason: why}); err != nil {
+		return err
 	}
-	s.recordFailed(key, ns, id, why)
+	s.log.Warn("refused a gang registered with nomad directly", "job", key, "reason", why)
+	if err := s.nomad.Stop(ns, id); err != nil {
+		// The run is recorded failed and not cleaned: cleanup retries.
+		s.log.Warn("stopping a refused direct registration", "job", key, "error", err)
+		return nil
+	}
+	if j, ok := s.job(key); ok {
+		s.apply(&state.Command{Op: state.OpCleaned, At: s.now(), JobID: key, Run: j.Run})
+	}
+	return nil
 }
 
-// recordFailed records a failed run of a job cohort never queued.
-func (s *Server) recordFailed(key, ns, id, why string) {
-	now := s.now()
-	if j, ok := s.job(key); !ok || j.Ended() {
-		if _, err := s.apply(&state.Command{Op: state.OpSubmit, At: now, Job: &placement.Job{ID: id, Namespace: normNS(ns)}}); err != nil {
-			s.log.Warn("recording a refused direct registration", "job", key, "error", err)
-			return
-		}
+func unwrapRejected(err error) error {
+	if u := errors.Unwrap(err); u != nil && errors.Is(err, ErrRejected) {
+		return u
 	}
-	s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: why})
+	return err
 }
 
 // barrierHeld says whether every group's worker waits at a start barrier:
 // the microvm driver holds its workers itself; other drivers need
-// cohort's barrier task.
-func barrierHeld(nj *nomadapi.Job) bool {
+// cohort's barrier task, the genuine one: its program, fetched with this
+// server group's checksum.
+func (s *Server) barrierHeld(nj *nomadapi.Job) bool {
 	for _, tg := range nj.TaskGroups {
 		held := false
 		for _, t := range tg.Tasks {
-			if t.Name == jobspec.BarrierTaskName && t.Lifecycle != nil && t.Lifecycle.Hook == nomadapi.TaskLifecycleHookPrestart {
-				held = true
-			}
-		}
-		for _, t := range tg.Tasks {
-			if t.Name != jobspec.BarrierTaskName && t.Driver == jobspec.DriverMicroVM {
+			switch {
+			case t.Name == jobspec.BarrierTaskName:
+				held = held || s.genuineBarrier(t)
+			case t.Driver == jobspec.DriverMicroVM:
 				held = true
 			}
 		}
@@ -171,6 +209,16 @@ func barrierHeld(nj *nomadapi.Job) bool {
 		}
 	}
 	return len(nj.TaskGroups) > 0
+}
+
+func (s *Server) genuineBarrier(t *nomadapi.Task) bool {
+	if s.barrierTask == nil || t.Lifecycle == nil || t.Lifecycle.Hook != nomadapi.TaskLifecycleHookPrestart || t.Lifecycle.Sidecar {
+		return false
+	}
+	if cmd, _ := t.Config["command"].(string); cmd != jobspec.BarrierProgram || len(t.Artifacts) != 1 {
+		return false
+	}
+	return t.Artifacts[0].GetterOptions["checksum"] == s.barrierTask.checksum
 }
 
 func unheldDrivers(nj *nomadapi.Job) string {

@@ -133,6 +133,17 @@ func TestNomadProxy(t *testing.T) {
 	if h.job("viaproxy").Status != state.Reserved {
 		t.Errorf("not admitted: %+v", h.job("viaproxy"))
 	}
+	// The namespace is taken as Nomad takes it: the query's (nomad job run
+	// -namespace) before the job's own.
+	body, _ = json.Marshal(map[string]any{"Job": gang("elsewhere", jobspec.DriverMicroVM, 1)})
+	resp, err = http.Post(front.URL+"/v1/jobs?namespace=team", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if _, ok := h.srv.job("team/elsewhere"); !ok || got.URL.Query().Get("namespace") != "team" {
+		t.Errorf("a registration with ?namespace=team: %d, planned in %q, jobs %v", resp.StatusCode, got.URL.Query().Get("namespace"), h.srv.jobKeys())
+	}
 	// nomad job stop of it stops it in cohort.
 	got = nil
 	req, _ = http.NewRequest("DELETE", front.URL+"/v1/job/viaproxy", nil)

@@ -19,10 +19,12 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -31,9 +33,9 @@ import (
 
 // seenAllocs is a job's allocations as last read from Nomad.
 type seenAllocs struct {
-	index uint64
-	at    time.Time
-	a     nomad.Allocs
+	index, version uint64
+	at             time.Time
+	a              nomad.Allocs
 }
 
 // allocRecheck bounds how long the leader trusts a job's allocations
@@ -53,7 +55,7 @@ const (
 func (s *Server) allocs(j *state.Job, now time.Time) (nomad.Allocs, error) {
 	key, ns, id := j.Key(), j.Spec.Namespace, j.Spec.ID
 	idx := s.nomad.AllocIndex(ns, id)
-	if c, ok := s.seen[key]; ok && idx != 0 && c.index == idx && now.Sub(c.at) < allocRecheck {
+	if c, ok := s.seen[key]; ok && idx != 0 && c.index == idx && c.version == j.NomadVersion && now.Sub(c.at) < allocRecheck {
 		return c.a, nil
 	}
 	a, err := s.nomad.Allocs(ns, id, j.NomadVersion)
@@ -63,7 +65,7 @@ func (s *Server) allocs(j *state.Job, now time.Time) (nomad.Allocs, error) {
 	if s.seen == nil {
 		s.seen = map[string]seenAllocs{}
 	}
-	s.seen[key] = seenAllocs{index: idx, at: now, a: a}
+	s.seen[key] = seenAllocs{index: idx, version: j.NomadVersion, at: now, a: a}
 	return a, nil
 }
 
@@ -126,11 +128,18 @@ func (s *Server) resetLeaderState() {
 // server's clock where they want it.
 func (s *Server) Pass() error {
 	s.schedMu.Lock()
-	defer s.schedMu.Unlock()
-	return s.pass()
+	direct, err := s.pass()
+	s.schedMu.Unlock()
+	// Outside schedMu: taking a gang over admits it, which places.
+	for _, gj := range direct {
+		if _, derr := s.Direct(gj.Namespace, gj.ID); derr != nil {
+			s.log.Warn("a gang registered with nomad directly", "job", gj.Key(), "error", derr)
+		}
+	}
+	return err
 }
 
-func (s *Server) pass() error {
+func (s *Server) pass() ([]nomad.GangJob, error) {
 	now := s.now()
 	var queued []*placement.Job
 	var waiting, reserved, running, unclean []state.Job
@@ -195,7 +204,7 @@ func (s *Server) pass() error {
 	for i := range unclean {
 		s.cleanup(now, unclean[i].Key())
 	}
-	s.reconcile(now, gangs, known)
+	direct := s.reconcile(now, gangs, known)
 
 	if len(queued) > 0 {
 		if err := s.place(now, queued, holding); err != nil {
@@ -223,13 +232,13 @@ func (s *Server) pass() error {
 		if j.Reason != "" && j.Attempts > 0 {
 			why += "; before that: " + j.Reason
 		}
-		if _, err := s.apply(&state.Command{Op: state.OpFail, At: now, JobID: j.Key(), Reason: why}); err != nil {
+		if _, err := s.apply(&state.Command{Op: state.OpFail, At: now, JobID: j.Key(), Reason: why, Run: j.Run}); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		s.log.Warn("gang failed in the queue", "job", j.Key(), "reason", why)
 	}
-	return errors.Join(errs...)
+	return direct, errors.Join(errs...)
 }
 
 // place reserves queued gangs that fit and registers them with Nomad.
@@ -283,13 +292,13 @@ func (s *Server) ensureRegistered(key string) {
 	if j.Attempts >= MaxAttempts {
 		why := fmt.Sprintf("nomad refused its registration %d times; the last time: %v", j.Attempts, err)
 		s.log.Warn("gang failed", "job", key, "reason", why)
-		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: why})
+		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: why, Run: j.Run, Attempt: j.Attempts})
 		return
 	}
 	wait := min(refusedBackoffBase<<(j.Attempts-1), refusedBackoffMax)
 	why := fmt.Sprintf("nomad refused its registration (attempt %d of %d; retrying in %s): %v", j.Attempts, MaxAttempts, wait, err)
 	s.log.Warn("registration refused; requeued", "job", key, "error", err, "retry_in", wait)
-	s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: key, Reason: why, RetryAt: now.Add(wait)})
+	s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: key, Reason: why, RetryAt: now.Add(wait), Run: j.Run, Attempt: j.Attempts})
 }
 
 // registerAttempt pins the gang's stored job to its reservation and
@@ -309,6 +318,10 @@ func (s *Server) registerAttempt(j *state.Job) (nomad.Registration, error) {
 	if err != nil {
 		return nomad.Registration{}, &nomad.RefusedError{Status: 400, Err: err}
 	}
+	if pinned.Meta == nil {
+		pinned.Meta = map[string]string{}
+	}
+	pinned.Meta[jobspec.MetaRun] = strconv.Itoa(j.Run)
 	return s.nomad.Register(pinned)
 }
 
@@ -334,7 +347,7 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 	if !now.Before(j.Deadline()) {
 		late := now.Sub(j.Deadline())
 		s.log.Info("max runtime reached; stopping", "job", key, "late", late)
-		return s.end(now, key, state.OpFinish, fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds()), nil)
+		return s.end(now, key, j.Run, state.OpFinish, fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds()), nil)
 	}
 	a, err := s.allocs(j, now)
 	if err != nil {
@@ -344,11 +357,11 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 	switch {
 	case a.Missing || a.Stopped:
 		s.log.Info("gang stopped through nomad", "job", key)
-		return s.end(now, key, state.OpFinish, "stopped through Nomad", ends)
+		return s.end(now, key, j.Run, state.OpFinish, "stopped through Nomad", ends)
 	case a.Failed+a.Lost > 0 && a.Running+a.Pending > 0:
 		why := fmt.Sprintf("%s while the gang ran; cohort stopped the other workers", describeFailed(j, a))
 		s.log.Warn("worker lost; stopping its gang", "job", key, "reason", why)
-		return s.end(now, key, state.OpFail, why, ends)
+		return s.end(now, key, j.Run, state.OpFail, why, ends)
 	case a.Running+a.Pending == 0 && a.Complete+a.Failed+a.Lost > 0:
 		// Billing ends when the last worker did, not when this pass
 		// noticed.
@@ -357,9 +370,9 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 			at = last
 		}
 		if a.Failed+a.Lost > 0 {
-			return s.end(at, key, state.OpFail, api.ReasonExited+"; "+describeFailed(j, a), ends)
+			return s.end(at, key, j.Run, state.OpFail, api.ReasonExited+"; "+describeFailed(j, a), ends)
 		}
-		return s.end(at, key, state.OpFinish, api.ReasonExited, ends)
+		return s.end(at, key, j.Run, state.OpFinish, api.ReasonExited, ends)
 	}
 	return nil
 }
@@ -385,18 +398,20 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 		}
 		if a.Missing || a.Stopped {
 			s.log.Info("gang stopped through nomad before it started", "job", key)
-			return s.end(now, key, state.OpFinish, "stopped through Nomad before the gang started", nil)
+			return s.end(now, key, j.Run, state.OpFinish, "stopped through Nomad before the gang started", nil)
 		}
 	}
-	ready := 0
+	var released []string
 	for alloc := range j.Booted {
 		if a.Live[alloc] {
-			ready++
+			released = append(released, alloc)
 		}
 	}
+	sort.Strings(released)
+	ready := len(released)
 	switch {
 	case ready >= j.Spec.Size():
-		start := &state.Command{Op: state.OpStart, At: now, JobID: key}
+		start := &state.Command{Op: state.OpStart, At: now, JobID: key, Run: j.Run, Attempt: j.Attempts, Allocs: released}
 		if j.Decision == nil {
 			start.Decision = adoptedDecision(j, a)
 		}
@@ -418,20 +433,21 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 			// cannot boot it): stop trying.
 			why = fmt.Sprintf("did not start in %d attempts; the last: %s", j.Attempts, why)
 			s.log.Warn("gang failed", "job", key, "reason", why)
-			return s.end(now, key, state.OpFail, why, nil)
+			return s.end(now, key, j.Run, state.OpFail, why, nil)
 		}
 		s.log.Warn("gang did not start; requeued", "job", key, "adopted", j.Adopted, "reason", why)
-		return s.requeue(now, key, why)
+		return s.requeue(now, j, why)
 	}
 	return nil
 }
 
 // requeue sends a reserved gang back to the queue, then stops the Nomad
 // job of the failed attempt.
-func (s *Server) requeue(now time.Time, key, why string) error {
+func (s *Server) requeue(now time.Time, j *state.Job, why string) error {
+	key := j.Key()
 	unlock := s.lockJob(key)
 	defer unlock()
-	res, err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: key, Reason: why})
+	res, err := s.apply(&state.Command{Op: state.OpRequeue, At: now, JobID: key, Reason: why, Run: j.Run, Attempt: j.Attempts})
 	if err != nil {
 		return err
 	}
@@ -442,11 +458,12 @@ func (s *Server) requeue(now time.Time, key, why string) error {
 	return nil
 }
 
-// end ends a gang's run (finished or failed) and deregisters its Nomad job.
-func (s *Server) end(at time.Time, key string, op state.Op, why string, ends map[string]time.Time) error {
+// end ends a gang's run (finished or failed) and deregisters its Nomad
+// job. run guards the command: it ends that run only.
+func (s *Server) end(at time.Time, key string, run int, op state.Op, why string, ends map[string]time.Time) error {
 	unlock := s.lockJob(key)
 	defer unlock()
-	if _, err := s.apply(&state.Command{Op: op, At: at, JobID: key, Reason: why, Ends: ends}); err != nil {
+	if _, err := s.apply(&state.Command{Op: op, At: at, JobID: key, Run: run, Reason: why, Ends: ends}); err != nil {
 		return err
 	}
 	s.cleanupLocked(s.now(), key)
@@ -501,11 +518,13 @@ func (s *Server) cleanupLocked(now time.Time, key string) {
 
 // reconcile compares the gang jobs registered with Nomad with the state:
 // a gang cohort does not know, or whose last run ended and was cleaned
-// up, was registered behind cohort's back (see direct.go); a queued gang
-// must have no Nomad job running (an earlier attempt's whose stop failed).
-// The watcher's list may lag; each case is checked again, under the job's
-// lock, against the state and Nomad of now.
-func (s *Server) reconcile(now time.Time, gangs []nomad.GangJob, known map[string]*state.Job) {
+// up, was registered behind cohort's back, and is returned to be dealt
+// with (see direct.go) once the pass has let go of schedMu; a queued gang
+// must have no Nomad job running (an earlier attempt's, whose stop failed,
+// or a gang cohort took over). The watcher's list may lag; each case is
+// checked again, under the job's lock, against the state and Nomad of now.
+func (s *Server) reconcile(now time.Time, gangs []nomad.GangJob, known map[string]*state.Job) []nomad.GangJob {
+	var direct []nomad.GangJob
 	for _, gj := range gangs {
 		if gj.Stop {
 			continue
@@ -514,16 +533,14 @@ func (s *Server) reconcile(now time.Time, gangs []nomad.GangJob, known map[strin
 		j := known[key]
 		switch {
 		case j == nil || (j.Ended() && j.Cleaned):
-			if s.handled(key, gj.JobModifyIndex) {
-				continue
-			}
-			if _, err := s.Direct(gj.Namespace, gj.ID); err != nil {
-				s.log.Warn("a gang registered with nomad directly", "job", key, "error", err)
+			if !s.handled(key, gj.JobModifyIndex) {
+				direct = append(direct, gj)
 			}
 		case j.Status == state.Queued && s.mayCall(key, now):
 			s.stopLeftover(now, key, gj)
 		}
 	}
+	return direct
 }
 
 // stopLeftover stops the Nomad job of a gang that is still queued.

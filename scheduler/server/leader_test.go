@@ -613,13 +613,66 @@ func TestDirectRegistrations(t *testing.T) {
 		if err != nil || v.Status != api.BarrierAbort || !strings.Contains(v.Reason, "took the gang over") {
 			t.Fatalf("boot of an unnormalized direct gang: %v %+v", err, v)
 		}
-		j := h.job("loose")
-		if j.Adopted || j.Status != state.Reserved || j.NomadIndex == 0 {
+		if j := h.job("loose"); j.Adopted || j.Status != state.Queued {
 			t.Fatalf("taken over: %+v", j)
 		}
+		h.pass() // stops the direct registration, places and registers cohort's own
+		j := h.job("loose")
+		if j.Status != state.Reserved || j.NomadIndex == 0 {
+			t.Fatalf("after the pass: %+v", j)
+		}
 		reg := h.nomad.latest("loose")
-		if deref(reg.TaskGroups[0].RestartPolicy.Attempts) != 0 {
-			t.Error("cohort's registration keeps the restarts")
+		if deref(reg.TaskGroups[0].RestartPolicy.Attempts) != 0 || reg.Meta[jobspec.MetaRun] != "1" {
+			t.Error("cohort's registration keeps the restarts or lacks its run")
+		}
+		if first[0].DesiredStatus != "stop" {
+			t.Error("the direct registration's workers were not stopped")
+		}
+	})
+	// Regression (found in review): the watcher's path to a gang to take
+	// over ran admission inside the pass, which holds schedMu: the leader
+	// loop deadlocked.
+	t.Run("taken over by the pass", func(t *testing.T) {
+		h := newHarness(t)
+		job := gang("watched", jobspec.DriverMicroVM, 2)
+		job.TaskGroups[0].ReschedulePolicy = &nomadapi.ReschedulePolicy{Attempts: ptrTo(1)}
+		h.nomad.adopt(job)
+		done := make(chan struct{})
+		go func() { h.srv.Pass(); h.srv.Pass(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the leader loop deadlocked taking a gang over")
+		}
+		if j := h.job("watched"); j.Status != state.Reserved || j.Adopted {
+			t.Fatalf("%+v", j)
+		}
+	})
+	// A late registration of an ended run (a deposed leader's) is stopped,
+	// never taken for a new gang.
+	t.Run("late registration of an ended run", func(t *testing.T) {
+		h := newHarness(t)
+		key := h.started(gang("late", jobspec.DriverMicroVM, 1))
+		stale := *h.nomad.latest(key)
+		h.srv.Stop(key)
+		h.nomad.adopt(&stale) // lands after the stop, as a live job
+		h.pass()
+		if j := h.job(key); j.Run != 1 || j.Status != state.Finished {
+			t.Fatalf("the late registration made a run: %+v", j)
+		}
+		if !deref(h.nomad.latest(key).Stop) {
+			t.Error("the late registration was not stopped")
+		}
+	})
+	t.Run("fake barrier task", func(t *testing.T) {
+		h := newHarness(t)
+		job := gang("fake", jobspec.DriverRawExec, 1)
+		job.TaskGroups[0].Tasks = append([]*nomadapi.Task{{Name: jobspec.BarrierTaskName, Driver: "raw_exec",
+			Lifecycle: &nomadapi.TaskLifecycle{Hook: "prestart"}, Config: map[string]any{"command": "/bin/true"}}}, job.TaskGroups[0].Tasks...)
+		h.nomad.adopt(job)
+		h.pass()
+		if j := h.job("fake"); j.Status != state.Failed || !strings.Contains(j.Reason, "start without waiting") {
+			t.Fatalf("a fake barrier task was trusted: %+v", j)
 		}
 	})
 	t.Run("unheld", func(t *testing.T) {
@@ -714,5 +767,32 @@ func TestResubmittedGangRunsAgain(t *testing.T) {
 	h.pass()
 	if j := h.job(key); j.Status != state.Running || j.Run != 2 || len(j.Previous) != 1 {
 		t.Fatalf("run 2: %+v", j)
+	}
+}
+
+// Regression (found in review): a worker of an earlier attempt that lives
+// on (its node cut off from Nomad but not from cohort) and reports while
+// the next attempt boots was released with that attempt. Only the
+// attempt's own booted workers are released.
+func TestStaleWorkerNeverReleased(t *testing.T) {
+	h := newHarness(t)
+	key := h.submit(gang("stale", jobspec.DriverMicroVM, 2)).Key()
+	old := h.nomad.live(key)[0]
+	h.advance(11 * time.Second)
+	h.pass() // gang timeout: requeued and placed again
+	h.pass()
+	if j := h.job(key); j.Attempts != 2 || j.Status != state.Reserved {
+		t.Fatalf("%v", j)
+	}
+	// The old worker still runs and reports, late, during attempt 2.
+	h.srv.Boot("", "stale", api.BarrierRequest{Alloc: old.ID, Instance: "old"})
+	h.runAll(key)
+	h.bootAll(key)
+	h.pass()
+	if j := h.job(key); j.Status != state.Running {
+		t.Fatalf("%v", j)
+	}
+	if v := h.srv.verdict(key, api.BarrierRequest{Alloc: old.ID, Instance: "old"}); v.Status != api.BarrierAbort {
+		t.Errorf("the stale worker of attempt 1 was told %+v", v)
 	}
 }

@@ -62,10 +62,13 @@ func (s *Server) NewNomadProxy(nomadAddr string) (*NomadProxy, error) {
 }
 
 func (p *NomadProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// Both registration routes: /v1/jobs (nomad job run) and
+	// /v1/job/{id} (the API's job update).
+	jobPath := strings.HasPrefix(r.URL.Path, "/v1/job/") && strings.Count(r.URL.Path, "/") == 3
 	switch {
-	case (r.Method == http.MethodPut || r.Method == http.MethodPost) && r.URL.Path == "/v1/jobs":
+	case (r.Method == http.MethodPut || r.Method == http.MethodPost) && (r.URL.Path == "/v1/jobs" || jobPath):
 		p.register(w, r)
-	case r.Method == http.MethodDelete && strings.HasPrefix(r.URL.Path, "/v1/job/") && strings.Count(r.URL.Path, "/") == 3:
+	case r.Method == http.MethodDelete && jobPath:
 		p.deregister(w, r)
 	case r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v1/evaluation/"):
 		if p.evaluation(w, r) {
@@ -94,6 +97,11 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 		r.ContentLength = int64(len(body))
 		p.proxy.ServeHTTP(w, r)
 		return
+	}
+	// The namespace as Nomad would take it: the query (-namespace) first,
+	// then the request, then the job's own.
+	if ns := namespaceForJob(req.Job.Namespace, r.URL.Query().Get("namespace"), req.Namespace); ns != "" {
+		req.Job.Namespace = &ns
 	}
 	// The job as cohort will register it: normalized, with the barrier
 	// task where its driver needs one.
@@ -148,9 +156,15 @@ func (p *NomadProxy) deregister(w http.ResponseWriter, r *http.Request) {
 		p.proxy.ServeHTTP(w, r)
 		return
 	}
-	// Nomad's own check of the caller's token comes first: a plan needs
-	// no capability a stop lacks, so ask Nomad to read the job instead.
-	if code, msg := p.authorize(r, id, ns); code != http.StatusOK && code != http.StatusNotFound {
+	// Nomad's own check of the caller's token comes first. Stopping a job
+	// takes the submit-job capability, as planning one does: Nomad plans
+	// the gang's job with the caller's token.
+	var stored nomadapi.Job
+	if err := json.Unmarshal(j.Nomad, &stored); err != nil {
+		nomadErr(w, http.StatusInternalServerError, fmt.Errorf("decoding the stored job: %w", err))
+		return
+	}
+	if code, msg := p.plan(r, &stored); code != http.StatusOK {
 		nomadErr(w, code, errors.New(msg))
 		return
 	}
@@ -167,13 +181,16 @@ func (p *NomadProxy) deregister(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, nomadapi.JobDeregisterResponse{EvalID: eval})
 }
 
-// authorize asks Nomad whether the caller may read the job (its ACL token).
-func (p *NomadProxy) authorize(r *http.Request, id, ns string) (int, string) {
-	q := url.Values{}
-	if ns != "" {
-		q.Set("namespace", ns)
+// namespaceForJob is the namespace Nomad registers a job in: the query's,
+// then the request's, then the job's own.
+func namespaceForJob(job *string, query, request string) string {
+	switch {
+	case query != "":
+		return query
+	case request != "":
+		return request
 	}
-	return p.ask(r, http.MethodGet, "/v1/job/"+url.PathEscape(id), q.Encode(), nil)
+	return deref(job)
 }
 
 // ask sends Nomad one request with the caller's headers (its ACL token)
@@ -214,7 +231,9 @@ func (p *NomadProxy) plan(r *http.Request, job *nomadapi.Job) (int, string) {
 	if err != nil {
 		return http.StatusBadRequest, err.Error()
 	}
-	return p.ask(r, http.MethodPut, "/v1/job/"+url.PathEscape(*job.ID)+"/plan", r.URL.RawQuery, b)
+	q := r.URL.Query()
+	q.Set("namespace", nomadNS(deref(job.Namespace)))
+	return p.ask(r, http.MethodPut, "/v1/job/"+url.PathEscape(*job.ID)+"/plan", q.Encode(), b)
 }
 
 // evaluation answers for the synthetic evaluations it handed out.
@@ -276,6 +295,13 @@ func (s *Server) stopAnywhere(ns, id string) error {
 }
 
 var httpClient = &http.Client{Timeout: 10 * time.Second}
+
+func nomadNS(ns string) string {
+	if ns == "" {
+		return api.DefaultNamespace
+	}
+	return ns
+}
 
 // nomadErr answers like Nomad: a plain-text error body.
 func nomadErr(w http.ResponseWriter, code int, err error) {

@@ -104,7 +104,7 @@ type Server struct {
 	// admissions that place a gang on arrival. It guards inflight: the
 	// admissions placed whose commit has not returned yet.
 	schedMu  sync.Mutex
-	inflight map[string]placement.Running
+	inflight map[string]inflight
 	// jobLocks holds a mutex per job key. Whatever registers a job with
 	// Nomad, stops it, or deals with a job registered behind cohort's
 	// back holds it, so a stop can never be overtaken by a registration
@@ -140,7 +140,7 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 		now = time.Now
 	}
 	s := &Server{r: r, nomad: n, log: log, now: now, prices: cfg.Prices,
-		inflight: map[string]placement.Running{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
+		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
 		retry: map[string]time.Time{}, direct: map[string]uint64{}}
 	if cfg.BarrierTaskPath != "" {
 		a, err := loadBarrierArchive(cfg.BarrierTaskPath)

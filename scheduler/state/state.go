@@ -83,6 +83,27 @@ type Boot struct {
 // Key is the job's key in State.Jobs.
 func (j Job) Key() string { return j.Spec.Key() }
 
+// String summarises a job for logs and test failures.
+func (j Job) String() string {
+	s := fmt.Sprintf("%s run %d attempt %d: %s", j.Key(), j.Run, j.Attempts, j.Status)
+	if j.Adopted {
+		s += " (adopted)"
+	}
+	if j.NomadIndex != 0 {
+		s += fmt.Sprintf(" nomad index %d version %d", j.NomadIndex, j.NomadVersion)
+	}
+	if len(j.Booted) > 0 {
+		s += fmt.Sprintf(", %d booted", len(j.Booted))
+	}
+	if j.Cleaned {
+		s += ", cleaned"
+	}
+	if j.Reason != "" {
+		s += ": " + j.Reason
+	}
+	return s
+}
+
 // Ended says whether the job has finished or failed.
 func (j *Job) Ended() bool { return j.Status == Finished || j.Status == Failed }
 
@@ -124,6 +145,10 @@ const (
 	OpAdopt Op = "adopt"
 	// OpCleaned records that an ended run's Nomad job is deregistered.
 	OpCleaned Op = "cleaned"
+	// OpRefuse records a run that failed before it was ever queued (a
+	// gang registered with Nomad directly that cohort will not run), in
+	// one entry, so the refusal is never half recorded.
+	OpRefuse Op = "refuse"
 	// OpMember records a server's addresses.
 	OpMember Op = "member"
 	// OpBatch applies several commands in one log entry, in order, each
@@ -146,10 +171,16 @@ type Command struct {
 	// (OpRegistered, OpAdopt).
 	Index   uint64 `json:",omitempty"`
 	Version uint64 `json:",omitempty"`
-	// Attempt guards OpRegistered: it applies only to that attempt.
+	// Attempt guards OpRegistered (always) and OpStart and OpRequeue
+	// (when set): they apply only to that attempt.
 	Attempt int `json:",omitempty"`
-	// Run guards OpCleaned: it applies only to that run.
+	// Run guards OpCleaned (always) and OpStart, OpRequeue, OpFinish and
+	// OpFail (when set): they apply only to that run.
 	Run int `json:",omitempty"`
+	// Allocs are, for OpStart, the allocations released: the booted
+	// workers of the attempt that started. A report from any other
+	// allocation is aborted.
+	Allocs []string `json:",omitempty"`
 	// RetryAt is the back-off of OpRequeue.
 	RetryAt time.Time `json:",omitempty"`
 	// Ends are the workers' own end times (OpFinish, OpFail).
@@ -224,10 +255,27 @@ func (s *State) Apply(c *Command) Result {
 		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.Key(), Decision: c.Decision})
 	case OpSubmit, OpAdopt:
 		return s.submit(c)
+	case OpRefuse:
+		if c.Job == nil {
+			return Result{Err: "refuse without a job"}
+		}
+		if old, ok := s.Jobs[c.Job.Key()]; ok && !old.Ended() {
+			return Result{Job: old, Err: fmt.Sprintf("job %s has a live run; it is not refused", c.Job.Key())}
+		}
+		res := s.submit(&Command{Op: OpSubmit, At: c.At, Job: c.Job})
+		j := res.Job
+		j.Status, j.EndedAt, j.Reason = Failed, c.At, c.Reason
+		return res
 	}
 	j, ok := s.Jobs[c.JobID]
 	if !ok {
 		return Result{Err: fmt.Sprintf("no job %q", c.JobID)}
+	}
+	if c.Run != 0 && c.Run != j.Run {
+		return Result{Job: j, Err: fmt.Sprintf("job %s is at run %d: a command for run %d is stale", j.Key(), j.Run, c.Run)}
+	}
+	if c.Attempt != 0 && c.Attempt != j.Attempts {
+		return Result{Job: j, Err: fmt.Sprintf("job %s is at attempt %d: a command for attempt %d is stale", j.Key(), j.Attempts, c.Attempt)}
 	}
 	switch c.Op {
 	case OpReserve:
@@ -242,7 +290,7 @@ func (s *State) Apply(c *Command) Result {
 		j.NomadIndex, j.NomadVersion, j.RetryAt = 0, 0, time.Time{}
 		j.Attempts++
 	case OpRegistered:
-		if j.Status != Reserved || j.Attempts != c.Attempt {
+		if j.Status != Reserved || c.Attempt == 0 {
 			return Result{Job: j, Err: fmt.Sprintf("job %s is %s at attempt %d: the registration of attempt %d is stale", j.Key(), j.Status, j.Attempts, c.Attempt)}
 		}
 		j.NomadIndex, j.NomadVersion = c.Index, c.Version
@@ -266,6 +314,17 @@ func (s *State) Apply(c *Command) Result {
 			return Result{Job: j, Err: fmt.Sprintf("job %s is %s, not reserved", j.Key(), j.Status)}
 		}
 		j.Status, j.StartedAt = Running, c.At
+		if c.Allocs != nil {
+			// Only the released workers stay booted: a late report
+			// from an allocation of another attempt is refused.
+			keep := make(map[string]Boot, len(c.Allocs))
+			for _, a := range c.Allocs {
+				if b, ok := j.Booted[a]; ok {
+					keep[a] = b
+				}
+			}
+			j.Booted = keep
+		}
 		if j.Decision == nil && c.Decision != nil {
 			// An adopted gang: where Nomad put its workers, for the
 			// ledger and for placement from now on.
@@ -284,7 +343,7 @@ func (s *State) Apply(c *Command) Result {
 			j.WorkerEnds = maps.Clone(c.Ends)
 		}
 	case OpCleaned:
-		if j.Ended() && j.Run == c.Run {
+		if j.Ended() && c.Run != 0 {
 			j.Cleaned = true
 		}
 	case OpRequeue:

@@ -226,3 +226,32 @@ func TestNamespacesKeyJobs(t *testing.T) {
 		t.Errorf("jobs = %+v", s.Jobs)
 	}
 }
+
+// Only the workers released with the gang stay booted: a late report from
+// an allocation of another attempt, recorded while the gang was reserved,
+// is dropped at the start, so it is never released.
+func TestStartKeepsOnlyReleasedWorkers(t *testing.T) {
+	s := New()
+	s.Apply(&Command{Op: OpAdmit, At: t0, Job: spec("a", 1), Decision: decision("a", 1)})
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "a", Alloc: "current"})
+	s.Apply(&Command{Op: OpBoot, At: t0, JobID: "a", Alloc: "stale"})
+	if r := s.Apply(&Command{Op: OpStart, At: t0, JobID: "a", Run: 1, Attempt: 2, Allocs: []string{"current"}}); r.Err == "" {
+		t.Error("a start for another attempt applied")
+	}
+	s.Apply(&Command{Op: OpStart, At: t0, JobID: "a", Run: 1, Attempt: 1, Allocs: []string{"current"}})
+	if b := s.Jobs["a"].Booted; len(b) != 1 || b["stale"] != (Boot{}) {
+		t.Errorf("booted after start: %v", b)
+	}
+}
+
+// A refusal records a failed run in one entry, and never over a live one.
+func TestRefuse(t *testing.T) {
+	s := New()
+	if r := s.Apply(&Command{Op: OpRefuse, At: t0, Job: spec("d", 1), Reason: "unheld"}); r.Err != "" || r.Job.Status != Failed || r.Job.Reason != "unheld" {
+		t.Fatalf("refuse: %+v", r)
+	}
+	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("d", 1)})
+	if r := s.Apply(&Command{Op: OpRefuse, At: t0, Job: spec("d", 1), Reason: "again"}); r.Err == "" || s.Jobs["d"].Status != Queued {
+		t.Errorf("a refusal replaced a live run: %+v", s.Jobs["d"])
+	}
+}
