@@ -275,3 +275,30 @@ func (c *Client) Barrier(ctx context.Context, ns, job string, req BarrierRequest
 	err := c.do(ctx, http.MethodPost, "/v1/barrier/"+url.PathEscape(job), nsQuery(ns), req, &v)
 	return v, err
 }
+
+// Lease asks for (or renews) this node's worker subnet.
+func (c *Client) Lease(req LeaseRequest) (Lease, error) {
+	var l Lease
+	err := c.call(http.MethodPost, "/v1/network/lease", nil, req, &l)
+	return l, err
+}
+
+// Leases reads every node's subnet; with index > 0 it waits up to wait for
+// the table to move past index.
+func (c *Client) Leases(ctx context.Context, index uint64, wait time.Duration) (LeaseTable, error) {
+	q := url.Values{}
+	if index > 0 {
+		q.Set("index", strconv.FormatUint(index, 10))
+		q.Set("wait", wait.String())
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait+c.timeout)
+	defer cancel()
+	var t LeaseTable
+	err := c.do(ctx, http.MethodGet, "/v1/network/leases", q, nil, &t)
+	return t, err
+}
+
+// ReleaseLease gives a node's subnet up, for a node that left for good.
+func (c *Client) ReleaseLease(node string) error {
+	return c.call(http.MethodDelete, "/v1/network/lease/"+url.PathEscape(node), nil, nil, nil)
+}

@@ -165,3 +165,30 @@ type Leader struct {
 	ID      string
 	Address string
 }
+
+// LeaseRequest asks for a node's worker subnet: POST /v1/network/lease.
+type LeaseRequest struct {
+	// Node is the node's stable identity, Address the host address its
+	// peers route its subnet through.
+	Node, Address string
+}
+
+// Lease is a node's worker subnet.
+type Lease struct {
+	Node, Address string
+	Subnet        string // CIDR
+	// Range is the whole worker range (every node's subnet lies in it).
+	Range string `json:",omitempty"`
+	// Active says whether the node renewed its lease lately: peers route
+	// only to active subnets.
+	Active bool `json:",omitempty"`
+}
+
+// LeaseTable is GET /v1/network/leases: every node's subnet.
+type LeaseTable struct {
+	// Index moves when a subnet is granted, moved or given up; a
+	// blocking read waits for it to pass the index it was given.
+	Index  uint64
+	Range  string
+	Leases []Lease
+}

@@ -3,11 +3,10 @@ package command
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,21 +18,26 @@ import (
 	"github.com/mitchellh/cli"
 )
 
-// DevCommand runs a local single-node cluster until interrupted.
+// DevCommand runs a local cluster until interrupted.
 type DevCommand struct{ UI cli.Ui }
 
 const devHelp = `
 Usage: cohort dev [options]
 
-  Starts a local single-node cluster: a Consul dev agent, a Nomad agent
-  (server and client) wired to it with cohort's plugins loaded, and a
-  single cohort server (the gang scheduler) with its Nomad-compatible
-  endpoint. It waits until all are healthy, prints their addresses, and on
-  Ctrl-C or SIGTERM stops everything it started: jobs, agents, the task
-  processes they ran and any mounts under the data directory.
+  Starts a local cluster on this one machine: -nodes hosts, each in its own
+  network namespace with its own Nomad client and Consul agent (and so its
+  own microvm driver, worker subnet and firewall), joined by a bridge on
+  which a Consul server, a Nomad server and -servers cohort servers (the
+  gang scheduler) listen, with cohort's Nomad-compatible endpoint. It waits
+  until all are ready, prints their addresses, and on Ctrl-C or SIGTERM
+  stops everything it started: jobs, agents, the task processes they ran,
+  mounts under the data directory, the namespaces, veths and bridge.
 
 Options:
 
+  -nodes=<n>          Hosts running workers. Default: 1.
+  -servers=<n>        cohort servers: 1, or 3 for a replicated scheduler.
+                      Default: 1.
   -data-dir=<path>    Where the agents keep state and logs. Default: a new
                       temporary directory, removed on exit.
   -plugin-dir=<path>  Nomad plugin directory. Default: plugins/ beside the
@@ -43,14 +47,15 @@ Options:
                       "make kernel" built (.tools/kernel/vmlinux).
   -init=<path>        Guest init for the microvm driver. Default:
                       guest/cohort-init beside the cohort binary.
-  -server-addr=<addr> The cohort server's API. Default: 127.0.0.1:4747
-                      (Raft on the next port).
-  -nomad-listen=<addr> Its Nomad-compatible endpoint. Default:
-                      127.0.0.1:4749.
   -ready-timeout=<d>  How long to wait for the cluster to be ready: a
-                      cohort leader, and the node's template snapshot
+                      cohort leader, and every node's template snapshot
                       built (so workers restore instead of cold-booting).
                       Default: 5m.
+
+  The servers use the usual ports: Nomad 4646-4648, Consul 8500/8600, the
+  cohort API 4747 (4757, 4767 for servers 2 and 3) with Raft on the next
+  port, the Nomad-compatible endpoint 4749. They listen on loopback and
+  on the cluster's bridge, where the nodes reach them.
 
   Without a kernel, an init or the plugin binary the cluster runs without
   the microvm driver, and says so.
@@ -60,24 +65,32 @@ Options:
 `
 
 func (c *DevCommand) Help() string     { return devHelp }
-func (c *DevCommand) Synopsis() string { return "Run a local single-node cluster" }
+func (c *DevCommand) Synopsis() string { return "Run a local cluster of N hosts" }
 
 func (c *DevCommand) Run(args []string) int {
 	fs := flagSet("dev")
+	nodes := fs.Int("nodes", 1, "")
+	servers := fs.Int("servers", 1, "")
 	dataDir := fs.String("data-dir", "", "")
 	pluginDir := fs.String("plugin-dir", "", "")
 	level := fs.String("log-level", "info", "")
 	kernel := fs.String("kernel", "", "")
 	initBin := fs.String("init", "", "")
-	serverAddr := fs.String("server-addr", "127.0.0.1:4747", "")
-	nomadListen := fs.String("nomad-listen", "127.0.0.1:4749", "")
 	readyTimeout := fs.Duration("ready-timeout", 5*time.Minute, "")
 	if ok, code := parse(c.UI, fs, args, 0, devHelp); !ok {
 		return code
 	}
+	if *nodes < 1 || *nodes > 50 {
+		c.UI.Error("Error: -nodes must be 1 to 50\n\n" + strings.TrimSpace(devHelp))
+		return ExitUsage
+	}
+	if *servers != 1 && *servers != 3 {
+		c.UI.Error("Error: -servers must be 1 or 3\n\n" + strings.TrimSpace(devHelp))
+		return ExitUsage
+	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "cohort.dev", Level: hclog.LevelFromString(*level), Output: os.Stderr})
 
-	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir}
+	cfg := devcluster.Config{Logger: log, PluginDir: *pluginDir, Nodes: *nodes, Ports: devcluster.DefaultPorts()}
 	var err error
 	if cfg.NomadBin, err = devcluster.FindBinary("nomad"); err != nil {
 		c.UI.Error(err.Error())
@@ -95,19 +108,13 @@ func (c *DevCommand) Run(args []string) int {
 		}
 		cfg.PluginDir = filepath.Join(filepath.Dir(exe), "plugins")
 	}
-	host, port, err := net.SplitHostPort(*serverAddr)
-	if err != nil {
-		c.UI.Error(fmt.Sprintf("Error: -server-addr %q: %v", *serverAddr, err))
-		return ExitUsage
+	serverIP := devcluster.ServerIPFor(cfg.Ports.NomadHTTP)
+	var serverURLs []string
+	for i := 0; i < *servers; i++ {
+		serverURLs = append(serverURLs, fmt.Sprintf("http://%s:%d", serverIP, 4747+10*i))
 	}
-	p, err := strconv.Atoi(port)
-	if err != nil {
-		c.UI.Error(fmt.Sprintf("Error: -server-addr %q: bad port", *serverAddr))
-		return ExitUsage
-	}
-	raftAddr := net.JoinHostPort(host, strconv.Itoa(p+1))
 	if mv, why := c.microvm(cfg.PluginDir, *kernel, *initBin); mv != nil {
-		mv.CohortServers = []string{"http://" + *serverAddr}
+		mv.CohortServers = serverURLs
 		cfg.MicroVM = mv
 	} else {
 		log.Warn("running without the microvm driver", "reason", why)
@@ -131,51 +138,79 @@ func (c *DevCommand) Run(args []string) int {
 		c.UI.Error(fmt.Sprintf("Error starting dev cluster: %v", err))
 		return ExitError
 	}
-	srv, err := StartServer(ServerConfig{
-		DataDir: filepath.Join(cfg.DataDir, "cohort"), HTTPAddr: *serverAddr, RaftAddr: raftAddr, NodeID: "dev",
-		NomadAddr: cluster.NomadAddr(), NomadListen: *nomadListen, BootstrapExpect: 1,
-		Prices: billing.DefaultPrices, Logger: log.Named("server"),
-		BarrierTask: DefaultBarrierTask(), RaftTimeouts: replica.LANTimeouts,
-	})
-	if err != nil {
-		cluster.Stop()
-		c.UI.Error(fmt.Sprintf("Error starting the cohort server: %v", err))
-		return ExitError
+	var agents []*ServerAgent
+	stopAll := func() {
+		// The scheduler goes first, so it does not requeue gangs that the
+		// cluster's shutdown stops.
+		for _, a := range agents {
+			if err := a.Stop(); err != nil {
+				log.Warn("stopping a cohort server", "error", err)
+			}
+		}
+		if err := cluster.Stop(); err != nil {
+			c.UI.Error(fmt.Sprintf("Error stopping dev cluster: %v", err))
+		}
 	}
-	// Ready means ready: a cohort leader takes jobs, and the node restores
-	// workers from its template instead of cold-booting them.
-	if err := waitReady(ctx, log, srv, cluster, cfg.MicroVM != nil, *readyTimeout); err != nil {
-		srv.Stop()
-		cluster.Stop()
+	for i := 0; i < *servers; i++ {
+		sc := ServerConfig{
+			DataDir:     filepath.Join(cfg.DataDir, fmt.Sprintf("cohort-%d", i+1)),
+			HTTPAddr:    fmt.Sprintf("0.0.0.0:%d", 4747+10*i),
+			Advertise:   serverURLs[i],
+			RaftAddr:    fmt.Sprintf("%s:%d", serverIP, 4748+10*i),
+			NodeID:      fmt.Sprintf("dev-%d", i+1),
+			NomadAddr:   cluster.NomadAddr(),
+			NomadListen: fmt.Sprintf("0.0.0.0:%d", 4749+10*i),
+			Prices:      billing.DefaultPrices, Logger: log.Named(fmt.Sprintf("server-%d", i+1)),
+			BarrierTask: DefaultBarrierTask(), RaftTimeouts: replica.LANTimeouts,
+			BootstrapExpect: *servers,
+		}
+		if *servers > 1 {
+			for j, u := range serverURLs {
+				if j != i {
+					sc.Join = append(sc.Join, u)
+				}
+			}
+		}
+		a, err := StartServer(sc)
+		if err != nil {
+			stopAll()
+			c.UI.Error(fmt.Sprintf("Error starting cohort server %d: %v", i+1, err))
+			return ExitError
+		}
+		agents = append(agents, a)
+	}
+	// Ready means ready: a cohort leader takes jobs, and every node
+	// restores workers from its template instead of cold-booting them.
+	if err := waitReady(ctx, log, agents[0], cluster, cfg.MicroVM != nil, *readyTimeout); err != nil {
+		stopAll()
 		c.UI.Error(fmt.Sprintf("Error: the dev cluster did not become ready: %v", err))
 		return ExitError
 	}
+	var hosts []string
+	for _, n := range cluster.Nodes() {
+		hosts = append(hosts, fmt.Sprintf("  %-16s %-14s netns %s", n.Name, n.IP, n.NetNS))
+	}
 	c.UI.Output(fmt.Sprintf(`cohort dev cluster is ready.
 
-  cohort API:        http://%s
-  Nomad-compatible:  http://%s   (nomad job run of a gang goes through cohort)
+  cohort API:        %s   (servers: %s)
+  Nomad-compatible:  http://127.0.0.1:4749   (nomad job run of a gang goes through cohort)
   Nomad API and UI:  %s/ui/
   Consul API and UI: %s/ui/
   Consul DNS:        %s
   Data directory:    %s
   Plugin directory:  %s
 
-  export COHORT_ADDR=http://%s NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s
+  Hosts (%d), on the cluster network %s/24:
+%s
 
-Press Ctrl-C to stop.`, srv.HTTPAddr, srv.NomadAddr, cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(), cfg.DataDir, cfg.PluginDir,
-		srv.HTTPAddr, cluster.NomadAddr(), cluster.ConsulAddr()))
+  export COHORT_ADDR=http://127.0.0.1:4747 NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s
+
+Press Ctrl-C to stop.`, "http://127.0.0.1:4747", strings.Join(serverURLs, ", "), cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(),
+		cfg.DataDir, cfg.PluginDir, len(hosts), serverIP, strings.Join(hosts, "\n"), cluster.NomadAddr(), cluster.ConsulAddr()))
 
 	<-ctx.Done()
-	// The scheduler goes first, so it does not requeue gangs that the
-	// cluster's shutdown stops.
-	if err := srv.Stop(); err != nil {
-		log.Warn("stopping the cohort server", "error", err)
-	}
 	c.UI.Output("Stopping the dev cluster...")
-	if err := cluster.Stop(); err != nil {
-		c.UI.Error(fmt.Sprintf("Error stopping dev cluster: %v", err))
-		return ExitError
-	}
+	stopAll()
 	c.UI.Output("Stopped.")
 	return ExitOK
 }
@@ -200,13 +235,13 @@ func (c *DevCommand) microvm(pluginDir, kernel, initBin string) (*devcluster.Mic
 	return &devcluster.MicroVM{Kernel: kernel, Init: initBin}, ""
 }
 
-// waitReady waits until the cohort server has a leader and, with the
-// microvm driver, the node's template snapshot is built, saying what it
+// waitReady waits until a cohort server has a leader and, with the
+// microvm driver, every node's template snapshot is built, saying what it
 // waits for.
 func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster *devcluster.Cluster, microvm bool, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	client := api.NewClient(api.Config{Address: srv.HTTPAddr, Timeout: 2 * time.Second})
+	client := api.NewClient(api.Config{Address: strings.Replace(srv.HTTPAddr, "0.0.0.0", "127.0.0.1", 1), Timeout: 2 * time.Second})
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	wait := func(what string, ok func() (bool, string)) error {
@@ -236,21 +271,34 @@ func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster 
 	if !microvm {
 		return nil
 	}
-	var snap string
-	err := wait("the node's template snapshot (workers restore from it)", func() (bool, string) {
-		v, err := cluster.NodeAttribute("driver.microvm.snapshot")
+	var snaps []string
+	err := wait("every node's worker network and template snapshot (workers restore from it)", func() (bool, string) {
+		var err error
+		if snaps, err = cluster.NodeAttributes("driver.microvm.snapshot"); err != nil {
+			return false, err.Error()
+		}
+		nets, err := cluster.NodeAttributes("driver.microvm.network")
 		if err != nil {
 			return false, err.Error()
 		}
-		snap = v
-		return v != "" && v != "building", "driver.microvm.snapshot = " + v
+		for i, v := range snaps {
+			if v == "" || v == "building" {
+				return false, fmt.Sprintf("node %d: driver.microvm.snapshot = %q", i+1, v)
+			}
+			if strings.HasPrefix(nets[i], "waiting") {
+				return false, fmt.Sprintf("node %d: driver.microvm.network = %q", i+1, nets[i])
+			}
+		}
+		return true, ""
 	})
 	if err != nil {
 		return err
 	}
-	if snap != "ready" {
-		// Workers still run, cold-booted; say why the snapshot is not there.
-		log.Warn("no template snapshot: workers will cold-boot", "driver.microvm.snapshot", snap)
+	for i, v := range snaps {
+		if v != "ready" {
+			// Workers still run, cold-booted; say why the snapshot is not there.
+			log.Warn("no template snapshot: workers will cold-boot", "node", i+1, "driver.microvm.snapshot", v)
+		}
 	}
 	return nil
 }

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# make demo: start a dev cluster, run the demo job through Nomad, show what
-# each worker printed, and stop the cluster again.
+# make demo: a three-host dev cluster, and on it the distributed sort: a
+# twelve-worker gang submitted with `nomad job run` through cohort's
+# Nomad-compatible endpoint, placed whole across the hosts, its workers
+# finding each other by name. It prints how long the gang took to start,
+# the sort's own figures and verdict, the Consul names of two workers, the
+# teardown and the bill, and stops the cluster again.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cohort=$root/bin/cohort
 nomad=${NOMAD_BIN:-$root/.tools/bin/nomad}
+export COHORT_ADDR=http://127.0.0.1:4747 NOMAD_ADDR=http://127.0.0.1:4646
 
 data=$(mktemp -d /tmp/cohort-demo-XXXXXX)
 log=$data/dev.out
-"$cohort" dev -data-dir "$data/cluster" >"$log" 2>&1 &
+"$cohort" dev -nodes 3 -data-dir "$data/cluster" >"$log" 2>&1 &
 dev=$!
 cleanup() {
   kill -TERM "$dev" 2>/dev/null && wait "$dev" 2>/dev/null || true
@@ -17,10 +22,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# cohort dev says it is ready only once a cohort leader takes jobs and the
-# node's template snapshot is built (so workers restore from it): a cold
-# first run waits here as long as that takes, up to its -ready-timeout.
-echo "==> starting the dev cluster (waits for a cohort leader and the node's template snapshot)"
+ms() { date +%s%3N; }
+
+# cohort dev says it is ready only once a cohort leader takes jobs and
+# every node has its worker subnet and its template snapshot.
+echo "==> cohort dev -nodes 3 (waits for a cohort leader, each host's worker network and template snapshot)"
+t0=$(ms)
 for _ in $(seq 1 3300); do
   grep -q 'dev cluster is ready' "$log" && break
   kill -0 "$dev" 2>/dev/null || { cat "$log"; echo "demo: cohort dev exited before it was ready (log above)" >&2; exit 1; }
@@ -28,40 +35,63 @@ for _ in $(seq 1 3300); do
 done
 grep -q 'dev cluster is ready' "$log" || { cat "$log"; echo "demo: the dev cluster was not ready in 330 s (log above)" >&2; exit 1; }
 sed -n '/dev cluster is ready/,/Press Ctrl-C/p' "$log"
+echo "(ready after $(( $(ms) - t0 )) ms)"
 
-export NOMAD_ADDR=http://127.0.0.1:4646
-snap=$("$nomad" node status -self -verbose 2>/dev/null | awk '/driver.microvm.snapshot/ {print $3}')
-echo "driver.microvm.snapshot = ${snap:-unknown}"
-
-spec=$data/demo.hcl
-sed "s#@WORKER@#$root/bin/guest/demo-worker#" demo/hello.hcl >"$spec"
+spec=$data/sort.hcl
+sed "s#@SORT@#$root/bin/guest/demo-sort#" demo/sort.hcl >"$spec"
 echo
-echo "==> cohort validate demo.hcl"
+echo "==> cohort validate sort.hcl && cohort plan sort.hcl > sort.nomad.hcl"
 "$cohort" validate "$spec"
-echo "==> cohort plan demo.hcl > demo.nomad.hcl"
-"$cohort" plan "$spec" >"$data/demo.nomad.hcl"
-# nomad job run through cohort's Nomad-compatible endpoint: the gang meta
-# sends it through gang admission; cohort registers it with Nomad whole.
-echo "==> NOMAD_ADDR=http://127.0.0.1:4749 nomad job run demo.nomad.hcl"
-NOMAD_ADDR=http://127.0.0.1:4749 "$nomad" job run "$data/demo.nomad.hcl"
-echo
-echo "==> waiting for the gang: cohort places it whole; each worker waits at the start barrier until all have booted"
+"$cohort" plan "$spec" >"$data/sort.nomad.hcl"
+echo "==> NOMAD_ADDR=http://127.0.0.1:4749 nomad job run sort.nomad.hcl"
+submitted=$(ms)
+NOMAD_ADDR=http://127.0.0.1:4749 "$nomad" job run -detach "$data/sort.nomad.hcl"
 
-for _ in $(seq 1 300); do
-  states=$("$nomad" job allocs -t '{{range .}}{{.ClientStatus}} {{end}}' demo 2>/dev/null || true)
-  case "$states" in *pending*|*running*|"") sleep 0.1 ;; *) break ;; esac
+status() { "$cohort" status -json sort 2>/dev/null | sed -n 's/^  "Status": "\(.*\)",$/\1/p'; }
+st=""
+for _ in $(seq 1 1800); do
+  st=$(status)
+  case "$st" in running|finished|failed) break ;; esac
+  sleep 0.05
 done
-echo "allocation states: $states"
-"$cohort" status demo
+running=$(ms)
+echo
+echo "==> submit -> every worker running: $(( running - submitted )) ms (status: $st)"
+echo "==> two workers' names, from Consul's DNS:"
+for w in 0 11; do
+  printf '  w%s.sort-sort.service.consul -> %s\n' "$w" "$(dig +short +time=1 @127.0.0.1 -p 8600 "w$w.sort-sort.service.consul" | tr '\n' ' ')"
+done
+for _ in $(seq 1 3000); do
+  st=$(status)
+  case "$st" in finished|failed) break ;; esac
+  sleep 0.1
+done
+ended=$(ms)
+"$cohort" status sort
 
 echo
-echo "==> how each worker VM started"
-for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
-  "$nomad" alloc status "$id" | sed -n 's/.*\(Worker VM .*\|Released by the start barrier.*\)/\1/p' | tac | tr '\n' ' '; echo
-done
+echo "==> where the workers ran"
+"$nomad" job allocs -t '{{range .}}{{.NodeName}} {{end}}' sort | tr ' ' '\n' | sed '/^$/d' | sort | uniq -c
 echo
-echo "==> what each worker printed"
-for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' demo); do
+echo "==> what the sort reported"
+for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' sort); do
   "$nomad" alloc logs "$id" worker
-done | sort
-[ "$states" = "complete complete complete complete " ] || { echo "demo: workers did not all complete: $states" >&2; exit 1; }
+done | sort -t/ -k1,1 | sed -n '/^sort: /p; /^sort worker /p' | sort -k3 -n | sed 's/^/  /'
+verdict=$(for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' sort); do "$nomad" alloc logs "$id" worker; done | grep '^sort: ' || true)
+
+echo
+echo "==> teardown"
+for _ in $(seq 1 300); do
+  states=$("$nomad" job allocs -t '{{range .}}{{.ClientStatus}} {{end}}' sort 2>/dev/null || true)
+  case "$states" in *pending*|*running*) sleep 0.05 ;; *) break ;; esac
+done
+echo "  every worker stopped $(( $(ms) - ended )) ms after the gang ended; nomad job: $("$nomad" job status -short sort | awk '/^Status/ {print $3}')"
+echo
+echo "==> cohort bill sort"
+"$cohort" bill sort | tail -4
+echo "  ..."
+
+case "$verdict" in
+  *VERIFIED*) echo; echo "demo: the sort was verified in $(( ended - running )) ms of running" ;;
+  *) echo "demo: the sort was not verified: ${verdict:-no report from rank 0}" >&2; exit 1 ;;
+esac

@@ -20,6 +20,7 @@ import (
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/hashicorp/nomad/plugins/drivers"
+	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
 )
 
@@ -72,6 +73,15 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		case <-ctx.Done():
 		}
 	}()
+	// The worker reports only once its name resolves: every worker's name
+	// then resolves, from every worker, before the gang is released.
+	if err := h.awaitName(ctx); err != nil {
+		if h.d.ctx.Err() != nil || isClosed(h.done) {
+			return
+		}
+		h.abort(err.Error())
+		return
+	}
 	req := api.BarrierRequest{Alloc: h.cfg.AllocID, Instance: instanceOf(h.cfg.ID), Wait: barrierPoll.String()}
 	backoff := 100 * time.Millisecond
 	for i := 0; ; i++ {
@@ -148,4 +158,46 @@ func isClosed(ch <-chan struct{}) bool {
 	default:
 		return false
 	}
+}
+
+// awaitName waits until the worker's name, w<rank>.<address>.service.consul,
+// resolves to its address through the node's Consul, when the worker has
+// both a name and a network.
+func (h *taskHandle) awaitName(ctx context.Context) error {
+	rank, address := h.cfg.Env[jobspec.EnvRank], h.cfg.Env[jobspec.EnvAddress]
+	if h.lease == nil || h.d.net == nil || rank == "" || address == "" {
+		return nil
+	}
+	name := fmt.Sprintf("w%s.%s.service.consul.", rank, address)
+	began := time.Now()
+	for {
+		ok, err := resolvesTo(h.d.net.cfg.ConsulDNS, name, h.lease.IP)
+		if ok {
+			h.d.log.Debug("worker name resolves", "name", name, "after", time.Since(began))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the worker's name %s did not resolve to %s in time (last: %v)", name, h.lease.IP, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// resolvesTo asks the DNS server at server whether name has the A record
+// ip.
+func resolvesTo(server, name, ip string) (bool, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(name, dns.TypeA)
+	c := &dns.Client{Timeout: time.Second}
+	r, _, err := c.Exchange(m, server)
+	if err != nil {
+		return false, err
+	}
+	for _, rr := range r.Answer {
+		if a, ok := rr.(*dns.A); ok && a.A.String() == ip {
+			return true, nil
+		}
+	}
+	return false, fmt.Errorf("%s: %d answers, none %s", name, len(r.Answer), ip)
 }

@@ -8,6 +8,7 @@ package driver
 import (
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 )
@@ -32,7 +33,7 @@ type Config struct {
 	StateDir string `codec:"state_dir"`
 	// QEMU is the qemu-system-x86_64 binary.
 	QEMU string `codec:"qemu"`
-	// Network is the workers' network; Subnet "" disables it.
+	// Network is the workers' network; no network block means none.
 	Network NetworkConfig `codec:"network"`
 	// CohortServers are the cohort servers' HTTP addresses, for the start
 	// barrier of gang workers. Without them the driver refuses gang tasks
@@ -40,14 +41,32 @@ type Config struct {
 	CohortServers []string `codec:"cohort_servers"`
 }
 
-// NetworkConfig places every worker VM of the node on one bridge inside a
-// dedicated network namespace: workers reach each other by IP, and nothing
-// a worker does reaches the host's own (loopback or other) services.
+// NetworkConfig is the workers' network (see network.go). Without a
+// network block, worker VMs have no network at all.
 type NetworkConfig struct {
-	Subnet string `codec:"subnet"`
+	// Bridge holds the workers' taps, in the host's network namespace.
 	Bridge string `codec:"bridge"`
-	NetNS  string `codec:"netns"`
+	// Subnet fixes this node's worker subnet instead of leasing one from
+	// the cohort servers (a node on its own).
+	Subnet string `codec:"subnet"`
+	// Advertise is the host address other nodes route this node's
+	// workers through; by default the address this host reaches the
+	// first cohort server from.
+	Advertise string `codec:"advertise"`
+	// MTU of the workers' links; by default the host link's.
+	MTU int `codec:"mtu"`
+	// ConsulDNS is the node's Consul DNS, which the workers' resolver
+	// asks for *.consul names.
+	ConsulDNS string `codec:"consul_dns"`
+	// Egress lets workers reach the outside world through NAT, to the
+	// networks in EgressAllow (all by default).
+	Egress      bool     `codec:"egress"`
+	EgressAllow []string `codec:"egress_allow"`
+	// Deny lists more hosts and networks workers must never reach.
+	Deny []string `codec:"deny"`
 }
+
+func (n NetworkConfig) enabled() bool { return n.Bridge != "" }
 
 // TaskConfig is the driver-specific part of a task.
 type TaskConfig struct {
@@ -74,12 +93,17 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		hclspec.NewLiteral(`"qemu-system-x86_64"`)),
 	"cohort_servers": hclspec.NewAttr("cohort_servers", "list(string)", false),
 	"network": hclspec.NewBlock("network", false, hclspec.NewObject(map[string]*hclspec.Spec{
-		"subnet": hclspec.NewDefault(hclspec.NewAttr("subnet", "string", false),
-			hclspec.NewLiteral(`"10.213.0.0/16"`)),
 		"bridge": hclspec.NewDefault(hclspec.NewAttr("bridge", "string", false),
 			hclspec.NewLiteral(`"cohort0"`)),
-		"netns": hclspec.NewDefault(hclspec.NewAttr("netns", "string", false),
-			hclspec.NewLiteral(`"cohort"`)),
+		"subnet":    hclspec.NewAttr("subnet", "string", false),
+		"advertise": hclspec.NewAttr("advertise", "string", false),
+		"mtu":       hclspec.NewAttr("mtu", "number", false),
+		"consul_dns": hclspec.NewDefault(hclspec.NewAttr("consul_dns", "string", false),
+			hclspec.NewLiteral(`"127.0.0.1:8600"`)),
+		"egress": hclspec.NewDefault(hclspec.NewAttr("egress", "bool", false),
+			hclspec.NewLiteral(`true`)),
+		"egress_allow": hclspec.NewAttr("egress_allow", "list(string)", false),
+		"deny":         hclspec.NewAttr("deny", "list(string)", false),
 	})),
 })
 
@@ -117,13 +141,40 @@ func (c *Config) validate() error {
 	if len(c.StateDir) > 60 {
 		return fmt.Errorf("state_dir %q is too long for unix socket paths (at most 60 bytes)", c.StateDir)
 	}
-	if c.Network.Subnet != "" {
-		_, n, err := net.ParseCIDR(c.Network.Subnet)
-		if err != nil || n.IP.To4() == nil {
-			return fmt.Errorf("network.subnet %q is not an IPv4 CIDR", c.Network.Subnet)
+	return c.Network.validate()
+}
+
+func (n NetworkConfig) validate() error {
+	if !n.enabled() {
+		return nil
+	}
+	if len(n.Bridge) > 15 || strings.ContainsAny(n.Bridge, " /\"\t") {
+		return fmt.Errorf("network.bridge %q is not a valid interface name (at most 15 bytes)", n.Bridge)
+	}
+	if n.Subnet != "" {
+		_, sn, err := net.ParseCIDR(n.Subnet)
+		if err != nil || sn.IP.To4() == nil {
+			return fmt.Errorf("network.subnet %q is not an IPv4 CIDR", n.Subnet)
 		}
-		if ones, _ := n.Mask.Size(); ones > 29 {
-			return fmt.Errorf("network.subnet %q is too small", c.Network.Subnet)
+		if ones, _ := sn.Mask.Size(); ones > 29 {
+			return fmt.Errorf("network.subnet %q is too small", n.Subnet)
+		}
+	}
+	if n.Advertise != "" && net.ParseIP(n.Advertise).To4() == nil {
+		return fmt.Errorf("network.advertise %q is not an IPv4 address", n.Advertise)
+	}
+	if n.MTU != 0 && (n.MTU < 576 || n.MTU > 65535) {
+		return fmt.Errorf("network.mtu %d: want 576 to 65535", n.MTU)
+	}
+	if _, _, err := net.SplitHostPort(n.ConsulDNS); n.ConsulDNS != "" && err != nil {
+		return fmt.Errorf("network.consul_dns %q: want host:port", n.ConsulDNS)
+	}
+	for _, list := range [][]string{n.EgressAllow, n.Deny} {
+		for _, c := range list {
+			_, ipn, err := net.ParseCIDR(c)
+			if (err != nil || ipn.IP.To4() == nil) && net.ParseIP(c).To4() == nil {
+				return fmt.Errorf("network: %q is not an IPv4 address or CIDR", c)
+			}
 		}
 	}
 	return nil

@@ -152,8 +152,9 @@ func (d *Driver) setup(cfg *Config) error {
 		d.accel, d.accelWhy = vm.DetectAccel()
 	}
 	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.log)
-	if cfg.Network.Subnet != "" {
-		if d.net, err = setupNetwork(cfg.Network, d.log); err != nil {
+	if cfg.Network.enabled() {
+		d.net = newNetwork(cfg.Network, cfg.CohortServers, cfg.StateDir, d.log.Named("network"))
+		if err := d.net.start(d.ctx); err != nil {
 			return fmt.Errorf("network: %w", err)
 		}
 	}
@@ -210,9 +211,11 @@ func (d *Driver) Fingerprint(ctx context.Context) (<-chan *drivers.Fingerprint, 
 			case <-t.C:
 			}
 			fp := d.fingerprint()
-			// While a template builds, report again soon: its readiness
-			// is what the node's snapshot attribute shows.
-			if a := fp.Attributes["driver.microvm.snapshot"]; a != nil && a.GoString() == "building" {
+			// While a template builds or the network waits for its
+			// subnet, report again soon: the node's attributes show when
+			// they are ready.
+			if a, n := fp.Attributes["driver.microvm.snapshot"], fp.Attributes["driver.microvm.network"]; (a != nil && a.GoString() == "building") ||
+				(n != nil && strings.HasPrefix(n.GoString(), "waiting")) {
 				t.Reset(time.Second)
 			} else {
 				t.Reset(fingerprintPeriod)
@@ -252,7 +255,7 @@ func (d *Driver) fingerprint() *drivers.Fingerprint {
 		"driver.microvm.snapshot":       pstructs.NewStringAttribute(snap),
 	}
 	if d.net != nil {
-		attrs["driver.microvm.network"] = pstructs.NewStringAttribute(d.config.Network.Subnet)
+		attrs["driver.microvm.network"] = pstructs.NewStringAttribute(d.net.Status())
 	}
 	return &drivers.Fingerprint{
 		Attributes:        attrs,
@@ -323,10 +326,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
 	var ls *lease
 	if d.net != nil {
-		if ls, err = d.net.allocate(); err != nil {
+		if ls, err = d.net.allocate(d.ctx); err != nil {
 			return nil, nil, err
 		}
-		spec.Tap, spec.MAC, spec.NetNS = ls.Tap, ls.MAC, d.net.NSPath()
+		spec.Tap, spec.MAC = ls.Tap, ls.MAC
 	}
 	fail := func(err error) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
 		if ls != nil {
@@ -431,7 +434,8 @@ func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []stri
 		Dir:      "/",
 	}
 	if ls != nil {
-		a.Address, a.Gateway, a.MAC = ls.Address, ls.Gateway, ls.MAC
+		a.Address, a.Gateway, a.MAC, a.MTU = ls.Address, ls.Gateway, ls.MAC, ls.MTU
+		a.DNS = d.net.DNS()
 	}
 	return a
 }
@@ -613,7 +617,12 @@ func (d *Driver) ExecTask(taskID string, cmd []string, timeout time.Duration) (*
 }
 
 // Shutdown stops the driver's goroutines; VMs keep running for recovery.
-func (d *Driver) Shutdown() { d.cancel() }
+func (d *Driver) Shutdown() {
+	d.cancel()
+	if d.net != nil {
+		d.net.stop()
+	}
+}
 
 func signalNumber(name string) (int, error) {
 	if name == "" {

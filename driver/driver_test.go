@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"github.com/cohort-dev/cohort/api"
 	"net"
 	"os"
 	"path/filepath"
@@ -59,7 +60,8 @@ func TestSignalNumber(t *testing.T) {
 }
 
 func TestConfigValidate(t *testing.T) {
-	ok := Config{Kernel: "k", Init: "i", Accelerator: "auto", StateDir: "/run/cohort", Network: NetworkConfig{Subnet: "10.213.0.0/16"}}
+	ok := Config{Kernel: "k", Init: "i", Accelerator: "auto", StateDir: "/run/cohort", Network: NetworkConfig{Bridge: "cohort0", Subnet: "10.213.0.0/16",
+		Advertise: "192.168.1.5", ConsulDNS: "127.0.0.1:8600", Egress: true, EgressAllow: []string{"0.0.0.0/0"}, Deny: []string{"192.168.1.0/24", "10.0.0.9"}}}
 	if err := ok.validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -70,6 +72,12 @@ func TestConfigValidate(t *testing.T) {
 		"subnet":      func(c *Config) { c.Network.Subnet = "10.0.0.0/33" },
 		"tiny subnet": func(c *Config) { c.Network.Subnet = "10.0.0.0/30" },
 		"ipv6 subnet": func(c *Config) { c.Network.Subnet = "fd00::/64" },
+		"bridge name": func(c *Config) { c.Network.Bridge = "a-bridge-name-too-long" },
+		"advertise":   func(c *Config) { c.Network.Advertise = "host.example" },
+		"mtu":         func(c *Config) { c.Network.MTU = 100 },
+		"consul dns":  func(c *Config) { c.Network.ConsulDNS = "nope" },
+		"egress":      func(c *Config) { c.Network.EgressAllow = []string{"everywhere"} },
+		"deny":        func(c *Config) { c.Network.Deny = []string{"fd00::/8"} },
 	}
 	for name, mutate := range bad {
 		c := ok
@@ -82,7 +90,7 @@ func TestConfigValidate(t *testing.T) {
 
 func TestLeases(t *testing.T) {
 	_, subnet, _ := net.ParseCIDR("10.213.0.0/16")
-	n := &network{cfg: NetworkConfig{Subnet: "10.213.0.0/16"}, subnet: subnet, used: map[uint32]bool{}}
+	n := &network{cfg: NetworkConfig{Subnet: "10.213.0.0/16"}, subnet: subnet, gw: net.ParseIP("10.213.0.1"), used: map[uint32]bool{}}
 	l := n.leaseFor(258)
 	if l.IP != "10.213.1.2" || l.Address != "10.213.1.2/16" || l.MAC != "02:cb:0a:d5:01:02" || l.Tap != "ct00000102" {
 		t.Errorf("lease = %+v", l)
@@ -159,5 +167,42 @@ func TestGangTask(t *testing.T) {
 		if gang != c.gang || timeout != c.timeout {
 			t.Errorf("gangTask(%v) = %v, %s; want %v, %s", c.env, gang, timeout, c.gang, c.timeout)
 		}
+	}
+}
+
+// The firewall keeps workers to the worker range, DNS on their gateway and
+// (with egress) the outside world; never a cluster host or a control port.
+func TestRuleset(t *testing.T) {
+	_, subnet, _ := net.ParseCIDR("10.213.3.0/24")
+	_, rng, _ := net.ParseCIDR("10.213.0.0/16")
+	n := &network{cfg: NetworkConfig{Bridge: "cohort0", Egress: true, EgressAllow: []string{"0.0.0.0/0", "203.0.113.0/24"}, Deny: []string{"192.168.9.0/24", "192.168.9.7"}},
+		servers: []string{"http://192.168.1.1:4747"}, subnet: subnet, rng: rng, gw: net.ParseIP("10.213.3.1"), address: "192.168.1.13",
+		peers: []api.Lease{{Address: "192.168.1.11"}, {Address: "192.168.1.12"}}}
+	rs := n.ruleset()
+	for _, want := range []string{
+		"table inet cohort_cohort0 {}\ndelete table inet cohort_cohort0\n",
+		"elements = { 192.168.1.1/32, 192.168.1.11/32, 192.168.1.12/32, 192.168.1.13/32, 192.168.9.0/24 }",
+		"elements = { 0.0.0.0/0 }",
+		`iifname "cohort0" ip daddr 10.213.3.1 udp dport 53 accept`,
+		`iifname "cohort0" drop`,
+		`oifname "cohort0" ip saddr 10.213.0.0/16 accept`,
+		`iifname "cohort0" ip daddr 10.213.0.0/16 accept`,
+		`iifname "cohort0" ip daddr @hosts drop`,
+		`tcp dport { 22, 4646-4648, 4747-4749, 8300-8302, 8500-8503, 8600 } drop`,
+		`iifname "cohort0" ip daddr @egress accept`,
+		`ip saddr 10.213.3.0/24 ip daddr != 10.213.0.0/16 oifname != "cohort0" masquerade`,
+	} {
+		if !strings.Contains(rs, want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, rs)
+		}
+	}
+	// The hosts are dropped before egress is accepted.
+	if strings.Index(rs, "@hosts drop") > strings.Index(rs, "@egress accept") {
+		t.Error("egress is accepted before the cluster's hosts are dropped")
+	}
+	n.cfg.Egress = false
+	rs = n.ruleset()
+	if strings.Contains(rs, "masquerade") || strings.Contains(rs, "@egress accept") {
+		t.Errorf("egress off still lets workers out:\n%s", rs)
 	}
 }

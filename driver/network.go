@@ -1,146 +1,446 @@
 package driver
 
+// Worker networking. Every node has a bridge in the host's network
+// namespace carrying one tap per worker VM, and its own worker subnet,
+// unique in the cluster: the cohort servers lease it (one Raft commit) to
+// the node's stable identity, so a node that restarts gets its own back.
+// Traffic between nodes is plain routing over the hosts' own network: a
+// route to every other active node's subnet via that node's address, kept
+// current from the servers' lease table. Nothing is encapsulated, so the
+// workers' MTU is the host link's. nftables (table inet cohort_<bridge>)
+// keeps the workers in: they reach every worker of the cluster on any
+// port, the resolver on their gateway, and (with egress on) the outside
+// world through NAT, and nothing of any cluster host.
+
 import (
+	"context"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
-	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/hashicorp/go-hclog"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // tapPrefix marks the taps this driver owns; the rest of the name is the
 // VM's host index in the subnet, so a tap alone says which address it holds.
 const tapPrefix = "ct"
 
-// network owns a bridge inside a dedicated network namespace and hands each
-// VM a tap on it and an address from the subnet. The namespace is the
-// isolation: it has no route to the host's namespace, so a worker reaches
-// other workers and nothing else on the node.
+// routeProto marks the routes this driver owns ("cohort" in
+// /etc/iproute2/rt_protos terms), so a sync removes exactly its own.
+const routeProto = netlink.RouteProtocol(0x63)
+
+// Lease renewal and table watch periods.
+const (
+	renewEvery = 15 * time.Second
+	watchWait  = 15 * time.Second
+)
+
+// network is one node's worker network.
 type network struct {
-	cfg    NetworkConfig
-	subnet *net.IPNet
-	gw     net.IP
-	log    hclog.Logger
+	cfg      NetworkConfig
+	servers  []string
+	stateDir string
+	log      hclog.Logger
 
-	mu   sync.Mutex
-	used map[uint32]bool
+	mu      sync.Mutex
+	ready   chan struct{} // closed once the subnet is known and the bridge up
+	subnet  *net.IPNet
+	rng     *net.IPNet // the cluster's worker range
+	gw      net.IP
+	mtu     int
+	node    string // this node's lease identity
+	address string // this node's host address
+	peers   []api.Lease
+	used    map[uint32]bool
+	err     error // why the network is not ready yet, if it is not
+	dns     *dnsForwarder
 }
 
-// NSPath is the namespace's path, for nsenter --net.
-func (n *network) NSPath() string { return "/run/netns/" + n.cfg.NetNS }
-
-func (n *network) ip(args ...string) (string, error) {
-	full := append([]string{"-n", n.cfg.NetNS}, args...)
-	out, err := exec.Command("ip", full...).CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("ip %s: %v: %s", strings.Join(full, " "), err, strings.TrimSpace(string(out)))
+// NetworkStatus says how the network stands, for the fingerprint.
+func (n *network) Status() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.subnet != nil {
+		return n.subnet.String()
 	}
-	return string(out), nil
+	if n.err != nil {
+		return "waiting for a subnet: " + n.err.Error()
+	}
+	return "waiting for a subnet"
 }
 
-// setupNetwork creates the namespace and bridge if missing and removes taps
-// that no VM holds any more (left by a crash of the plugin).
-func setupNetwork(cfg NetworkConfig, log hclog.Logger) (*network, error) {
-	_, subnet, err := net.ParseCIDR(cfg.Subnet)
+func newNetwork(cfg NetworkConfig, servers []string, stateDir string, log hclog.Logger) *network {
+	return &network{cfg: cfg, servers: servers, stateDir: stateDir, log: log, used: map[uint32]bool{}, ready: make(chan struct{})}
+}
+
+// start brings the network up: the subnet (leased, or the configured
+// one), the bridge, forwarding, the firewall and the resolver; then it
+// keeps the lease renewed and the routes current until ctx ends. It
+// returns once the network is up or, with a lease still to come, at once;
+// allocate waits for it.
+func (n *network) start(ctx context.Context) error {
+	node, err := nodeID(n.stateDir)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	n := &network{cfg: cfg, subnet: subnet, log: log, used: map[uint32]bool{}}
-	n.gw = n.addr(1)
-	if _, err := os.Stat(n.NSPath()); err != nil {
-		if out, err := exec.Command("ip", "netns", "add", cfg.NetNS).CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("creating network namespace %s: %v: %s", cfg.NetNS, err, out)
+	n.node = node
+	if n.cfg.Subnet != "" {
+		_, subnet, err := net.ParseCIDR(n.cfg.Subnet)
+		if err != nil {
+			return fmt.Errorf("network subnet %q: %w", n.cfg.Subnet, err)
+		}
+		return n.up(subnet, subnet)
+	}
+	if len(n.servers) == 0 {
+		return errors.New("the network needs cohort_servers to lease this node's subnet from, or a fixed subnet")
+	}
+	// A node that restarts routes its last subnet at once; the servers
+	// confirm it (they keep a node's subnet for it) in the background.
+	if last, err := n.loadLease(); err == nil {
+		_, subnet, err1 := net.ParseCIDR(last.Subnet)
+		_, rng, err2 := net.ParseCIDR(last.Range)
+		if err1 == nil && err2 == nil {
+			if err := n.up(subnet, rng); err != nil {
+				return err
+			}
 		}
 	}
-	if _, err := n.ip("link", "show", cfg.Bridge); err != nil {
-		if _, err := n.ip("link", "add", cfg.Bridge, "type", "bridge"); err != nil {
-			return nil, err
+	go n.maintain(ctx)
+	return nil
+}
+
+// up configures the host for subnet: bridge, gateway address, MTU,
+// forwarding, the firewall and the resolver.
+func (n *network) up(subnet, rng *net.IPNet) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.subnet != nil {
+		if n.subnet.String() != subnet.String() {
+			return fmt.Errorf("this node's subnet moved from %s to %s; restart the driver's node", n.subnet, subnet)
+		}
+		return nil
+	}
+	mtu, err := n.linkMTU()
+	if err != nil {
+		return err
+	}
+	gw := addr(subnet, 1)
+	if err := ensureBridge(n.cfg.Bridge, gw, subnet, mtu); err != nil {
+		return err
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enabling IPv4 forwarding: %w", err)
+	}
+	n.subnet, n.rng, n.gw, n.mtu = subnet, rng, gw, mtu
+	if err := n.firewallLocked(); err != nil {
+		n.subnet = nil
+		return err
+	}
+	if err := n.reclaimTaps(); err != nil {
+		n.subnet = nil
+		return err
+	}
+	d, err := startDNS(net.JoinHostPort(gw.String(), "53"), n.cfg.ConsulDNS, n.cfg.Egress, n.log.Named("dns"))
+	if err != nil {
+		n.subnet = nil
+		return err
+	}
+	n.dns = d
+	close(n.ready)
+	n.log.Info("worker network up", "subnet", subnet, "gateway", gw, "mtu", mtu, "bridge", n.cfg.Bridge, "egress", n.cfg.Egress)
+	return nil
+}
+
+// maintain leases (then renews) this node's subnet and keeps the routes to
+// the other nodes' subnets current.
+func (n *network) maintain(ctx context.Context) {
+	backoff := 200 * time.Millisecond
+	var index uint64
+	renewed := time.Time{}
+	for i := 0; ctx.Err() == nil; i++ {
+		c := api.NewClient(api.Config{Address: n.servers[i%len(n.servers)], Timeout: 10 * time.Second})
+		if time.Since(renewed) >= renewEvery {
+			if err := n.renew(c); err != nil {
+				n.setErr(err)
+				n.log.Debug("leasing this node's subnet", "server", c.Address(), "error", err)
+				sleep(ctx, backoff)
+				backoff = min(2*backoff, 5*time.Second)
+				continue
+			}
+			renewed = time.Now()
+		}
+		wait := min(watchWait, renewEvery-time.Since(renewed))
+		t, err := c.Leases(ctx, index, max(wait, time.Second))
+		if err != nil {
+			n.log.Debug("reading the lease table", "server", c.Address(), "error", err)
+			sleep(ctx, backoff)
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 200 * time.Millisecond
+		index = t.Index
+		if err := n.sync(t); err != nil {
+			n.log.Warn("routing to the other nodes' workers", "error", err)
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+func (n *network) setErr(err error) {
+	n.mu.Lock()
+	n.err = err
+	n.mu.Unlock()
+}
+
+// renew leases or renews the subnet and brings the network up with it.
+func (n *network) renew(c *api.Client) error {
+	address := n.cfg.Advertise
+	if address == "" {
+		a, err := sourceAddress(c.Address())
+		if err != nil {
+			return err
+		}
+		address = a
+	}
+	l, err := c.Lease(api.LeaseRequest{Node: n.node, Address: address})
+	if err != nil {
+		return err
+	}
+	_, subnet, err := net.ParseCIDR(l.Subnet)
+	if err != nil {
+		return fmt.Errorf("the servers leased %q: %w", l.Subnet, err)
+	}
+	_, rng, err := net.ParseCIDR(l.Range)
+	if err != nil {
+		return fmt.Errorf("the servers' worker range %q: %w", l.Range, err)
+	}
+	n.mu.Lock()
+	n.address = address
+	n.mu.Unlock()
+	if err := n.up(subnet, rng); err != nil {
+		return err
+	}
+	n.setErr(nil)
+	return n.saveLease(l)
+}
+
+// sync routes every other active node's subnet via its address, removes
+// the routes of nodes gone, and refreshes the firewall's set of hosts.
+func (n *network) sync(t api.LeaseTable) error {
+	n.mu.Lock()
+	if n.subnet == nil {
+		n.mu.Unlock()
+		return nil
+	}
+	self := n.subnet.String()
+	n.peers = t.Leases
+	n.mu.Unlock()
+	want := map[string]net.IP{}
+	for _, l := range t.Leases {
+		if l.Subnet == self || !l.Active {
+			continue
+		}
+		gw := net.ParseIP(l.Address)
+		if gw == nil {
+			continue
+		}
+		want[l.Subnet] = gw
+	}
+	var errs []error
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: routeProto}, netlink.RT_FILTER_PROTOCOL)
+	if err != nil {
+		return fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst == nil {
+			continue
+		}
+		if gw, ok := want[r.Dst.String()]; ok && r.Gw.Equal(gw) {
+			delete(want, r.Dst.String())
+			continue
+		}
+		if err := netlink.RouteDel(&r); err != nil {
+			errs = append(errs, fmt.Errorf("removing the route to %s: %w", r.Dst, err))
+		} else {
+			n.log.Info("removed the route to a node's workers", "subnet", r.Dst, "via", r.Gw)
+		}
+	}
+	for subnet, gw := range want {
+		_, dst, _ := net.ParseCIDR(subnet)
+		if err := netlink.RouteReplace(&netlink.Route{Dst: dst, Gw: gw, Protocol: routeProto}); err != nil {
+			errs = append(errs, fmt.Errorf("routing %s via %s: %w", subnet, gw, err))
+			continue
+		}
+		n.log.Info("routing to a node's workers", "subnet", subnet, "via", gw)
+	}
+	n.mu.Lock()
+	err = n.firewallLocked()
+	n.mu.Unlock()
+	errs = append(errs, err)
+	return errors.Join(errs...)
+}
+
+// wait blocks until the network is up, ctx ends, or timeout passes.
+func (n *network) wait(ctx context.Context, timeout time.Duration) error {
+	select {
+	case <-n.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(timeout):
+		return fmt.Errorf("this node has no worker subnet yet (%s)", n.Status())
+	}
+}
+
+// sourceAddress is the address this host reaches a server from: the one
+// its peers can route to.
+func sourceAddress(server string) (string, error) {
+	u, err := url.Parse(server)
+	if err != nil || u.Host == "" {
+		return "", fmt.Errorf("server address %q is not a URL", server)
+	}
+	host := u.Hostname()
+	port := u.Port()
+	if port == "" {
+		port = "80"
+	}
+	c, err := net.Dial("udp", net.JoinHostPort(host, port))
+	if err != nil {
+		return "", fmt.Errorf("finding the address that reaches %s: %w", host, err)
+	}
+	defer c.Close()
+	ip := c.LocalAddr().(*net.UDPAddr).IP
+	if ip.IsLoopback() {
+		return "", fmt.Errorf("the cohort server %s is on this host's loopback: set network.advertise to the address other nodes reach this one at", host)
+	}
+	return ip.String(), nil
+}
+
+// linkMTU is the MTU of the link the host address is on: workers are
+// routed over it unencapsulated, so theirs is the same.
+func (n *network) linkMTU() (int, error) {
+	addr := n.cfg.Advertise
+	if addr == "" {
+		addr = n.address
+	}
+	if n.cfg.MTU > 0 {
+		return n.cfg.MTU, nil
+	}
+	if addr == "" {
+		return 1500, nil
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return 0, fmt.Errorf("listing links: %w", err)
+	}
+	for _, l := range links {
+		as, _ := netlink.AddrList(l, netlink.FAMILY_V4)
+		for _, a := range as {
+			if a.IP.String() == addr {
+				return l.Attrs().MTU, nil
+			}
+		}
+	}
+	return 1500, nil
+}
+
+// ensureBridge creates the bridge if missing and gives it the gateway
+// address and the MTU.
+func ensureBridge(name string, gw net.IP, subnet *net.IPNet, mtu int) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}}
+		if err := netlink.LinkAdd(br); err != nil && !os.IsExist(err) {
+			return fmt.Errorf("creating bridge %s: %w", name, err)
+		}
+		if l, err = netlink.LinkByName(name); err != nil {
+			return fmt.Errorf("bridge %s: %w", name, err)
+		}
+	}
+	if l.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(l, mtu); err != nil {
+			return fmt.Errorf("setting the MTU of %s: %w", name, err)
 		}
 	}
 	ones, _ := subnet.Mask.Size()
-	n.ip("addr", "add", n.gw.String()+"/"+strconv.Itoa(ones), "dev", cfg.Bridge) // exists after a restart
-	if _, err := n.ip("link", "set", cfg.Bridge, "up"); err != nil {
-		return nil, err
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: gw, Mask: net.CIDRMask(ones, 32)}}
+	if err := netlink.AddrReplace(l, a); err != nil {
+		return fmt.Errorf("addressing bridge %s: %w", name, err)
 	}
-	n.ip("link", "set", "lo", "up")
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("bringing %s up: %w", name, err)
+	}
+	return nil
+}
 
-	links, err := n.links()
+// reclaimTaps marks the taps that VMs hold as used and removes the ones
+// no VM holds any more (left by a crash of the plugin). The caller holds
+// mu.
+func (n *network) reclaimTaps() error {
+	links, err := netlink.LinkList()
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("listing links: %w", err)
 	}
 	for _, l := range links {
-		idx, ok := tapIndex(l.Name)
+		idx, ok := tapIndex(l.Attrs().Name)
 		if !ok {
 			continue
 		}
-		if l.attached() {
+		if l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0 { // a carrier: a VMM holds it
 			n.used[idx] = true
 			continue
 		}
-		log.Info("removing tap no VM holds", "tap", l.Name)
-		n.ip("link", "del", l.Name)
+		n.log.Info("removing tap no VM holds", "tap", l.Attrs().Name)
+		netlink.LinkDel(l)
 	}
-	return n, nil
-}
-
-type link struct {
-	Name  string   `json:"ifname"`
-	Flags []string `json:"flags"`
-}
-
-// attached: a tap whose VMM has it open has a carrier.
-func (l link) attached() bool {
-	for _, f := range l.Flags {
-		if f == "NO-CARRIER" {
-			return false
-		}
-	}
-	return true
-}
-
-func (n *network) links() ([]link, error) {
-	out, err := n.ip("-j", "link", "show")
-	if err != nil {
-		return nil, err
-	}
-	var ls []link
-	if err := json.Unmarshal([]byte(out), &ls); err != nil {
-		return nil, fmt.Errorf("parsing ip -j link: %w", err)
-	}
-	return ls, nil
+	return nil
 }
 
 // Taps lists the taps this driver owns, for leak checks.
 func (n *network) Taps() ([]string, error) {
-	ls, err := n.links()
+	links, err := netlink.LinkList()
 	if err != nil {
 		return nil, err
 	}
 	var out []string
-	for _, l := range ls {
-		if _, ok := tapIndex(l.Name); ok {
-			out = append(out, l.Name)
+	for _, l := range links {
+		if _, ok := tapIndex(l.Attrs().Name); ok {
+			out = append(out, l.Attrs().Name)
 		}
 	}
 	return out, nil
 }
 
 func tapIndex(name string) (uint32, bool) {
-	if !strings.HasPrefix(name, tapPrefix) {
+	if !strings.HasPrefix(name, tapPrefix) || len(name) != len(tapPrefix)+8 {
 		return 0, false
 	}
 	v, err := strconv.ParseUint(name[len(tapPrefix):], 16, 32)
 	return uint32(v), err == nil
 }
 
-func (n *network) addr(idx uint32) net.IP {
-	base := binary.BigEndian.Uint32(n.subnet.IP.To4())
+func addr(subnet *net.IPNet, idx uint32) net.IP {
+	base := binary.BigEndian.Uint32(subnet.IP.To4())
 	ip := make(net.IP, 4)
 	binary.BigEndian.PutUint32(ip, base+idx)
 	return ip
@@ -153,13 +453,18 @@ type lease struct {
 	IP      string
 	Gateway string
 	MAC     string
+	MTU     int `json:",omitempty"`
 }
 
-// allocate picks the lowest free address and creates its tap.
-func (n *network) allocate() (*lease, error) {
+// allocate picks the lowest free address and creates its tap, on the
+// bridge.
+func (n *network) allocate(ctx context.Context) (*lease, error) {
+	if err := n.wait(ctx, 30*time.Second); err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
 	ones, bits := n.subnet.Mask.Size()
 	size := uint32(1) << uint(bits-ones)
-	n.mu.Lock()
 	var idx uint32
 	for i := uint32(2); i < size-1; i++ {
 		if !n.used[i] {
@@ -168,25 +473,45 @@ func (n *network) allocate() (*lease, error) {
 			break
 		}
 	}
+	l := n.leaseFor(idx)
 	n.mu.Unlock()
 	if idx == 0 {
-		return nil, fmt.Errorf("network %s has no free address", n.cfg.Subnet)
+		return nil, fmt.Errorf("this node's worker subnet %s has no free address", n.subnet)
 	}
-	l := n.leaseFor(idx)
-	if _, err := n.ip("tuntap", "add", "dev", l.Tap, "mode", "tap"); err != nil {
+	br, err := netlink.LinkByName(n.cfg.Bridge)
+	if err != nil {
 		n.free(idx)
-		return nil, err
+		return nil, fmt.Errorf("bridge %s: %w", n.cfg.Bridge, err)
 	}
-	if _, err := n.ip("link", "set", l.Tap, "master", n.cfg.Bridge, "up"); err != nil {
-		n.ip("link", "del", l.Tap)
+	tap := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: l.Tap},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+	}
+	if err := netlink.LinkAdd(tap); err != nil {
 		n.free(idx)
-		return nil, err
+		return nil, fmt.Errorf("creating tap %s: %w", l.Tap, err)
+	}
+	for _, f := range tap.Fds {
+		f.Close() // persistent: QEMU opens it by name
+	}
+	err = netlink.LinkSetMTU(tap, l.MTU)
+	if err == nil {
+		err = netlink.LinkSetMasterByIndex(tap, br.Attrs().Index)
+	}
+	if err == nil {
+		err = netlink.LinkSetUp(tap)
+	}
+	if err != nil {
+		netlink.LinkDel(tap)
+		n.free(idx)
+		return nil, fmt.Errorf("attaching tap %s to %s: %w", l.Tap, n.cfg.Bridge, err)
 	}
 	return l, nil
 }
 
 func (n *network) leaseFor(idx uint32) *lease {
-	ip := n.addr(idx)
+	ip := addr(n.subnet, idx)
 	ones, _ := n.subnet.Mask.Size()
 	return &lease{
 		Tap:     fmt.Sprintf("%s%08x", tapPrefix, idx),
@@ -194,6 +519,7 @@ func (n *network) leaseFor(idx uint32) *lease {
 		IP:      ip.String(),
 		Gateway: n.gw.String(),
 		MAC:     fmt.Sprintf("02:cb:%02x:%02x:%02x:%02x", ip[0], ip[1], ip[2], ip[3]),
+		MTU:     n.mtu,
 	}
 }
 
@@ -212,8 +538,10 @@ func (n *network) release(l *lease) {
 	if !ok {
 		return
 	}
-	if _, err := n.ip("link", "del", l.Tap); err != nil && !strings.Contains(err.Error(), "Cannot find device") {
-		n.log.Warn("removing tap", "tap", l.Tap, "error", err)
+	if link, err := netlink.LinkByName(l.Tap); err == nil {
+		if err := netlink.LinkDel(link); err != nil {
+			n.log.Warn("removing tap", "tap", l.Tap, "error", err)
+		}
 	}
 	n.free(idx)
 }
@@ -222,4 +550,61 @@ func (n *network) free(idx uint32) {
 	n.mu.Lock()
 	delete(n.used, idx)
 	n.mu.Unlock()
+}
+
+// DNS is the resolver workers use: their gateway.
+func (n *network) DNS() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.gw == nil {
+		return nil
+	}
+	return []string{n.gw.String()}
+}
+
+// stop ends the resolver; the bridge, routes and firewall stay for the
+// VMs that outlive the plugin.
+func (n *network) stop() {
+	n.mu.Lock()
+	d := n.dns
+	n.mu.Unlock()
+	if d != nil {
+		d.Close()
+	}
+}
+
+// nodeID is this node's stable identity for its lease, kept in the state
+// directory.
+func nodeID(stateDir string) (string, error) {
+	path := filepath.Join(stateDir, "node-id")
+	if b, err := os.ReadFile(path); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	b := make([]byte, 16)
+	rand.Read(b)
+	id := hex.EncodeToString(b)
+	if err := os.WriteFile(path, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("saving this node's identity: %w", err)
+	}
+	return id, nil
+}
+
+func (n *network) leasePath() string { return filepath.Join(n.stateDir, "lease.json") }
+
+func (n *network) loadLease() (api.Lease, error) {
+	var l api.Lease
+	b, err := os.ReadFile(n.leasePath())
+	if err != nil {
+		return l, err
+	}
+	return l, json.Unmarshal(b, &l)
+}
+
+func (n *network) saveLease(l api.Lease) error {
+	b, _ := json.Marshal(l)
+	tmp := n.leasePath() + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, n.leasePath())
 }

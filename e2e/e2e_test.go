@@ -70,11 +70,24 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// clusterOpts shapes a test's dev cluster.
+type clusterOpts struct {
+	nodes   int  // hosts, each in its own network namespace (default 1)
+	outside bool // a host outside the cluster, for egress tests
+	// microvm loads the microvm driver, reporting to a cohort server the
+	// test starts; noEgress keeps its workers inside the cluster.
+	microvm, noEgress bool
+	// servers are the cohort servers' API ports (on the cluster's server
+	// address); one is picked when microvm is set and none is given.
+	servers []int
+}
+
 // cluster starts a dev cluster on free ports for one test and stops it
 // when the test ends.
 func cluster(t *testing.T) (*devcluster.Cluster, string) {
 	t.Helper()
-	return startCluster(t, nil)
+	c := startCluster(t, clusterOpts{})
+	return c, c.DataDir()
 }
 
 // microvmCluster is a cluster with the microvm driver loaded, and a cohort
@@ -89,25 +102,23 @@ func microvmCluster(t *testing.T) (*devcluster.Cluster, string) {
 // Nomad-compatible endpoint.
 func microvmServerCluster(t *testing.T, args ...string) (c *devcluster.Cluster, api, nomadEndpoint string) {
 	t.Helper()
-	httpAddr, nomadListen := freeAddr(t), freeAddr(t)
-	c, _ = microvmClusterWith(t, []string{"http://" + httpAddr})
-	api = cohortServerAt(t, c, httpAddr, append([]string{"-nomad-listen", nomadListen}, args...)...)
+	return microvmClusterOpts(t, clusterOpts{microvm: true}, args...)
+}
+
+// microvmClusterOpts starts a cluster as opts says and one cohort server.
+func microvmClusterOpts(t *testing.T, opts clusterOpts, args ...string) (c *devcluster.Cluster, api, nomadEndpoint string) {
+	t.Helper()
+	opts.microvm = true
+	if len(opts.servers) == 0 {
+		opts.servers = []int{freePort(t)}
+	}
+	nomadListen := freeAddr(t)
+	c = startCluster(t, opts)
+	api = cohortServerAt(t, c, opts.servers[0], append([]string{"-nomad-listen", nomadListen}, args...)...)
 	return c, api, "http://" + nomadListen
 }
 
-func microvmClusterWith(t *testing.T, servers []string) (*devcluster.Cluster, string) {
-	t.Helper()
-	kernel := os.Getenv("COHORT_KERNEL")
-	if kernel == "" {
-		kernel = devcluster.FindUp(filepath.Join(".tools", "kernel", "vmlinux"))
-	}
-	if kernel == "" && os.Getenv("COHORT_E2E") != "0" {
-		t.Fatal("guest kernel not found: run make kernel or set COHORT_KERNEL")
-	}
-	return startCluster(t, &devcluster.MicroVM{Kernel: kernel, Init: initBin, CohortServers: servers})
-}
-
-func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, string) {
+func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 	t.Helper()
 	if os.Getenv("COHORT_E2E") == "0" {
 		t.Skip("COHORT_E2E=0: end-to-end tests disabled")
@@ -124,6 +135,20 @@ func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, st
 	if err != nil {
 		t.Fatal(err)
 	}
+	var mv *devcluster.MicroVM
+	if opts.microvm {
+		kernel := os.Getenv("COHORT_KERNEL")
+		if kernel == "" {
+			kernel = devcluster.FindUp(filepath.Join(".tools", "kernel", "vmlinux"))
+		}
+		if kernel == "" {
+			t.Fatal("guest kernel not found: run make kernel or set COHORT_KERNEL")
+		}
+		mv = &devcluster.MicroVM{Kernel: kernel, Init: initBin, NoEgress: opts.noEgress}
+		for _, p := range opts.servers {
+			mv.CohortServers = append(mv.CohortServers, fmt.Sprintf("http://%s:%d", devcluster.ServerIPFor(ports.NomadHTTP), p))
+		}
+	}
 	dataDir := t.TempDir()
 	c, err := devcluster.Start(context.Background(), devcluster.Config{
 		DataDir:   dataDir,
@@ -131,6 +156,8 @@ func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, st
 		ConsulBin: consul,
 		PluginDir: pluginDir,
 		MicroVM:   mv,
+		Nodes:     opts.nodes,
+		Outside:   opts.outside,
 		Ports:     ports,
 		Logger:    hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
 	})
@@ -138,6 +165,7 @@ func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, st
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		logs := c.Logs()
 		if err := c.Stop(); err != nil {
 			t.Errorf("stopping cluster: %v", err)
 		}
@@ -145,15 +173,15 @@ func startCluster(t *testing.T, mv *devcluster.MicroVM) (*devcluster.Cluster, st
 			// Keep the agents' logs of a failed test for the developer.
 			keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
 			os.MkdirAll(keep, 0o755)
-			for _, f := range []string{"nomad.log", "consul.log"} {
-				if b, err := os.ReadFile(filepath.Join(dataDir, f)); err == nil {
-					os.WriteFile(filepath.Join(keep, f), b, 0o644)
+			for _, f := range logs {
+				if b, err := os.ReadFile(f); err == nil {
+					os.WriteFile(filepath.Join(keep, filepath.Base(f)), b, 0o644)
 				}
 			}
 			t.Logf("agent logs kept in %s", keep)
 		}
 	})
-	return c, dataDir
+	return c
 }
 
 type testWriter struct{ t *testing.T }

@@ -137,7 +137,7 @@ func TestRawExecGangUnplaceableWorkerNeverStarts(t *testing.T) {
 	}
 	nomad, _ := devcluster.FindBinary("nomad")
 	for _, a := range allocs {
-		if st := a.TaskStates["worker"]; st.State == "running" || st.State == "dead" && !st.Failed && len(st.Events) > 3 {
+		if st := a.TaskStates["worker"]; st.State == "running" {
 			t.Errorf("alloc %s main task state %+v", a.ID, st)
 		}
 		for _, e := range a.TaskStates["worker"].Events {

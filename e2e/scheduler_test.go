@@ -23,25 +23,34 @@ import (
 // its API address.
 func cohortServer(t *testing.T, c *devcluster.Cluster) string {
 	t.Helper()
-	return cohortServerAt(t, c, freeAddr(t))
+	return cohortServerAt(t, c, freePort(t))
 }
 
 // freeAddr is a free 127.0.0.1 TCP address.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+}
+
+// freePort is a TCP port free on every address.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "0.0.0.0:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	return l.Addr().String()
+	return l.Addr().(*net.TCPAddr).Port
 }
 
-// cohortServerAt starts `cohort server -dev` with its API on httpAddr.
-func cohortServerAt(t *testing.T, c *devcluster.Cluster, httpAddr string, args ...string) string {
+// cohortServerAt starts `cohort server -dev` with its API on port, on
+// every address, advertised at the cluster's server address so the nodes
+// (each in its own network namespace) reach it.
+func cohortServerAt(t *testing.T, c *devcluster.Cluster, port int, args ...string) string {
 	t.Helper()
-	raftAddr := freeAddr(t)
-	args = append([]string{"server", "-dev", "-http-addr", httpAddr, "-raft-addr", raftAddr, "-nomad-addr", c.NomadAddr(), "-log-level", "debug"}, args...)
+	addr := fmt.Sprintf("http://%s:%d", c.ServerIP(), port)
+	args = append([]string{"server", "-dev", "-http-addr", fmt.Sprintf("0.0.0.0:%d", port), "-advertise", addr,
+		"-raft-addr", fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)), "-nomad-addr", c.NomadAddr(), "-log-level", "debug"}, args...)
 	cmd := exec.Command(cohortBin, args...)
 	logf, _ := os.Create(filepath.Join(t.TempDir(), "server.log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -56,7 +65,6 @@ func cohortServerAt(t *testing.T, c *devcluster.Cluster, httpAddr string, args .
 			t.Logf("cohort server log:\n%s", b)
 		}
 	})
-	addr := "http://" + httpAddr
 	waitFor(t, "cohort server health", func() bool {
 		resp, err := http.Get(addr + "/v1/health")
 		if err != nil {

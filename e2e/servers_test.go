@@ -23,7 +23,7 @@ import (
 func TestNomadEndpoint(t *testing.T) {
 	c, _ := cluster(t)
 	listen := freeAddr(t)
-	api := cohortServerAt(t, c, freeAddr(t), "-nomad-listen", listen)
+	api := cohortServerAt(t, c, freePort(t), "-nomad-listen", listen)
 	endpoint := "http://" + listen
 	nomad, _ := devcluster.FindBinary("nomad")
 	dir := t.TempDir()
@@ -150,7 +150,9 @@ func TestServerGroup(t *testing.T) {
 	servers := make([]*serverProc, 3)
 	for i := range servers {
 		id := string(rune('a' + i))
-		servers[i] = &serverProc{id: "s" + id, http: freeAddr(t), raft: freeAddr(t),
+		// On the cluster's server address: the nodes' barrier tasks
+		// report there.
+		servers[i] = &serverProc{id: "s" + id, http: fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)), raft: fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)),
 			data: filepath.Join(dir, id), log: filepath.Join(dir, id+".log")}
 	}
 	for i, s := range servers {

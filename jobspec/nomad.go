@@ -19,6 +19,10 @@ const (
 	GangVersion     = "1"
 )
 
+// NodeIDAttr is Nomad's interpolation of a node's ID, which constraints
+// on where workers go name.
+const NodeIDAttr = "${node.unique.id}"
+
 // TaskName is the name of the single task in every worker group.
 const TaskName = "worker"
 
@@ -30,7 +34,36 @@ const (
 	EnvSize    = "COHORT_SIZE"
 	EnvAddress = "COHORT_ADDRESS"
 	EnvConfig  = "COHORT_CONFIG"
+	// EnvPeers names every worker of the gang, by group and rank: a JSON
+	// list of {"Group", "Names"} in the job's group order, Names[r] being
+	// the Consul name of the group's worker of rank r.
+	EnvPeers = "COHORT_PEERS"
 )
+
+// Peer is one group's entry in COHORT_PEERS.
+type Peer struct {
+	Group string
+	Names []string
+}
+
+// WorkerName is the Consul name of worker rank of the group addressed as
+// address.
+func WorkerName(address string, rank int) string {
+	return fmt.Sprintf("w%d.%s.service.consul", rank, address)
+}
+
+// PeersEnv renders COHORT_PEERS for a gang's groups.
+func PeersEnv(groups []GangGroup) string {
+	ps := make([]Peer, len(groups))
+	for i, g := range groups {
+		ps[i] = Peer{Group: g.Name, Names: make([]string, g.Count)}
+		for r := range ps[i].Names {
+			ps[i].Names[r] = WorkerName(g.Address, r)
+		}
+	}
+	b, _ := json.Marshal(ps) // strings only: it always marshals
+	return string(b)
+}
 
 // ToNomad converts a parsed job into the Nomad batch job that runs it.
 // Workers neither restart nor reschedule on their own: a gang whose worker
@@ -72,6 +105,9 @@ func toTaskGroup(j *Job, g *Group) *api.TaskGroup {
 	}
 	if g.DistinctHosts {
 		tg.Constraints = append(tg.Constraints, &api.Constraint{Operand: api.ConstraintDistinctHosts, RTarget: "true"})
+	}
+	if g.MaxPerNode > 0 {
+		tg.Constraints = append(tg.Constraints, &api.Constraint{Operand: api.ConstraintDistinctProperty, LTarget: NodeIDAttr, RTarget: strconv.Itoa(g.MaxPerNode)})
 	}
 	if len(g.Ports) > 0 {
 		net := &api.NetworkResource{}
@@ -140,6 +176,11 @@ func taskEnv(j *Job, g *Group) map[string]string {
 	env[EnvRank] = "${NOMAD_ALLOC_INDEX}"
 	env[EnvSize] = strconv.Itoa(g.Count)
 	env[EnvAddress] = g.Address
+	var groups []GangGroup
+	for _, o := range j.Groups {
+		groups = append(groups, GangGroup{Name: o.Name, Count: o.Count, Address: o.Address})
+	}
+	env[EnvPeers] = PeersEnv(groups)
 	if len(g.Config) > 0 {
 		b, _ := json.Marshal(g.Config) // a map of strings always marshals
 		env[EnvConfig] = string(b)

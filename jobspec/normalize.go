@@ -146,15 +146,16 @@ func Normalize(job *api.Job, barrier *BarrierTask) (*api.Job, []string, error) {
 	if out.Periodic != nil || out.ParameterizedJob != nil {
 		return nil, nil, fmt.Errorf("job %s is periodic or parameterized; a gang is one run: remove the periodic or parameterized block", id)
 	}
+	peers := PeersEnv(g.Groups)
 	for i, tg := range out.TaskGroups {
-		if err := normalizeGroup(out, tg, g.Groups[i], barrier, note); err != nil {
+		if err := normalizeGroup(out, tg, g.Groups[i], peers, barrier, note); err != nil {
 			return nil, nil, err
 		}
 	}
 	return out, notes, nil
 }
 
-func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, barrier *BarrierTask, note func(string, ...any)) error {
+func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, peers string, barrier *BarrierTask, note func(string, ...any)) error {
 	name := deref(tg.Name)
 	if tg.Count == nil {
 		tg.Count = ptr(1)
@@ -203,12 +204,13 @@ func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, barrier *Barr
 		EnvRank:    "${NOMAD_ALLOC_INDEX}",
 		EnvSize:    strconv.Itoa(deref(tg.Count)),
 		EnvAddress: gg.Address,
+		EnvPeers:   peers,
 	}
 	if worker.Env == nil {
 		worker.Env = map[string]string{}
 	}
 	for _, k := range sortedKeys(want) {
-		if v, ok := worker.Env[k]; ok && v != want[k] {
+		if v, ok := worker.Env[k]; ok && v != want[k] && k != EnvPeers {
 			note("group %q: %s=%q replaced by %q", name, k, v, want[k])
 		}
 		worker.Env[k] = want[k]

@@ -85,6 +85,7 @@ var (
 			{Name: "address"},
 			{Name: "driver"},
 			{Name: "distinct_hosts"},
+			{Name: "max_per_node"},
 			{Name: "config"},
 		},
 		Blocks: []hcl.BlockHeaderSchema{
@@ -239,6 +240,11 @@ func (d *decoder) group(jobName string, b *hcl.Block) *Group {
 	}
 	if a, ok := c.Attributes["distinct_hosts"]; ok {
 		g.DistinctHosts = d.boolAttr(a)
+	}
+	if a, ok := c.Attributes["max_per_node"]; ok {
+		if g.MaxPerNode, ok = d.intAttr(a); ok && g.MaxPerNode < 1 {
+			d.errorf(a.Expr.Range(), "Invalid max_per_node", "max_per_node must be at least 1; got %d.", g.MaxPerNode)
+		}
 	}
 	if a, ok := c.Attributes["config"]; ok {
 		g.Config = d.stringMap(a, "config key", regexp.MustCompile(`^[A-Za-z0-9_.-]+$`))

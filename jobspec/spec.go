@@ -53,6 +53,9 @@ type Group struct {
 	Address       string
 	Driver        string
 	DistinctHosts bool
+	// MaxPerNode, when set, spreads the group: at most this many of its
+	// workers on any one node (distinct_hosts is 1).
+	MaxPerNode int
 	Resources     Resources
 	Program       Program
 	Config        map[string]string

@@ -32,6 +32,16 @@ type Group struct {
 	MemoryMB      int
 	Devices       map[string]int
 	DistinctHosts bool
+	// MaxPerNode, when set, is the most workers of the group on one node.
+	MaxPerNode int `json:",omitempty"`
+}
+
+// perNode is the most workers of g one node may hold (0: no limit).
+func (g *Group) perNode() int {
+	if g.DistinctHosts {
+		return 1
+	}
+	return g.MaxPerNode
 }
 
 // Job is a gang waiting in the queue.
@@ -270,12 +280,13 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 	}
 	for _, gi := range order {
 		g := &j.Groups[gi]
-		used := map[int]bool{}
+		limit := g.perNode()
+		used := map[int]int{} // workers of g on each node
 		for w := 0; w < g.Count; {
 			best, bestScore := -1, 0.0
 			for i := range inv.nodes {
 				n := &inv.nodes[i]
-				if !eligible(n, j) || !fits(n, g) || (g.DistinctHosts && used[i]) {
+				if !eligible(n, j) || !fits(n, g) || (limit > 0 && used[i] >= limit) {
 					continue
 				}
 				if s := leftover(n, g); best < 0 || s < bestScore || (s == bestScore && n.ID < inv.nodes[best].ID) {
@@ -288,16 +299,13 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 			}
 			// The tightest node stays the tightest as it fills, so place
 			// as many workers there as fit rather than scanning again.
-			for w < g.Count && fits(&inv.nodes[best], g) {
+			for w < g.Count && fits(&inv.nodes[best], g) && (limit == 0 || used[best] < limit) {
 				devs := inv.take(best, g)
 				taken = append(taken, undo{best, g, devs})
 				d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID, Devices: devs})
 				w++
-				if g.DistinctHosts {
-					break
-				}
+				used[best]++
 			}
-			used[best] = true
 		}
 	}
 	return d, true

@@ -280,3 +280,25 @@ func TestPropertyBackfillNeverDelaysHead(t *testing.T) {
 		t.Fatalf("only %d cases had a blocked head; the generator is too easy", checked)
 	}
 }
+
+// max_per_node spreads a group: best fit would pack all twelve workers on
+// one node; at most four go on each.
+func TestMaxPerNode(t *testing.T) {
+	nodes := []Node{{ID: "a", CPU: 10000, MemoryMB: 10000}, {ID: "b", CPU: 10000, MemoryMB: 10000}, {ID: "c", CPU: 10000, MemoryMB: 10000}}
+	j := &Job{ID: "sort", Groups: []Group{{Name: "s", Count: 12, CPU: 100, MemoryMB: 128, MaxPerNode: 4}}}
+	d, ok := NewInventory(nodes).Place(j)
+	if !ok {
+		t.Fatal("did not place")
+	}
+	per := map[string]int{}
+	for _, w := range d.Workers {
+		per[w.Node]++
+	}
+	if per["a"] != 4 || per["b"] != 4 || per["c"] != 4 {
+		t.Errorf("per node %v", per)
+	}
+	j.Groups[0].Count = 13
+	if _, ok := NewInventory(nodes).Place(j); ok {
+		t.Error("13 workers at most 4 per node on 3 nodes were placed")
+	}
+}

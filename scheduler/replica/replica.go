@@ -365,6 +365,10 @@ func copyJobs(res *state.Result) {
 		cp := res.Job.Clone()
 		res.Job = &cp
 	}
+	if res.Lease != nil {
+		cp := *res.Lease
+		res.Lease = &cp
+	}
 	for i := range res.Results {
 		copyJobs(&res.Results[i])
 	}

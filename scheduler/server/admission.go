@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
@@ -224,8 +225,17 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 	for i, tg := range nj.TaskGroups {
 		pg := placement.Group{Name: g.Groups[i].Name, Count: g.Groups[i].Count}
 		for _, c := range tg.Constraints {
-			if c.Operand == api.ConstraintDistinctHosts {
-				pg.DistinctHosts = true
+			switch {
+			case c.Operand == api.ConstraintDistinctHosts:
+				pg.DistinctHosts = c.RTarget == "" || c.RTarget == "true"
+			case c.Operand == api.ConstraintDistinctProperty && c.LTarget == jobspec.NodeIDAttr:
+				n, err := strconv.Atoi(c.RTarget)
+				if c.RTarget == "" {
+					n, err = 1, nil
+				}
+				if err == nil && n > 0 && (pg.MaxPerNode == 0 || n < pg.MaxPerNode) {
+					pg.MaxPerNode = n
+				}
 			}
 		}
 		pg.CPU, pg.MemoryMB, pg.Devices = jobspec.GroupResources(tg)

@@ -70,6 +70,9 @@ func orDefault(ns string) string {
 //	GET    /v1/members   -> []MemberView, the Raft group
 //	GET    /v1/agent/self -> AgentSelf
 //	POST   /v1/members/join, /v1/members/register  (between servers)
+//	POST   /v1/network/lease {"Node", "Address"} -> Lease: a node's worker subnet
+//	GET    /v1/network/leases[?index=N&wait=D] -> LeaseTable, blocking when index is given
+//	DELETE /v1/network/lease/{node}  give a node's subnet up
 //
 // Writes on a follower are forwarded to the leader; while no leader is
 // known they answer 503.
@@ -91,6 +94,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/health", s.handleHealth)
 	mux.HandleFunc("GET /v1/queue", s.handleQueue)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.HandleFunc("POST /v1/network/lease", s.leaderOnly(s.handleLease))
+	mux.HandleFunc("DELETE /v1/network/lease/{node}", s.leaderOnly(s.handleReleaseLease))
+	mux.HandleFunc("GET /v1/network/leases", s.handleLeases)
 	return mux
 }
 
@@ -380,6 +386,8 @@ func workerViews(j *state.Job, a nomad.Allocs) []api.WorkerView {
 				w.State, w.ExitCode = "exited", al.ExitCode
 			case al.Status == "failed" || al.Status == "lost":
 				w.State = al.Status
+			case j.Ended() && (al.Status == "running" || al.Status == "pending"):
+				w.State = "stopping" // the gang ended; cohort stops it
 			case j.Status == state.Running && al.Status == "running":
 				w.State = string(state.Running)
 			case booted:

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"time"
 
@@ -86,6 +87,11 @@ type Config struct {
 	BarrierTaskPath string
 	// Now is the clock; nil means time.Now. Tests move it by hand.
 	Now func() time.Time
+	// WorkerRange and WorkerPrefix: the nodes' worker subnets are /prefix
+	// subnets of the range (state.DefaultWorkerRange and Prefix when
+	// empty), fixed by the first lease granted.
+	WorkerRange  string
+	WorkerPrefix int
 }
 
 // Server is one cohort server.
@@ -98,6 +104,9 @@ type Server struct {
 	self   state.Member // set by Advertise
 	// barrierTask is the archive served to Nomad clients, if any.
 	barrierTask *barrierArchive
+	// workerRange and workerPrefix are the nodes' worker subnets.
+	workerRange  string
+	workerPrefix int
 	// lastRegister rate-limits a follower's requests to record itself.
 	lastRegister time.Time
 	// schedMu serialises placing gangs: the leader loop's passes and
@@ -141,7 +150,19 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 	}
 	s := &Server{r: r, nomad: n, log: log, now: now, prices: cfg.Prices,
 		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
-		retry: map[string]time.Time{}, direct: map[string]uint64{}}
+		retry: map[string]time.Time{}, direct: map[string]uint64{},
+		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix}
+	if s.workerRange != "" {
+		_, rng, err := net.ParseCIDR(s.workerRange)
+		ones, bits := 0, 32
+		if err == nil {
+			ones, bits = rng.Mask.Size()
+		}
+		if err != nil || rng.IP.To4() == nil || s.workerPrefix < ones || s.workerPrefix > bits-2 {
+			s.batch.Close()
+			return nil, fmt.Errorf("worker range %q with /%d subnets: want an IPv4 CIDR whose prefix is at most the subnets' (and subnets of at least 4 addresses)", s.workerRange, s.workerPrefix)
+		}
+	}
 	if cfg.BarrierTaskPath != "" {
 		a, err := loadBarrierArchive(cfg.BarrierTaskPath)
 		if err != nil {

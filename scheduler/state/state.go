@@ -151,6 +151,10 @@ const (
 	OpRefuse Op = "refuse"
 	// OpMember records a server's addresses.
 	OpMember Op = "member"
+	// OpLease grants or renews a node's worker subnet; OpRelease gives
+	// one up (see leases.go).
+	OpLease   Op = "lease"
+	OpRelease Op = "release"
 	// OpBatch applies several commands in one log entry, in order, each
 	// on its own: one failing does not undo the others.
 	OpBatch Op = "batch"
@@ -187,6 +191,12 @@ type Command struct {
 	Ends     map[string]time.Time `json:",omitempty"`
 	Member   *Member              `json:",omitempty"` // OpMember
 	Commands []*Command           `json:",omitempty"` // OpBatch
+	// Lease is the node asking (OpLease, OpRelease); Range and Prefix are
+	// the worker range the servers are configured with, taken when the
+	// first lease is granted.
+	Lease  *Lease `json:",omitempty"`
+	Range  string `json:",omitempty"`
+	Prefix int    `json:",omitempty"`
 }
 
 // Encode serialises a command for the log.
@@ -195,8 +205,9 @@ func (c *Command) Encode() ([]byte, error) { return json.Marshal(c) }
 // Result is what Apply returns for a command: the job after it, or why
 // the command did not apply.
 type Result struct {
-	Job *Job
-	Err string
+	Job   *Job
+	Lease *Lease `json:",omitempty"`
+	Err   string
 	// Results answers an OpBatch, one per command, in order.
 	Results []Result `json:",omitempty"`
 }
@@ -209,6 +220,8 @@ type State struct {
 	// Members holds each server's addresses, so a follower can forward a
 	// write to the leader's HTTP API.
 	Members map[string]Member `json:",omitempty"`
+	// Leases are the nodes' worker subnets.
+	Leases *Leases `json:",omitempty"`
 }
 
 // Member is one cohort server.
@@ -255,6 +268,13 @@ func (s *State) Apply(c *Command) Result {
 		return s.Apply(&Command{Op: OpReserve, At: c.At, JobID: c.Job.Key(), Decision: c.Decision})
 	case OpSubmit, OpAdopt:
 		return s.submit(c)
+	case OpLease:
+		if (s.Leases == nil || len(s.Leases.ByNode) == 0) && c.Range != "" {
+			s.Leases = &Leases{Range: c.Range, Prefix: c.Prefix, Index: s.leaseIndex()}
+		}
+		return s.lease(c)
+	case OpRelease:
+		return s.release(c)
 	case OpRefuse:
 		if c.Job == nil {
 			return Result{Err: "refuse without a job"}
@@ -433,7 +453,22 @@ func (s *State) Clone() *State {
 		cj := j.Clone()
 		c.Jobs[id] = &cj
 	}
+	if s.Leases != nil {
+		ls := *s.Leases
+		ls.ByNode = make(map[string]*Lease, len(s.Leases.ByNode))
+		for n, l := range s.Leases.ByNode {
+			ls.ByNode[n] = copyLease(l)
+		}
+		c.Leases = &ls
+	}
 	return c
+}
+
+func (s *State) leaseIndex() uint64 {
+	if s.Leases == nil {
+		return 0
+	}
+	return s.Leases.Index
 }
 
 // Marshal and Unmarshal are the snapshot format.

@@ -154,6 +154,16 @@ func configureNet(a *proto.Assignment) error {
 	if err := unix.IoctlIfreq(fd, unix.SIOCSIFNETMASK, ifr); err != nil {
 		return fmt.Errorf("setting netmask of %s: %w", name, err)
 	}
+	if a.MTU > 0 {
+		ifm, err := unix.NewIfreq(name)
+		if err != nil {
+			return err
+		}
+		ifm.SetUint32(uint32(a.MTU))
+		if err := unix.IoctlIfreq(fd, unix.SIOCSIFMTU, ifm); err != nil {
+			return fmt.Errorf("setting the MTU of %s to %d: %w", name, a.MTU, err)
+		}
+	}
 	if err := ifUp(name); err != nil {
 		return err
 	}

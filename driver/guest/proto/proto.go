@@ -28,6 +28,7 @@ type Assignment struct {
 	Address   string   `json:"address,omitempty"` // CIDR, e.g. 10.200.0.5/16
 	Gateway   string   `json:"gateway,omitempty"`
 	DNS       []string `json:"dns,omitempty"`
+	MTU       int      `json:"mtu,omitempty"`
 	// Entropy seeds the guest RNG, so VMs restored from one snapshot never
 	// share a random stream.
 	Entropy []byte `json:"entropy"`

@@ -6,15 +6,24 @@
 //	worker env       print the environment
 //	worker serve P   accept one TCP connection on port P, print what it says
 //	worker dial A    connect to host:port A, say hello; exit 1 if it fails
+//	worker peers P   resolve every peer of the gang by name, exchange a
+//	                 greeting with each over port P; exit 1 if any fails
+//	worker probe A.. try each host:port A with a 1 s timeout, print
+//	                 "open A" or "closed A"
+//	worker listen A  accept (and close) connections on host:port A for ever
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
 	"time"
+
+	"github.com/cohort-dev/cohort/sdk"
 )
 
 func main() {
@@ -72,5 +81,93 @@ func main() {
 		for _, e := range os.Environ() {
 			fmt.Println(e)
 		}
+	case "peers":
+		port, _ := strconv.Atoi(os.Args[2])
+		if err := peers(port); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	case "listen":
+		l, err := net.Listen("tcp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println("listening")
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				os.Exit(1)
+			}
+			c.Close()
+		}
+	case "probe":
+		for _, a := range os.Args[2:] {
+			c, err := net.DialTimeout("tcp", a, time.Second)
+			if err != nil {
+				fmt.Println("closed", a)
+				continue
+			}
+			c.Close()
+			fmt.Println("open", a)
+		}
 	}
+}
+
+// peers greets every other worker of the gang by name and waits for every
+// one's greeting.
+func peers(port int) error {
+	g, err := sdk.FromEnv()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	world, me := g.World(), g.WorldRank()
+	for _, w := range world {
+		addrs, err := net.LookupHost(w.Name)
+		if err != nil {
+			return fmt.Errorf("resolving %s: %w", w.Name, err)
+		}
+		fmt.Printf("resolved %s %v\n", w.Name, addrs)
+	}
+	l, err := g.Listen(port)
+	if err != nil {
+		return err
+	}
+	got := make(chan string, len(world))
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(io.LimitReader(c, 256))
+				got <- string(b)
+			}()
+		}
+	}()
+	for i, w := range world {
+		if i == me {
+			continue
+		}
+		c, err := g.Dial(ctx, w.Group, w.Rank, port)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c, "hello from %s", world[me].Name)
+		c.Close()
+	}
+	for i := 0; i < len(world)-1; i++ {
+		select {
+		case m := <-got:
+			fmt.Printf("got %q\n", m)
+		case <-ctx.Done():
+			return fmt.Errorf("%d of %d greetings: %w", i, len(world)-1, ctx.Err())
+		}
+	}
+	// Stay until every peer has had this worker's greeting too.
+	return g.Barrier(ctx, port+1)
 }
