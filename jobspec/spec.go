@@ -56,10 +56,10 @@ type Group struct {
 	// MaxPerNode, when set, spreads the group: at most this many of its
 	// workers on any one node (distinct_hosts is 1).
 	MaxPerNode int
-	Resources     Resources
-	Program       Program
-	Config        map[string]string
-	Ports         []Port
+	Resources  Resources
+	Program    Program
+	Config     map[string]string
+	Ports      []Port
 }
 
 // Resources is what one worker of a group needs.
