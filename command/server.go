@@ -71,6 +71,9 @@ Options:
                             separate machines. -dev uses 300ms, 300ms and
                             150ms: failover in well under a second on one
                             host.
+  -worker-range=<cidr>      The range nodes' worker subnets are leased from.
+                            Default: 10.213.0.0/16. Fixed by the first lease.
+  -worker-prefix=<n>        Each node's subnet is a /n of it. Default: 24.
   -log-level=<level>        Default: info.
 
   Billing prices, per hour of one unit, billed per millisecond from the
@@ -108,6 +111,9 @@ type ServerConfig struct {
 	BarrierTask string
 	// RaftTimeouts are Raft's; zero means replica.DefaultTimeouts.
 	RaftTimeouts replica.Timeouts
+	// WorkerRange and WorkerPrefix are the nodes' worker subnets.
+	WorkerRange  string
+	WorkerPrefix int
 	Logger       hclog.Logger
 }
 
@@ -164,7 +170,8 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 		r.Shutdown()
 		return nil, err
 	}
-	srv, err := server.New(r, n, server.Config{Prices: cfg.Prices, Logger: cfg.Logger, BarrierTaskPath: cfg.BarrierTask})
+	srv, err := server.New(r, n, server.Config{Prices: cfg.Prices, Logger: cfg.Logger, BarrierTaskPath: cfg.BarrierTask,
+		WorkerRange: cfg.WorkerRange, WorkerPrefix: cfg.WorkerPrefix})
 	if err != nil {
 		return fail(err)
 	}
@@ -257,6 +264,8 @@ func (c *ServerCommand) Run(args []string) int {
 	fs.Float64Var(&cfg.Prices.DeviceHour, "price-device-hour", cfg.Prices.DeviceHour, "")
 	fs.StringVar(&cfg.Prices.Currency, "currency", cfg.Prices.Currency, "")
 	fs.StringVar(&cfg.BarrierTask, "barrier-task", DefaultBarrierTask(), "")
+	fs.StringVar(&cfg.WorkerRange, "worker-range", "10.213.0.0/16", "")
+	fs.IntVar(&cfg.WorkerPrefix, "worker-prefix", 24, "")
 	rt := replica.DefaultTimeouts
 	fs.DurationVar(&rt.Heartbeat, "raft-heartbeat-timeout", 0, "")
 	fs.DurationVar(&rt.Election, "raft-election-timeout", 0, "")

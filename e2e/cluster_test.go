@@ -8,8 +8,12 @@ package e2e
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/internal/devcluster"
 )
@@ -138,4 +142,100 @@ func listenIn(t *testing.T, netns, addr string) func() {
 		t.Fatalf("listening on %s in %s: %q", addr, netns, buf[:n])
 	}
 	return func() { cmd.Process.Kill(); cmd.Wait() }
+}
+
+// TestSortSurvivesLeaderKill: the distributed sort, twelve workers over
+// three hosts, scheduled by a group of three cohort servers whose leader
+// is killed while the sort runs. The sort completes, verified by its rank
+// 0, and is billed once: one run, one attempt, twelve workers.
+func TestSortSurvivesLeaderKill(t *testing.T) {
+	ports := []int{freePort(t), freePort(t), freePort(t)}
+	c := startCluster(t, clusterOpts{nodes: 3, microvm: true, servers: ports})
+	dir := t.TempDir()
+	servers := make([]*serverProc, 3)
+	for i := range servers {
+		id := string(rune('a' + i))
+		servers[i] = &serverProc{id: "s" + id, http: fmt.Sprintf("%s:%d", c.ServerIP(), ports[i]), raft: fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)),
+			data: filepath.Join(dir, id), log: filepath.Join(dir, id+".log")}
+	}
+	for i, s := range servers {
+		var join []string
+		for j, o := range servers {
+			if j != i {
+				join = append(join, o.http)
+			}
+		}
+		s.start(t, c, join)
+	}
+	t.Cleanup(func() {
+		for _, s := range servers {
+			if s.cmd.ProcessState == nil {
+				s.cmd.Process.Signal(syscall.SIGTERM)
+				s.cmd.Wait()
+			}
+			if t.Failed() {
+				b, _ := os.ReadFile(s.log)
+				t.Logf("server %s log:\n%s", s.id, b)
+			}
+		}
+	})
+	var leader *serverProc
+	waitFor(t, "three servers with a leader", func() bool {
+		ms, err := members(t, servers[0].http)
+		if err != nil || len(ms) != 3 {
+			return false
+		}
+		for _, m := range ms {
+			for _, s := range servers {
+				if m.Leader && m.ID == s.id && m.HTTPAddr != "" {
+					leader = s
+				}
+			}
+		}
+		return leader != nil
+	})
+	var survivor *serverProc
+	for _, s := range servers {
+		if s != leader {
+			survivor = s
+			break
+		}
+	}
+	addr := "http://" + survivor.http
+
+	spec, _ := os.ReadFile("../demo/sort.hcl")
+	job := strings.Replace(strings.Replace(string(spec), "@SORT@", sortBin, 1), `"20000"`, `"5000"`, 1)
+	cohortRun(t, addr, job)
+	waitStatus(t, addr, "sort", "running")
+	killedAt := time.Now()
+	leader.cmd.Process.Kill()
+	leader.cmd.Wait()
+	t.Logf("killed the leader %s while the sort ran", leader.id)
+
+	v := waitStatus(t, addr, "sort", "finished", "failed")
+	t.Logf("the sort ended %s after the leader was killed: %s", time.Since(killedAt).Round(time.Millisecond), v.Reason)
+	if v.Status != "finished" || v.Reason != "every worker exited" || v.Run != 1 || v.Attempts != 1 {
+		t.Fatalf("sort: %+v", v)
+	}
+	var verdict string
+	for _, l := range logsOf(t, c, "sort") {
+		for _, line := range strings.Split(l, "\n") {
+			if strings.HasPrefix(line, "sort: ") {
+				verdict = line
+			}
+		}
+	}
+	t.Logf("rank 0: %s", verdict)
+	if !strings.Contains(verdict, "VERIFIED") || !strings.Contains(verdict, "60000 records") {
+		t.Errorf("the sort was not verified: %q", verdict)
+	}
+	var allocs []alloc
+	getJSON(t, c.NomadAddr()+"/v1/job/sort/allocations", &allocs)
+	b, err := client(addr).Bill("", "sort", 0)
+	if err != nil || len(b.Lines) != 12 || b.Total <= 0 || b.Run != 1 || len(allocs) != 12 {
+		t.Errorf("billed once? %v %+v; %d allocations", err, b, len(allocs))
+	}
+	if _, err := client(addr).Bill("", "sort", 2); err == nil {
+		t.Error("the sort has a second run")
+	}
 }

@@ -29,6 +29,7 @@ var (
 	pluginDir string // holds nomad-driver-microvm
 	initBin   string // static guest init
 	workerBin string // static test program, see driver/vm/vmtest/worker
+	sortBin   string // the demo's distributed sort, static
 )
 
 func TestMain(m *testing.M) {
@@ -44,6 +45,7 @@ func TestMain(m *testing.M) {
 	pluginDir = filepath.Join(dir, "plugins")
 	initBin = filepath.Join(dir, "cohort-init")
 	workerBin = filepath.Join(dir, "worker")
+	sortBin = filepath.Join(dir, "sort")
 	for _, b := range []struct {
 		out, pkg string
 		static   bool
@@ -53,6 +55,7 @@ func TestMain(m *testing.M) {
 		{filepath.Join(pluginDir, "nomad-driver-microvm"), "../cmd/nomad-driver-microvm", false},
 		{initBin, "../driver/guest/init", true},
 		{workerBin, "../driver/vm/vmtest/worker", true},
+		{sortBin, "../demo/sort", true},
 	} {
 		build := exec.Command("go", "build", "-o", b.out, b.pkg)
 		build.Env = os.Environ()

@@ -6,7 +6,9 @@
 // Every worker of a gang gets its identity in its environment (COHORT_JOB,
 // COHORT_GROUP, COHORT_RANK, COHORT_SIZE, COHORT_ADDRESS) and the Consul
 // name of every worker in COHORT_PEERS; names resolve from inside every
-// worker, on every node, before the gang starts.
+// worker, on every node, before the gang starts. COHORT_LISTEN_HOST, when
+// set, is the one address Listen binds (for several workers sharing a
+// host outside VMs, as in tests and benchmarks).
 //
 //	g, err := sdk.FromEnv()
 //	if err != nil {
@@ -65,7 +67,7 @@ type Gang struct {
 func FromEnv() (*Gang, error) { return fromEnv(os.Getenv) }
 
 func fromEnv(env func(string) string) (*Gang, error) {
-	g := &Gang{Job: env("COHORT_JOB"), Group: env("COHORT_GROUP"), DialTimeout: 5 * time.Second}
+	g := &Gang{Job: env("COHORT_JOB"), Group: env("COHORT_GROUP"), DialTimeout: 5 * time.Second, ListenHost: env("COHORT_LISTEN_HOST")}
 	var err error
 	if g.Rank, err = strconv.Atoi(env("COHORT_RANK")); err != nil {
 		return nil, fmt.Errorf("COHORT_RANK=%q: not a cohort worker: %w", env("COHORT_RANK"), err)

@@ -11,6 +11,8 @@
 //	worker probe A.. try each host:port A with a 1 s timeout, print
 //	                 "open A" or "closed A"
 //	worker listen A  accept (and close) connections on host:port A for ever
+//	worker stamp [resolve]  print "stamp <unix ns>": at once, or once every
+//	                 name in COHORT_PEERS resolves
 package main
 
 import (
@@ -87,6 +89,23 @@ func main() {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
+	case "stamp":
+		if len(os.Args) > 2 && os.Args[2] == "resolve" {
+			g, err := sdk.FromEnv()
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			for _, w := range g.World() {
+				for {
+					if _, err := net.LookupHost(w.Name); err == nil {
+						break
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
+		}
+		fmt.Printf("stamp %d\n", time.Now().UnixNano())
 	case "listen":
 		l, err := net.Listen("tcp", os.Args[2])
 		if err != nil {
