@@ -171,6 +171,9 @@ type LeaseRequest struct {
 	// Node is the node's stable identity, Address the host address its
 	// peers route its subnet through.
 	Node, Address string
+	// Subnet is the subnet the node routes already, if any: it gets it
+	// back if no other node holds it, and is refused otherwise.
+	Subnet string `json:",omitempty"`
 }
 
 // Lease is a node's worker subnet.

@@ -54,8 +54,8 @@ Options:
 
   The servers use the usual ports: Nomad 4646-4648, Consul 8500/8600, the
   cohort API 4747 (4757, 4767 for servers 2 and 3) with Raft on the next
-  port, the Nomad-compatible endpoint 4749. They listen on loopback and
-  on the cluster's bridge, where the nodes reach them.
+  port, the Nomad-compatible endpoint 4749 (loopback only). They listen on
+  loopback and on the cluster's bridge, where the nodes reach them.
 
   Without a kernel, an init or the plugin binary the cluster runs without
   the microvm driver, and says so.
@@ -153,14 +153,18 @@ func (c *DevCommand) Run(args []string) int {
 	}
 	for i := 0; i < *servers; i++ {
 		sc := ServerConfig{
-			DataDir:     filepath.Join(cfg.DataDir, fmt.Sprintf("cohort-%d", i+1)),
-			HTTPAddr:    fmt.Sprintf("0.0.0.0:%d", 4747+10*i),
-			Advertise:   serverURLs[i],
-			RaftAddr:    fmt.Sprintf("%s:%d", serverIP, 4748+10*i),
-			NodeID:      fmt.Sprintf("dev-%d", i+1),
-			NomadAddr:   cluster.NomadAddr(),
-			NomadListen: fmt.Sprintf("0.0.0.0:%d", 4749+10*i),
-			Prices:      billing.DefaultPrices, Logger: log.Named(fmt.Sprintf("server-%d", i+1)),
+			DataDir: filepath.Join(cfg.DataDir, fmt.Sprintf("cohort-%d", i+1)),
+			// On the cluster network (the nodes) and loopback (the user),
+			// nowhere else: workers reach out through NAT to the
+			// machine's other addresses.
+			HTTPAddr:       fmt.Sprintf("%s:%d", serverIP, 4747+10*i),
+			ExtraHTTPAddrs: []string{fmt.Sprintf("127.0.0.1:%d", 4747+10*i)},
+			Advertise:      serverURLs[i],
+			RaftAddr:       fmt.Sprintf("%s:%d", serverIP, 4748+10*i),
+			NodeID:         fmt.Sprintf("dev-%d", i+1),
+			NomadAddr:      cluster.NomadAddr(),
+			NomadListen:    fmt.Sprintf("127.0.0.1:%d", 4749+10*i),
+			Prices:         billing.DefaultPrices, Logger: log.Named(fmt.Sprintf("server-%d", i+1)),
 			BarrierTask: DefaultBarrierTask(), RaftTimeouts: replica.LANTimeouts,
 			BootstrapExpect: *servers,
 		}
@@ -241,7 +245,7 @@ func (c *DevCommand) microvm(pluginDir, kernel, initBin string) (*devcluster.Mic
 func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster *devcluster.Cluster, microvm bool, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	client := api.NewClient(api.Config{Address: strings.Replace(srv.HTTPAddr, "0.0.0.0", "127.0.0.1", 1), Timeout: 2 * time.Second})
+	client := api.NewClient(api.Config{Address: srv.HTTPAddr, Timeout: 2 * time.Second})
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	wait := func(what string, ok func() (bool, string)) error {

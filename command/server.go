@@ -114,6 +114,9 @@ type ServerConfig struct {
 	// WorkerRange and WorkerPrefix are the nodes' worker subnets.
 	WorkerRange  string
 	WorkerPrefix int
+	// ExtraHTTPAddrs are more addresses the API listens on (cohort dev:
+	// loopback, beside the cluster network).
+	ExtraHTTPAddrs []string
 	Logger       hclog.Logger
 }
 
@@ -187,6 +190,13 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 	}
 	srv.Advertise(adv)
 	a.serve(ln, srv.Handler())
+	for _, extra := range cfg.ExtraHTTPAddrs {
+		l, err := net.Listen("tcp", extra)
+		if err != nil {
+			return fail(fmt.Errorf("listening on %s: %w", extra, err))
+		}
+		a.serve(l, srv.Handler())
+	}
 	if cfg.NomadListen != "" {
 		nomadURL := cfg.NomadAddr
 		if nomadURL == "" {

@@ -171,7 +171,7 @@ func (h *taskHandle) awaitName(ctx context.Context) error {
 	name := fmt.Sprintf("w%s.%s.service.consul.", rank, address)
 	began := time.Now()
 	for {
-		ok, err := resolvesTo(h.d.net.cfg.ConsulDNS, name, h.lease.IP)
+		ok, err := resolvesTo(consulDNS(h.d.net.cfg), name, h.lease.IP)
 		if ok {
 			h.d.log.Debug("worker name resolves", "name", name, "after", time.Since(began))
 			return nil

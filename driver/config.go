@@ -8,7 +8,7 @@ package driver
 import (
 	"fmt"
 	"net"
-	"strings"
+	"regexp"
 
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 )
@@ -67,6 +67,10 @@ type NetworkConfig struct {
 }
 
 func (n NetworkConfig) enabled() bool { return n.Bridge != "" }
+
+// bridgeName is what an interface name (and the firewall's table named
+// after it) may be made of.
+var bridgeName = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 
 // TaskConfig is the driver-specific part of a task.
 type TaskConfig struct {
@@ -148,7 +152,7 @@ func (n NetworkConfig) validate() error {
 	if !n.enabled() {
 		return nil
 	}
-	if len(n.Bridge) > 15 || strings.ContainsAny(n.Bridge, " /\"\t") {
+	if len(n.Bridge) > 15 || !bridgeName.MatchString(n.Bridge) {
 		return fmt.Errorf("network.bridge %q is not a valid interface name (at most 15 bytes)", n.Bridge)
 	}
 	if n.Subnet != "" {

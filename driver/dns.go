@@ -29,10 +29,18 @@ type dnsForwarder struct {
 	once     sync.Once
 }
 
+// consulDNS is the node's Consul DNS.
+func consulDNS(cfg NetworkConfig) string {
+	if cfg.ConsulDNS == "" {
+		return "127.0.0.1:8600"
+	}
+	return cfg.ConsulDNS
+}
+
 // startDNS serves DNS on addr (UDP and TCP).
 func startDNS(addr, consul string, egress bool, log hclog.Logger) (*dnsForwarder, error) {
 	if consul == "" {
-		consul = "127.0.0.1:8600"
+		consul = consulDNS(NetworkConfig{})
 	}
 	f := &dnsForwarder{consul: consul, upstream: hostResolvers(), egress: egress, log: log,
 		client: &dns.Client{Net: "udp", Timeout: 2 * time.Second},

@@ -176,12 +176,15 @@ func TestRuleset(t *testing.T) {
 	_, subnet, _ := net.ParseCIDR("10.213.3.0/24")
 	_, rng, _ := net.ParseCIDR("10.213.0.0/16")
 	n := &network{cfg: NetworkConfig{Bridge: "cohort0", Egress: true, EgressAllow: []string{"0.0.0.0/0", "203.0.113.0/24"}, Deny: []string{"192.168.9.0/24", "192.168.9.7"}},
-		servers: []string{"http://192.168.1.1:4747"}, subnet: subnet, rng: rng, gw: net.ParseIP("10.213.3.1"), address: "192.168.1.13",
+		servers: []string{"http://192.168.1.1:4747"}, serverIPs: resolveServers([]string{"http://192.168.1.1:4747", "http://127.0.0.1:4747"}), subnet: subnet, rng: rng, gw: net.ParseIP("10.213.3.1"), address: "192.168.1.13",
 		peers: []api.Lease{{Address: "192.168.1.11"}, {Address: "192.168.1.12"}}}
 	rs := n.ruleset()
 	for _, want := range []string{
 		"table inet cohort_cohort0 {}\ndelete table inet cohort_cohort0\n",
-		"elements = { 192.168.1.1/32, 192.168.1.11/32, 192.168.1.12/32, 192.168.1.13/32, 192.168.9.0/24 }",
+		"elements = { 169.254.0.0/16, 192.168.1.1/32, 192.168.1.11/32, 192.168.1.12/32, 192.168.1.13/32, 192.168.9.0/24 }",
+		`iifname != "cohort0" ip saddr 10.213.0.0/16 drop`,
+		`iifname != "cohort0" ip daddr 10.213.3.1 drop`,
+		`iifname "cohort0" ip saddr != 10.213.3.0/24 drop`,
 		"elements = { 0.0.0.0/0 }",
 		`iifname "cohort0" ip daddr 10.213.3.1 udp dport 53 accept`,
 		`iifname "cohort0" drop`,

@@ -7,9 +7,14 @@ package driver
 //   - reach every worker of the cluster (the worker range) on any port;
 //   - reach the host only for DNS on their gateway (the resolver);
 //   - never reach a cluster host: every node's address, the cohort
-//     servers', the ones listed in network.deny, and on any other address
+//     servers', the ones listed in network.deny, the link-local range
+//     (where clouds serve instance metadata), and on any other address
 //     the control ports of Nomad (4646-4648), Consul (8300-8302,
-//     8500-8503, 8600), cohort (4747-4749) and ssh (22);
+//     8500-8503, 8600), cohort (4747-4749) and ssh (22); nor any other
+//     node itself (its gateway address is in the worker range: each
+//     node drops traffic from the worker range that reaches it from
+//     anywhere but its own bridge);
+//   - send only from their own address;
 //   - reach the outside world (network.egress, on by default), limited to
 //     network.egress_allow, through NAT to the host's address;
 //   - are reached only by workers, and by replies to their own
@@ -24,6 +29,32 @@ import (
 	"sort"
 	"strings"
 )
+
+// resolveServers is the cohort servers' IPv4 addresses, looked up once
+// (never under the network's lock: a slow resolver must not stall task
+// starts).
+func resolveServers(servers []string) []string {
+	var out []string
+	for _, s := range servers {
+		u, err := url.Parse(s)
+		if err != nil {
+			continue
+		}
+		if ip := net.ParseIP(u.Hostname()).To4(); ip != nil {
+			if !ip.IsLoopback() {
+				out = append(out, ip.String())
+			}
+			continue
+		}
+		ips, _ := net.LookupIP(u.Hostname())
+		for _, ip := range ips {
+			if ip4 := ip.To4(); ip4 != nil && !ip4.IsLoopback() {
+				out = append(out, ip4.String())
+			}
+		}
+	}
+	return out
+}
 
 // controlPorts are the TCP ports of the cluster's own services, closed to
 // workers whatever the address.
@@ -77,6 +108,12 @@ func (n *network) ruleset() string {
 	fmt.Fprintf(&b, "  }\n")
 
 	fmt.Fprintf(&b, "  chain input {\n    type filter hook input priority filter; policy accept;\n")
+	// Workers of other nodes never reach this host, whatever address
+	// they aim at (this node's gateway is in the worker range, so their
+	// own node's firewall lets them send to it); the gateway serves only
+	// this node's bridge.
+	fmt.Fprintf(&b, "    iifname != %q ip saddr %s drop\n", br, rng)
+	fmt.Fprintf(&b, "    iifname != %q ip daddr %s drop\n", br, n.gw)
 	fmt.Fprintf(&b, "    iifname %q ip daddr %s udp dport 53 accept\n", br, n.gw)
 	fmt.Fprintf(&b, "    iifname %q ip daddr %s tcp dport 53 accept\n", br, n.gw)
 	fmt.Fprintf(&b, "    iifname %q ip daddr %s icmp type echo-request accept\n", br, n.gw)
@@ -87,6 +124,8 @@ func (n *network) ruleset() string {
 	fmt.Fprintf(&b, "    oifname %q ip saddr %s accept\n", br, rng)
 	fmt.Fprintf(&b, "    oifname %q ct state established,related accept\n", br)
 	fmt.Fprintf(&b, "    oifname %q drop\n", br)
+	// A worker speaks only from its own address.
+	fmt.Fprintf(&b, "    iifname %q ip saddr != %s drop\n", br, n.subnet)
 	fmt.Fprintf(&b, "    iifname %q ip daddr %s accept\n", br, rng)
 	fmt.Fprintf(&b, "    iifname %q ip daddr @hosts drop\n", br)
 	fmt.Fprintf(&b, "    iifname %q tcp dport { %s } drop\n", br, controlPorts)
@@ -117,19 +156,10 @@ func (n *network) hostsLocked() []string {
 	if n.address != "" {
 		set[n.address] = true
 	}
-	for _, s := range n.servers {
-		if u, err := url.Parse(s); err == nil {
-			if ip := net.ParseIP(u.Hostname()).To4(); ip != nil && !ip.IsLoopback() {
-				set[ip.String()] = true
-			} else if ips, err := net.LookupIP(u.Hostname()); err == nil {
-				for _, ip := range ips {
-					if ip4 := ip.To4(); ip4 != nil && !ip4.IsLoopback() {
-						set[ip4.String()] = true
-					}
-				}
-			}
-		}
+	for _, ip := range n.serverIPs {
+		set[ip] = true
 	}
+	set["169.254.0.0/16"] = true // cloud instance metadata and the like
 	for _, c := range n.cfg.Deny {
 		if _, ipn, err := net.ParseCIDR(c); err == nil && ipn.IP.To4() != nil {
 			set[ipn.String()] = true

@@ -51,10 +51,11 @@ const (
 
 // network is one node's worker network.
 type network struct {
-	cfg      NetworkConfig
-	servers  []string
-	stateDir string
-	log      hclog.Logger
+	cfg       NetworkConfig
+	servers   []string
+	serverIPs []string // the servers' addresses, for the firewall
+	stateDir  string
+	log       hclog.Logger
 
 	mu      sync.Mutex
 	ready   chan struct{} // closed once the subnet is known and the bridge up
@@ -66,7 +67,7 @@ type network struct {
 	address string // this node's host address
 	peers   []api.Lease
 	used    map[uint32]bool
-	err     error // why the network is not ready yet, if it is not
+	err     error // why the network is not (or no longer) right, if so
 	dns     *dnsForwarder
 }
 
@@ -74,10 +75,12 @@ type network struct {
 func (n *network) Status() string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.subnet != nil {
+	switch {
+	case n.subnet != nil && n.err != nil:
+		return n.subnet.String() + " (not renewed: " + n.err.Error() + ")"
+	case n.subnet != nil:
 		return n.subnet.String()
-	}
-	if n.err != nil {
+	case n.err != nil:
 		return "waiting for a subnet: " + n.err.Error()
 	}
 	return "waiting for a subnet"
@@ -98,6 +101,7 @@ func (n *network) start(ctx context.Context) error {
 		return err
 	}
 	n.node = node
+	n.serverIPs = resolveServers(n.servers)
 	if n.cfg.Subnet != "" {
 		_, subnet, err := net.ParseCIDR(n.cfg.Subnet)
 		if err != nil {
@@ -108,14 +112,19 @@ func (n *network) start(ctx context.Context) error {
 	if len(n.servers) == 0 {
 		return errors.New("the network needs cohort_servers to lease this node's subnet from, or a fixed subnet")
 	}
-	// A node that restarts routes its last subnet at once; the servers
-	// confirm it (they keep a node's subnet for it) in the background.
+	// A node that restarts routes its last subnet at once (its VMs may
+	// still run on it); the servers confirm it in the background. If that
+	// fails now, maintain tries again.
 	if last, err := n.loadLease(); err == nil {
 		_, subnet, err1 := net.ParseCIDR(last.Subnet)
 		_, rng, err2 := net.ParseCIDR(last.Range)
 		if err1 == nil && err2 == nil {
+			n.mu.Lock()
+			n.address = last.Address
+			n.mu.Unlock()
 			if err := n.up(subnet, rng); err != nil {
-				return err
+				n.setErr(err)
+				n.log.Warn("bringing the saved subnet up; retrying", "subnet", subnet, "error", err)
 			}
 		}
 	}
@@ -166,37 +175,49 @@ func (n *network) up(subnet, rng *net.IPNet) error {
 }
 
 // maintain leases (then renews) this node's subnet and keeps the routes to
-// the other nodes' subnets current.
+// the other nodes' subnets current. A renewal that fails does not stop
+// the routes from following the table.
 func (n *network) maintain(ctx context.Context) {
 	backoff := 200 * time.Millisecond
 	var index uint64
-	renewed := time.Time{}
+	renewed, lastWarn := time.Time{}, time.Time{}
 	for i := 0; ctx.Err() == nil; i++ {
 		c := api.NewClient(api.Config{Address: n.servers[i%len(n.servers)], Timeout: 10 * time.Second})
 		if time.Since(renewed) >= renewEvery {
 			if err := n.renew(c); err != nil {
 				n.setErr(err)
-				n.log.Debug("leasing this node's subnet", "server", c.Address(), "error", err)
+				if time.Since(lastWarn) > time.Minute {
+					lastWarn = time.Now()
+					n.log.Warn("leasing this node's subnet", "server", c.Address(), "error", err)
+				}
 				sleep(ctx, backoff)
 				backoff = min(2*backoff, 5*time.Second)
-				continue
+				if !n.isUp() {
+					continue
+				}
+			} else {
+				renewed, backoff = time.Now(), 200*time.Millisecond
 			}
-			renewed = time.Now()
 		}
-		wait := min(watchWait, renewEvery-time.Since(renewed))
-		t, err := c.Leases(ctx, index, max(wait, time.Second))
+		wait := max(min(watchWait, renewEvery-time.Since(renewed)), time.Second)
+		t, err := c.Leases(ctx, index, wait)
 		if err != nil {
 			n.log.Debug("reading the lease table", "server", c.Address(), "error", err)
 			sleep(ctx, backoff)
 			backoff = min(2*backoff, 5*time.Second)
 			continue
 		}
-		backoff = 200 * time.Millisecond
 		index = t.Index
 		if err := n.sync(t); err != nil {
 			n.log.Warn("routing to the other nodes' workers", "error", err)
 		}
 	}
+}
+
+func (n *network) isUp() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.subnet != nil
 }
 
 func sleep(ctx context.Context, d time.Duration) {
@@ -213,16 +234,34 @@ func (n *network) setErr(err error) {
 }
 
 // renew leases or renews the subnet and brings the network up with it.
+// A node that routes a subnet asks for that one; the servers give it back
+// or refuse, never hand it another while its workers live on it.
 func (n *network) renew(c *api.Client) error {
 	address := n.cfg.Advertise
 	if address == "" {
-		a, err := sourceAddress(c.Address())
-		if err != nil {
+		// Always from the first server: the route to it says which of a
+		// multi-homed host's addresses its peers reach, and it must not
+		// change with the server a renewal goes to.
+		a, err := sourceAddress(n.servers[0])
+		n.mu.Lock()
+		switch {
+		case err == nil:
+			address = a
+		case n.address != "":
+			address = n.address
+		}
+		n.mu.Unlock()
+		if address == "" {
 			return err
 		}
-		address = a
 	}
-	l, err := c.Lease(api.LeaseRequest{Node: n.node, Address: address})
+	req := api.LeaseRequest{Node: n.node, Address: address}
+	n.mu.Lock()
+	if n.subnet != nil {
+		req.Subnet = n.subnet.String()
+	}
+	n.mu.Unlock()
+	l, err := c.Lease(req)
 	if err != nil {
 		return err
 	}
@@ -241,6 +280,7 @@ func (n *network) renew(c *api.Client) error {
 		return err
 	}
 	n.setErr(nil)
+	l.Address = address
 	return n.saveLease(l)
 }
 
@@ -339,12 +379,12 @@ func sourceAddress(server string) (string, error) {
 // linkMTU is the MTU of the link the host address is on: workers are
 // routed over it unencapsulated, so theirs is the same.
 func (n *network) linkMTU() (int, error) {
+	if n.cfg.MTU > 0 {
+		return n.cfg.MTU, nil
+	}
 	addr := n.cfg.Advertise
 	if addr == "" {
 		addr = n.address
-	}
-	if n.cfg.MTU > 0 {
-		return n.cfg.MTU, nil
 	}
 	if addr == "" {
 		return 1500, nil

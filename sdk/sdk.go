@@ -167,20 +167,22 @@ func (g *Gang) Barrier(ctx context.Context, port int) error {
 	}
 	me := g.WorldRank()
 	if me != 0 {
-		c, err := dialRetry(ctx, net.JoinHostPort(world[0].Name, strconv.Itoa(port)), g.DialTimeout)
-		if err != nil {
-			return fmt.Errorf("barrier: %w", err)
+		// A connection can die before rank 0 answers (rank 0 closing the
+		// listener of an earlier barrier on the same port, say): try
+		// again until ctx ends.
+		for {
+			err := g.arrive(ctx, world[0].Name, port, me)
+			if err == nil {
+				return nil
+			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("barrier: %w", err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
-		defer c.Close()
-		stopOnDone(ctx, c)
-		if err := binary.Write(c, binary.BigEndian, uint32(me)); err != nil {
-			return fmt.Errorf("barrier: %w", err)
-		}
-		var ok [1]byte
-		if _, err := io.ReadFull(c, ok[:]); err != nil {
-			return fmt.Errorf("barrier: rank 0 did not answer: %w", err)
-		}
-		return nil
 	}
 	l, err := g.Listen(port)
 	if err != nil {
@@ -202,11 +204,14 @@ func (g *Gang) Barrier(ctx context.Context, port int) error {
 			}
 			return fmt.Errorf("barrier: %w", err)
 		}
+		// A connection that says nothing must not hold the others up.
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
 		var who uint32
 		if err := binary.Read(c, binary.BigEndian, &who); err != nil || who == 0 || int(who) >= len(world) {
 			c.Close()
 			continue
 		}
+		c.SetReadDeadline(time.Time{})
 		if old, ok := arrived[who]; ok {
 			old.Close() // the same worker again: keep the newest
 		}
@@ -219,6 +224,26 @@ func (g *Gang) Barrier(ctx context.Context, port int) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// arrive is one worker's arrival at rank 0: it says who it is and waits
+// for the answer.
+func (g *Gang) arrive(ctx context.Context, rank0 string, port, me int) error {
+	c, err := dialRetry(ctx, net.JoinHostPort(rank0, strconv.Itoa(port)), g.DialTimeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	if err := binary.Write(c, binary.BigEndian, uint32(me)); err != nil {
+		return err
+	}
+	var ok [1]byte
+	if _, err := io.ReadFull(c, ok[:]); err != nil {
+		return fmt.Errorf("rank 0 did not answer: %w", err)
+	}
+	return nil
 }
 
 // stopOnDone closes c when ctx ends, unblocking its readers.

@@ -99,6 +99,7 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 	received := map[int][][]byte{}
 	var mu sync.Mutex
 	all := make(chan struct{})
+	var allOnce sync.Once
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -108,6 +109,9 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 			go func() {
 				defer c.Close()
 				from, rs, err := receive(c, w)
+				if err == nil && from == me {
+					err = fmt.Errorf("a share claims to come from this worker")
+				}
 				if err != nil {
 					fmt.Fprintf(os.Stderr, "sort: a shuffle connection from %s: %v (its sender retries)\n", c.RemoteAddr(), err)
 					return
@@ -116,7 +120,7 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 				defer mu.Unlock()
 				received[from] = rs
 				if len(received) == w-1 {
-					close(all)
+					allOnce.Do(func() { close(all) })
 				}
 			}()
 		}

@@ -96,7 +96,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	mux.HandleFunc("POST /v1/network/lease", s.leaderOnly(s.handleLease))
 	mux.HandleFunc("DELETE /v1/network/lease/{node}", s.leaderOnly(s.handleReleaseLease))
-	mux.HandleFunc("GET /v1/network/leases", s.handleLeases)
+	// The leader answers the table: a lease's activity is judged by the
+	// clock that stamped its renewals.
+	mux.HandleFunc("GET /v1/network/leases", s.leaderOnly(s.handleLeases))
 	return mux
 }
 

@@ -31,7 +31,7 @@ func (s *Server) leaseRange() (string, int) {
 // Lease grants or renews a node's subnet. It must run on the leader.
 func (s *Server) Lease(req api.LeaseRequest) (api.Lease, error) {
 	rng, prefix := s.leaseRange()
-	res, err := s.batch.Apply(&state.Command{Op: state.OpLease, At: s.now(), Lease: &state.Lease{Node: req.Node, Address: req.Address}, Range: rng, Prefix: prefix})
+	res, err := s.batch.Apply(&state.Command{Op: state.OpLease, At: s.now(), Lease: &state.Lease{Node: req.Node, Address: req.Address, Subnet: req.Subnet}, Range: rng, Prefix: prefix})
 	if err != nil {
 		return api.Lease{}, err
 	}
@@ -41,6 +41,28 @@ func (s *Server) Lease(req api.LeaseRequest) (api.Lease, error) {
 	var r string
 	s.r.Read(func(st *state.State) { r = st.Leases.Range })
 	return api.Lease{Node: res.Lease.Node, Address: res.Lease.Address, Subnet: res.Lease.Subnet, Range: r, Active: true}, nil
+}
+
+// hostAddress checks that an address can be a node's: one its peers can
+// route to, outside the worker range.
+func (s *Server) hostAddress(a string) error {
+	ip := net.ParseIP(a).To4()
+	if ip == nil || ip.IsLoopback() || ip.IsUnspecified() || ip.IsMulticast() || ip.IsLinkLocalUnicast() || ip.Equal(net.IPv4bcast) {
+		return fmt.Errorf("%s cannot be a node's address: its peers could not route to it", a)
+	}
+	var rng string
+	s.r.Read(func(st *state.State) {
+		if st.Leases != nil {
+			rng = st.Leases.Range
+		}
+	})
+	if rng == "" {
+		rng, _ = s.leaseRange()
+	}
+	if _, n, err := net.ParseCIDR(rng); err == nil && n.Contains(ip) {
+		return fmt.Errorf("%s is in the worker range %s: a node's address must be outside it", a, rng)
+	}
+	return nil
 }
 
 // leaseTable is the table as of now.
@@ -64,8 +86,12 @@ func (s *Server) handleLease(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, maxSmallBody, &req) {
 		return
 	}
-	if req.Node == "" || len(req.Node) > 64 || net.ParseIP(req.Address).To4() == nil {
-		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Node": "<up to 64 bytes>", "Address": "<IPv4 address>"}`))
+	if req.Node == "" || len(req.Node) > 64 || net.ParseIP(req.Address).To4() == nil || len(req.Subnet) > 32 {
+		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Node": "<up to 64 bytes>", "Address": "<IPv4 address>", "Subnet": "<CIDR, optional>"}`))
+		return
+	}
+	if err := s.hostAddress(req.Address); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	l, err := s.Lease(req)
@@ -115,15 +141,22 @@ func (s *Server) handleLeases(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	for {
 		changed := s.r.Changed()
-		t := s.leaseTable()
-		if index == 0 || t.Index > index {
-			writeJSON(w, http.StatusOK, t)
+		// Most commands are not about leases: look at the index alone
+		// before building the table.
+		var cur uint64
+		s.r.Read(func(st *state.State) {
+			if st.Leases != nil {
+				cur = st.Leases.Index
+			}
+		})
+		if index == 0 || cur > index {
+			writeJSON(w, http.StatusOK, s.leaseTable())
 			return
 		}
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			writeJSON(w, http.StatusOK, t)
+			writeJSON(w, http.StatusOK, s.leaseTable())
 			return
 		}
 	}

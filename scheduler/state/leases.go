@@ -21,7 +21,8 @@ type Lease struct {
 	// in its state directory), Address the host address its peers route
 	// the subnet through.
 	Node, Address string
-	Subnet        string // CIDR
+	// Subnet is the CIDR; in a request, the one the node routes already.
+	Subnet string
 	GrantedAt     time.Time
 	RenewedAt     time.Time
 }
@@ -74,6 +75,9 @@ func (s *State) lease(c *Command) Result {
 	}
 	terms := DefaultLeaseTerms
 	if old, ok := ls.ByNode[req.Node]; ok {
+		if req.Subnet != "" && req.Subnet != old.Subnet {
+			return Result{Err: fmt.Sprintf("node %s holds %s, not the %s it routes: restart it without its saved lease", req.Node, old.Subnet, req.Subnet)}
+		}
 		if old.Address != req.Address {
 			old.Address = req.Address
 			ls.Index++
@@ -92,6 +96,24 @@ func (s *State) lease(c *Command) Result {
 	taken := map[string]*Lease{}
 	for _, l := range ls.ByNode {
 		taken[l.Subnet] = l
+	}
+	// A node that already routes a subnet (the servers lost their state,
+	// or the lease was given up) asks for it back: it gets it if no other
+	// node holds it, and is refused otherwise, never handed another while
+	// its workers live on the old one.
+	if req.Subnet != "" {
+		_, want, err := net.ParseCIDR(req.Subnet)
+		wantOnes, _ := want.Mask.Size()
+		if err != nil || want.String() != req.Subnet || wantOnes != ls.Prefix || !rng.Contains(want.IP) {
+			return Result{Err: fmt.Sprintf("subnet %q is not a /%d of the worker range %s", req.Subnet, ls.Prefix, ls.Range)}
+		}
+		if held, ok := taken[req.Subnet]; ok {
+			return Result{Err: fmt.Sprintf("subnet %s, which node %s routes, is leased to node %s: restart node %s without its saved lease", req.Subnet, req.Node, held.Node, req.Node)}
+		}
+		l := &Lease{Node: req.Node, Address: req.Address, Subnet: req.Subnet, GrantedAt: c.At, RenewedAt: c.At}
+		ls.ByNode[req.Node] = l
+		ls.Index++
+		return Result{Lease: copyLease(l)}
 	}
 	n := uint32(1) << uint(ls.Prefix-ones)
 	base := binary.BigEndian.Uint32(rng.IP.To4())

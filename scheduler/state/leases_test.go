@@ -64,3 +64,31 @@ func TestLeases(t *testing.T) {
 		t.Error("the clone shares its leases")
 	}
 }
+
+// A node that routes a subnet already gets it back when it is free, and
+// is refused (never handed another) when another node holds it.
+func TestLeaseAsksForItsSubnet(t *testing.T) {
+	s := New()
+	c := leaseCmd("back", "192.168.0.9", t0)
+	c.Lease.Subnet = "10.213.2.0/24"
+	if r := s.Apply(c); r.Err != "" || r.Lease.Subnet != "10.213.2.0/24" {
+		t.Fatalf("asking for a free subnet: %+v", r)
+	}
+	other := leaseCmd("other", "192.168.0.8", t0)
+	other.Lease.Subnet = "10.213.2.0/24"
+	if r := s.Apply(other); !strings.Contains(r.Err, "is leased to node back") {
+		t.Errorf("asking for a held subnet: %+v", r)
+	}
+	moved := leaseCmd("back", "192.168.0.9", t0)
+	moved.Lease.Subnet = "10.213.3.0/24"
+	if r := s.Apply(moved); !strings.Contains(r.Err, "holds 10.213.2.0/24") {
+		t.Errorf("a node asking for another subnet than it holds: %+v", r)
+	}
+	for _, bad := range []string{"10.214.0.0/24", "10.213.2.0/23", "10.213.2.7/24"} {
+		c := leaseCmd("x-"+bad, "192.168.0.7", t0)
+		c.Lease.Subnet = bad
+		if r := s.Apply(c); !strings.Contains(r.Err, "is not a /24") {
+			t.Errorf("asking for %s: %+v", bad, r)
+		}
+	}
+}
