@@ -117,7 +117,7 @@ type ServerConfig struct {
 	// ExtraHTTPAddrs are more addresses the API listens on (cohort dev:
 	// loopback, beside the cluster network).
 	ExtraHTTPAddrs []string
-	Logger       hclog.Logger
+	Logger         hclog.Logger
 }
 
 // DefaultBarrierTask is cohort-barrier beside the running binary, if it

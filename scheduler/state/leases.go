@@ -22,9 +22,9 @@ type Lease struct {
 	// the subnet through.
 	Node, Address string
 	// Subnet is the CIDR; in a request, the one the node routes already.
-	Subnet string
-	GrantedAt     time.Time
-	RenewedAt     time.Time
+	Subnet    string
+	GrantedAt time.Time
+	RenewedAt time.Time
 }
 
 // Leases is the cluster's worker range and the subnets carved from it.
