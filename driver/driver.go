@@ -111,6 +111,14 @@ func (d *Driver) SetConfig(c *base.Config) error {
 	if err := cfg.validate(); err != nil {
 		return fmt.Errorf("microvm plugin config: %w", err)
 	}
+	if c.AgentConfig == nil || c.AgentConfig.Driver == nil {
+		// The agent's plugin loader checks the configuration on an
+		// instance it kills right after, and gives it no agent config:
+		// building templates or touching the host's network from it
+		// would leave orphans (a template VM the next instance races)
+		// behind.
+		return nil
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.config = &cfg

@@ -139,7 +139,7 @@ func TestFingerprintUnhealthy(t *testing.T) {
 		if err := base.MsgPackEncode(&b, cfg); err != nil {
 			t.Fatal(err)
 		}
-		if err := d.SetConfig(&base.Config{PluginConfig: b}); err != nil {
+		if err := d.SetConfig(&base.Config{PluginConfig: b, AgentConfig: &base.AgentConfig{Driver: &base.ClientDriverConfig{}}}); err != nil {
 			t.Fatal(err)
 		}
 		fp := d.fingerprint()

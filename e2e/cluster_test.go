@@ -179,6 +179,7 @@ func TestSortSurvivesLeaderKill(t *testing.T) {
 			}
 		}
 	})
+	waitNodesReady(t, c)
 	var leader *serverProc
 	waitFor(t, "three servers with a leader", func() bool {
 		ms, err := members(t, servers[0].http)
@@ -204,9 +205,12 @@ func TestSortSurvivesLeaderKill(t *testing.T) {
 	addr := "http://" + survivor.http
 
 	spec, _ := os.ReadFile("../demo/sort.hcl")
-	job := strings.Replace(strings.Replace(string(spec), "@SORT@", sortBin, 1), `"20000"`, `"5000"`, 1)
+	job := strings.Replace(strings.ReplaceAll(string(spec), "@SORT@", sortBin), `"20000"`, `"5000"`, 1)
 	cohortRun(t, addr, job)
-	waitStatus(t, addr, "sort", "running")
+	waitWithin(t, 3*time.Minute, "the sort running", func() bool {
+		v, err := client(addr).Job("", "sort", false)
+		return err == nil && v.Status == "running"
+	})
 	killedAt := time.Now()
 	leader.cmd.Process.Kill()
 	leader.cmd.Wait()

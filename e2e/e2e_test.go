@@ -118,7 +118,26 @@ func microvmClusterOpts(t *testing.T, opts clusterOpts, args ...string) (c *devc
 	nomadListen := freeAddr(t)
 	c = startCluster(t, opts)
 	api = cohortServerAt(t, c, opts.servers[0], append([]string{"-nomad-listen", nomadListen}, args...)...)
+	if opts.nodes > 1 {
+		waitNodesReady(t, c)
+	}
 	return c, api, "http://" + nomadListen
+}
+
+// waitNodesReady waits until every node has its worker subnet (leased
+// from the cohort servers, so they must be up) and its template: gangs
+// over several hosts then restore instead of cold-booting all at once.
+func waitNodesReady(t *testing.T, c *devcluster.Cluster) {
+	t.Helper()
+	waitWithin(t, 3*time.Minute, "every node's template snapshot and worker subnet", func() bool {
+		snaps, err1 := c.NodeAttributes("driver.microvm.snapshot")
+		nets, err2 := c.NodeAttributes("driver.microvm.network")
+		ok := err1 == nil && err2 == nil
+		for i := range snaps {
+			ok = ok && snaps[i] == "ready" && strings.HasPrefix(nets[i], "10.")
+		}
+		return ok
+	})
 }
 
 func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {

@@ -108,7 +108,9 @@ type serverProc struct {
 func (s *serverProc) start(t *testing.T, c *devcluster.Cluster, join []string) {
 	t.Helper()
 	args := []string{"server", "-node-id", s.id, "-data-dir", s.data, "-http-addr", s.http, "-raft-addr", s.raft,
-		"-bootstrap-expect", "3", "-nomad-addr", c.NomadAddr()}
+		"-bootstrap-expect", "3", "-nomad-addr", c.NomadAddr(),
+		// One host: the LAN timeouts, as cohort dev uses.
+		"-raft-heartbeat-timeout", "300ms", "-raft-election-timeout", "300ms", "-raft-leader-lease-timeout", "150ms"}
 	for _, j := range join {
 		args = append(args, "-join", j)
 	}

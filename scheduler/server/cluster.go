@@ -40,6 +40,26 @@ func (s *Server) leaderURL() string {
 	return addr
 }
 
+// awaitLeaderURL waits a little for the leader's address: just after an
+// election, or just after a group formed, a follower may know who leads
+// before the leader's address reaches it.
+func (s *Server) awaitLeaderURL(ctx context.Context, d time.Duration) string {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		changed := s.r.Changed()
+		if u := s.leaderURL(); u != "" || s.r.IsLeader() {
+			return u
+		}
+		select {
+		case <-changed:
+		case <-time.After(50 * time.Millisecond): // a leader change applies no command
+		case <-ctx.Done():
+			return ""
+		}
+	}
+}
+
 // leaderOnly runs h on the leader and forwards the request to the leader
 // from a follower.
 func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
@@ -49,6 +69,13 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
 			return
 		}
 		target := s.leaderURL()
+		if target == "" && r.Header.Get(forwardedHeader) == "" {
+			target = s.awaitLeaderURL(r.Context(), 3*time.Second)
+			if s.r.IsLeader() {
+				h(w, r)
+				return
+			}
+		}
 		if target == "" || r.Header.Get(forwardedHeader) != "" {
 			s.notLeader(w)
 			return
