@@ -89,7 +89,13 @@ func run() error {
 		return err
 	}
 	serverIP := devcluster.ServerIPFor(ports.NomadHTTP)
-	httpPort, endpointPort := ports.NomadHTTP+1000, ports.NomadHTTP+1001
+	var free [3]int
+	for i := range free {
+		if free[i], err = devcluster.FreePort(); err != nil {
+			return err
+		}
+	}
+	httpPort, endpointPort, raftPort := free[0], free[1], free[2]
 	log := hclog.New(&hclog.LoggerOptions{Name: "bench", Level: hclog.Warn, Output: os.Stderr})
 	ctx := context.Background()
 	c, err := devcluster.Start(ctx, devcluster.Config{
@@ -104,7 +110,7 @@ func run() error {
 	defer c.Stop()
 	srv, err := command.StartServer(command.ServerConfig{
 		DataDir: filepath.Join(tmp, "cohort"), HTTPAddr: fmt.Sprintf("%s:%d", serverIP, httpPort),
-		RaftAddr: fmt.Sprintf("%s:%d", serverIP, ports.NomadHTTP+1002), NodeID: "bench",
+		RaftAddr: fmt.Sprintf("%s:%d", serverIP, raftPort), NodeID: "bench",
 		NomadAddr: c.NomadAddr(), NomadListen: fmt.Sprintf("127.0.0.1:%d", endpointPort), BootstrapExpect: 1,
 		Prices: billing.DefaultPrices, Logger: log.Named("server"), RaftTimeouts: replica.LANTimeouts,
 		BarrierTask: filepath.Join(root, "bin", "cohort-barrier"),

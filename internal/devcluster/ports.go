@@ -2,7 +2,9 @@ package devcluster
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"sync"
 )
 
 // Ports are the TCP ports the cluster's servers (Consul's and Nomad's)
@@ -25,21 +27,46 @@ func DefaultPorts() Ports {
 }
 
 // FreePorts picks unused ports, for tests that run beside a dev cluster.
+// They come from below the kernel's range for outgoing connections (on
+// Linux 32768 and up by default): a port the kernel picked as free could
+// otherwise be taken by some connection before the agent binds it.
 func FreePorts() (Ports, error) {
 	ps := make([]int, 9)
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
 	for i := range ps {
-		l, err := net.Listen("tcp", "0.0.0.0:0")
+		p, err := FreePort()
 		if err != nil {
-			return Ports{}, fmt.Errorf("finding a free port: %w", err)
+			return Ports{}, err
 		}
-		ls = append(ls, l)
-		ps[i] = l.Addr().(*net.TCPAddr).Port
+		ps[i] = p
 	}
 	return Ports{ps[0], ps[1], ps[2], ps[3], ps[4], ps[5], ps[6], ps[7], ps[8]}, nil
+}
+
+var (
+	portMu   sync.Mutex
+	portNext = 20000 + rand.IntN(10000)
+)
+
+// FreePort is a TCP port free on every address now, from 20000-31999,
+// never the same twice in a process.
+func FreePort() (int, error) {
+	portMu.Lock()
+	defer portMu.Unlock()
+	for tries := 0; tries < 12000; tries++ {
+		p := portNext
+		portNext++
+		if portNext >= 32000 {
+			portNext = 20000
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		if u, err := net.ListenPacket("udp", fmt.Sprintf("0.0.0.0:%d", p)); err == nil {
+			u.Close()
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("no free port in 20000-31999")
 }
