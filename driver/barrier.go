@@ -138,10 +138,16 @@ func barrierClient(server string) *api.Client {
 // fails with why.
 func (h *taskHandle) abort(why string) {
 	h.d.log.Warn("start barrier: worker aborted", "task", h.cfg.Name, "alloc", h.cfg.AllocID, "reason", why)
+	h.event("Aborted at the start barrier: " + why)
+	h.killFor(why)
+}
+
+// killFor ends a worker that must not go on: the VM is killed and the
+// task fails with why.
+func (h *taskHandle) killFor(why string) {
 	h.mu.Lock()
 	h.abortReason = why
 	h.mu.Unlock()
-	h.event("Aborted at the start barrier: " + why)
 	h.killWith(int(unix.SIGKILL))
 }
 

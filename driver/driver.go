@@ -522,10 +522,9 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 
 // programStarted reads the VM's event log: did its program start?
 func programStarted(m *vm.Machine) bool {
-	b, err := os.ReadFile(m.EventsLog())
-	if err != nil {
-		return false
-	}
+	// The init reports the start among its first few events; a guest
+	// cannot make this read any bigger.
+	b := vm.ReadHead(m.EventsLog(), vm.MaxLine)
 	for _, line := range bytes.Split(b, []byte("\n")) {
 		var ev proto.Event
 		if json.Unmarshal(line, &ev) == nil && ev.Kind == proto.EvStarted {

@@ -101,6 +101,12 @@ func (h *taskHandle) assign(a *proto.Assignment, timeout time.Duration) error {
 // result. A VM that ends without reporting its program's exit (a kernel
 // panic, a VMM crash) fails the task with its console's last lines.
 func (h *taskHandle) run() {
+	// The guest's files stay bounded for as long as the VM runs.
+	go h.m.Guard(h.d.ctx, vm.Limits{}, func(why string) {
+		h.d.log.Warn("worker flooded its event channel; killing it", "task", h.cfg.Name, "alloc", h.cfg.AllocID)
+		h.event("Killed: " + why)
+		h.killFor(why)
+	})
 	var exited, failed *proto.Event
 	for ev := range h.m.Events(h.d.ctx) {
 		ev := ev

@@ -73,10 +73,25 @@ func (m *Machine) Events(ctx context.Context) <-chan proto.Event {
 		defer f.Close()
 		r := bufio.NewReader(f)
 		var partial []byte
+		skipping := false // a line past MaxLine is dropped whole
+		gone := false     // the VMM exited: read to the end, then stop
 		for {
-			line, err := r.ReadBytes('\n')
-			partial = append(partial, line...)
-			if err == nil {
+			// ReadSlice never holds more than the reader's buffer: a
+			// guest writing a line without end cannot grow our memory.
+			line, err := r.ReadSlice('\n')
+			if !skipping {
+				partial = append(partial, line...)
+			}
+			if len(partial) > MaxLine {
+				partial, skipping = partial[:0], true
+			}
+			switch {
+			case err == bufio.ErrBufferFull:
+				continue
+			case err == nil && skipping:
+				skipping = false
+				continue
+			case err == nil:
 				var ev proto.Event
 				if json.Unmarshal(partial, &ev) == nil {
 					select {
@@ -87,16 +102,16 @@ func (m *Machine) Events(ctx context.Context) <-chan proto.Event {
 				}
 				partial = partial[:0]
 				continue
-			}
-			if err != io.EOF {
+			case err != io.EOF:
 				return
 			}
-			// At the end of what is written so far: stop once the writer is
-			// gone and nothing more can come.
+			// At the end of what is written so far: once the writer is
+			// gone, one more pass reads what it wrote last, then stop.
+			if gone {
+				return
+			}
 			if !m.Alive() {
-				if rest, _ := io.ReadAll(r); len(rest) == 0 {
-					return
-				}
+				gone = true
 				continue
 			}
 			select {

@@ -100,12 +100,13 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 		"-m", strconv.Itoa(spec.MemoryMB), "-smp", strconv.Itoa(spec.VCPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", Cmdline,
-		"-chardev", "file,id=con,path="+filepath.Join(rd, "console.log"),
+		// Guest files are appended to, so the guard can cut them back.
+		"-chardev", "file,id=con,append=on,path="+filepath.Join(rd, "console.log"),
 		"-serial", "chardev:con",
 		"-device", "virtio-serial-device,max_ports=5",
 		"-chardev", "socket,id=ctl,path="+filepath.Join(rd, "ctl.sock")+",server=on,wait=off",
 		"-device", "virtserialport,chardev=ctl,name="+proto.PortCtl,
-		"-chardev", "file,id=ev,path="+filepath.Join(rd, "events.log"),
+		"-chardev", "file,id=ev,append=on,path="+filepath.Join(rd, "events.log"),
 		"-device", "virtserialport,chardev=ev,name="+proto.PortEvents,
 		"-chardev", "file,id=out,path="+spec.Stdout,
 		"-device", "virtserialport,chardev=out,name="+proto.PortStdout,
@@ -114,7 +115,11 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 	)
 	for _, tag := range proto.MountTags {
 		a = append(a,
-			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=none",
+			// mapped-xattr: the guest's owners, modes and device nodes live
+			// in extended attributes, never on the host itself, so
+			// nothing a guest writes is setuid, a device or anyone's
+			// but the VMM's user.
+			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=mapped-xattr",
 			"-device", "virtio-9p-device,fsdev=fs_"+tag+",mount_tag="+tag)
 	}
 	if spec.Tap != "" {

@@ -47,9 +47,13 @@ type Shape struct {
 	Accel    string
 }
 
+// layout versions the VMM's device and backend layout (Args): a snapshot
+// made under another layout is never restored.
+const layout = "2" // 2: 9p mapped-xattr, append-only guest files
+
 // Key names the shape in file names.
 func (s Shape) Key() string {
-	return fmt.Sprintf("%s-m%d-c%d-%s", shortHash(s.Kernel+"\x00"+s.Initrd), s.MemoryMB, s.VCPUs, s.Accel)
+	return fmt.Sprintf("%s-m%d-c%d-%s", shortHash(s.Kernel+"\x00"+s.Initrd+"\x00"+layout), s.MemoryMB, s.VCPUs, s.Accel)
 }
 
 // Spec is one VM to start.
@@ -167,8 +171,8 @@ func (m *Machine) ConsoleTail(n int) string {
 }
 
 func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
+	b := readTail(path, tailBytes)
+	if len(b) == 0 {
 		return ""
 	}
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")

@@ -13,6 +13,11 @@
 //	worker listen A  accept (and close) connections on host:port A for ever
 //	worker stamp [resolve]  print "stamp <unix ns>": at once, or once every
 //	                 name in COHORT_PEERS resolves
+//	worker escape D  try to plant a block device, a character device and a
+//	                 setuid-root file in directory D (a share), print what
+//	                 the guest sees
+//	worker flood P   write to P (a file, /dev/console; "events" is cohort's
+//	                 event port) for ever
 package main
 
 import (
@@ -23,6 +28,8 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cohort-dev/cohort/sdk"
@@ -106,6 +113,47 @@ func main() {
 			}
 		}
 		fmt.Printf("stamp %d\n", time.Now().UnixNano())
+	case "escape":
+		dir := os.Args[2]
+		report := func(what string, err error) {
+			if err != nil {
+				fmt.Println(what, "refused:", err)
+			} else {
+				fmt.Println(what, "done")
+			}
+		}
+		report("mknod block", syscall.Mknod(dir+"/blk", syscall.S_IFBLK|0o666, 8<<8))
+		report("mknod char", syscall.Mknod(dir+"/chr", syscall.S_IFCHR|0o666, 1<<8|3))
+		err := os.WriteFile(dir+"/suid", []byte("#!/bin/sh\n"), 0o755)
+		if err == nil {
+			err = os.Chmod(dir+"/suid", 0o4755|os.ModeSetuid)
+		}
+		report("setuid file", err)
+		if st, err := os.Stat(dir + "/suid"); err == nil {
+			fmt.Printf("the guest sees suid as %v\n", st.Mode())
+		}
+	case "flood":
+		target := os.Args[2]
+		if target == "events" {
+			ents, _ := os.ReadDir("/sys/class/virtio-ports")
+			for _, e := range ents {
+				if b, _ := os.ReadFile("/sys/class/virtio-ports/" + e.Name() + "/name"); strings.TrimSpace(string(b)) == "cohort.events" {
+					target = "/dev/" + e.Name()
+				}
+			}
+		}
+		f, err := os.OpenFile(target, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		chunk := []byte(strings.Repeat("flood ", 1000))
+		for {
+			if _, err := f.Write(chunk); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+		}
 	case "listen":
 		l, err := net.Listen("tcp", os.Args[2])
 		if err != nil {
