@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,13 +38,24 @@ type Config struct {
 	// Timeout bounds each call but the barrier's long poll, whose bound
 	// is its own wait plus Timeout. Zero means 30 s.
 	Timeout time.Duration
+	// Token is the caller's Nomad ACL token, sent as Nomad's CLI sends
+	// it (X-Nomad-Token): cohort lets a caller do what Nomad's ACLs let
+	// the token do.
+	Token string
+	// TLS is used for https addresses when HTTPClient is nil: the
+	// cluster's CA, and a certificate where the server wants one.
+	TLS *tls.Config
 }
+
+// TokenHeader carries the caller's Nomad ACL token.
+const TokenHeader = "X-Nomad-Token"
 
 // Client calls one cohort server.
 type Client struct {
 	base    string
 	http    *http.Client
 	timeout time.Duration
+	token   string
 }
 
 // NewClient returns a client for cfg.
@@ -56,6 +68,11 @@ func NewClient(cfg Config) *Client {
 		addr = "http://" + addr
 	}
 	hc := cfg.HTTPClient
+	if hc == nil && cfg.TLS != nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.TLSClientConfig = cfg.TLS
+		hc = &http.Client{Transport: t}
+	}
 	if hc == nil {
 		hc = &http.Client{}
 	}
@@ -63,7 +80,7 @@ func NewClient(cfg Config) *Client {
 	if t == 0 {
 		t = 30 * time.Second
 	}
-	return &Client{base: strings.TrimRight(addr, "/"), http: hc, timeout: t}
+	return &Client{base: strings.TrimRight(addr, "/"), http: hc, timeout: t, token: cfg.Token}
 }
 
 // Address is the server this client calls.
@@ -132,6 +149,9 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	}
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set(TokenHeader, c.token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

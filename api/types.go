@@ -93,6 +93,10 @@ type BarrierRequest struct {
 	Instance string `json:",omitempty"`
 	// Wait is how long the server may hold the call for a verdict.
 	Wait string `json:",omitempty"`
+	// Token authenticates a barrier task (cohort-barrier) with the
+	// servers: the job's barrier token from its environment. The
+	// microvm driver authenticates with its node's certificate instead.
+	Token string `json:",omitempty"`
 }
 
 // BarrierResponse is the verdict for one worker.

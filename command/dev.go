@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/internal/devcluster"
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/hashicorp/go-hclog"
@@ -36,7 +37,10 @@ Usage: cohort dev [options]
 Options:
 
   -nodes=<n>          Hosts running workers. Default: 1.
-  -servers=<n>        cohort servers: 1, or 3 for a replicated scheduler.
+  -servers=<n>        cohort servers: 1, or 3 for a replicated scheduler,
+                      which speaks mutual TLS: the cluster makes a CA and
+                      certificates under <data-dir>/tls (servers, each
+                      node's driver, callers) and prints what to export.
                       Default: 1.
   -data-dir=<path>    Where the agents keep state and logs. Default: a new
                       temporary directory, removed on exit.
@@ -109,9 +113,16 @@ func (c *DevCommand) Run(args []string) int {
 		cfg.PluginDir = filepath.Join(filepath.Dir(exe), "plugins")
 	}
 	serverIP := devcluster.ServerIPFor(cfg.Ports.NomadHTTP)
+	// A group of servers speaks mutual TLS: the cluster makes a CA and
+	// certificates, and each node's driver shows its own.
+	cfg.TLS = *servers > 1
+	scheme := "http"
+	if cfg.TLS {
+		scheme = "https"
+	}
 	var serverURLs []string
 	for i := 0; i < *servers; i++ {
-		serverURLs = append(serverURLs, fmt.Sprintf("http://%s:%d", serverIP, 4747+10*i))
+		serverURLs = append(serverURLs, fmt.Sprintf("%s://%s:%d", scheme, serverIP, 4747+10*i))
 	}
 	if mv, why := c.microvm(cfg.PluginDir, *kernel, *initBin); mv != nil {
 		mv.CohortServers = serverURLs
@@ -168,6 +179,9 @@ func (c *DevCommand) Run(args []string) int {
 			BarrierTask: DefaultBarrierTask(), RaftTimeouts: replica.LANTimeouts,
 			BootstrapExpect: *servers,
 		}
+		if t := cluster.TLS(); t != nil {
+			sc.TLS = t.Server
+		}
 		if *servers > 1 {
 			for j, u := range serverURLs {
 				if j != i {
@@ -185,7 +199,7 @@ func (c *DevCommand) Run(args []string) int {
 	}
 	// Ready means ready: a cohort leader takes jobs, and every node
 	// restores workers from its template instead of cold-booting them.
-	if err := waitReady(ctx, log, agents[0], cluster, cfg.MicroVM != nil, *readyTimeout); err != nil {
+	if err := waitReady(ctx, log, agents[0], cluster, *readyTimeout); err != nil {
 		stopAll()
 		c.UI.Error(fmt.Sprintf("Error: the dev cluster did not become ready: %v", err))
 		return ExitError
@@ -197,7 +211,7 @@ func (c *DevCommand) Run(args []string) int {
 	c.UI.Output(fmt.Sprintf(`cohort dev cluster is ready.
 
   cohort API:        %s   (servers: %s)
-  Nomad-compatible:  http://127.0.0.1:4749   (nomad job run of a gang goes through cohort)
+  Nomad-compatible:  %s   (nomad job run of a gang goes through cohort)
   Nomad API and UI:  %s/ui/
   Consul API and UI: %s/ui/
   Consul DNS:        %s
@@ -207,10 +221,10 @@ func (c *DevCommand) Run(args []string) int {
   Hosts (%d), on the cluster network %s/24:
 %s
 
-  export COHORT_ADDR=http://127.0.0.1:4747 NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s
+  export COHORT_ADDR=%s://127.0.0.1:4747 NOMAD_ADDR=%s CONSUL_HTTP_ADDR=%s%s
 
-Press Ctrl-C to stop.`, "http://127.0.0.1:4747", strings.Join(serverURLs, ", "), cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(),
-		cfg.DataDir, cfg.PluginDir, len(hosts), serverIP, strings.Join(hosts, "\n"), cluster.NomadAddr(), cluster.ConsulAddr()))
+Press Ctrl-C to stop.`, scheme+"://127.0.0.1:4747", strings.Join(serverURLs, ", "), scheme+"://127.0.0.1:4749", cluster.NomadAddr(), cluster.ConsulAddr(), cluster.ConsulDNS(),
+		cfg.DataDir, cfg.PluginDir, len(hosts), serverIP, strings.Join(hosts, "\n"), scheme, cluster.NomadAddr(), cluster.ConsulAddr(), tlsExports(cluster)))
 
 	<-ctx.Done()
 	c.UI.Output("Stopping the dev cluster...")
@@ -242,10 +256,19 @@ func (c *DevCommand) microvm(pluginDir, kernel, initBin string) (*devcluster.Mic
 // waitReady waits until a cohort server has a leader and, with the
 // microvm driver, every node's template snapshot is built, saying what it
 // waits for.
-func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster *devcluster.Cluster, microvm bool, timeout time.Duration) error {
+func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster *devcluster.Cluster, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	client := api.NewClient(api.Config{Address: srv.HTTPAddr, Timeout: 2 * time.Second})
+	microvm := cluster.MicroVM()
+	cc := api.Config{Address: srv.Scheme + "://" + srv.HTTPAddr, Timeout: 2 * time.Second}
+	if t := cluster.TLS(); t != nil {
+		b, err := tlsutil.Load(t.CLI)
+		if err != nil {
+			return err
+		}
+		cc.TLS = b.ClientConfig()
+	}
+	client := api.NewClient(cc)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	wait := func(what string, ok func() (bool, string)) error {
@@ -305,4 +328,14 @@ func waitReady(ctx context.Context, log hclog.Logger, srv *ServerAgent, cluster 
 		}
 	}
 	return nil
+}
+
+// tlsExports is what a user exports to call a cluster whose servers speak
+// TLS.
+func tlsExports(c *devcluster.Cluster) string {
+	t := c.TLS()
+	if t == nil {
+		return ""
+	}
+	return fmt.Sprintf(" \\\n         COHORT_CACERT=%s NOMAD_CACERT=%s", t.CA, t.CA)
 }

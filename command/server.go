@@ -2,6 +2,7 @@ package command
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/replica"
@@ -76,6 +78,37 @@ Options:
   -worker-prefix=<n>        Each node's subnet is a /n of it. Default: 24.
   -log-level=<level>        Default: info.
 
+  Nomad, reached as Nomad's own CLI reaches it:
+  -nomad-token=<token>      cohort's ACL token: it registers, stops and
+                            watches gangs with it. Default: $NOMAD_TOKEN.
+  -nomad-ca-cert=<path>     CA certificate verifying Nomad's HTTPS.
+                            Default: $NOMAD_CACERT.
+  -nomad-client-cert=<path> Client certificate and key for a Nomad that
+  -nomad-client-key=<path>  verifies its HTTPS clients. Default:
+                            $NOMAD_CLIENT_CERT, $NOMAD_CLIENT_KEY.
+  -nomad-tls-server-name=<name>  Name to verify Nomad's certificate
+                            against. Default: $NOMAD_TLS_SERVER_NAME.
+
+  Callers of cohort carry a Nomad token (X-Nomad-Token) and may do what
+  Nomad's ACLs let it do: submitting or stopping a gang needs submit-job on
+  its namespace, reading needs read-job, membership and operator calls a
+  management token. With Nomad's ACLs off, cohort is open as Nomad is.
+
+  TLS, mutual between servers (see "cohort tls"):
+  -ca-file=<path>           The cluster's CA certificate.
+  -cert-file=<path>         This server's certificate (naming
+  -key-file=<path>          server.cohort) and key. With them the API
+                            speaks HTTPS (plain HTTP on the same port
+                            serves only the barrier task's program and
+                            health) and Raft runs over mutual TLS.
+                            A group of servers needs them: joining,
+                            registering, forwarding and replication take
+                            a server certificate of the CA. The microvm
+                            drivers show their node's certificate.
+  -verify-incoming          Refuse API callers without a certificate of
+                            the CA too. Default: off (callers are
+                            authorized by their Nomad token).
+
   Billing prices, per hour of one unit, billed per millisecond from the
   moment a whole gang runs:
   -price-cpu-mhz-hour=<n>     Default: 0.00001.
@@ -118,6 +151,14 @@ type ServerConfig struct {
 	// loopback, beside the cluster network).
 	ExtraHTTPAddrs []string
 	Logger         hclog.Logger
+	// Nomad is how the server reaches Nomad besides NomadAddr: its
+	// token and TLS.
+	Nomad nomad.Config
+	// TLS is the cluster's CA and this server's certificate; none runs a
+	// single server without TLS. VerifyIncoming refuses API callers
+	// without a certificate of the CA too.
+	TLS            tlsutil.Files
+	VerifyIncoming bool
 }
 
 // DefaultBarrierTask is cohort-barrier beside the running binary, if it
@@ -138,6 +179,7 @@ func DefaultBarrierTask() string {
 type ServerAgent struct {
 	Server    *server.Server
 	HTTPAddr  string // where the API listens
+	Scheme    string // "https" with TLS, else "http"
 	NomadAddr string // where the Nomad-compatible endpoint listens, if on
 	r         *replica.Replica
 	servers   []*http.Server
@@ -147,15 +189,53 @@ type ServerAgent struct {
 
 // StartServer starts a cohort server; Stop ends it.
 func StartServer(cfg ServerConfig) (*ServerAgent, error) {
-	n, err := nomad.New(cfg.NomadAddr)
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	nc := cfg.Nomad
+	nc.Address = cfg.NomadAddr
+	n, err := nomad.New(nc)
 	if err != nil {
 		return nil, err
 	}
+	nomadTLS, err := nc.TLS()
+	if err != nil {
+		return nil, err
+	}
+	group := cfg.BootstrapExpect > 1 || len(cfg.Join) > 0
+	var bundle *tlsutil.Bundle
+	var apiTLS *tls.Config
 	rc := replica.Config{
 		ID: cfg.NodeID, Bind: cfg.RaftAddr, DataDir: filepath.Join(cfg.DataDir, "raft"),
 		Logger: cfg.Logger, Timeouts: cfg.RaftTimeouts,
 	}
-	if cfg.BootstrapExpect <= 1 && len(cfg.Join) == 0 {
+	switch {
+	case cfg.TLS.Enabled():
+		if bundle, err = tlsutil.Load(cfg.TLS); err != nil {
+			return nil, err
+		}
+		if cfg.Advertise != "" && !strings.HasPrefix(cfg.Advertise, "https://") && strings.Contains(cfg.Advertise, "://") {
+			return nil, fmt.Errorf("-advertise %s: a server with TLS is reached at https://", cfg.Advertise)
+		}
+		// Callers' certificates are verified when given; -verify-incoming
+		// is enforced per request, so barrier tasks (which have only
+		// their job's token) still reach the barrier.
+		if apiTLS, err = bundle.ServerConfig(false); err != nil {
+			return nil, err
+		}
+		if rc.TLSServer, rc.TLSClient, err = bundle.RaftConfigs(); err != nil {
+			return nil, err
+		}
+	case group:
+		return nil, errors.New("a group of servers needs TLS (-ca-file, -cert-file, -key-file): servers must tell each other from anyone else who can reach their ports; \"cohort tls\" makes a CA and certificates")
+	case cfg.VerifyIncoming:
+		return nil, errors.New("-verify-incoming needs -ca-file, -cert-file and -key-file")
+	default:
+		// Nothing listens for Raft: a single server without TLS could not
+		// tell a peer from anyone else.
+		rc.Local = true
+	}
+	if !group {
 		rc.Peers = map[string]string{cfg.NodeID: cfg.RaftAddr}
 	}
 	r, err := replica.Start(rc)
@@ -174,7 +254,7 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 		return nil, err
 	}
 	srv, err := server.New(r, n, server.Config{Prices: cfg.Prices, Logger: cfg.Logger, BarrierTaskPath: cfg.BarrierTask,
-		WorkerRange: cfg.WorkerRange, WorkerPrefix: cfg.WorkerPrefix})
+		WorkerRange: cfg.WorkerRange, WorkerPrefix: cfg.WorkerPrefix, TLS: bundle, VerifyIncoming: cfg.VerifyIncoming})
 	if err != nil {
 		return fail(err)
 	}
@@ -184,25 +264,38 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 		return fail(fmt.Errorf("listening on %s: %w", cfg.HTTPAddr, err))
 	}
 	a.HTTPAddr = ln.Addr().String()
+	a.Scheme = "http"
+	if apiTLS != nil {
+		a.Scheme = "https"
+	}
 	adv := cfg.Advertise
 	if adv == "" {
-		adv = "http://" + a.HTTPAddr
+		adv = a.Scheme + "://" + a.HTTPAddr
 	}
 	srv.Advertise(adv)
-	a.serve(ln, srv.Handler())
+	serveAPI := func(l net.Listener) {
+		if apiTLS == nil {
+			a.serve(l, srv.Handler())
+			return
+		}
+		tl, pl := tlsutil.Split(l, apiTLS)
+		a.serve(tl, srv.Handler())
+		a.serve(pl, srv.PlainHandler())
+	}
+	serveAPI(ln)
 	for _, extra := range cfg.ExtraHTTPAddrs {
 		l, err := net.Listen("tcp", extra)
 		if err != nil {
 			return fail(fmt.Errorf("listening on %s: %w", extra, err))
 		}
-		a.serve(l, srv.Handler())
+		serveAPI(l)
 	}
 	if cfg.NomadListen != "" {
 		nomadURL := cfg.NomadAddr
 		if nomadURL == "" {
 			nomadURL = "http://127.0.0.1:4646"
 		}
-		p, err := srv.NewNomadProxy(nomadURL)
+		p, err := srv.NewNomadProxy(nomadURL, nomadTLS)
 		if err != nil {
 			return fail(err)
 		}
@@ -211,8 +304,16 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 			return fail(fmt.Errorf("listening on %s: %w", cfg.NomadListen, err))
 		}
 		a.NomadAddr = pl.Addr().String()
+		if apiTLS != nil {
+			// Tokens travel through it: HTTPS with the API's certificate.
+			pl = tls.NewListener(pl, apiTLS)
+		}
 		a.serve(pl, p)
 	}
+	if bundle == nil {
+		cfg.Logger.Warn("running without TLS: a single server, whose node calls (subnet leases, microvm boot reports) are not authenticated; give -ca-file, -cert-file and -key-file to authenticate them and to form a group")
+	}
+	srv.ACLsOn() // says at start-up whether Nomad's ACLs are on
 	ctx, cancel := context.WithCancel(context.Background())
 	a.cancel = cancel
 	go func() {
@@ -280,6 +381,15 @@ func (c *ServerCommand) Run(args []string) int {
 	fs.DurationVar(&rt.Heartbeat, "raft-heartbeat-timeout", 0, "")
 	fs.DurationVar(&rt.Election, "raft-election-timeout", 0, "")
 	fs.DurationVar(&rt.LeaderLease, "raft-leader-lease-timeout", 0, "")
+	fs.StringVar(&cfg.Nomad.Token, "nomad-token", os.Getenv("NOMAD_TOKEN"), "")
+	fs.StringVar(&cfg.Nomad.CACert, "nomad-ca-cert", os.Getenv("NOMAD_CACERT"), "")
+	fs.StringVar(&cfg.Nomad.ClientCert, "nomad-client-cert", os.Getenv("NOMAD_CLIENT_CERT"), "")
+	fs.StringVar(&cfg.Nomad.ClientKey, "nomad-client-key", os.Getenv("NOMAD_CLIENT_KEY"), "")
+	fs.StringVar(&cfg.Nomad.TLSServerName, "nomad-tls-server-name", os.Getenv("NOMAD_TLS_SERVER_NAME"), "")
+	fs.StringVar(&cfg.TLS.CAFile, "ca-file", "", "")
+	fs.StringVar(&cfg.TLS.CertFile, "cert-file", "", "")
+	fs.StringVar(&cfg.TLS.KeyFile, "key-file", "", "")
+	fs.BoolVar(&cfg.VerifyIncoming, "verify-incoming", false, "")
 	if ok, code := parse(c.UI, fs, args, 0, serverHelp); !ok {
 		return code
 	}
@@ -328,9 +438,13 @@ func (c *ServerCommand) Run(args []string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	msg := fmt.Sprintf("cohort server %s: API on http://%s, raft on %s", cfg.NodeID, a.HTTPAddr, a.r.Addr())
+	raftAt := "raft on " + a.r.Addr()
+	if !cfg.TLS.Enabled() {
+		raftAt = "raft local only (no TLS: a single server)"
+	}
+	msg := fmt.Sprintf("cohort server %s: API on %s://%s, %s", cfg.NodeID, a.Scheme, a.HTTPAddr, raftAt)
 	if a.NomadAddr != "" {
-		msg += fmt.Sprintf(", Nomad-compatible endpoint on http://%s", a.NomadAddr)
+		msg += fmt.Sprintf(", Nomad-compatible endpoint on %s://%s", a.Scheme, a.NomadAddr)
 	}
 	c.UI.Output(msg)
 	<-ctx.Done()

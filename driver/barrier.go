@@ -89,13 +89,16 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 			return // released before a restart of the plugin
 		}
 		server := servers[i%len(servers)]
-		v, err := barrierClient(server).Barrier(ctx, h.cfg.Namespace, h.cfg.JobID, req)
+		v, err := h.d.cohortClient(server).Barrier(ctx, h.cfg.Namespace, h.cfg.JobID, req)
 		switch {
 		case ctx.Err() != nil:
 			if h.d.ctx.Err() != nil || isClosed(h.done) {
 				return
 			}
 			h.abort(fmt.Sprintf("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", gangTimeout, barrierGrace, err))
+			return
+		case api.IsStatus(err, 403):
+			h.abort("the cohort servers refused this node's boot report: " + err.Error())
 			return
 		case err != nil:
 			h.d.log.Debug("start barrier: server not answering", "server", server, "error", err)
@@ -128,10 +131,6 @@ func instanceOf(taskID string) string {
 		return taskID[len(taskID)-64:]
 	}
 	return taskID
-}
-
-func barrierClient(server string) *api.Client {
-	return api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second})
 }
 
 // abort ends a worker that must not run: the VM is killed and the task

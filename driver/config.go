@@ -39,6 +39,18 @@ type Config struct {
 	// barrier of gang workers. Without them the driver refuses gang tasks
 	// rather than run a gang partially.
 	CohortServers []string `codec:"cohort_servers"`
+	// TLS is how the driver reaches cohort servers that speak HTTPS: the
+	// cluster's CA, and this node's certificate (naming
+	// <nomad node name>.node.cohort), which the servers take as proof
+	// that a subnet lease or a boot report comes from this node.
+	TLS TLSConfig `codec:"tls"`
+}
+
+// TLSConfig names the driver's TLS material.
+type TLSConfig struct {
+	CAFile   string `codec:"ca_file"`
+	CertFile string `codec:"cert_file"`
+	KeyFile  string `codec:"key_file"`
 }
 
 // NetworkConfig is the workers' network (see network.go). Without a
@@ -96,6 +108,11 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"qemu": hclspec.NewDefault(hclspec.NewAttr("qemu", "string", false),
 		hclspec.NewLiteral(`"qemu-system-x86_64"`)),
 	"cohort_servers": hclspec.NewAttr("cohort_servers", "list(string)", false),
+	"tls": hclspec.NewBlock("tls", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"ca_file":   hclspec.NewAttr("ca_file", "string", true),
+		"cert_file": hclspec.NewAttr("cert_file", "string", true),
+		"key_file":  hclspec.NewAttr("key_file", "string", true),
+	})),
 	"network": hclspec.NewBlock("network", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"bridge": hclspec.NewDefault(hclspec.NewAttr("bridge", "string", false),
 			hclspec.NewLiteral(`"cohort0"`)),

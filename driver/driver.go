@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -16,9 +17,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/driver/guest/initramfs"
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/driver/vm"
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/version"
 	"github.com/hashicorp/go-hclog"
@@ -76,6 +79,11 @@ type Driver struct {
 	templates *templates
 	net       *network
 	setupErr  error
+	// cohortTLS reaches cohort servers over HTTPS with this node's
+	// certificate; nil for plain HTTP. clients keeps one client per
+	// server, so connections (and TLS sessions) are reused.
+	cohortTLS *tls.Config
+	clients   sync.Map
 
 	tasks sync.Map // task ID -> *taskHandle
 }
@@ -159,9 +167,21 @@ func (d *Driver) setup(cfg *Config) error {
 	default:
 		d.accel, d.accelWhy = vm.DetectAccel()
 	}
+	var node string
+	if t := cfg.TLS; t.CAFile != "" || t.CertFile != "" {
+		b, err := tlsutil.Load(tlsutil.Files{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile})
+		if err != nil {
+			return fmt.Errorf("tls: %w", err)
+		}
+		if node = b.Node(); node == "" {
+			return fmt.Errorf("tls: %s is not a node's certificate: it must name <nomad node name>%s (cohort tls cert create -node)", t.CertFile, tlsutil.NodeSuffix)
+		}
+		d.cohortTLS = b.ClientConfig()
+	}
 	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.log)
 	if cfg.Network.enabled() {
 		d.net = newNetwork(cfg.Network, cfg.CohortServers, cfg.StateDir, d.log.Named("network"))
+		d.net.client, d.net.certNode = d.cohortClient, node
 		if err := d.net.start(d.ctx); err != nil {
 			return fmt.Errorf("network: %w", err)
 		}
@@ -171,6 +191,16 @@ func (d *Driver) setup(cfg *Config) error {
 	}
 	go d.collectOrphans(filepath.Join(cfg.StateDir, "run"))
 	return nil
+}
+
+// cohortClient is a client for one cohort server, over TLS with this
+// node's certificate where the servers speak it.
+func (d *Driver) cohortClient(server string) *api.Client {
+	if c, ok := d.clients.Load(server); ok {
+		return c.(*api.Client)
+	}
+	c, _ := d.clients.LoadOrStore(server, api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: d.cohortTLS}))
+	return c.(*api.Client)
 }
 
 // DefaultMemoryMB is the shape warmed at start-up, matching the job spec's

@@ -69,6 +69,10 @@ type network struct {
 	used    map[uint32]bool
 	err     error // why the network is not (or no longer) right, if so
 	dns     *dnsForwarder
+	// client reaches a cohort server; certNode, when the driver has a
+	// node certificate, is the node it names, and the lease's identity.
+	client   func(server string) *api.Client
+	certNode string
 }
 
 // NetworkStatus says how the network stands, for the fingerprint.
@@ -101,6 +105,11 @@ func (n *network) start(ctx context.Context) error {
 		return err
 	}
 	n.node = node
+	if n.certNode != "" {
+		// The servers take a lease only from the node its certificate
+		// names.
+		n.node = n.certNode
+	}
 	n.serverIPs = resolveServers(n.servers)
 	if n.cfg.Subnet != "" {
 		_, subnet, err := net.ParseCIDR(n.cfg.Subnet)
@@ -182,7 +191,7 @@ func (n *network) maintain(ctx context.Context) {
 	var index uint64
 	renewed, lastWarn := time.Time{}, time.Time{}
 	for i := 0; ctx.Err() == nil; i++ {
-		c := api.NewClient(api.Config{Address: n.servers[i%len(n.servers)], Timeout: 10 * time.Second})
+		c := n.cohortClient(n.servers[i%len(n.servers)])
 		if time.Since(renewed) >= renewEvery {
 			if err := n.renew(c); err != nil {
 				n.setErr(err)
@@ -647,4 +656,11 @@ func (n *network) saveLease(l api.Lease) error {
 		return err
 	}
 	return os.Rename(tmp, n.leasePath())
+}
+
+func (n *network) cohortClient(server string) *api.Client {
+	if n.client != nil {
+		return n.client(server)
+	}
+	return api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second})
 }

@@ -30,8 +30,12 @@ type template struct {
 	ready    bool
 	building bool
 	err      error
+	failures int
 	took     time.Duration
 }
+
+// maxTemplateTries bounds the builds of one template.
+const maxTemplateTries = 3
 
 func newTemplates(ctx context.Context, dir string, backend vm.Backend, log hclog.Logger) *templates {
 	return &templates{dir: dir, backend: backend, log: log, ctx: ctx, state: map[string]*template{}}
@@ -97,7 +101,24 @@ func (t *templates) build(s vm.Shape, tp *template) {
 	tp.building = false
 	if err != nil {
 		tp.err = err
-		t.log.Error("building template snapshot failed; tasks of this shape cold-boot", "shape", s.Key(), "error", err)
+		tp.failures++
+		if tp.failures >= maxTemplateTries || t.ctx.Err() != nil {
+			t.log.Error("building template snapshot failed; tasks of this shape cold-boot", "shape", s.Key(), "tries", tp.failures, "error", err)
+			return
+		}
+		// A loaded host can make one build fail (the guest's timer
+		// checks, a slow boot): try again, after a pause.
+		wait := time.Duration(tp.failures) * 10 * time.Second
+		t.log.Warn("building template snapshot failed; trying again", "shape", s.Key(), "in", wait, "error", err)
+		time.AfterFunc(wait, func() {
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			if t.ctx.Err() != nil || tp.ready || tp.building {
+				return
+			}
+			tp.err, tp.building = nil, true
+			go t.build(s, tp)
+		})
 		return
 	}
 	tp.ready, tp.took = true, time.Since(start)

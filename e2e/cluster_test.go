@@ -150,7 +150,8 @@ func listenIn(t *testing.T, netns, addr string) func() {
 // 0, and is billed once: one run, one attempt, twelve workers.
 func TestSortSurvivesLeaderKill(t *testing.T) {
 	ports := []int{freePort(t), freePort(t), freePort(t)}
-	c := startCluster(t, clusterOpts{nodes: 3, microvm: true, servers: ports})
+	c := startCluster(t, clusterOpts{nodes: 3, microvm: true, servers: ports, tls: true})
+	secure(t, c, "")
 	dir := t.TempDir()
 	servers := make([]*serverProc, 3)
 	for i := range servers {
@@ -202,7 +203,7 @@ func TestSortSurvivesLeaderKill(t *testing.T) {
 			break
 		}
 	}
-	addr := "http://" + survivor.http
+	addr := scheme() + survivor.http
 
 	spec, _ := os.ReadFile("../demo/sort.hcl")
 	job := strings.Replace(strings.ReplaceAll(string(spec), "@SORT@", sortBin), `"20000"`, `"5000"`, 1)

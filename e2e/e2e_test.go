@@ -83,6 +83,10 @@ type clusterOpts struct {
 	// servers are the cohort servers' API ports (on the cluster's server
 	// address); one is picked when microvm is set and none is given.
 	servers []int
+	// tls makes the cluster's CA and certificates: cohort's servers speak
+	// HTTPS and the drivers show their node's certificate. nomadSecure
+	// also runs Nomad with TLS and ACLs.
+	tls, nomadSecure bool
 }
 
 // cluster starts a dev cluster on free ports for one test and stops it
@@ -168,20 +172,26 @@ func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 		}
 		mv = &devcluster.MicroVM{Kernel: kernel, Init: initBin, NoEgress: opts.noEgress}
 		for _, p := range opts.servers {
-			mv.CohortServers = append(mv.CohortServers, fmt.Sprintf("http://%s:%d", devcluster.ServerIPFor(ports.NomadHTTP), p))
+			s := "http"
+			if opts.tls || opts.nomadSecure {
+				s = "https"
+			}
+			mv.CohortServers = append(mv.CohortServers, fmt.Sprintf("%s://%s:%d", s, devcluster.ServerIPFor(ports.NomadHTTP), p))
 		}
 	}
 	dataDir := t.TempDir()
 	c, err := devcluster.Start(context.Background(), devcluster.Config{
-		DataDir:   dataDir,
-		NomadBin:  nomad,
-		ConsulBin: consul,
-		PluginDir: pluginDir,
-		MicroVM:   mv,
-		Nodes:     opts.nodes,
-		Outside:   opts.outside,
-		Ports:     ports,
-		Logger:    hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
+		DataDir:     dataDir,
+		NomadBin:    nomad,
+		ConsulBin:   consul,
+		PluginDir:   pluginDir,
+		MicroVM:     mv,
+		Nodes:       opts.nodes,
+		Outside:     opts.outside,
+		Ports:       ports,
+		TLS:         opts.tls,
+		NomadSecure: opts.nomadSecure,
+		Logger:      hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -218,7 +228,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 func run(t *testing.T, c *devcluster.Cluster, name string, args ...string) string {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	cmd.Env = append(os.Environ(), "NOMAD_ADDR="+c.NomadAddr(), "CONSUL_HTTP_ADDR="+c.ConsulAddr())
+	cmd.Env = append(os.Environ(), c.NomadEnv()...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)

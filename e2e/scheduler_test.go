@@ -47,9 +47,9 @@ func freePort(t *testing.T) int {
 // (each in its own network namespace) reach it.
 func cohortServerAt(t *testing.T, c *devcluster.Cluster, port int, args ...string) string {
 	t.Helper()
-	addr := fmt.Sprintf("http://%s:%d", c.ServerIP(), port)
-	args = append([]string{"server", "-dev", "-http-addr", fmt.Sprintf("0.0.0.0:%d", port), "-advertise", addr,
-		"-raft-addr", fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)), "-nomad-addr", c.NomadAddr(), "-log-level", "debug"}, args...)
+	addr := fmt.Sprintf("%s%s:%d", scheme(), c.ServerIP(), port)
+	args = append(append([]string{"server", "-dev", "-http-addr", fmt.Sprintf("0.0.0.0:%d", port), "-advertise", addr,
+		"-raft-addr", fmt.Sprintf("%s:%d", c.ServerIP(), freePort(t)), "-nomad-addr", c.NomadAddr(), "-log-level", "debug"}, serverTLSArgs(c)...), args...)
 	cmd := exec.Command(cohortBin, args...)
 	logf, _ := os.Create(filepath.Join(t.TempDir(), "server.log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -65,19 +65,18 @@ func cohortServerAt(t *testing.T, c *devcluster.Cluster, port int, args ...strin
 		}
 	})
 	waitFor(t, "cohort server health", func() bool {
-		resp, err := http.Get(addr + "/v1/health")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
+		return client(addr).Health() == nil
 	})
 	return addr
 }
 
 // client is the typed API client for the cohort server at addr.
 func client(addr string) *cohortapi.Client {
-	return cohortapi.NewClient(cohortapi.Config{Address: addr})
+	cfg := cohortapi.Config{Address: addr, Token: sec.token}
+	if isHTTPS(addr) {
+		cfg.TLS = sec.tls
+	}
+	return cohortapi.NewClient(cfg)
 }
 
 // waitStatus waits until the cohort job id is in one of statuses and
@@ -154,7 +153,7 @@ func cohortRun(t *testing.T, addr, spec string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "job.hcl")
 	os.WriteFile(path, []byte(spec), 0o644)
-	out, err := exec.Command(cohortBin, "run", "-detach", "-address", addr, path).CombinedOutput()
+	out, err := cohortCmd("run", "-detach", "-address", addr, path).CombinedOutput()
 	if err != nil {
 		t.Fatalf("cohort run: %v\n%s", err, out)
 	}

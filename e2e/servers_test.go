@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -114,6 +115,7 @@ func (s *serverProc) start(t *testing.T, c *devcluster.Cluster, join []string) {
 	for _, j := range join {
 		args = append(args, "-join", j)
 	}
+	args = append(args, serverTLSArgs(c)...)
 	s.cmd = exec.Command(cohortBin, args...)
 	f, err := os.OpenFile(s.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
@@ -133,7 +135,7 @@ type member struct {
 
 func members(t *testing.T, addr string) ([]member, error) {
 	t.Helper()
-	out, err := exec.Command(cohortBin, "server", "members", "-json", "-address", "http://"+addr).CombinedOutput()
+	out, err := cohortCmd("server", "members", "-json", "-address", scheme()+addr).CombinedOutput()
 	if err != nil {
 		return nil, err
 	}
@@ -147,7 +149,8 @@ func members(t *testing.T, addr string) ([]member, error) {
 // survivors elect another and keep scheduling; the killed server comes
 // back with its data and catches up.
 func TestServerGroup(t *testing.T) {
-	c, _ := cluster(t)
+	c := startCluster(t, clusterOpts{tls: true})
+	secure(t, c, "")
 	dir := t.TempDir()
 	servers := make([]*serverProc, 3)
 	for i := range servers {
@@ -208,17 +211,21 @@ func TestServerGroup(t *testing.T) {
 		leader, follower = leaderOf(servers[0])
 		return leader != nil
 	})
-	out := run(t, c, cohortBin, "server", "members", "-address", "http://"+follower.http)
+	out, err := cohortCmd("server", "members", "-address", scheme()+follower.http).CombinedOutput()
+	if err != nil {
+		t.Fatalf("cohort server members: %v\n%s", err, out)
+	}
 	t.Logf("cohort server members:\n%s", out)
+	refuseOutsiders(t, leader, follower, servers)
 
 	// A job sent to a follower runs: the follower forwards it.
-	cohortRun(t, "http://"+follower.http, sleepGang("first", 2, 64, "1m", 1))
-	waitStatus(t, "http://"+leader.http, "first", "finished")
+	cohortRun(t, scheme()+follower.http, sleepGang("first", 2, 64, "1m", 1))
+	waitStatus(t, scheme()+leader.http, "first", "finished")
 
 	// A running gang's deadline survives the leader: the new leader stops
 	// it at its max_runtime.
-	cohortRun(t, "http://"+follower.http, sleepGang("deadline", 2, 64, "4s", 60))
-	waitStatus(t, "http://"+leader.http, "deadline", "running")
+	cohortRun(t, scheme()+follower.http, sleepGang("deadline", 2, 64, "4s", 60))
+	waitStatus(t, scheme()+leader.http, "deadline", "running")
 
 	// Kill the leader; the others elect a new one and go on.
 	killedAt := time.Now()
@@ -237,7 +244,7 @@ func TestServerGroup(t *testing.T) {
 		return leader != nil && leader != old
 	})
 	t.Logf("new leader %s after %s", leader.id, time.Since(killedAt).Round(time.Millisecond))
-	v := waitStatus(t, "http://"+leader.http, "deadline", "finished")
+	v := waitStatus(t, scheme()+leader.http, "deadline", "finished")
 	var late int
 	if _, err := fmt.Sscanf(v.Reason, "max_runtime reached (stopped %d ms after the deadline)", &late); err != nil {
 		t.Fatalf("deadline gang ended: %q", v.Reason)
@@ -246,19 +253,14 @@ func TestServerGroup(t *testing.T) {
 	if late > 1000 {
 		t.Errorf("the deadline was enforced %d ms late across a leader change", late)
 	}
-	cohortRun(t, "http://"+follower.http, sleepGang("second", 2, 64, "1m", 1))
-	waitStatus(t, "http://"+leader.http, "second", "finished")
+	cohortRun(t, scheme()+follower.http, sleepGang("second", 2, 64, "1m", 1))
+	waitStatus(t, scheme()+leader.http, "second", "finished")
 
 	// The killed server restarts on its data and catches up.
 	old.start(t, c, nil)
 	waitFor(t, "restarted server has both jobs", func() bool {
-		var jobs []jobView
-		resp, err := http.Get("http://" + old.http + "/v1/jobs")
+		jobs, err := client(scheme() + old.http).Jobs()
 		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		if json.NewDecoder(resp.Body).Decode(&jobs) != nil {
 			return false
 		}
 		done := 0
@@ -269,4 +271,53 @@ func TestServerGroup(t *testing.T) {
 		}
 		return done == 2
 	})
+	// The group is the same three after the restart.
+	if ms, err := members(t, old.http); err != nil || len(ms) != 3 {
+		t.Errorf("members after the restart: %v %+v", err, ms)
+	}
+}
+
+// refuseOutsiders: a join or a member registration without a server
+// certificate, sent to the leader or to a follower (which forwards it), is
+// refused with 403 and leaves the group and its leader as they were; a
+// plain TCP connection to a Raft port gets nothing back.
+func refuseOutsiders(t *testing.T, leader, follower *serverProc, servers []*serverProc) {
+	t.Helper()
+	bogus := `{"ID":"x","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9"}`
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: sec.tls}, Timeout: 10 * time.Second}
+	for _, s := range []*serverProc{leader, follower} {
+		for _, path := range []string{"/v1/members/join", "/v1/members/register"} {
+			resp, err := hc.Post("https://"+s.http+path, "application/json", strings.NewReader(bogus))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 403 {
+				t.Errorf("%s to %s without a certificate: %s %s", path, s.id, resp.Status, b)
+			}
+		}
+	}
+	ms, err := members(t, follower.http)
+	if err != nil || len(ms) != 3 {
+		t.Fatalf("members after the refused joins: %v %+v", err, ms)
+	}
+	for _, m := range ms {
+		if m.Leader && m.ID != leader.id {
+			t.Errorf("the leader changed to %s", m.ID)
+		}
+	}
+	for _, s := range servers {
+		conn, err := net.DialTimeout("tcp", s.raft, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(15 * time.Second))
+		conn.Write([]byte{0, 0x83, 0xa4, 'T', 'e', 'r', 'm', 1})
+		b, err := io.ReadAll(conn) // the TLS handshake fails: closed
+		conn.Close()
+		if len(b) != 0 || err != nil {
+			t.Errorf("plain TCP to %s's raft port: %d bytes back, %v; want it closed at once", s.id, len(b), err)
+		}
+	}
 }

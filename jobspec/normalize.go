@@ -38,6 +38,10 @@ const BarrierProgram = "local/cohort-barrier"
 const (
 	EnvServers     = "COHORT_SERVERS"      // the servers' API addresses, comma-separated
 	EnvGangTimeout = "COHORT_GANG_TIMEOUT" // how long to wait for a verdict before giving up
+	// EnvBarrierToken authenticates a barrier task's reports; EnvCAPEM is
+	// the servers' CA certificate, for servers that speak TLS.
+	EnvBarrierToken = "COHORT_BARRIER_TOKEN"
+	EnvCAPEM        = "COHORT_CA_PEM"
 )
 
 // Barrier task resources: a static program that waits on one HTTP call.
@@ -58,6 +62,9 @@ type BarrierTask struct {
 	Checksum string
 	// Servers are the cohort servers' API addresses.
 	Servers []string
+	// Token authenticates the task's reports for this one job; CAPEM is
+	// the servers' CA certificate when they speak TLS.
+	Token, CAPEM string
 }
 
 // MaxJobIDLength bounds gang job IDs: they travel in URLs, Consul names
@@ -285,10 +292,7 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout string) *api.T
 		Driver:    driver,
 		Lifecycle: &api.TaskLifecycle{Hook: api.TaskLifecycleHookPrestart, Sidecar: false},
 		Config:    map[string]any{"command": BarrierProgram},
-		Env: map[string]string{
-			EnvServers:     strings.Join(servers, ","),
-			EnvGangTimeout: gangTimeout,
-		},
+		Env:       barrierEnv(servers, gangTimeout, b),
 		Artifacts: []*api.TaskArtifact{{
 			GetterSource:  ptr(b.Source),
 			GetterOptions: map[string]string{"checksum": b.Checksum},
@@ -298,6 +302,20 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout string) *api.T
 		LogConfig:   &api.LogConfig{MaxFiles: ptr(1), MaxFileSizeMB: ptr(1)},
 		KillTimeout: ptr(time.Second),
 	}
+}
+
+func barrierEnv(servers []string, gangTimeout string, b *BarrierTask) map[string]string {
+	env := map[string]string{
+		EnvServers:     strings.Join(servers, ","),
+		EnvGangTimeout: gangTimeout,
+	}
+	if b.Token != "" {
+		env[EnvBarrierToken] = b.Token
+	}
+	if b.CAPEM != "" {
+		env[EnvCAPEM] = b.CAPEM
+	}
+	return env
 }
 
 // GroupResources is what one worker of a group holds, as Nomad counts an

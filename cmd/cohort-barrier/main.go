@@ -8,13 +8,16 @@
 //
 // It reads what Nomad and cohort put in its environment: NOMAD_JOB_ID,
 // NOMAD_NAMESPACE, NOMAD_ALLOC_ID, COHORT_SERVERS (API addresses, comma
-// separated) and COHORT_GANG_TIMEOUT. It is built static, so it runs under
-// the exec driver's chroot too.
+// separated), COHORT_GANG_TIMEOUT, and, from servers that speak TLS,
+// COHORT_BARRIER_TOKEN (its job's token, which authenticates its reports)
+// and COHORT_CA_PEM (the servers' CA). It is built static, so it runs
+// under the exec driver's chroot too.
 package main
 
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"os"
@@ -24,6 +27,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 )
 
 // grace is how long past the gang timeout a worker still waits: the
@@ -58,9 +62,17 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 	if d, err := time.ParseDuration(env("COHORT_GANG_TIMEOUT")); err == nil && d > 0 {
 		timeout = d
 	}
+	var tlsConf *tls.Config
+	if pem := env("COHORT_CA_PEM"); pem != "" {
+		ca, err := tlsutil.FromPEM([]byte(pem))
+		if err != nil {
+			return fail("COHORT_CA_PEM: %v", err)
+		}
+		tlsConf = ca.ClientConfig()
+	}
 	b := make([]byte, 8)
 	rand.Read(b)
-	req := api.BarrierRequest{Alloc: alloc, Instance: hex.EncodeToString(b), Wait: poll.String()}
+	req := api.BarrierRequest{Alloc: alloc, Instance: hex.EncodeToString(b), Wait: poll.String(), Token: env("COHORT_BARRIER_TOKEN")}
 
 	began := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout+grace)
@@ -69,11 +81,13 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 	backoff := 100 * time.Millisecond
 	for i := 0; ; i++ {
 		server := servers[i%len(servers)]
-		c := api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second})
+		c := api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: tlsConf})
 		v, err := c.Barrier(ctx, ns, job, req)
 		switch {
 		case ctx.Err() != nil:
 			return fail("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", timeout, grace, err)
+		case api.IsStatus(err, 403):
+			return fail("the servers refused this report: %v", err)
 		case err != nil:
 			select {
 			case <-ctx.Done():

@@ -66,8 +66,11 @@ func (q *QEMU) Version() string {
 // Cmdline is the guest kernel command line. acpi=off makes QEMU describe
 // the virtio-mmio devices on the command line; reboot=t with -no-reboot
 // turns the init's final reset into the VMM's exit; tsc=reliable spares TCG
-// guests a TSC calibration that can hang.
-const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable acpi=off quiet 8250.nr_uarts=1 random.trust_cpu=off"
+// guests a TSC calibration that can hang; no_timer_check skips the check
+// that the timer interrupt ticks within a few of its periods, which a TCG
+// guest on a loaded host can fail ("IO-APIC + timer doesn't work!", a
+// panic at boot).
+const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check acpi=off quiet 8250.nr_uarts=1 random.trust_cpu=off"
 
 // Args builds the QEMU command line for spec. It is a pure function of the
 // spec, so a template and its restored copies get identical device layouts.

@@ -48,6 +48,11 @@ type Config struct {
 	// MicroVM configures the microvm driver plugin; nil leaves it out.
 	MicroVM *MicroVM
 	Logger  hclog.Logger
+	// TLS makes a CA and certificates for cohort's servers, callers and
+	// each node's microvm driver, which reaches the servers over HTTPS
+	// with its node's certificate. NomadSecure also runs Nomad with TLS
+	// and ACLs (bootstrapped: NomadToken is the management token).
+	TLS, NomadSecure bool
 }
 
 // MicroVM is what the microvm driver needs from the dev cluster.
@@ -90,11 +95,18 @@ type Cluster struct {
 	outside string // the outside host's namespace, if any
 	once    sync.Once
 	stopped chan struct{}
+	tls     *TLSFiles
+	token   string       // Nomad's management token, with NomadSecure
+	http    *http.Client // to Nomad and Consul
 }
 
 // NomadAddr is the Nomad HTTP API (and UI) address.
 func (c *Cluster) NomadAddr() string {
-	return "http://127.0.0.1:" + strconv.Itoa(c.cfg.Ports.NomadHTTP)
+	scheme := "http"
+	if c.cfg.NomadSecure {
+		scheme = "https"
+	}
+	return scheme + "://127.0.0.1:" + strconv.Itoa(c.cfg.Ports.NomadHTTP)
 }
 
 // ConsulAddr is the Consul HTTP API (and UI) address.
@@ -151,8 +163,11 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return nil, fmt.Errorf("becoming child subreaper: %w", err)
 	}
+	if cfg.NomadSecure {
+		cfg.TLS = true
+	}
 	c := &Cluster{cfg: cfg, log: cfg.Logger, net: newDevNet(cfg.Ports.NomadHTTP), stopped: make(chan struct{}),
-		agents: &agents{dir: cfg.DataDir, log: cfg.Logger}}
+		agents: &agents{dir: cfg.DataDir, log: cfg.Logger}, http: &http.Client{Timeout: 5 * time.Second}}
 	fail := func(err error) (*Cluster, error) {
 		c.Stop()
 		return nil, err
@@ -166,6 +181,11 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			return fail(err)
 		}
 		c.nodes = append(c.nodes, n)
+	}
+	if cfg.TLS {
+		if err := c.makeTLS(); err != nil {
+			return fail(fmt.Errorf("making the cluster's certificates: %w", err))
+		}
 	}
 	if cfg.Outside {
 		ns, err := c.net.addHost("out", c.net.OutsideIP())
@@ -225,7 +245,7 @@ func (c *Cluster) startConsul(ctx context.Context) error {
 	c.consul = a
 	if err := a.waitFor(ctx, "consul leader", func() (bool, error) {
 		var leader string
-		err := getJSON(c.ConsulAddr()+"/v1/status/leader", &leader)
+		err := c.getJSON(c.ConsulAddr()+"/v1/status/leader", &leader)
 		return leader != "", err
 	}); err != nil {
 		return err
@@ -244,7 +264,7 @@ func (c *Cluster) startConsul(ctx context.Context) error {
 			Name   string
 			Status int
 		}
-		if err := getJSON(c.ConsulAddr()+"/v1/agent/members", &members); err != nil {
+		if err := c.getJSON(c.ConsulAddr()+"/v1/agent/members", &members); err != nil {
 			return false, err
 		}
 		alive := 0
@@ -267,6 +287,11 @@ func (c *Cluster) startNomad(ctx context.Context) error {
 		return err
 	}
 	c.nomad = a
+	if c.cfg.NomadSecure {
+		if err := a.waitFor(ctx, "nomad's ACL bootstrap", c.bootstrapACL); err != nil {
+			return err
+		}
+	}
 	for _, n := range c.nodes {
 		if err := c.startNomadClient(n); err != nil {
 			return err
@@ -297,13 +322,13 @@ type nomadNode struct {
 
 func (c *Cluster) nomadNodes() ([]nomadNode, error) {
 	var stubs []struct{ ID, Name, Status string }
-	if err := getJSON(c.NomadAddr()+"/v1/nodes", &stubs); err != nil {
+	if err := c.getJSON(c.NomadAddr()+"/v1/nodes", &stubs); err != nil {
 		return nil, err
 	}
 	var out []nomadNode
 	for _, s := range stubs {
 		var n nomadNode
-		if err := getJSON(c.NomadAddr()+"/v1/node/"+s.ID, &n); err != nil {
+		if err := c.getJSON(c.NomadAddr()+"/v1/node/"+s.ID, &n); err != nil {
 			return nil, err
 		}
 		out = append(out, n)
@@ -440,19 +465,18 @@ func (c *Cluster) Stop() error {
 // stop, so tasks get their normal kill signal and grace period.
 func (c *Cluster) stopJobs() {
 	var jobs []struct{ ID, Namespace string }
-	if err := getJSON(c.NomadAddr()+"/v1/jobs?namespace=*", &jobs); err != nil {
+	if err := c.getJSON(c.NomadAddr()+"/v1/jobs?namespace=*", &jobs); err != nil {
 		return
 	}
 	for _, j := range jobs {
-		req, _ := http.NewRequest(http.MethodDelete, c.NomadAddr()+"/v1/job/"+j.ID+"?purge=true&namespace="+j.Namespace, nil)
-		if resp, err := http.DefaultClient.Do(req); err == nil {
+		if resp, err := c.NomadDo(http.MethodDelete, "/v1/job/"+j.ID+"?purge=true&namespace="+j.Namespace, nil); err == nil {
 			resp.Body.Close()
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		var allocs []struct{ ClientStatus string }
-		if err := getJSON(c.NomadAddr()+"/v1/allocations?namespace=*", &allocs); err != nil {
+		if err := c.getJSON(c.NomadAddr()+"/v1/allocations?namespace=*", &allocs); err != nil {
 			return
 		}
 		running := 0
@@ -479,10 +503,16 @@ func (c *Cluster) Logs() []string {
 	return out
 }
 
-var httpClient = &http.Client{Timeout: 5 * time.Second}
-
-func getJSON(url string, out any) error {
-	resp, err := httpClient.Get(url)
+// getJSON reads a Nomad or Consul API, as the cluster's operator.
+func (c *Cluster) getJSON(url string, out any) error {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	if c.token != "" {
+		req.Header.Set("X-Nomad-Token", c.token)
+	}
+	resp, err := c.http.Do(req)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 )
 
 func writeJSON(path string, v any) error {
@@ -92,7 +94,7 @@ server {
 consul {
   address = "127.0.0.1:%d"
 }
-`, filepath.Join(c.cfg.DataDir, "nomad-server"), p.NomadHTTP, p.NomadRPC, p.NomadSerf, ip, ip, ip, p.ConsulHTTP)
+%s`, filepath.Join(c.cfg.DataDir, "nomad-server"), p.NomadHTTP, p.NomadRPC, p.NomadSerf, ip, ip, ip, p.ConsulHTTP, c.nomadTLSBlock(c.tlsFor(true)))
 }
 
 // nomadClientConfig is a node's Nomad client, in the node's namespace.
@@ -122,8 +124,8 @@ plugin "raw_exec" {
     enabled = true
   }
 }
-%s
-`, n.Name, filepath.Join(n.Dir, "nomad"), n.PluginDir, n.IP, c.net.ServerIP(), c.cfg.Ports.NomadRPC, c.pluginConfig(n))
+%s%s
+`, n.Name, filepath.Join(n.Dir, "nomad"), n.PluginDir, n.IP, c.net.ServerIP(), c.cfg.Ports.NomadRPC, c.pluginConfig(n), c.nomadTLSBlock(c.tlsFor(false)))
 }
 
 // pluginConfig configures the microvm driver of a node.
@@ -141,16 +143,26 @@ func (c *Cluster) pluginConfig(n *Node) string {
       egress = %t
     }`, egress)
 	}
+	tlsBlock := ""
+	if c.tls != nil {
+		f := c.tls.Nodes[n.Name]
+		tlsBlock = fmt.Sprintf(`
+    tls {
+      ca_file   = %q
+      cert_file = %q
+      key_file  = %q
+    }`, f.CAFile, f.CertFile, f.KeyFile)
+	}
 	return fmt.Sprintf(`
 plugin "nomad-driver-microvm" {
   config {
     kernel         = %q
     init           = %q
     state_dir      = %q
-    cohort_servers = %s%s
+    cohort_servers = %s%s%s
   }
 }
-`, mv.Kernel, mv.Init, n.StateDir, hclList(mv.CohortServers), network)
+`, mv.Kernel, mv.Init, n.StateDir, hclList(mv.CohortServers), network, tlsBlock)
 }
 
 func hclList(ss []string) string {
@@ -159,4 +171,15 @@ func hclList(ss []string) string {
 		q[i] = strconv.Quote(s)
 	}
 	return "[" + strings.Join(q, ", ") + "]"
+}
+
+// tlsFor is Nomad's server or client certificate.
+func (c *Cluster) tlsFor(server bool) tlsutil.Files {
+	if c.tls == nil {
+		return tlsutil.Files{}
+	}
+	if server {
+		return c.tls.NomadServer
+	}
+	return c.tls.NomadClient
 }

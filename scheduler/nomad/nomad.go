@@ -7,6 +7,7 @@ package nomad
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sort"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
@@ -23,6 +25,11 @@ import (
 // Client wraps the Nomad API.
 type Client struct {
 	api *api.Client
+	// anon is the same cluster without cohort's token: what a caller
+	// without a token is allowed is asked through it, never through
+	// cohort's own token.
+	anon *api.Client
+	cfg  Config
 
 	mu     sync.Mutex
 	nodes  []*api.NodeListStub
@@ -35,18 +42,68 @@ type Client struct {
 	watching bool
 }
 
-// New connects to Nomad at addr ("" means $NOMAD_ADDR or the default).
-func New(addr string) (*Client, error) {
-	cfg := api.DefaultConfig()
-	if addr != "" {
-		cfg.Address = addr
+// Config is how cohort reaches Nomad, as Nomad's own CLI is configured.
+type Config struct {
+	Address string // "" means $NOMAD_ADDR or the default
+	Token   string // cohort's own ACL token
+	// CACert verifies Nomad's certificate; ClientCert and ClientKey are
+	// cohort's when Nomad verifies its HTTPS clients; TLSServerName is
+	// the name to verify Nomad's certificate against.
+	CACert, ClientCert, ClientKey, TLSServerName string
+}
+
+// apiConfig is the Nomad API client's configuration for token.
+func (cfg Config) apiConfig(token string) *api.Config {
+	c := api.DefaultConfig()
+	if cfg.Address != "" {
+		c.Address = cfg.Address
 	}
-	c, err := api.NewClient(cfg)
+	c.SecretID = token
+	if cfg.CACert != "" || cfg.ClientCert != "" || cfg.TLSServerName != "" {
+		c.TLSConfig = &api.TLSConfig{CACert: cfg.CACert, ClientCert: cfg.ClientCert, ClientKey: cfg.ClientKey, TLSServerName: cfg.TLSServerName}
+	}
+	return c
+}
+
+// TLS is the TLS configuration for talking to Nomad directly (the
+// Nomad-compatible endpoint's proxy), nil for plain HTTP.
+func (cfg Config) TLS() (*tls.Config, error) {
+	if cfg.CACert == "" && cfg.ClientCert == "" && cfg.TLSServerName == "" {
+		return nil, nil
+	}
+	tc := &tls.Config{ServerName: cfg.TLSServerName, MinVersion: tls.VersionTLS12}
+	if cfg.CACert != "" {
+		b, err := tlsutil.Load(tlsutil.Files{CAFile: cfg.CACert})
+		if err != nil {
+			return nil, fmt.Errorf("nomad's CA certificate: %w", err)
+		}
+		tc.RootCAs = b.Pool
+	}
+	if cfg.ClientCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.ClientCert, cfg.ClientKey)
+		if err != nil {
+			return nil, fmt.Errorf("loading the client certificate for nomad: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
+}
+
+// New connects to Nomad.
+func New(cfg Config) (*Client, error) {
+	c, err := api.NewClient(cfg.apiConfig(cfg.Token))
 	if err != nil {
 		return nil, fmt.Errorf("nomad client: %w", err)
 	}
-	return &Client{api: c}, nil
+	anon, err := api.NewClient(cfg.apiConfig(""))
+	if err != nil {
+		return nil, fmt.Errorf("nomad client: %w", err)
+	}
+	return &Client{api: c, anon: anon, cfg: cfg}, nil
 }
+
+// Address is Nomad's API address.
+func (c *Client) Address() string { return c.api.Address() }
 
 // resources asks list endpoints for each entry's resources.
 var resources = map[string]string{"resources": "true"}
@@ -406,6 +463,7 @@ type Worker struct {
 	Name      string // job.group[index]
 	TaskGroup string
 	Node      string
+	NodeName  string
 	Status    string // Nomad's client status
 	ExitCode  *int   `json:",omitempty"`
 	// FinishedAt is when the allocation's last task finished, once it
@@ -475,7 +533,7 @@ func CountAllocs(a Allocs, version uint64, stubs []*api.AllocationListStub) Allo
 		if s.JobVersion != version {
 			continue
 		}
-		w := Worker{Alloc: s.ID, Name: s.Name, TaskGroup: s.TaskGroup, Node: s.NodeID, Status: s.ClientStatus}
+		w := Worker{Alloc: s.ID, Name: s.Name, TaskGroup: s.TaskGroup, Node: s.NodeID, NodeName: s.NodeName, Status: s.ClientStatus}
 		finished := true
 		for task, ts := range s.TaskStates {
 			if ts.FinishedAt.IsZero() {

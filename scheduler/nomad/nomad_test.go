@@ -107,7 +107,7 @@ func TestRefusedOnlyFor4xx(t *testing.T) {
 			w.WriteHeader(c.code)
 			w.Write([]byte("nope"))
 		}))
-		cl, _ := New(srv.URL)
+		cl, _ := New(Config{Address: srv.URL})
 		id := "j"
 		_, err := cl.Register(&api.Job{ID: &id})
 		var re *RefusedError

@@ -5,6 +5,7 @@
 package replica
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -39,6 +40,13 @@ type Config struct {
 	// a group of one for tests that exercise the real Raft library
 	// without disks or sockets. DataDir and Bind are then unused.
 	InMemory bool
+	// TLSServer and TLSClient carry Raft over mutual TLS: both must
+	// require and verify a server certificate of the cluster's CA.
+	TLSServer, TLSClient *tls.Config
+	// Local runs a group of one with nothing listening: its Raft address
+	// is Bind, but no other server can reach it (a single server without
+	// TLS has no way to tell its peers from anyone else).
+	Local bool
 }
 
 // Timeouts are Raft's failure-detection and commit timeouts.
@@ -148,18 +156,34 @@ func Start(cfg Config) (*Replica, error) {
 			closeAll()
 			return nil, err
 		}
-		addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
-		if err != nil {
-			closeAll()
-			return nil, err
+		switch {
+		case cfg.Local:
+			_, it := raft.NewInmemTransport(raft.ServerAddress(cfg.Bind))
+			trans = it
+			closers = append(closers, it.Close)
+		case cfg.TLSServer != nil || cfg.TLSClient != nil:
+			st, err := newTLSStream(cfg.Bind, cfg.TLSServer, cfg.TLSClient)
+			if err != nil {
+				closeAll()
+				return nil, err
+			}
+			nt := raft.NewNetworkTransportWithLogger(st, 8, 2*time.Second, rc.Logger)
+			trans = nt
+			closers = append(closers, nt.Close)
+		default:
+			addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
+			if err != nil {
+				closeAll()
+				return nil, err
+			}
+			nt, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
+			if err != nil {
+				closeAll()
+				return nil, fmt.Errorf("raft transport: %w", err)
+			}
+			trans = nt
+			closers = append(closers, nt.Close)
 		}
-		nt, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
-		if err != nil {
-			closeAll()
-			return nil, fmt.Errorf("raft transport: %w", err)
-		}
-		trans = nt
-		closers = append(closers, nt.Close)
 	}
 	f := &fsm{st: state.New(), changed: make(chan struct{})}
 	peers := cfg.Peers

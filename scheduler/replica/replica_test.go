@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -21,10 +22,14 @@ type group struct {
 	peers map[string]string
 	dirs  map[string]string
 	live  map[string]*Replica
+	// tlsServer and tlsClient, when set, carry Raft over mutual TLS.
+	tlsServer, tlsClient *tls.Config
 }
 
-func newGroup(t *testing.T, n int) *group {
-	g := &group{t: t, peers: map[string]string{}, dirs: map[string]string{}, live: map[string]*Replica{}}
+func newGroup(t *testing.T, n int) *group { return newGroupTLS(t, n, nil, nil) }
+
+func newGroupTLS(t *testing.T, n int, server, client *tls.Config) *group {
+	g := &group{t: t, peers: map[string]string{}, dirs: map[string]string{}, live: map[string]*Replica{}, tlsServer: server, tlsClient: client}
 	for i := 1; i <= n; i++ {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -49,7 +54,7 @@ func newGroup(t *testing.T, n int) *group {
 }
 
 func (g *group) start(id string) {
-	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: true})
+	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: true, TLSServer: g.tlsServer, TLSClient: g.tlsClient})
 	if err != nil {
 		g.t.Fatalf("starting %s: %v", id, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
@@ -24,7 +25,14 @@ import (
 // jobspec.Normalize), with this server group's barrier task for drivers
 // that need it. A job that cannot be a gang is refused with ErrRejected.
 func (s *Server) Normalize(nj *api.Job) (*api.Job, []string, error) {
-	out, notes, err := jobspec.Normalize(nj, s.barrierTaskFor())
+	if nj == nil {
+		return nil, nil, fmt.Errorf("%w: no job", ErrRejected)
+	}
+	bt, err := s.barrierTaskFor(placement.Key(normNS(deref(nj.Namespace)), deref(nj.ID)))
+	if err != nil {
+		return nil, nil, err
+	}
+	out, notes, err := jobspec.Normalize(nj, bt)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrRejected, err)
 	}
@@ -246,10 +254,13 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 
 // barrierTaskFor is the barrier task the leader adds to gangs on drivers
 // without their own start barrier: its program from this server, its
-// reports to every server of the group.
-func (s *Server) barrierTaskFor() *jobspec.BarrierTask {
+// reports to every server of the group. With TLS, it carries the job's
+// barrier token and the CA, and its program comes over plain HTTP from
+// the same port: Nomad's artifact fetcher trusts only the system's CAs,
+// and the checksum pins the program anyway.
+func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 	if s.barrierTask == nil || s.self.HTTPAddr == "" {
-		return nil
+		return nil, nil
 	}
 	servers := map[string]bool{s.self.HTTPAddr: true}
 	s.r.Read(func(st *state.State) {
@@ -263,5 +274,20 @@ func (s *Server) barrierTaskFor() *jobspec.BarrierTask {
 	for a := range servers {
 		bt.Servers = append(bt.Servers, a)
 	}
-	return bt
+	if s.tls != nil {
+		bt.Source = "http://" + strings.TrimPrefix(bt.Source, "https://")
+		bt.CAPEM = string(s.tls.CAPEM)
+		sec, err := s.secret()
+		switch {
+		case err == nil:
+			bt.Token = barrierToken(sec, key, s.runOf(key))
+		case s.r.IsLeader():
+			// The leader admits: a gang without a token could never pass
+			// its barrier.
+			return nil, fmt.Errorf("making the job's barrier token: %w", err)
+		}
+		// A follower normalizes only to have Nomad plan the job: the
+		// token does not matter there.
+	}
+	return bt, nil
 }

@@ -26,9 +26,11 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/state"
 )
@@ -40,6 +42,14 @@ const maxBarrierWait = 55 * time.Second
 // does not know as a gang registered with Nomad directly. It must run on
 // the leader.
 func (s *Server) Boot(ns, jobID string, req api.BarrierRequest) (api.BarrierResponse, error) {
+	return s.BootOn(ns, jobID, req, "")
+}
+
+// BootOn is Boot for a report from node ("" when the reporter's node is
+// not known: a barrier task, or a server without TLS). A boot is
+// recorded only for an allocation Nomad says is a live worker of the
+// gang's current registration, on that node.
+func (s *Server) BootOn(ns, jobID string, req api.BarrierRequest, node string) (api.BarrierResponse, error) {
 	key := placement.Key(ns, jobID)
 	var known, recorded bool
 	s.r.Read(func(st *state.State) {
@@ -55,7 +65,18 @@ func (s *Server) Boot(ns, jobID string, req api.BarrierRequest) (api.BarrierResp
 			return v, err
 		}
 	}
-	if !recorded {
+	var reserved bool
+	s.r.Read(func(st *state.State) {
+		j, ok := st.Jobs[key]
+		reserved = ok && j.Status == state.Reserved
+	})
+	if !recorded && reserved {
+		// Only a gang waiting for its workers takes boots; any other
+		// answer (sent back to the queue, started without this worker,
+		// ended) is the verdict's.
+		if v, err := s.checkAlloc(ns, jobID, req.Alloc, node); err != nil || v.Status == api.BarrierAbort {
+			return v, err
+		}
 		// A big gang's workers report at once: their boots share commits.
 		res, err := s.batch.Apply(&state.Command{Op: state.OpBoot, At: s.now(), JobID: key, Alloc: req.Alloc, Instance: req.Instance})
 		if err != nil {
@@ -164,7 +185,16 @@ func (s *Server) handleBarrier(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	v, err := s.Boot(ns, id, req)
+	// A node's driver reports with the node's certificate (the leader is
+	// told which node a forwarding server verified); a barrier task with
+	// its job's token.
+	c := s.callerOf(r)
+	node := c.node
+	if s.tls != nil && node == "" && !s.validBarrierToken(placement.Key(ns, id), req.Token) {
+		refuse(w, fmt.Errorf("%w: a boot report needs the node's certificate from the cluster's CA or the job's barrier token", nomad.ErrDenied))
+		return
+	}
+	v, err := s.BootOn(ns, id, req, node)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("recording the boot of %s: %w", req.Alloc, err))
 		return
@@ -172,4 +202,95 @@ func (s *Server) handleBarrier(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
 	writeJSON(w, http.StatusOK, s.awaitVerdict(ctx, placement.Key(ns, id), req, v))
+}
+
+// allocCache keeps each job's allocations as Nomad last listed them, so
+// the reports of a gang's workers, which come at once, cost one listing.
+type allocCache struct {
+	mu   sync.Mutex
+	jobs map[string]*jobAllocs
+}
+
+type jobAllocs struct {
+	mu      sync.Mutex // held while listing
+	version uint64
+	at      time.Time
+	byID    map[string]nomad.Worker
+	live    map[string]bool
+}
+
+// allocFresh is how old a listing may be and still count for an
+// allocation it holds: allocations do not change job or node.
+const allocFresh = 10 * time.Second
+
+// checkAlloc says whether alloc is a live worker of the job's current
+// Nomad registration on node (any node when ""): an abort verdict when
+// it is not, an error when Nomad cannot tell now.
+func (s *Server) checkAlloc(ns, id, alloc, node string) (api.BarrierResponse, error) {
+	key := placement.Key(ns, id)
+	// The leader records a registration just after Nomad takes it: a
+	// quick worker may report first.
+	var version uint64
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		changed := s.r.Changed()
+		var registered, ended bool
+		s.r.Read(func(st *state.State) {
+			if j, ok := st.Jobs[key]; ok {
+				registered, version, ended = j.NomadIndex != 0, j.NomadVersion, j.Ended()
+			}
+		})
+		if ended {
+			return api.BarrierResponse{Status: api.BarrierAbort, Reason: "the gang has ended"}, nil
+		}
+		if registered {
+			break
+		}
+		if time.Now().After(deadline) {
+			return api.BarrierResponse{}, fmt.Errorf("gang %s is not registered with nomad yet", key)
+		}
+		select {
+		case <-changed:
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	c := &s.bootAllocs
+	c.mu.Lock()
+	if c.jobs == nil {
+		c.jobs = map[string]*jobAllocs{}
+	}
+	ja := c.jobs[key]
+	if ja == nil {
+		if len(c.jobs) > 1024 {
+			c.jobs = map[string]*jobAllocs{}
+		}
+		ja = &jobAllocs{}
+		c.jobs[key] = ja
+	}
+	c.mu.Unlock()
+
+	ja.mu.Lock()
+	defer ja.mu.Unlock()
+	w, ok := ja.byID[alloc]
+	if !ok || ja.version != version || time.Since(ja.at) > allocFresh {
+		a, err := s.nomad.Allocs(ns, id, version)
+		if err != nil {
+			return api.BarrierResponse{}, fmt.Errorf("asking nomad about allocation %s: %w", alloc, err)
+		}
+		ja.version, ja.at, ja.live = version, time.Now(), a.Live
+		ja.byID = make(map[string]nomad.Worker, len(a.Workers))
+		for _, w := range a.Workers {
+			ja.byID[w.Alloc] = w
+		}
+		w, ok = ja.byID[alloc]
+	}
+	switch {
+	case !ok:
+		return abort("allocation %s is not a worker of version %d of gang %s", alloc, version, key), nil
+	case !ja.live[alloc]:
+		return abort("allocation %s is %s", alloc, w.Status), nil
+	case node != "" && w.NodeName != node:
+		return abort("allocation %s runs on node %s, not on %s, which reported it", alloc, w.NodeName, node), nil
+	}
+	return api.BarrierResponse{Status: api.BarrierWait}, nil
 }

@@ -27,7 +27,7 @@ const forwardedHeader = "X-Cohort-Forwarded"
 // server at; it is recorded in the replicated state.
 func (s *Server) Advertise(httpAddr string) {
 	if !strings.Contains(httpAddr, "://") {
-		httpAddr = "http://" + httpAddr
+		httpAddr = s.scheme() + httpAddr
 	}
 	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/")}
 }
@@ -86,8 +86,22 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
 			return
 		}
 		p := httputil.NewSingleHostReverseProxy(u)
+		if s.peerHTTP != nil {
+			p.Transport = s.peerHTTP.Transport
+		}
 		p.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
 			writeErr(w, http.StatusBadGateway, fmt.Errorf("forwarding to the leader at %s: %w", target, err))
+		}
+		// The leader sees this server's certificate, not the caller's:
+		// it is told which node's certificate this server verified.
+		c := s.callerOf(r)
+		r.Header.Del(nodeHeader)
+		r.Header.Del(serverHeader)
+		if c.node != "" {
+			r.Header.Set(nodeHeader, c.node)
+		}
+		if c.server {
+			r.Header.Set(serverHeader, "1")
 		}
 		r.Header.Set(forwardedHeader, s.self.ID)
 		p.ServeHTTP(w, r)
@@ -95,11 +109,17 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
 }
 
 func (s *Server) handleAgentSelf(w http.ResponseWriter, r *http.Request) {
+	if !allowed(w, s.mayOperate(s.callerOf(r))) {
+		return
+	}
 	_, leader := s.r.Leader()
 	writeJSON(w, http.StatusOK, api.AgentSelf{Member: api.Member(s.self), Configured: s.r.Configured(), LeaderID: leader})
 }
 
 func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
+	if !allowed(w, s.mayOperate(s.callerOf(r))) {
+		return
+	}
 	ms, err := s.r.Members()
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
@@ -123,12 +143,20 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 // handleJoin adds a server to the group (leader only) and records its
 // addresses.
 func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
+	if !s.callerOf(r).server {
+		refuse(w, s.errNotServer("joining the server group"))
+		return
+	}
 	var m state.Member
 	if !decodeBody(w, r, maxSmallBody, &m) {
 		return
 	}
 	if m.ID == "" || m.RaftAddr == "" {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
+		return
+	}
+	if err := s.memberAddr(m); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	if err := s.r.AddVoter(m.ID, m.RaftAddr, 5*time.Second); err != nil {
@@ -145,6 +173,10 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 
 // handleRegister records a member's addresses (leader only).
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	if !s.callerOf(r).server {
+		refuse(w, s.errNotServer("registering a server's addresses"))
+		return
+	}
 	var m state.Member
 	if !decodeBody(w, r, maxSmallBody, &m) {
 		return
@@ -153,11 +185,27 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"ID", "RaftAddr", "HTTPAddr"}`))
 		return
 	}
+	if err := s.memberAddr(m); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
 	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, m)
+}
+
+// memberAddr checks a member's API address: with TLS, followers forward
+// callers' tokens there, so it must be https.
+func (s *Server) memberAddr(m state.Member) error {
+	if s.tls != nil && m.HTTPAddr != "" && !strings.HasPrefix(m.HTTPAddr, "https://") {
+		return fmt.Errorf("member %s: API address %q must be https:// in a group with TLS", m.ID, m.HTTPAddr)
+	}
+	if len(m.ID) > 128 || len(m.HTTPAddr) > 256 || len(m.RaftAddr) > 256 {
+		return errors.New("member ID or addresses too long")
+	}
+	return nil
 }
 
 // registerSelf makes sure the replicated state holds this server's
@@ -179,7 +227,7 @@ func (s *Server) registerSelf() error {
 	if target == "" {
 		return nil // the leader registers itself first
 	}
-	return peer(target).RegisterMember(api.Member(s.self))
+	return s.peer(target, "").RegisterMember(api.Member(s.self))
 }
 
 // Join makes this server a member of a group: it asks the servers at
@@ -195,9 +243,9 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 		peers := map[string]string{s.self.ID: s.self.RaftAddr}
 		for _, a := range addrs {
 			if !strings.Contains(a, "://") {
-				a = "http://" + a
+				a = s.scheme() + a
 			}
-			self, err := peer(a).AgentSelf()
+			self, err := s.peer(a, "").AgentSelf()
 			if err != nil {
 				s.log.Debug("join: peer not answering", "addr", a, "error", err)
 				continue
@@ -206,7 +254,7 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 				continue
 			}
 			if self.Configured && self.LeaderID != "" {
-				if err := peer(a).Join(api.Member(s.self)); err != nil {
+				if err := s.peer(a, "").Join(api.Member(s.self)); err != nil {
 					s.log.Warn("join: asking the group to add this server", "via", a, "error", err)
 					continue
 				}
@@ -227,7 +275,16 @@ func (s *Server) Join(ctx context.Context, expect int, addrs []string) error {
 	}
 }
 
-// peer is a client for another server's API.
-func peer(addr string) *api.Client {
-	return api.NewClient(api.Config{Address: addr, Timeout: 10 * time.Second})
+// peer is a client for another server's API, showing this server's
+// certificate and, where the call is made for a caller, its token.
+func (s *Server) peer(addr, token string) *api.Client {
+	return api.NewClient(api.Config{Address: addr, Timeout: 10 * time.Second, HTTPClient: s.peerHTTP, Token: token})
+}
+
+// scheme is how this server's group speaks to each other.
+func (s *Server) scheme() string {
+	if s.tls != nil {
+		return "https://"
+	}
+	return "http://"
 }

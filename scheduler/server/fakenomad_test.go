@@ -35,6 +35,64 @@ type fakeNomad struct {
 	registerGate chan struct{}
 
 	calls []string // "register ns/id", "stop ns/id", ...
+
+	// acl, when set, is the ACL system: tokens and what each may do.
+	// Without it ACLs are off.
+	acl map[string]fakeToken
+}
+
+// fakeToken is what one ACL token may do.
+type fakeToken struct {
+	management   bool
+	submit, read map[string]bool // by namespace
+	nodes        bool
+}
+
+func (f *fakeNomad) token(t string) (fakeToken, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("acl %s", t)
+	if f.acl == nil {
+		return fakeToken{management: true}, true
+	}
+	tok, ok := f.acl[t]
+	return tok, ok
+}
+
+func (f *fakeNomad) CanSubmit(t string, job *nomadapi.Job) error {
+	tok, _ := f.token(t)
+	if tok.management || tok.submit[nomadNS(deref(job.Namespace))] {
+		return nil
+	}
+	return fmt.Errorf("%w: submit-job on %s", nomad.ErrDenied, nomadNS(deref(job.Namespace)))
+}
+
+func (f *fakeNomad) CanReadJob(t, ns string) error {
+	tok, _ := f.token(t)
+	if tok.management || tok.read[nomadNS(ns)] || tok.submit[nomadNS(ns)] {
+		return nil
+	}
+	return fmt.Errorf("%w: read-job on %s", nomad.ErrDenied, nomadNS(ns))
+}
+
+func (f *fakeNomad) CanReadNodes(t string) error {
+	if tok, _ := f.token(t); tok.management || tok.nodes {
+		return nil
+	}
+	return fmt.Errorf("%w: node read", nomad.ErrDenied)
+}
+
+func (f *fakeNomad) IsManagement(t string) error {
+	if tok, _ := f.token(t); tok.management {
+		return nil
+	}
+	return fmt.Errorf("%w: management", nomad.ErrDenied)
+}
+
+func (f *fakeNomad) ACLsEnabled() (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.acl != nil, nil
 }
 
 type fakeJob struct {
@@ -171,6 +229,7 @@ func (f *fakeNomad) place(key string) {
 				JobID:      *cur.ID,
 				TaskGroup:  *tg.Name,
 				NodeID:     nodes[i%len(nodes)],
+				NodeName:   "name-" + nodes[i%len(nodes)],
 				JobVersion: *cur.Version, ClientStatus: "pending", DesiredStatus: "run",
 			})
 		}

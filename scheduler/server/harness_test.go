@@ -40,6 +40,13 @@ func node(id string, cpu, mem int) placement.Node {
 
 func newHarness(t testing.TB, nodes ...placement.Node) *harness {
 	t.Helper()
+	return newHarnessWith(t, nil, nodes...)
+}
+
+// newHarnessWith is newHarness with the server's configuration changed by
+// adjust.
+func newHarnessWith(t testing.TB, adjust func(*Config), nodes ...placement.Node) *harness {
+	t.Helper()
 	if len(nodes) == 0 {
 		nodes = []placement.Node{node("n1", 4000, 4096), node("n2", 4000, 4096)}
 	}
@@ -51,11 +58,15 @@ func newHarness(t testing.TB, nodes ...placement.Node) *harness {
 	// A barrier task program: any ELF file will do for the archive.
 	prog := filepath.Join(t.TempDir(), "cohort-barrier")
 	os.WriteFile(prog, []byte("\x7fELF fake program"), 0o755)
-	srv, err := New(r, h.nomad, Config{Prices: billing.DefaultPrices, BarrierTaskPath: prog, Now: h.clock})
+	cfg := Config{Prices: billing.DefaultPrices, BarrierTaskPath: prog, Now: h.clock}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	srv, err := New(r, h.nomad, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv.Advertise("http://127.0.0.1:4747")
+	srv.Advertise("127.0.0.1:4747")
 	h.srv = srv
 	t.Cleanup(func() {
 		srv.Close()
@@ -169,4 +180,11 @@ func (h *harness) started(job *nomadapi.Job) string {
 		h.t.Fatalf("%s is %s after every worker booted: %s", key, got.Status, got.Reason)
 	}
 	return key
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

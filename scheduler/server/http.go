@@ -17,6 +17,7 @@ import (
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
+	nomadapi "github.com/hashicorp/nomad/api"
 )
 
 // Request body limits. A job is the largest thing anyone sends; Nomad
@@ -99,7 +100,17 @@ func (s *Server) Handler() http.Handler {
 	// The leader answers the table: a lease's activity is judged by the
 	// clock that stamped its renewals.
 	mux.HandleFunc("GET /v1/network/leases", s.leaderOnly(s.handleLeases))
-	return mux
+	if !s.verifyIncoming {
+		return mux
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		verified := r.TLS != nil && len(r.TLS.VerifiedChains) > 0
+		if !verified && !strings.HasPrefix(r.URL.Path, "/v1/barrier/") {
+			writeErr(w, http.StatusForbidden, errors.New("permission denied: this server verifies its callers (-verify-incoming): call it with a certificate of the cluster's CA (cohort tls cert create -cli)"))
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -168,6 +179,16 @@ func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Job": <nomad job>}`))
 		return
 	}
+	// The caller's token must be allowed to register the job as cohort
+	// will: Nomad plans the normalized job with it.
+	nj, _, err := s.Normalize(body.Job)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	if !allowed(w, s.maySubmit(s.callerOf(r), nj)) {
+		return
+	}
 	sub, err := s.Submit(body.Job)
 	switch {
 	case errors.Is(err, ErrRejected):
@@ -182,19 +203,23 @@ func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleList(w http.ResponseWriter, r *http.Request) {
-	out := []api.JobView{}
+	all := []api.JobView{}
 	s.r.Read(func(st *state.State) {
 		for _, j := range st.Jobs {
-			out = append(out, view(j))
+			all = append(all, view(j))
 		}
 	})
+	out, ok := s.readable(w, r, all)
+	if !ok {
+		return
+	}
 	sort.Slice(out, func(a, b int) bool { return out[a].SubmittedAt.Before(out[b].SubmittedAt) })
 	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 	ns, id, ok := jobRef(w, r, "id")
-	if !ok {
+	if !ok || !allowed(w, s.mayRead(s.callerOf(r), ns)) {
 		return
 	}
 	job, ok := s.job(placement.Key(ns, id))
@@ -219,7 +244,7 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
 	ns, id, ok := jobRef(w, r, "id")
-	if !ok {
+	if !ok || !allowed(w, s.mayRead(s.callerOf(r), ns)) {
 		return
 	}
 	run := 0
@@ -251,6 +276,26 @@ func (s *Server) handleStop(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	// Stopping takes what registering takes: Nomad plans the gang's job
+	// with the caller's token. A job cohort does not know is refused
+	// after the read check, so it tells no one without read-job whether
+	// it exists.
+	c := s.callerOf(r)
+	stored, known := s.job(placement.Key(ns, id))
+	if !known {
+		if allowed(w, s.mayRead(c, ns)) {
+			writeErr(w, http.StatusNotFound, fmt.Errorf("%w: %s", ErrNoJob, placement.Key(ns, id)))
+		}
+		return
+	}
+	var nj nomadapi.Job
+	if err := json.Unmarshal(stored.Nomad, &nj); err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("decoding the stored job: %w", err))
+		return
+	}
+	if !allowed(w, s.maySubmit(c, &nj)) {
+		return
+	}
 	j, err := s.Stop(placement.Key(ns, id))
 	switch {
 	case errors.Is(err, ErrNoJob):
@@ -273,9 +318,13 @@ func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	placement.Order(specs)
-	out := make([]api.JobView, 0, len(specs))
+	all := make([]api.JobView, 0, len(specs))
 	for _, j := range specs {
-		out = append(out, views[j.Key()])
+		all = append(all, views[j.Key()])
+	}
+	out, ok := s.readable(w, r, all)
+	if !ok {
+		return
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -314,6 +363,9 @@ func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {
+	if !allowed(w, s.mayReadNodes(s.callerOf(r))) {
+		return
+	}
 	var holding []placement.Running
 	s.r.Read(func(st *state.State) { holding = st.Holding(s.now()) })
 	capacity, err := s.nomad.Capacity()
@@ -351,6 +403,31 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]bool{"ok": true})
+}
+
+// readable keeps the jobs of the namespaces the caller may read, as
+// Nomad's job list does; it answers the error itself when Nomad cannot
+// be asked.
+func (s *Server) readable(w http.ResponseWriter, r *http.Request, all []api.JobView) ([]api.JobView, bool) {
+	c := s.callerOf(r)
+	may := map[string]bool{}
+	out := all[:0:0]
+	for _, v := range all {
+		ok, asked := may[v.Namespace]
+		if !asked {
+			err := s.mayRead(c, v.Namespace)
+			if err != nil && !errors.Is(err, nomad.ErrDenied) {
+				refuse(w, err)
+				return nil, false
+			}
+			ok = err == nil
+			may[v.Namespace] = ok
+		}
+		if ok {
+			out = append(out, v)
+		}
+	}
+	return out, true
 }
 
 // workerViews merges what the state knows of a gang's workers with what
@@ -414,4 +491,18 @@ func splitKey(key string) (ns, id string) {
 		return key[:i], key[i+1:]
 	}
 	return "", key
+}
+
+// PlainHandler is what a server with TLS answers over plain HTTP on its
+// API port: the barrier task's program (public, pinned by checksum in
+// every job) and health; every other call is refused, so no token or
+// job travels in the clear.
+func (s *Server) PlainHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+barrierTaskPath, s.handleBarrierTask)
+	mux.HandleFunc("GET /v1/health", s.handleHealth)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeErr(w, http.StatusBadRequest, errors.New("this cohort server speaks HTTPS: call it at https://, trusting the cluster's CA"))
+	})
+	return mux
 }

@@ -51,7 +51,7 @@ func TestRejectedRequestsChangeNothing(t *testing.T) {
 		{"DELETE", "/v1/job/unknown", ``, 404, "no such job"},
 		{"GET", "/v1/job/known/bill?run=0", ``, 400, "run must be"},
 		{"GET", "/v1/job/" + strings.Repeat("z", 200), ``, 400, "at most 128"},
-		{"POST", "/v1/members/join", `{"ID":""}`, 400, "body must be"},
+		{"POST", "/v1/members/join", `{"ID":""}`, 403, "needs a cohort server's certificate"},
 	} {
 		before := h.snapshotState()
 		rec := h.do(c.method, c.path, c.body)
@@ -82,7 +82,7 @@ func TestNomadProxy(t *testing.T) {
 		io.WriteString(w, `{"ok":true}`)
 	}))
 	defer nomad.Close()
-	p, err := h.srv.NewNomadProxy(nomad.URL)
+	p, err := h.srv.NewNomadProxy(nomad.URL, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

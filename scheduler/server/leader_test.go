@@ -420,7 +420,7 @@ func TestHandWrittenJobNormalized(t *testing.T) {
 		t.Errorf("services: %+v", s)
 	}
 	// Submitting the normalized job again changes nothing more.
-	if _, notes, _ := jobspec.Normalize(reg, h.srv.barrierTaskFor()); len(notes) != 0 {
+	if _, notes, _ := jobspec.Normalize(reg, must(h.srv.barrierTaskFor("default/hand"))); len(notes) != 0 {
 		t.Errorf("normalizing the registered job again: %q", notes)
 	}
 }

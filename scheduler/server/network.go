@@ -90,6 +90,9 @@ func (s *Server) handleLease(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, errors.New(`body must be {"Node": "<up to 64 bytes>", "Address": "<IPv4 address>", "Subnet": "<CIDR, optional>"}`))
 		return
 	}
+	if !allowed(w, s.mayNode(s.callerOf(r), req.Node)) {
+		return
+	}
 	if err := s.hostAddress(req.Address); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -108,6 +111,13 @@ func (s *Server) handleReleaseLease(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, errors.New("a node ID of up to 64 bytes"))
 		return
 	}
+	// The node itself gives its subnet up, or an operator does.
+	c := s.callerOf(r)
+	if s.tls == nil || c.node != node {
+		if !allowed(w, s.mayOperate(c)) {
+			return
+		}
+	}
 	if _, err := s.apply(&state.Command{Op: state.OpRelease, At: s.now(), Lease: &state.Lease{Node: node}}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
@@ -118,6 +128,9 @@ func (s *Server) handleReleaseLease(w http.ResponseWriter, r *http.Request) {
 // handleLeases answers the table, and with ?index= waits (up to ?wait=)
 // until it moves past that index.
 func (s *Server) handleLeases(w http.ResponseWriter, r *http.Request) {
+	if c := s.callerOf(r); s.tls != nil && c.node == "" && !allowed(w, s.mayOperate(c)) {
+		return
+	}
 	q := r.URL.Query()
 	var index uint64
 	wait := time.Duration(0)

@@ -14,6 +14,7 @@ package server
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -38,6 +39,8 @@ type NomadProxy struct {
 	s     *Server
 	nomad *url.URL
 	proxy *httputil.ReverseProxy
+	// http asks Nomad itself (plans), over Nomad's TLS where it has it.
+	http *http.Client
 
 	mu    sync.Mutex
 	evals map[string]syntheticEval
@@ -48,13 +51,19 @@ type syntheticEval struct {
 	At               time.Time
 }
 
-// NewNomadProxy returns the endpoint for s in front of nomadAddr.
-func (s *Server) NewNomadProxy(nomadAddr string) (*NomadProxy, error) {
+// NewNomadProxy returns the endpoint for s in front of nomadAddr;
+// nomadTLS, when Nomad speaks HTTPS, verifies it and holds cohort's
+// client certificate for it.
+func (s *Server) NewNomadProxy(nomadAddr string, nomadTLS *tls.Config) (*NomadProxy, error) {
 	u, err := url.Parse(nomadAddr)
 	if err != nil || u.Host == "" {
 		return nil, fmt.Errorf("nomad address %q is not a URL", nomadAddr)
 	}
-	p := &NomadProxy{s: s, nomad: u, proxy: httputil.NewSingleHostReverseProxy(u), evals: map[string]syntheticEval{}}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.TLSClientConfig = nomadTLS
+	p := &NomadProxy{s: s, nomad: u, proxy: httputil.NewSingleHostReverseProxy(u), evals: map[string]syntheticEval{},
+		http: &http.Client{Timeout: 10 * time.Second, Transport: t}}
+	p.proxy.Transport = t
 	// Streams (logs, event stream, exec) must reach the client as they
 	// come.
 	p.proxy.FlushInterval = -1
@@ -113,10 +122,10 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 	// Let Nomad judge the job and the caller's token first: a plan is a
 	// dry run that needs the same capability as a registration.
 	if code, msg := p.plan(r, job); code != http.StatusOK {
-		nomadErr(w, code, errors.New(msg))
+		nomadErr(w, code, planRefusal(code, msg, "submitting", job))
 		return
 	}
-	v, err := p.s.submitAnywhere(job)
+	v, err := p.s.submitAnywhere(job, r.Header.Get(api.TokenHeader))
 	if err != nil {
 		code := http.StatusInternalServerError
 		if errors.Is(err, ErrRejected) {
@@ -165,10 +174,10 @@ func (p *NomadProxy) deregister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if code, msg := p.plan(r, &stored); code != http.StatusOK {
-		nomadErr(w, code, errors.New(msg))
+		nomadErr(w, code, planRefusal(code, msg, "stopping", &stored))
 		return
 	}
-	if err := p.s.stopAnywhere(normNS(ns), id); err != nil {
+	if err := p.s.stopAnywhere(normNS(ns), id, r.Header.Get(api.TokenHeader)); err != nil {
 		nomadErr(w, http.StatusInternalServerError, err)
 		return
 	}
@@ -203,7 +212,10 @@ func (p *NomadProxy) ask(r *http.Request, method, path, rawQuery string, body []
 		return http.StatusInternalServerError, err.Error()
 	}
 	req.Header = r.Header.Clone()
-	resp, err := httpClient.Do(req)
+	// The answer is read here, not passed on: let the transport undo
+	// any compression.
+	req.Header.Del("Accept-Encoding")
+	resp, err := p.http.Do(req)
 	if err != nil {
 		return http.StatusBadGateway, fmt.Sprintf("asking nomad (%s %s): %v", method, path, err)
 	}
@@ -236,6 +248,15 @@ func (p *NomadProxy) plan(r *http.Request, job *nomadapi.Job) (int, string) {
 	return p.ask(r, http.MethodPut, "/v1/job/"+url.PathEscape(*job.ID)+"/plan", q.Encode(), b)
 }
 
+// planRefusal is Nomad's refusal of a plan made with the caller's token,
+// saying what the token lacks when it was the token.
+func planRefusal(code int, msg, doing string, job *nomadapi.Job) error {
+	if code == http.StatusForbidden {
+		return fmt.Errorf("permission denied: %s gang %s in namespace %s needs the submit-job capability (nomad: %s)", doing, deref(job.ID), nomadNS(deref(job.Namespace)), msg)
+	}
+	return errors.New(msg)
+}
+
 // evaluation answers for the synthetic evaluations it handed out.
 func (p *NomadProxy) evaluation(w http.ResponseWriter, r *http.Request) bool {
 	rest := strings.TrimPrefix(r.URL.Path, "/v1/evaluation/")
@@ -261,8 +282,9 @@ func (p *NomadProxy) evaluation(w http.ResponseWriter, r *http.Request) bool {
 	return true
 }
 
-// submitAnywhere submits on the leader: here, or over its HTTP API.
-func (s *Server) submitAnywhere(job *nomadapi.Job) (api.SubmitResponse, error) {
+// submitAnywhere submits on the leader: here, or over its HTTP API with
+// the caller's token (which the leader checks again).
+func (s *Server) submitAnywhere(job *nomadapi.Job, token string) (api.SubmitResponse, error) {
 	if s.r.IsLeader() {
 		sub, err := s.Submit(job)
 		if err != nil {
@@ -274,7 +296,7 @@ func (s *Server) submitAnywhere(job *nomadapi.Job) (api.SubmitResponse, error) {
 	if target == "" {
 		return api.SubmitResponse{}, errors.New("no cohort leader is known yet; try again in a moment")
 	}
-	v, err := peer(target).Submit(job)
+	v, err := s.peer(target, token).Submit(job)
 	if api.IsStatus(err, http.StatusBadRequest) {
 		err = fmt.Errorf("%w: %v", ErrRejected, err)
 	}
@@ -282,7 +304,7 @@ func (s *Server) submitAnywhere(job *nomadapi.Job) (api.SubmitResponse, error) {
 }
 
 // stopAnywhere stops a job on the leader: here, or over its HTTP API.
-func (s *Server) stopAnywhere(ns, id string) error {
+func (s *Server) stopAnywhere(ns, id, token string) error {
 	if s.r.IsLeader() {
 		_, err := s.Stop(placement.Key(ns, id))
 		return err
@@ -291,10 +313,8 @@ func (s *Server) stopAnywhere(ns, id string) error {
 	if target == "" {
 		return errors.New("no cohort leader is known yet; try again in a moment")
 	}
-	return peer(target).Stop(ns, id)
+	return s.peer(target, token).Stop(ns, id)
 }
-
-var httpClient = &http.Client{Timeout: 10 * time.Second}
 
 func nomadNS(ns string) string {
 	if ns == "" {

@@ -17,9 +17,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -62,6 +64,15 @@ type Nomad interface {
 	Allocs(ns, id string, version uint64) (nomad.Allocs, error)
 	AllocIndex(ns, id string) uint64
 	Stop(ns, id string) error
+
+	// What a caller's token may do, asked of Nomad with that token (see
+	// nomad/acl.go): nil, an error wrapping nomad.ErrDenied, or one
+	// saying Nomad could not be asked.
+	CanSubmit(token string, job *api.Job) error
+	CanReadJob(token, ns string) error
+	CanReadNodes(token string) error
+	IsManagement(token string) error
+	ACLsEnabled() (bool, error)
 }
 
 var (
@@ -92,6 +103,12 @@ type Config struct {
 	// empty), fixed by the first lease granted.
 	WorkerRange  string
 	WorkerPrefix int
+	// TLS is the cluster's CA and this server's certificate; nil runs
+	// without TLS, a single server (see auth.go). VerifyIncoming refuses
+	// API callers without a certificate of the CA, but for barrier
+	// tasks' reports, which their job's token authenticates.
+	TLS            *tlsutil.Bundle
+	VerifyIncoming bool
 }
 
 // Server is one cohort server.
@@ -125,6 +142,16 @@ type Server struct {
 	batch *replica.Batcher
 	// kick wakes the leader loop early (a worker booted).
 	kick chan struct{}
+	// tls is the cluster's CA and this server's certificate, if any;
+	// peers calls other servers with them.
+	tls            *tlsutil.Bundle
+	verifyIncoming bool
+	peerHTTP       *http.Client
+	// acl caches Nomad's verdicts on callers' tokens.
+	acl aclCache
+	// bootAllocs caches, per job, Nomad's allocations for checking boot
+	// reports.
+	bootAllocs allocCache
 
 	// Leader loop only, reset when leadership is lost:
 	// seen caches each watched job's allocations;
@@ -151,7 +178,14 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 	s := &Server{r: r, nomad: n, log: log, now: now, prices: cfg.Prices,
 		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
 		retry: map[string]time.Time{}, direct: map[string]uint64{},
-		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix}
+		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix, tls: cfg.TLS, verifyIncoming: cfg.VerifyIncoming && cfg.TLS != nil}
+	if cfg.TLS != nil {
+		if !cfg.TLS.IsServer() {
+			s.batch.Close()
+			return nil, fmt.Errorf("the server's certificate must name %s", tlsutil.ServerName)
+		}
+		s.peerHTTP = cfg.TLS.HTTPClient(0)
+	}
 	if s.workerRange != "" {
 		_, rng, err := net.ParseCIDR(s.workerRange)
 		ones, bits := 0, 32

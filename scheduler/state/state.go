@@ -158,6 +158,9 @@ const (
 	// OpBatch applies several commands in one log entry, in order, each
 	// on its own: one failing does not undo the others.
 	OpBatch Op = "batch"
+	// OpSecret sets the group's secret, once: the first one committed
+	// stays.
+	OpSecret Op = "secret"
 )
 
 // Command is one log entry. JobID is the job's key.
@@ -197,6 +200,7 @@ type Command struct {
 	Lease  *Lease `json:",omitempty"`
 	Range  string `json:",omitempty"`
 	Prefix int    `json:",omitempty"`
+	Secret []byte `json:",omitempty"` // OpSecret
 }
 
 // Encode serialises a command for the log.
@@ -222,6 +226,10 @@ type State struct {
 	Members map[string]Member `json:",omitempty"`
 	// Leases are the nodes' worker subnets.
 	Leases *Leases `json:",omitempty"`
+	// Secret is the server group's own key: the barrier tokens handed
+	// to barrier tasks are derived from it. It lives only in the
+	// servers' Raft log and snapshots.
+	Secret []byte `json:",omitempty"`
 }
 
 // Member is one cohort server.
@@ -248,6 +256,14 @@ func (s *State) Apply(c *Command) Result {
 			out.Results[i] = s.Apply(sub)
 		}
 		return out
+	case OpSecret:
+		if len(c.Secret) < 32 {
+			return Result{Err: "a secret of at least 32 bytes"}
+		}
+		if len(s.Secret) == 0 {
+			s.Secret = append([]byte(nil), c.Secret...)
+		}
+		return Result{}
 	case OpMember:
 		if c.Member == nil || c.Member.ID == "" {
 			return Result{Err: "member without an ID"}
@@ -445,7 +461,8 @@ func (s *State) Holding(now time.Time) []placement.Running {
 // Clone copies the state deeply enough that later commands do not change
 // the copy.
 func (s *State) Clone() *State {
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: maps.Clone(s.Members)}
+	// Secret is set once and never changed in place: the copy shares it.
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: maps.Clone(s.Members), Secret: s.Secret}
 	if c.Members == nil {
 		c.Members = map[string]Member{}
 	}

@@ -1,0 +1,178 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cohort-dev/cohort/internal/devcluster"
+)
+
+// secureGang is a microvm gang of two workers on one node that print
+// their rank and exit.
+func secureGang(name string) string {
+	return fmt.Sprintf(`job %q {
+  max_runtime  = "3m"
+  gang_timeout = "90s"
+  group "w" {
+    count = 2
+    resources {
+      cpu    = 100
+      memory = 128
+    }
+    program {
+      path = %q
+      args = ["env"]
+    }
+  }
+}
+`, name, workerBin)
+}
+
+// nomadToken makes an ACL policy from rules and a client token holding it.
+func nomadToken(t *testing.T, c *devcluster.Cluster, name, rules string) string {
+	t.Helper()
+	body, _ := json.Marshal(map[string]string{"Name": name, "Rules": rules})
+	resp, err := c.NomadDo("PUT", "/v1/acl/policy/"+name, body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("creating policy %s: %v %v", name, err, resp)
+	}
+	resp.Body.Close()
+	body, _ = json.Marshal(map[string]any{"Name": name, "Type": "client", "Policies": []string{name}})
+	resp, err = c.NomadDo("PUT", "/v1/acl/token", body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("creating token %s: %v %v", name, err, resp)
+	}
+	defer resp.Body.Close()
+	var tok struct{ SecretID string }
+	json.NewDecoder(resp.Body).Decode(&tok)
+	return tok.SecretID
+}
+
+// TestSecureCluster: Nomad with TLS and ACLs bootstrapped, cohort's server
+// with TLS and its own Nomad token, the microvm driver with its node's
+// certificate. A token with submit-job on "default" runs a gang with
+// `cohort run` and with `nomad job run` through the Nomad-compatible
+// endpoint, and reads its logs with `nomad alloc logs` there; an
+// anonymous caller and a read-only token are refused with 403 and a
+// sentence naming the missing capability.
+func TestSecureCluster(t *testing.T) {
+	opts := clusterOpts{microvm: true, nomadSecure: true, servers: []int{freePort(t)}}
+	nomadListen := freeAddr(t)
+	c := startCluster(t, opts)
+	secure(t, c, "")
+	api := cohortServerAt(t, c, opts.servers[0], "-nomad-listen", nomadListen)
+	endpoint := "https://" + nomadListen
+
+	submit := nomadToken(t, c, "submit", `
+namespace "default" {
+  capabilities = ["submit-job", "read-job", "list-jobs", "read-logs"]
+}
+node_pool "default" {
+  policy = "read"
+}`)
+	reader := nomadToken(t, c, "reader", `
+namespace "default" {
+  policy = "read"
+}`)
+	dir := t.TempDir()
+	spec := filepath.Join(dir, "gang.hcl")
+	writeFile(t, spec, secureGang("secure"))
+	cohortAs := func(token string, args ...string) (string, error) {
+		sec.token = token
+		defer func() { sec.token = "" }()
+		out, err := cohortCmd(args...).CombinedOutput()
+		return string(out), err
+	}
+
+	// Refused: no token, and a token that may only read.
+	for name, tok := range map[string]string{"anonymous": "", "read-only": reader} {
+		out, err := cohortAs(tok, "run", "-detach", "-address", api, spec)
+		if err == nil || !strings.Contains(out, "403") && !strings.Contains(out, "submit-job") {
+			t.Errorf("cohort run with the %s token: %v\n%s", name, err, out)
+		}
+		t.Logf("cohort run, %s: %s", name, strings.TrimSpace(out))
+	}
+	if out, err := cohortAs("", "status", "-address", api, "secure"); err == nil || !strings.Contains(out, "read-job") {
+		t.Errorf("cohort status without a token: %v\n%s", err, out)
+	}
+
+	// Membership takes a management token.
+	if out, err := cohortAs(submit, "server", "members", "-address", api); err == nil || !strings.Contains(out, "management token") {
+		t.Errorf("cohort server members with a submit token: %v\n%s", err, out)
+	}
+	if out, err := cohortAs(c.NomadToken(), "server", "members", "-address", api); err != nil {
+		t.Errorf("cohort server members with the management token: %v\n%s", err, out)
+	}
+
+	// Allowed: submit-job runs the gang, microvm workers whose node's
+	// driver reports them with its certificate.
+	if out, err := cohortAs(submit, "run", "-detach", "-address", api, spec); err != nil {
+		t.Fatalf("cohort run with the submit token: %v\n%s", err, out)
+	}
+	sec.token = submit
+	v := waitStatus(t, api, "secure", "finished", "failed")
+	if v.Status != "finished" || v.Reason != "every worker exited" {
+		t.Fatalf("the gang run with the submit token: %+v", v)
+	}
+	sec.token = ""
+
+	// The same through the Nomad-compatible endpoint with Nomad's CLI.
+	nomad, _ := devcluster.FindBinary("nomad")
+	planned, err := exec.Command(cohortBin, "plan", writeTemp(t, dir, "viaendpoint.hcl", secureGang("viaendpoint"))).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nomadSpec := writeTemp(t, dir, "viaendpoint.nomad.hcl", string(planned))
+	nomadAs := func(token string, args ...string) (string, error) {
+		cmd := exec.Command(nomad, args...)
+		cmd.Env = append(os.Environ(), "NOMAD_ADDR="+endpoint, "NOMAD_CACERT="+c.TLS().CA, "NOMAD_TOKEN="+token)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	for name, tok := range map[string]string{"anonymous": "", "read-only": reader} {
+		out, err := nomadAs(tok, "job", "run", nomadSpec)
+		if err == nil || !strings.Contains(out, "403") {
+			t.Errorf("nomad job run through the endpoint with the %s token: %v\n%s", name, err, out)
+		}
+		t.Logf("nomad job run, %s: %s", name, strings.TrimSpace(out))
+	}
+	out, err := nomadAs(submit, "job", "run", nomadSpec)
+	if err != nil || !strings.Contains(out, "admitted for gang scheduling") {
+		t.Fatalf("nomad job run through the endpoint with the submit token: %v\n%s", err, out)
+	}
+	sec.token = submit
+	v = waitStatus(t, api, "viaendpoint", "finished", "failed")
+	sec.token = ""
+	if v.Status != "finished" {
+		t.Fatalf("the gang run through the endpoint: %+v", v)
+	}
+
+	// Its logs, through the endpoint, with the token.
+	out, err = nomadAs(submit, "job", "allocs", "-json", "viaendpoint")
+	if err != nil {
+		t.Fatalf("nomad job allocs: %v\n%s", err, out)
+	}
+	var allocs []struct{ ID string }
+	if err := json.Unmarshal([]byte(out), &allocs); err != nil || len(allocs) != 2 {
+		t.Fatalf("allocations of viaendpoint: %v %s", err, out)
+	}
+	logs, err := nomadAs(submit, "alloc", "logs", allocs[0].ID, "worker")
+	if err != nil || !strings.Contains(logs, "COHORT_RANK=") {
+		t.Errorf("nomad alloc logs through the endpoint: %v\n%s", err, logs)
+	}
+	if out, err := nomadAs("", "alloc", "logs", allocs[0].ID, "worker"); err == nil {
+		t.Errorf("nomad alloc logs without a token: %s", out)
+	}
+}
+
+func writeTemp(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	writeFile(t, p, content)
+	return p
+}

@@ -1,0 +1,259 @@
+package server
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/internal/tlsutil"
+	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/state"
+	nomadapi "github.com/hashicorp/nomad/api"
+)
+
+// testPKI is a CA with a server bundle and the leaf certificates callers
+// present.
+type testPKI struct {
+	server              *tlsutil.Bundle
+	serverLeaf, n1, cli *x509.Certificate
+	foreignServer       *x509.Certificate
+}
+
+func newTestPKI(t *testing.T) *testPKI {
+	t.Helper()
+	issue := func(ca *tlsutil.CA, c tlsutil.Cert) *tlsutil.Bundle {
+		b, err := ca.IssueBundle(t.TempDir(), "c", c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	ca, _ := tlsutil.NewCA("test", time.Hour)
+	other, _ := tlsutil.NewCA("other", time.Hour)
+	p := &testPKI{server: issue(ca, tlsutil.ServerCert(nil))}
+	p.serverLeaf = p.server.Leaf
+	p.n1 = issue(ca, tlsutil.NodeCert("name-n1")).Leaf
+	p.cli = issue(ca, tlsutil.CLICert()).Leaf
+	p.foreignServer = issue(other, tlsutil.ServerCert(nil)).Leaf
+	return p
+}
+
+// request is a request as the server sees it after a TLS handshake that
+// verified leaf (none when nil), with a Nomad token when given.
+func request(method, path, body string, leaf *x509.Certificate, token string) *http.Request {
+	r := httptest.NewRequest(method, path, strings.NewReader(body))
+	if leaf != nil {
+		r.TLS = &tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{leaf}}, PeerCertificates: []*x509.Certificate{leaf}}
+	} else {
+		r.TLS = &tls.ConnectionState{}
+	}
+	if token != "" {
+		r.Header.Set(api.TokenHeader, token)
+	}
+	return r
+}
+
+func (h *harness) serve(req *http.Request) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	h.srv.Handler().ServeHTTP(rec, req)
+	return rec
+}
+
+// TestServerCallsNeedAServerCertificate: joining and registering a member
+// take a server certificate of the cluster's CA; without one (none, a
+// node's, a CLI's) the call is refused with 403 and the group is as it
+// was. A server's certificate gets through to the body checks.
+func TestServerCallsNeedAServerCertificate(t *testing.T) {
+	p := newTestPKI(t)
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server })
+	bogus := `{"ID":"x","RaftAddr":"127.0.0.1:9","HTTPAddr":"127.0.0.1:9"}`
+	for _, path := range []string{"/v1/members/join", "/v1/members/register"} {
+		for name, leaf := range map[string]*x509.Certificate{"none": nil, "node": p.n1, "cli": p.cli} {
+			before := h.snapshotState()
+			rec := h.serve(request("POST", path, bogus, leaf, ""))
+			if rec.Code != 403 || !strings.Contains(rec.Body.String(), "server.cohort") {
+				t.Errorf("%s with %s certificate: %d %s", path, name, rec.Code, rec.Body)
+			}
+			if h.snapshotState() != before {
+				t.Errorf("%s with %s certificate changed the state", path, name)
+			}
+		}
+	}
+	// A follower forwards with its own server certificate: the caller it
+	// forwards for is what its headers say, and a forged role header from
+	// the caller never survives the follower (see leaderOnly).
+	fwd := request("POST", "/v1/members/join", bogus, p.serverLeaf, "")
+	fwd.Header.Set(forwardedHeader, "s2")
+	if rec := h.serve(fwd); rec.Code != 403 {
+		t.Errorf("a join forwarded for a caller without a certificate: %d %s", rec.Code, rec.Body)
+	}
+	fwd = request("POST", "/v1/members/register", `{"ID":"s3","HTTPAddr":"http://evil:80"}`, p.serverLeaf, "")
+	fwd.Header.Set(forwardedHeader, "s2")
+	fwd.Header.Set(serverHeader, "1")
+	if rec := h.serve(fwd); rec.Code != 400 || !strings.Contains(rec.Body.String(), "must be https://") {
+		t.Errorf("a member registered at a plain http address: %d %s", rec.Code, rec.Body)
+	}
+	ms, _ := h.r.Members()
+	if len(ms) != 1 {
+		t.Errorf("members after refused joins: %+v", ms)
+	}
+	// A server certificate is let through to the body's checks.
+	if rec := h.serve(request("POST", "/v1/members/register", `{"ID":""}`, p.serverLeaf, "")); rec.Code != 400 {
+		t.Errorf("register with a server certificate and a bad body: %d %s", rec.Code, rec.Body)
+	}
+	if rec := h.serve(request("POST", "/v1/members/register", `{"ID":"s2","RaftAddr":"10.0.0.2:4748","HTTPAddr":"https://10.0.0.2:4747"}`, p.serverLeaf, "")); rec.Code != 200 {
+		t.Errorf("register with a server certificate: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// TestTokensAreNomads: with Nomad's ACLs on, what a caller may do is what
+// its token may do in Nomad; refusals are 403s naming the capability.
+func TestTokensAreNomads(t *testing.T) {
+	h := newHarness(t)
+	h.nomad.acl = map[string]fakeToken{
+		"submit": {submit: map[string]bool{"default": true}},
+		"reader": {read: map[string]bool{"default": true}},
+		"mgmt":   {management: true},
+	}
+	job, _ := json.Marshal(api.SubmitRequest{Job: gang("g", jobspec.DriverMicroVM, 1)})
+	for _, c := range []struct {
+		method, path, body, token string
+		code                      int
+		want                      string
+	}{
+		{"POST", "/v1/jobs", string(job), "", 403, "submit-job"},
+		{"POST", "/v1/jobs", string(job), "reader", 403, "submit-job"},
+		{"POST", "/v1/jobs", string(job), "submit", 200, `"ID":"g"`},
+		{"GET", "/v1/job/g", "", "", 403, "read-job"},
+		{"GET", "/v1/job/g", "", "reader", 200, `"ID":"g"`},
+		{"GET", "/v1/job/g/bill", "", "", 403, "read-job"},
+		{"GET", "/v1/jobs", "", "", 200, "[]"},
+		{"GET", "/v1/jobs", "", "reader", 200, `"ID":"g"`},
+		{"GET", "/v1/queue", "", "", 200, "[]"},
+		{"GET", "/v1/nodes", "", "reader", 403, "node"},
+		{"GET", "/v1/nodes", "", "mgmt", 200, "n1"},
+		{"GET", "/v1/members", "", "submit", 403, "management"},
+		{"GET", "/v1/members", "", "mgmt", 200, "s1"},
+		{"DELETE", "/v1/job/g", "", "reader", 403, "submit-job"},
+		{"DELETE", "/v1/job/nope", "", "", 403, "read-job"},
+		{"DELETE", "/v1/job/nope", "", "reader", 404, "no such job"},
+		{"DELETE", "/v1/network/lease/n1", "", "submit", 403, "management"},
+		{"GET", "/v1/health", "", "", 200, "ok"},
+		{"DELETE", "/v1/job/g", "", "submit", 200, `"ID":"g"`},
+	} {
+		rec := h.serve(request(c.method, c.path, c.body, nil, c.token))
+		if rec.Code != c.code || !strings.Contains(rec.Body.String(), c.want) {
+			t.Errorf("%s %s with token %q: %d %s, want %d with %q", c.method, c.path, c.token, rec.Code, rec.Body.String(), c.code, c.want)
+		}
+	}
+	// Verdicts are cached: asking again does not ask Nomad again.
+	before := h.nomad.count("acl ")
+	for i := 0; i < 5; i++ {
+		h.serve(request("GET", "/v1/job/g", "", nil, "reader"))
+	}
+	if n := h.nomad.count("acl ") - before; n != 0 {
+		t.Errorf("nomad asked %d more times about a cached token", n)
+	}
+}
+
+// TestBarrierReportsAreAuthentic: with TLS, a boot report needs the node's
+// certificate or the job's barrier token; a token opens its own job's
+// barrier only; a node reports only the allocations Nomad placed on it;
+// an allocation that is not the gang's is aborted, without TLS too.
+func TestBarrierReportsAreAuthentic(t *testing.T) {
+	p := newTestPKI(t)
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server }, node("n1", 4000, 4096), node("n2", 4000, 4096))
+	job := gang("rx", jobspec.DriverRawExec, 2)
+	job.TaskGroups[0].Constraints = append(job.TaskGroups[0].Constraints, nomadapi.NewConstraint("${node.unique.id}", "=", "n1"))
+	key := h.submit(job).Key()
+	h.pass()
+	live := h.nomad.live(key)
+	if len(live) != 2 {
+		t.Fatalf("%d live allocations", len(live))
+	}
+	// The barrier task of the job as registered carries the token and the
+	// CA, and fetches its program over plain HTTP.
+	reg := h.nomad.latest(key)
+	var token, source string
+	for _, tk := range reg.TaskGroups[0].Tasks {
+		if tk.Name == jobspec.BarrierTaskName {
+			token, source = tk.Env[jobspec.EnvBarrierToken], *tk.Artifacts[0].GetterSource
+			if !strings.Contains(tk.Env[jobspec.EnvCAPEM], "BEGIN CERTIFICATE") {
+				t.Errorf("barrier task env without the CA: %v", tk.Env)
+			}
+		}
+	}
+	if token == "" || !strings.HasPrefix(source, "http://") {
+		t.Fatalf("barrier task: token %q, source %q", token, source)
+	}
+	body := func(alloc, tok string) string {
+		b, _ := json.Marshal(api.BarrierRequest{Alloc: alloc, Instance: "i", Token: tok})
+		return string(b)
+	}
+	other := barrierToken(func() []byte {
+		var s []byte
+		h.r.Read(func(st *state.State) { s = st.Secret })
+		return s
+	}(), "default/other", 1)
+	for _, c := range []struct {
+		name    string
+		body    string
+		leaf    *x509.Certificate
+		code    int
+		want    string
+		records bool
+	}{
+		{"no credentials", body(live[0].ID, ""), nil, 403, "certificate", false},
+		{"a CLI certificate", body(live[0].ID, ""), p.cli, 403, "certificate", false},
+		{"another job's token", body(live[0].ID, other), nil, 403, "barrier token", false},
+		{"the job's token, not its allocation", body("00000000-0000-4000-8000-000000000999", token), nil, 200, "not a worker", false},
+		{"the job's token", body(live[0].ID, token), nil, 200, `"wait"`, true},
+		{"the node's certificate", body(live[1].ID, ""), p.n1, 200, `"wait"`, true},
+	} {
+		before := h.snapshotState()
+		rec := h.serve(request("POST", "/v1/barrier/rx", c.body, c.leaf, ""))
+		if rec.Code != c.code || !strings.Contains(rec.Body.String(), c.want) {
+			t.Errorf("%s: %d %s", c.name, rec.Code, rec.Body)
+		}
+		if changed := h.snapshotState() != before; changed != c.records {
+			t.Errorf("%s: state changed %t, want %t", c.name, changed, c.records)
+		}
+	}
+	// A node reports only what runs on it.
+	h2 := newHarnessWith(t, func(c *Config) { c.TLS = p.server }, node("n2", 4000, 4096))
+	k2 := h2.submit(gang("elsewhere", jobspec.DriverMicroVM, 1)).Key()
+	h2.pass()
+	a := h2.nomad.live(k2)[0]
+	rec := h2.serve(request("POST", "/v1/barrier/elsewhere", body(a.ID, ""), p.n1, ""))
+	if !strings.Contains(rec.Body.String(), "runs on node name-n2, not on name-n1") {
+		t.Errorf("a node reporting another node's allocation: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// TestLeasesAreTheNodes: with TLS, a node leases under its own name only.
+func TestLeasesAreTheNodes(t *testing.T) {
+	p := newTestPKI(t)
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server })
+	lease := func(node string) string { return `{"Node":"` + node + `","Address":"192.168.50.11"}` }
+	if rec := h.serve(request("POST", "/v1/network/lease", lease("name-n1"), nil, "")); rec.Code != 403 {
+		t.Errorf("lease without a certificate: %d %s", rec.Code, rec.Body)
+	}
+	if rec := h.serve(request("POST", "/v1/network/lease", lease("name-n2"), p.n1, "")); rec.Code != 403 || !strings.Contains(rec.Body.String(), "not name-n2's") {
+		t.Errorf("lease for another node: %d %s", rec.Code, rec.Body)
+	}
+	if rec := h.serve(request("POST", "/v1/network/lease", lease("name-n1"), p.n1, "")); rec.Code != 200 {
+		t.Errorf("lease with the node's certificate: %d %s", rec.Code, rec.Body)
+	}
+	if rec := h.serve(request("GET", "/v1/network/leases", "", p.n1, "")); rec.Code != 200 || !strings.Contains(rec.Body.String(), "name-n1") {
+		t.Errorf("the table for a node: %d %s", rec.Code, rec.Body)
+	}
+	if rec := h.serve(request("DELETE", "/v1/network/lease/name-n1", "", p.n1, "")); rec.Code != 200 {
+		t.Errorf("a node giving its lease up: %d %s", rec.Code, rec.Body)
+	}
+}
