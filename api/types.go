@@ -43,13 +43,16 @@ type SubmitResponse struct {
 
 // JobView is a job as the API shows it.
 type JobView struct {
-	ID          string
-	Namespace   string
-	Status      string
-	Priority    int
-	Workers     int
-	Nodes       int       `json:",omitempty"`
-	Reason      string    `json:",omitempty"`
+	ID        string
+	Namespace string
+	Status    string
+	Priority  int
+	Workers   int
+	Nodes     int    `json:",omitempty"`
+	Reason    string `json:",omitempty"`
+	// Waiting says why a queued gang has not started: what it needs
+	// against the most any node has free, or the gang ahead of it.
+	Waiting     string    `json:",omitempty"`
 	Attempts    int       `json:",omitempty"`
 	SubmittedAt time.Time `json:",omitempty"`
 	ReservedAt  time.Time `json:",omitempty"`

@@ -139,8 +139,9 @@ func progress(v *api.JobView) string {
 	case api.StatusFinished, api.StatusFailed:
 		return fmt.Sprintf("%s: %s", v.Status, v.Reason)
 	case api.StatusQueued:
-		if v.Reason != "" {
-			return "queued (" + v.Reason + ")"
+		why := strings.Join(nonEmpty(v.Reason, v.Waiting), "; ")
+		if why != "" {
+			return "queued (" + why + ")"
 		}
 	}
 	return v.Status
@@ -321,7 +322,17 @@ func (c *QueueCommand) Run(args []string) int {
 		return ExitOK
 	}
 	for i, v := range vs {
-		c.UI.Output(fmt.Sprintf("%3d. %-24s priority %3d  %3d workers  %s", i+1, v.ID, v.Priority, v.Workers, v.Reason))
+		c.UI.Output(fmt.Sprintf("%3d. %-24s priority %3d  %3d workers  %s", i+1, v.ID, v.Priority, v.Workers, strings.Join(nonEmpty(v.Reason, v.Waiting), "; ")))
 	}
 	return ExitOK
+}
+
+func nonEmpty(ss ...string) []string {
+	var out []string
+	for _, s := range ss {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }

@@ -44,6 +44,22 @@ type Config struct {
 	// <nomad node name>.node.cohort), which the servers take as proof
 	// that a subnet lease or a boot report comes from this node.
 	TLS TLSConfig `codec:"tls"`
+	// VFIOBind lets the driver move a task's reserved devices, and every
+	// other device of their IOMMU groups, to vfio-pci. Off by default:
+	// unbinding takes a device from the host's own driver.
+	VFIOBind bool `codec:"vfio_bind"`
+	// Passthrough is the guest kernel and modules of VMs given devices.
+	Passthrough PassthroughConfig `codec:"passthrough"`
+}
+
+// PassthroughConfig is what a VM with passed-through devices boots: a
+// kernel with its devices' drivers (or with module loading, for drivers
+// built out of tree, such as NVIDIA's) and the modules its init loads,
+// in the order given, before the program runs. Without it such VMs boot
+// the default kernel, which has PCIe but no device drivers.
+type PassthroughConfig struct {
+	Kernel  string   `codec:"kernel"`
+	Modules []string `codec:"modules"`
 }
 
 // TLSConfig names the driver's TLS material.
@@ -108,6 +124,11 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 	"qemu": hclspec.NewDefault(hclspec.NewAttr("qemu", "string", false),
 		hclspec.NewLiteral(`"qemu-system-x86_64"`)),
 	"cohort_servers": hclspec.NewAttr("cohort_servers", "list(string)", false),
+	"vfio_bind":      hclspec.NewAttr("vfio_bind", "bool", false),
+	"passthrough": hclspec.NewBlock("passthrough", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"kernel":  hclspec.NewAttr("kernel", "string", false),
+		"modules": hclspec.NewAttr("modules", "list(string)", false),
+	})),
 	"tls": hclspec.NewBlock("tls", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"ca_file":   hclspec.NewAttr("ca_file", "string", true),
 		"cert_file": hclspec.NewAttr("cert_file", "string", true),

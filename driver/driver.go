@@ -20,6 +20,7 @@ import (
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/driver/guest/initramfs"
 	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/driver/vfio"
 	"github.com/cohort-dev/cohort/driver/vm"
 	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/jobspec"
@@ -68,17 +69,20 @@ type Driver struct {
 	cancel  context.CancelFunc
 	log     hclog.Logger
 
-	mu        sync.RWMutex
-	config    *Config
-	backend   vm.Backend
-	accel     string
-	accelWhy  string
-	initrd    string
-	kernel    string
-	kernelVer string
-	templates *templates
-	net       *network
-	setupErr  error
+	mu       sync.RWMutex
+	config   *Config
+	backend  vm.Backend
+	accel    string
+	accelWhy string
+	initrd   string
+	kernel   string
+	// ptKernel and ptInitrd boot VMs given devices (the passthrough
+	// config; the defaults without one).
+	ptKernel, ptInitrd string
+	kernelVer          string
+	templates          *templates
+	net                *network
+	setupErr           error
 	// cohortTLS reaches cohort servers over HTTPS with this node's
 	// certificate; nil for plain HTTP. clients keeps one client per
 	// server, so connections (and TLS sessions) are reused.
@@ -153,6 +157,17 @@ func (d *Driver) setup(cfg *Config) error {
 	if d.initrd, err = buildInitrd(cfg.Init, cfg.StateDir); err != nil {
 		return err
 	}
+	d.ptKernel, d.ptInitrd = d.kernel, d.initrd
+	if pt := cfg.Passthrough; pt.Kernel != "" || len(pt.Modules) > 0 {
+		if pt.Kernel != "" {
+			if d.ptKernel, err = filepath.EvalSymlinks(pt.Kernel); err != nil {
+				return fmt.Errorf("passthrough kernel: %w", err)
+			}
+		}
+		if d.ptInitrd, err = buildInitrd(cfg.Init, cfg.StateDir, pt.Modules...); err != nil {
+			return err
+		}
+	}
 	if err := d.backend.Check(); err != nil {
 		return err
 	}
@@ -211,19 +226,33 @@ func (d *Driver) shape(memMB, vcpus int, accel string) vm.Shape {
 	return vm.Shape{Kernel: d.kernel, Initrd: d.initrd, MemoryMB: memMB, VCPUs: vcpus, Accel: accel}
 }
 
-// buildInitrd packs the init into an initramfs named by its content hash,
-// so a new init never reuses the snapshots of an old one.
-func buildInitrd(initPath, stateDir string) (string, error) {
+// buildInitrd packs the init, and kernel modules for the init to load in
+// the order given, into an initramfs named by its content hash, so a new
+// init never reuses the snapshots of an old one.
+func buildInitrd(initPath, stateDir string, modules ...string) (string, error) {
 	b, err := os.ReadFile(initPath)
 	if err != nil {
 		return "", fmt.Errorf("guest init: %w", err)
 	}
-	sum := sha256.Sum256(b)
+	h := sha256.New()
+	h.Write(b)
+	var mods []initramfs.Module
+	for i, m := range modules {
+		data, err := os.ReadFile(m)
+		if err != nil {
+			return "", fmt.Errorf("passthrough module: %w", err)
+		}
+		// The number keeps the configured order; the init loads by name.
+		mods = append(mods, initramfs.Module{Name: fmt.Sprintf("%02d-%s", i, filepath.Base(m)), Data: data})
+		h.Write([]byte(mods[i].Name))
+		h.Write(data)
+	}
+	sum := h.Sum(nil)
 	path := filepath.Join(stateDir, "initrd-"+hex.EncodeToString(sum[:8])+".gz")
 	if _, err := os.Stat(path); err == nil {
 		return path, nil
 	}
-	img, err := initramfs.Build(b)
+	img, err := initramfs.Build(b, mods...)
 	if err != nil {
 		return "", err
 	}
@@ -344,6 +373,20 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if gang && len(conf.CohortServers) == 0 {
 		return nil, nil, fmt.Errorf("job %s is a cohort gang, but this node's microvm driver has no cohort_servers configured to hold its workers at the start barrier; refusing to run one worker of it alone", cfg.JobID)
 	}
+	// Devices come only from the device plugin's part of the
+	// environment: a job's own env cannot name host devices.
+	var pci []string
+	if v := cfg.DeviceEnv[vfio.DevicesEnv]; v != "" {
+		addrs, err := vfio.ParseDevices(v)
+		if err != nil {
+			return nil, nil, fmt.Errorf("reserved devices: %w", err)
+		}
+		plan, err := vfio.Prepare(vfio.Default, addrs, conf.VFIOBind)
+		if err != nil {
+			return nil, nil, fmt.Errorf("passing %s through to the worker VM: %w", strings.Join(addrs, ", "), err)
+		}
+		pci = plan.Devices
+	}
 	td := cfg.TaskDir()
 	program, err := stageProgram(tc.Program, td.Dir, td.LocalDir)
 	if err != nil {
@@ -360,6 +403,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		Stdout: cfg.StdoutPath,
 		Stderr: cfg.StderrPath,
 		Shares: map[string]string{"alloc": td.SharedAllocDir, "local": td.LocalDir, "secrets": td.SecretsDir},
+		PCI:    pci,
+	}
+	if len(pci) > 0 {
+		spec.Shape.Kernel, spec.Shape.Initrd = d.ptKernel, d.ptInitrd
 	}
 	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
 	var ls *lease
@@ -380,6 +427,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	useSnap := conf.Snapshot
 	if tc.Snapshot != nil {
 		useSnap = *tc.Snapshot
+	}
+	if len(pci) > 0 {
+		useSnap = false // a device's state is not in any template
 	}
 	start := time.Now()
 	var m *vm.Machine
@@ -426,6 +476,9 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	how := "cold-booted"
 	if h.snapshot {
 		how = "restored from snapshot"
+	}
+	if len(pci) > 0 {
+		how += " with " + strings.Join(pci, ", ") + " passed through"
 	}
 	took := time.Since(start)
 	d.eventer.EmitEvent(&drivers.TaskEvent{

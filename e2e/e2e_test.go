@@ -53,12 +53,14 @@ func TestMain(m *testing.M) {
 		{cohortBin, "../cmd/cohort", false},
 		{filepath.Join(dir, "cohort-barrier"), "../cmd/cohort-barrier", true},
 		{filepath.Join(pluginDir, "nomad-driver-microvm"), "../cmd/nomad-driver-microvm", false},
+		{filepath.Join(pluginDir, "nomad-device-accel"), "../cmd/nomad-device-accel", false},
 		{initBin, "../driver/guest/init", true},
 		{workerBin, "../driver/vm/vmtest/worker", true},
 		{sortBin, "../demo/sort", true},
 	} {
 		build := exec.Command("go", "build", "-o", b.out, b.pkg)
-		build.Env = os.Environ()
+		// go-nvml's header marks functions deprecated that it still wraps.
+		build.Env = append(os.Environ(), "CGO_CFLAGS=-O2 -g -Wno-deprecated-declarations")
 		if b.static {
 			build.Env = append(build.Env, "CGO_ENABLED=0")
 		}
@@ -87,6 +89,9 @@ type clusterOpts struct {
 	// HTTPS and the drivers show their node's certificate. nomadSecure
 	// also runs Nomad with TLS and ACLs.
 	tls, nomadSecure bool
+	// accelSysfs is a sysfs tree the accelerator device plugin
+	// fingerprints instead of the host's.
+	accelSysfs string
 }
 
 // cluster starts a dev cluster on free ports for one test and stops it
@@ -179,8 +184,13 @@ func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 			mv.CohortServers = append(mv.CohortServers, fmt.Sprintf("%s://%s:%d", s, devcluster.ServerIPFor(ports.NomadHTTP), p))
 		}
 	}
+	var accel *devcluster.Accel
+	if opts.accelSysfs != "" {
+		accel = &devcluster.Accel{SysfsRoot: opts.accelSysfs, FingerprintPeriod: "2s"}
+	}
 	dataDir := t.TempDir()
 	c, err := devcluster.Start(context.Background(), devcluster.Config{
+		Accel:       accel,
 		DataDir:     dataDir,
 		NomadBin:    nomad,
 		ConsulBin:   consul,

@@ -129,10 +129,14 @@ func toTaskGroup(j *Job, g *Group) *api.TaskGroup {
 		Meta: map[string]string{},
 	}
 	for _, d := range g.Resources.Devices {
-		task.Resources.Devices = append(task.Resources.Devices, &api.RequestedDevice{
+		rd := &api.RequestedDevice{
 			Name:  d.Name,
 			Count: ptr(uint64(d.Count)),
-		})
+		}
+		for _, c := range d.Constraints {
+			rd.Constraints = append(rd.Constraints, &api.Constraint{LTarget: c.Attribute, Operand: c.Operator, RTarget: c.Value})
+		}
+		task.Resources.Devices = append(task.Resources.Devices, rd)
 	}
 	if g.Program.Artifact != "" {
 		task.Artifacts = []*api.TaskArtifact{{

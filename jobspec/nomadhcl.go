@@ -89,6 +89,14 @@ func task(parent *hclwrite.Body, t *api.Task) {
 		for _, d := range r.Devices {
 			db := rb.AppendNewBlock("device", []string{d.Name}).Body()
 			db.SetAttributeValue("count", cty.NumberUIntVal(deref(d.Count)))
+			for _, c := range d.Constraints {
+				cb := db.AppendNewBlock("constraint", nil).Body()
+				cb.SetAttributeValue("attribute", cty.StringVal(c.LTarget))
+				cb.SetAttributeValue("operator", cty.StringVal(c.Operand))
+				if c.RTarget != "" {
+					cb.SetAttributeValue("value", cty.StringVal(c.RTarget))
+				}
+			}
 		}
 	}
 	for _, s := range t.Services {

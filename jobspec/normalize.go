@@ -187,6 +187,18 @@ func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, peers string,
 	case worker.Lifecycle != nil && worker.Lifecycle.Hook != "":
 		return fmt.Errorf("group %q: task %q is a %s task; a gang worker is the group's main task: remove its lifecycle block", name, worker.Name, worker.Lifecycle.Hook)
 	}
+	if r := worker.Resources; r != nil {
+		for _, d := range r.Devices {
+			for _, c := range d.Constraints {
+				if c == nil {
+					continue
+				}
+				if err := ValidateDeviceConstraint(c.LTarget, c.Operand); err != nil {
+					return fmt.Errorf("group %q: device %q: %w", name, d.Name, err)
+				}
+			}
+		}
+	}
 
 	rp := tg.RestartPolicy
 	if rp == nil || deref(rp.Attempts) != 0 || deref(rp.Mode) != "fail" {
@@ -316,6 +328,44 @@ func barrierEnv(servers []string, gangTimeout string, b *BarrierTask) map[string
 		env[EnvCAPEM] = b.CAPEM
 	}
 	return env
+}
+
+// DeviceOperators are the device constraint operators cohort's placement
+// evaluates the way Nomad does; a gang using another would be placed by
+// cohort where Nomad refuses it, so it is refused at submission.
+var DeviceOperators = []string{"=", "==", "is", "!=", "not", "<", "<=", ">", ">=", "is_set", "is_not_set", "regexp"}
+
+// deviceTarget is what a device constraint may constrain.
+var deviceTarget = regexp.MustCompile(`^\$\{device\.(vendor|type|model|attr\.[A-Za-z0-9_.-]+)\}$`)
+
+// ValidateDeviceConstraint checks a device constraint's attribute (in
+// Nomad's form, "${device.attr.memory}") and operator ("" is "=").
+func ValidateDeviceConstraint(attribute, operator string) error {
+	if !deviceTarget.MatchString(attribute) {
+		return fmt.Errorf("device constraint attribute %q is not one of ${device.vendor}, ${device.type}, ${device.model} or ${device.attr.<name>}", attribute)
+	}
+	if operator == "" {
+		return nil
+	}
+	for _, o := range DeviceOperators {
+		if o == operator {
+			return nil
+		}
+	}
+	return fmt.Errorf("device constraint operator %q is not supported; use one of %s", operator, strings.Join(DeviceOperators, " "))
+}
+
+// DeviceAttribute is a constraint's attribute in Nomad's form: a bare
+// name ("memory") is the device attribute of that name.
+func DeviceAttribute(a string) string {
+	if strings.HasPrefix(a, "${") {
+		return a
+	}
+	switch a {
+	case "vendor", "type", "model":
+		return "${device." + a + "}"
+	}
+	return "${device.attr." + a + "}"
 }
 
 // GroupResources is what one worker of a group holds, as Nomad counts an

@@ -105,6 +105,9 @@ func TestNormalizeRefusals(t *testing.T) {
 		}), nil, "put each in a group of its own"},
 		{mod(func(j *api.Job) { j.TaskGroups[0].Tasks[0].Lifecycle = &api.TaskLifecycle{Hook: "prestart"} }), nil, "remove its lifecycle block"},
 		{specJob(DriverRawExec), nil, "no barrier task to add"},
+		{mod(func(j *api.Job) {
+			j.TaskGroups[0].Tasks[0].Resources.Devices = []*api.RequestedDevice{{Name: "gpu", Constraints: []*api.Constraint{{LTarget: "${device.attr.memory}", Operand: "version", RTarget: ">= 1"}}}}
+		}), nil, `device constraint operator "version" is not supported`},
 	} {
 		_, _, err := Normalize(c.job, c.barrier)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -98,7 +98,13 @@ var (
 		Attributes: []hcl.AttributeSchema{{Name: "cpu"}, {Name: "memory"}},
 		Blocks:     []hcl.BlockHeaderSchema{{Type: "device", LabelNames: []string{"name"}}},
 	}
-	deviceSchema  = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "count"}}}
+	deviceSchema = &hcl.BodySchema{
+		Attributes: []hcl.AttributeSchema{{Name: "count"}},
+		Blocks:     []hcl.BlockHeaderSchema{{Type: "constraint"}},
+	}
+	deviceConstraintSchema = &hcl.BodySchema{Attributes: []hcl.AttributeSchema{
+		{Name: "attribute", Required: true}, {Name: "operator"}, {Name: "value"},
+	}}
 	programSchema = &hcl.BodySchema{
 		Attributes: []hcl.AttributeSchema{
 			{Name: "path"}, {Name: "artifact"}, {Name: "args"}, {Name: "env"},
@@ -111,7 +117,9 @@ var (
 	rfc1123Label = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	portLabel    = regexp.MustCompile(`^[a-zA-Z0-9_]{1,63}$`)
 	envName      = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-	deviceName   = regexp.MustCompile(`^[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+){0,2}$`)
+	// A model may hold spaces and brackets, as NVML's names do ("H100
+	// 80GB HBM3").
+	deviceName = regexp.MustCompile(`^[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.-]+(/[a-zA-Z0-9_.()+-][a-zA-Z0-9_. ()+-]*)?)?$`)
 )
 
 // decoder walks the HCL body, collecting every diagnostic rather than
@@ -343,6 +351,44 @@ func (d *decoder) resources(b *hcl.Block, r *Resources) {
 				d.errorf(a.Expr.Range(), "Invalid device count", "a device count must be at least 1; got %d.", dev.Count)
 			}
 		}
+		for _, cb := range dc.Blocks {
+			cc := d.content(cb.Body, deviceConstraintSchema)
+			var c DeviceConstraint
+			if a, ok := cc.Attributes["attribute"]; ok {
+				if v, ok := interpolation(a.Expr); ok {
+					c.Attribute = v
+				} else {
+					c.Attribute, _ = d.stringAttr(a)
+				}
+				c.Attribute = DeviceAttribute(c.Attribute)
+				if err := ValidateDeviceConstraint(c.Attribute, ""); err != nil {
+					d.errorf(a.Expr.Range(), "Invalid device constraint", "%s.", err)
+				}
+			}
+			if a, ok := cc.Attributes["operator"]; ok {
+				c.Operator, _ = d.stringAttr(a)
+				if err := ValidateDeviceConstraint("${device.model}", c.Operator); err != nil {
+					d.errorf(a.Expr.Range(), "Invalid device constraint", "%s.", err)
+				}
+			}
+			if c.Operator == "" {
+				c.Operator = "="
+			}
+			a, hasValue := cc.Attributes["value"]
+			if hasValue {
+				c.Value, _ = d.stringAttr(a)
+			}
+			unary := c.Operator == "is_set" || c.Operator == "is_not_set"
+			if !hasValue && !unary {
+				d.errorf(cb.DefRange, "Missing constraint value", "a device constraint with operator %q needs a value, such as value = \"40 GiB\".", c.Operator)
+			}
+			if c.Operator == "regexp" {
+				if _, err := regexp.Compile(c.Value); err != nil {
+					d.errorf(a.Expr.Range(), "Invalid device constraint", "value is not a regular expression: %s.", err)
+				}
+			}
+			dev.Constraints = append(dev.Constraints, c)
+		}
 		r.Devices = append(r.Devices, dev)
 	}
 }
@@ -508,4 +554,27 @@ func (d *decoder) durationAttr(a *hcl.Attribute, what string) time.Duration {
 		d.errorf(a.Expr.Range(), "Invalid "+what, "%s has millisecond resolution; got %q.", what, s)
 	}
 	return dur
+}
+
+// interpolation reads "${device.attr.memory}" as Nomad's jobspecs write
+// it: the whole string one interpolation of an attribute path, which
+// HCL would otherwise try to evaluate as a variable.
+func interpolation(e hcl.Expression) (string, bool) {
+	w, ok := e.(*hclsyntax.TemplateWrapExpr)
+	if !ok {
+		return "", false
+	}
+	st, ok := w.Wrapped.(*hclsyntax.ScopeTraversalExpr)
+	if !ok {
+		return "", false
+	}
+	parts := []string{st.Traversal.RootName()}
+	for _, step := range st.Traversal[1:] {
+		a, ok := step.(hcl.TraverseAttr)
+		if !ok {
+			return "", false
+		}
+		parts = append(parts, a.Name)
+	}
+	return "${" + strings.Join(parts, ".") + "}", true
 }

@@ -3,6 +3,7 @@ package jobspec
 import (
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -249,6 +250,55 @@ job "b" {
     }
   }
 }`, "x.hcl:8:12: Invalid port"},
+		{"device constraint operator", `job "a" {
+  max_runtime = "1s"
+  group "g" {
+    program {
+      path = "x"
+    }
+    resources {
+      device "nvidia/gpu" {
+        constraint {
+          attribute = "memory"
+          operator  = "set_contains"
+          value     = "x"
+        }
+      }
+    }
+  }
+}`, "x.hcl:11:23: Invalid device constraint"},
+		{"device constraint attribute", `job "a" {
+  max_runtime = "1s"
+  group "g" {
+    program {
+      path = "x"
+    }
+    resources {
+      device "nvidia/gpu" {
+        constraint {
+          attribute = "${node.class}"
+          value     = "x"
+        }
+      }
+    }
+  }
+}`, "x.hcl:10:23: Invalid device constraint"},
+		{"device constraint value", `job "a" {
+  max_runtime = "1s"
+  group "g" {
+    program {
+      path = "x"
+    }
+    resources {
+      device "nvidia/gpu" {
+        constraint {
+          attribute = "memory"
+          operator  = ">="
+        }
+      }
+    }
+  }
+}`, "x.hcl:9:9: Missing constraint value"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -276,5 +326,58 @@ func TestParseCollectsAllErrors(t *testing.T) {
 }`))
 	if err == nil || len(err.(Diagnostics)) != 2 {
 		t.Fatalf("want 2 diagnostics, got %v", err)
+	}
+}
+
+// A device request names a model as NVML does, spaces and all, and
+// constrains attributes with units; both reach Nomad's job unchanged.
+func TestDeviceConstraintsParsed(t *testing.T) {
+	spec, err := Parse("gpu.hcl", []byte(`job "gpu" {
+  max_runtime = "1m"
+  group "w" {
+    count = 2
+    program {
+      path = "/bin/true"
+    }
+    resources {
+      device "nvidia/gpu/H100 80GB HBM3" {
+        count = 1
+      }
+      device "nvidia/gpu" {
+        constraint {
+          attribute = "memory"
+          operator  = ">="
+          value     = "40 GiB"
+        }
+        constraint {
+          attribute = "${device.attr.mig_mode}"
+          operator  = "is_not_set"
+        }
+      }
+    }
+  }
+}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs := spec.Groups[0].Resources.Devices
+	if len(devs) != 2 || devs[0].Name != "nvidia/gpu/H100 80GB HBM3" {
+		t.Fatalf("devices = %+v", devs)
+	}
+	want := []DeviceConstraint{{"${device.attr.memory}", ">=", "40 GiB"}, {"${device.attr.mig_mode}", "is_not_set", ""}}
+	if fmt.Sprint(devs[1].Constraints) != fmt.Sprint(want) {
+		t.Errorf("constraints = %+v", devs[1].Constraints)
+	}
+	job := ToNomad(spec)
+	rd := job.TaskGroups[0].Tasks[0].Resources.Devices[1]
+	if len(rd.Constraints) != 2 || rd.Constraints[0].LTarget != "${device.attr.memory}" || rd.Constraints[0].Operand != ">=" || rd.Constraints[0].RTarget != "40 GiB" {
+		t.Errorf("Nomad device = %+v", rd.Constraints[0])
+	}
+	if _, _, err := Normalize(job, nil); err != nil {
+		t.Errorf("Normalize: %v", err)
+	}
+	hcl := FormatNomadHCL(job)
+	if !strings.Contains(string(hcl), `operator  = ">="`) || !strings.Contains(string(hcl), `value     = "40 GiB"`) {
+		t.Errorf("Nomad HCL lacks the constraint:\n%s", hcl)
 	}
 }

@@ -74,6 +74,17 @@ type Resources struct {
 type Device struct {
 	Name  string
 	Count int
+	// Constraints narrow the devices that match, on their attributes.
+	Constraints []DeviceConstraint
+}
+
+// DeviceConstraint is a constraint on a device's attribute, as Nomad's
+// device constraints are written: Attribute "${device.attr.memory}" (a
+// bare "memory" means the same), Operator ">=", Value "40 GiB".
+type DeviceConstraint struct {
+	Attribute string
+	Operator  string
+	Value     string
 }
 
 // Program is what each worker runs. Exactly one of Path or Artifact is set

@@ -23,6 +23,11 @@ type QEMU struct {
 	Binary string // default qemu-system-x86_64 on $PATH
 	// TBSizeMB caps TCG's translation cache; 0 keeps QEMU's default.
 	TBSizeMB int
+	// PCIeDevices are emulated devices (QEMU -device options) put on the
+	// PCIe bus of every VM, which then boots as a passthrough VM does.
+	// Tests use one to stand in for a host device on hosts without an
+	// IOMMU.
+	PCIeDevices []string
 
 	versionOnce sync.Once
 	version     string
@@ -70,7 +75,13 @@ func (q *QEMU) Version() string {
 // that the timer interrupt ticks within a few of its periods, which a TCG
 // guest on a loaded host can fail ("IO-APIC + timer doesn't work!", a
 // panic at boot).
-const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check acpi=off quiet 8250.nr_uarts=1 random.trust_cpu=off"
+const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check acpi=off pci=off quiet 8250.nr_uarts=1 random.trust_cpu=off"
+
+// CmdlinePCI is the command line of a VM with passed-through devices:
+// ACPI describes its PCIe host bridge (and its virtio-mmio devices), so
+// neither ACPI nor PCI is turned off; Args adds the host's TSC rate (see
+// hostTSCkHz).
+const CmdlinePCI = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check quiet 8250.nr_uarts=1 random.trust_cpu=off"
 
 // Args builds the QEMU command line for spec. It is a pure function of the
 // spec, so a template and its restored copies get identical device layouts.
@@ -84,6 +95,14 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 	}
 	rd := spec.RunDir
 	machine := "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off"
+	cmdline := Cmdline
+	if len(spec.PCI) > 0 || len(q.PCIeDevices) > 0 {
+		machine = "microvm,acpi=on,pcie=on,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off"
+		cmdline = CmdlinePCI
+		if khz := hostTSCkHz(); khz > 0 {
+			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
+		}
+	}
 	var ram []string
 	if spec.RAMFile != "" {
 		// Guest RAM is a file: the template writes it (share=on), and each
@@ -102,7 +121,7 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 		"-accel", accel, "-cpu", cpu,
 		"-m", strconv.Itoa(spec.MemoryMB), "-smp", strconv.Itoa(spec.VCPUs),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", Cmdline,
+		"-kernel", spec.Kernel, "-initrd", spec.Initrd, "-append", cmdline,
 		// Guest files are appended to, so the guard can cut them back.
 		"-chardev", "file,id=con,append=on,path="+filepath.Join(rd, "console.log"),
 		"-serial", "chardev:con",
@@ -129,6 +148,12 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 		a = append(a, "-netdev", "tap,id=net0,ifname="+spec.Tap+",script=no,downscript=no")
 	} else {
 		a = append(a, "-netdev", "hubport,id=net0,hubid=0")
+	}
+	for i, addr := range spec.PCI {
+		a = append(a, "-device", fmt.Sprintf("vfio-pci,host=%s,id=pt%d", addr, i))
+	}
+	for _, d := range q.PCIeDevices {
+		a = append(a, "-device", d)
 	}
 	nic := "virtio-net-device,netdev=net0"
 	if spec.MAC != "" {

@@ -77,6 +77,10 @@ type Spec struct {
 	// NetNS, when set, is the network namespace (a path such as
 	// /run/netns/cohort) in which the VMM opens its tap.
 	NetNS string
+	// PCI are host PCI devices passed through with VFIO. Such a VM is
+	// cold-booted with PCIe and ACPI on (its devices' state cannot be
+	// snapshotted), and VFIO pins all of its memory.
+	PCI []string
 }
 
 // Machine is a running VM, as plain data that survives in a task handle.

@@ -47,7 +47,10 @@ type Config struct {
 	Outside bool
 	// MicroVM configures the microvm driver plugin; nil leaves it out.
 	MicroVM *MicroVM
-	Logger  hclog.Logger
+	// Accel configures the accelerator device plugin; nil leaves it
+	// with its defaults (the host's own sysfs).
+	Accel  *Accel
+	Logger hclog.Logger
 	// TLS makes a CA and certificates for cohort's servers, callers and
 	// each node's microvm driver, which reaches the servers over HTTPS
 	// with its node's certificate. NomadSecure also runs Nomad with TLS
@@ -65,6 +68,15 @@ type MicroVM struct {
 	// NoNetwork leaves the workers without a network; NoEgress without a
 	// way out of the cluster.
 	NoNetwork, NoEgress bool
+}
+
+// Accel is the accelerator device plugin's config on every node.
+type Accel struct {
+	// SysfsRoot is a sysfs tree to fingerprint instead of the host's,
+	// for tests on machines without accelerators.
+	SysfsRoot string
+	// FingerprintPeriod is how often devices are looked for ("5s").
+	FingerprintPeriod string
 }
 
 // Node is one host of the cluster.

@@ -124,8 +124,8 @@ plugin "raw_exec" {
     enabled = true
   }
 }
-%s%s
-`, n.Name, filepath.Join(n.Dir, "nomad"), n.PluginDir, n.IP, c.net.ServerIP(), c.cfg.Ports.NomadRPC, c.pluginConfig(n), c.nomadTLSBlock(c.tlsFor(false)))
+%s%s%s
+`, n.Name, filepath.Join(n.Dir, "nomad"), n.PluginDir, n.IP, c.net.ServerIP(), c.cfg.Ports.NomadRPC, c.pluginConfig(n), c.accelConfig(), c.nomadTLSBlock(c.tlsFor(false)))
 }
 
 // pluginConfig configures the microvm driver of a node.
@@ -163,6 +163,30 @@ plugin "nomad-driver-microvm" {
   }
 }
 `, mv.Kernel, mv.Init, n.StateDir, hclList(mv.CohortServers), network, tlsBlock)
+}
+
+// accelConfig configures the accelerator device plugin.
+func (c *Cluster) accelConfig() string {
+	a := c.cfg.Accel
+	if a == nil {
+		return ""
+	}
+	period := a.FingerprintPeriod
+	if period == "" {
+		period = "5s"
+	}
+	root := a.SysfsRoot
+	if root == "" {
+		root = "/sys"
+	}
+	return fmt.Sprintf(`
+plugin "nomad-device-accel" {
+  config {
+    sysfs_root         = %q
+    fingerprint_period = %q
+  }
+}
+`, root, period)
 }
 
 func hclList(ss []string) string {

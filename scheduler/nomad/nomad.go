@@ -303,7 +303,20 @@ func FreeNodes(nodes []*api.NodeListStub, allocs []*api.AllocationListStub, skip
 						healthy++
 					}
 				}
-				pn.Devices[deviceKind(d.Vendor, d.Type, d.Name)] += healthy
+				kind := deviceKind(d.Vendor, d.Type, d.Name)
+				pn.Devices[kind] += healthy
+				if len(d.Attributes) > 0 {
+					if pn.DeviceAttrs == nil {
+						pn.DeviceAttrs = map[string]map[string]string{}
+					}
+					attrs := make(map[string]string, len(d.Attributes))
+					for k, a := range d.Attributes {
+						if a != nil {
+							attrs[k] = a.String()
+						}
+					}
+					pn.DeviceAttrs[kind] = attrs
+				}
 			}
 		}
 		if r := n.ReservedResources; r != nil {

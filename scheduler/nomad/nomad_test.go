@@ -67,6 +67,22 @@ func TestFreeNodes(t *testing.T) {
 	}
 }
 
+// Device attributes reach placement as text with units, per kind.
+func TestFreeNodesDeviceAttributes(t *testing.T) {
+	d := gpus("nvidia", "H100 80GB HBM3", 2, 0)
+	mem, width, mig := int64(81559), int64(16), false
+	d.Attributes = map[string]*api.Attribute{
+		"memory":     {IntVal: &mem, Unit: "MiB"},
+		"pcie_width": {IntVal: &width},
+		"mig_mode":   {BoolVal: &mig},
+	}
+	got := FreeNodes([]*api.NodeListStub{stubNode("g", "ready", 4000, 8192, d)}, nil, nil)
+	want := map[string]map[string]string{"nvidia/gpu/H100 80GB HBM3": {"memory": "81559 MiB", "pcie_width": "16", "mig_mode": "false"}}
+	if len(got) != 1 || !reflect.DeepEqual(got[0].DeviceAttrs, want) {
+		t.Errorf("DeviceAttrs = %+v", got[0].DeviceAttrs)
+	}
+}
+
 // Allocations of other versions are another attempt's; the worker's exit
 // code is its main task's, not the barrier task's; a worker finished when
 // its last task did.

@@ -22,16 +22,21 @@ type Node struct {
 	// Devices maps each kind of device on the node, named
 	// "vendor/type/model", to how many are free.
 	Devices map[string]int
+	// DeviceAttrs are each device kind's attributes as text with units
+	// ("81559 MiB"), for device constraints.
+	DeviceAttrs map[string]map[string]string `json:",omitempty"`
 }
 
 // Group is a set of identical workers of a gang.
 type Group struct {
-	Name          string
-	Count         int
-	CPU           int
-	MemoryMB      int
-	Devices       map[string]int
-	DistinctHosts bool
+	Name     string
+	Count    int
+	CPU      int
+	MemoryMB int
+	Devices  map[string]int
+	// DeviceConstraints narrow the device requests of the same name.
+	DeviceConstraints map[string][]DeviceConstraint `json:",omitempty"`
+	DistinctHosts     bool
 	// MaxPerNode, when set, is the most workers of the group on one node.
 	MaxPerNode int `json:",omitempty"`
 }
@@ -162,7 +167,7 @@ func fits(n *Node, g *Group) bool {
 	if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB {
 		return false
 	}
-	_, ok := pickDevices(n.Devices, g.Devices)
+	_, ok := pickDevices(n, g)
 	return ok
 }
 
@@ -190,7 +195,8 @@ func deviceMatches(request, kind string) bool {
 // which kinds it took. The most specific requests go first: as names nest
 // (a model is within its vendor/type, which is within its type), serving
 // them before the general ones never strands a request that could be met.
-func pickDevices(free, requests map[string]int) (map[string]int, bool) {
+func pickDevices(n *Node, g *Group) (map[string]int, bool) {
+	free, requests := n.Devices, g.Devices
 	if len(requests) == 0 {
 		return nil, true
 	}
@@ -217,7 +223,7 @@ func pickDevices(free, requests map[string]int) (map[string]int, bool) {
 			if need == 0 {
 				break
 			}
-			if !deviceMatches(r, k) {
+			if !deviceMatches(r, k) || !satisfies(k, n.DeviceAttrs[k], g.DeviceConstraints[r]) {
 				continue
 			}
 			if n := min(free[k]-taken[k], need); n > 0 {
@@ -235,7 +241,7 @@ func pickDevices(free, requests map[string]int) (map[string]int, bool) {
 // take places one worker of g on node i and returns the device kinds it
 // took; fits must have said yes.
 func (inv *inventory) take(i int, g *Group) map[string]int {
-	devs, _ := pickDevices(inv.nodes[i].Devices, g.Devices)
+	devs, _ := pickDevices(&inv.nodes[i], g)
 	inv.apply(i, g, devs, 1)
 	return devs
 }
@@ -478,12 +484,26 @@ func Shortfall(nodes []Node, j *Job) string {
 			best = n
 		}
 	}
-	need := fmt.Sprintf("needs %d workers of %d MHz, %d MiB%s (%d in all)", g.Count, g.CPU, g.MemoryMB, devices(g.Devices), j.Size())
+	need := fmt.Sprintf("needs %d workers of %d MHz, %d MiB%s%s (%d in all)", g.Count, g.CPU, g.MemoryMB, devices(g.Devices), constraints(g.DeviceConstraints), j.Size())
 	if best == nil {
 		return need + ", but no node is in its datacenters and pool"
 	}
 	return fmt.Sprintf("%s; the most free of %d eligible nodes was %s with %d MHz, %d MiB%s",
 		need, eligibleNodes, best.ID, best.CPU, best.MemoryMB, devices(best.Devices))
+}
+
+func constraints(cs map[string][]DeviceConstraint) string {
+	var parts []string
+	for d, list := range cs {
+		for _, c := range list {
+			parts = append(parts, strings.TrimSpace(fmt.Sprintf("%s %s %s %s", d, strings.TrimSuffix(strings.TrimPrefix(c.Attribute, "${"), "}"), c.Operator, c.Value)))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	sort.Strings(parts)
+	return " where " + strings.Join(parts, " and ")
 }
 
 func devices(ds map[string]int) string {

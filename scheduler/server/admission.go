@@ -247,6 +247,7 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 			}
 		}
 		pg.CPU, pg.MemoryMB, pg.Devices = jobspec.GroupResources(tg)
+		pg.DeviceConstraints = deviceConstraints(tg)
 		spec.Groups = append(spec.Groups, pg)
 	}
 	return spec
@@ -290,4 +291,30 @@ func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 		// token does not matter there.
 	}
 	return bt, nil
+}
+
+// deviceConstraints are a group's device constraints, by request name.
+func deviceConstraints(tg *api.TaskGroup) map[string][]placement.DeviceConstraint {
+	var out map[string][]placement.DeviceConstraint
+	for _, t := range tg.Tasks {
+		if t.Resources == nil {
+			continue
+		}
+		for _, d := range t.Resources.Devices {
+			for _, c := range d.Constraints {
+				if c == nil {
+					continue
+				}
+				if out == nil {
+					out = map[string][]placement.DeviceConstraint{}
+				}
+				op := c.Operand
+				if op == "" {
+					op = "="
+				}
+				out[d.Name] = append(out[d.Name], placement.DeviceConstraint{Attribute: c.LTarget, Operator: op, Value: c.RTarget})
+			}
+		}
+	}
+	return out
 }

@@ -228,6 +228,17 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v := view(&job)
+	if job.Status == state.Queued {
+		var specs []*placement.Job
+		s.r.Read(func(st *state.State) {
+			for _, j := range st.ByStatus(state.Queued) {
+				spec := j.Spec
+				specs = append(specs, &spec)
+			}
+		})
+		placement.Order(specs)
+		v.Waiting = s.waiting(specs)[job.Key()]
+	}
 	if r.URL.Query().Get("workers") != "" {
 		var a nomad.Allocs
 		if job.NomadIndex != 0 {
@@ -318,9 +329,12 @@ func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	placement.Order(specs)
+	waiting := s.waiting(specs)
 	all := make([]api.JobView, 0, len(specs))
 	for _, j := range specs {
-		all = append(all, views[j.Key()])
+		v := views[j.Key()]
+		v.Waiting = waiting[j.Key()]
+		all = append(all, v)
 	}
 	out, ok := s.readable(w, r, all)
 	if !ok {

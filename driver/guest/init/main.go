@@ -72,6 +72,9 @@ func (g *guest) run() error {
 	if err != nil {
 		return fmt.Errorf("opening control port: %w", err)
 	}
+	if err := loadModules("/" + proto.ModulesDir); err != nil {
+		return err
+	}
 	g.emit(proto.Event{Kind: proto.EvReady})
 
 	// A snapshot may be taken here; everything below runs in the restored
@@ -255,4 +258,30 @@ func powerOff() {
 	for {
 		time.Sleep(time.Hour)
 	}
+}
+
+// loadModules loads every kernel module in dir, in name order: the
+// drivers a VM with passed-through devices needs, packed by the driver
+// from its passthrough config. A module that fails to load fails the VM:
+// the program would otherwise run without its device.
+func loadModules(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("listing kernel modules: %w", err)
+	}
+	for _, e := range ents {
+		f, err := os.Open(dir + "/" + e.Name())
+		if err != nil {
+			return fmt.Errorf("opening kernel module %s: %w", e.Name(), err)
+		}
+		err = unix.FinitModule(int(f.Fd()), "", 0)
+		f.Close()
+		if err != nil && err != unix.EEXIST {
+			return fmt.Errorf("loading kernel module %s: %w", e.Name(), err)
+		}
+	}
+	return nil
 }

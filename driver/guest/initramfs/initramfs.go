@@ -7,16 +7,26 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
+	"strings"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
 )
 
 // Dirs created in the guest's root; /alloc, /local and /secrets are where
 // the task's directories are mounted.
 var Dirs = []string{"dev", "proc", "sys", "tmp", "run", "etc", "alloc", "local", "secrets"}
 
-// Build returns the archive: the init as /init, the directories above and
+// Module is a kernel module to pack: its file name in proto.ModulesDir (which
+// sets the load order) and its contents.
+type Module struct {
+	Name string
+	Data []byte
+}
+
+// Build returns the archive: the init as /init, the directories above,
 // /dev/console, which the kernel opens for the init's stdio before any
-// devtmpfs is mounted.
-func Build(init []byte) ([]byte, error) {
+// devtmpfs is mounted, and the modules, if any.
+func Build(init []byte, modules ...Module) ([]byte, error) {
 	var buf bytes.Buffer
 	zw, err := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
 	if err != nil {
@@ -28,6 +38,15 @@ func Build(init []byte) ([]byte, error) {
 	}
 	w.entry("dev/console", 0o020600, 5, 1, nil)
 	w.entry("init", 0o100755, 0, 0, init)
+	if len(modules) > 0 {
+		w.entry(proto.ModulesDir, 0o040755, 0, 0, nil)
+		for _, m := range modules {
+			if m.Name == "" || strings.ContainsAny(m.Name, "/\x00") {
+				return nil, fmt.Errorf("module name %q is not a file name", m.Name)
+			}
+			w.entry(proto.ModulesDir+"/"+m.Name, 0o100644, 0, 0, m.Data)
+		}
+	}
 	w.entry("TRAILER!!!", 0, 0, 0, nil)
 	if w.err != nil {
 		return nil, fmt.Errorf("writing initramfs: %w", w.err)

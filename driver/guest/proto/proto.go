@@ -19,6 +19,11 @@ const (
 // 9p mount tags for the task's directories, mounted at /<tag> in the guest.
 var MountTags = []string{"alloc", "local", "secrets"}
 
+// ModulesDir is the initramfs directory of kernel modules the init loads,
+// in name order, before it reports ready: the drivers of devices passed
+// through to the VM.
+const ModulesDir = "modules"
+
 // Assignment gives a booted (or restored) VM its identity and its program.
 type Assignment struct {
 	Hostname string `json:"hostname"`

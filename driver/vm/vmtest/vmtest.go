@@ -18,6 +18,7 @@ type Assets struct {
 	Kernel string
 	Initrd string
 	Worker string // static test program, see worker/
+	Init   string // the guest init, for tests that pack their own initramfs
 }
 
 var (
@@ -64,6 +65,7 @@ func build() {
 	here := filepath.Dir(self)
 	root := filepath.Join(here, "..", "..", "..")
 	initBin := filepath.Join(dir, "init")
+	assets.Init = initBin
 	if err = goBuild(root, initBin, "./driver/guest/init"); err != nil {
 		return
 	}

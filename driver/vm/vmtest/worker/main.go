@@ -4,6 +4,7 @@
 //	worker rand      print hostname, 16 random bytes and the address of eth0
 //	worker sleep     sleep until killed
 //	worker env       print the environment
+//	worker pci       print the PCI devices the guest found (address vendor:device)
 //	worker serve P   accept one TCP connection on port P, print what it says
 //	worker dial A    connect to host:port A, say hello; exit 1 if it fails
 //	worker peers P   resolve every peer of the gang by name, exchange a
@@ -89,6 +90,14 @@ func main() {
 	case "env":
 		for _, e := range os.Environ() {
 			fmt.Println(e)
+		}
+	case "pci":
+		// The PCI devices the guest kernel found: address vendor:device.
+		ents, _ := os.ReadDir("/sys/bus/pci/devices")
+		for _, e := range ents {
+			v, _ := os.ReadFile("/sys/bus/pci/devices/" + e.Name() + "/vendor")
+			d, _ := os.ReadFile("/sys/bus/pci/devices/" + e.Name() + "/device")
+			fmt.Printf("%s %s:%s\n", e.Name(), strings.TrimSpace(string(v)), strings.TrimSpace(string(d)))
 		}
 	case "peers":
 		port, _ := strconv.Atoi(os.Args[2])
