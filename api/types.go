@@ -100,6 +100,11 @@ type BarrierRequest struct {
 	// servers: the job's barrier token from its environment. The
 	// microvm driver authenticates with its node's certificate instead.
 	Token string `json:",omitempty"`
+	// Started says how the microvm driver started the worker's VM
+	// ("restore" or "cold") and StartMillis how long that took, for the
+	// servers' metrics.
+	Started     string `json:",omitempty"`
+	StartMillis int64  `json:",omitempty"`
 }
 
 // BarrierResponse is the verdict for one worker.

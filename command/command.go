@@ -36,6 +36,7 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"bill":     func() (cli.Command, error) { return &BillCommand{Meta{UI: ui}}, nil },
 		"stop":     func() (cli.Command, error) { return &StopCommand{Meta{UI: ui}}, nil },
 		"queue":    func() (cli.Command, error) { return &QueueCommand{Meta{UI: ui}}, nil },
+		"logs":     func() (cli.Command, error) { return &LogsCommand{Meta{UI: ui}}, nil },
 		"tls":      func() (cli.Command, error) { return &TLSCommand{UI: ui}, nil },
 	}
 }

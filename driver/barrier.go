@@ -82,7 +82,11 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		h.abort(err.Error())
 		return
 	}
-	req := api.BarrierRequest{Alloc: h.cfg.AllocID, Instance: instanceOf(h.cfg.ID), Wait: barrierPoll.String()}
+	req := api.BarrierRequest{Alloc: h.cfg.AllocID, Instance: instanceOf(h.cfg.ID), Wait: barrierPoll.String(),
+		Started: "cold", StartMillis: h.startTook.Milliseconds()}
+	if h.snapshot {
+		req.Started = "restore"
+	}
 	backoff := 100 * time.Millisecond
 	for i := 0; ; i++ {
 		if h.programStarted() {

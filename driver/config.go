@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"strings"
 
 	"github.com/hashicorp/nomad/plugins/shared/hclspec"
 )
@@ -182,6 +183,16 @@ func (c *Config) validate() error {
 	}
 	if len(c.StateDir) > 60 {
 		return fmt.Errorf("state_dir %q is too long for unix socket paths (at most 60 bytes)", c.StateDir)
+	}
+	if pt := c.Passthrough; len(pt.Modules) > 0 {
+		if pt.Kernel == "" {
+			return fmt.Errorf("passthrough.modules needs passthrough.kernel: cohort's guest kernel is built without module loading")
+		}
+		for _, m := range pt.Modules {
+			if !strings.HasSuffix(m, ".ko") {
+				return fmt.Errorf("passthrough.modules: %q is not an uncompressed kernel module (.ko); decompress .ko.xz, .ko.zst or .ko.gz first", m)
+			}
+		}
 	}
 	return c.Network.validate()
 }

@@ -243,7 +243,7 @@ func buildInitrd(initPath, stateDir string, modules ...string) (string, error) {
 			return "", fmt.Errorf("passthrough module: %w", err)
 		}
 		// The number keeps the configured order; the init loads by name.
-		mods = append(mods, initramfs.Module{Name: fmt.Sprintf("%02d-%s", i, filepath.Base(m)), Data: data})
+		mods = append(mods, initramfs.Module{Name: fmt.Sprintf("%03d-%s", i, filepath.Base(m)), Data: data})
 		h.Write([]byte(mods[i].Name))
 		h.Write(data)
 	}
@@ -481,6 +481,7 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		how += " with " + strings.Join(pci, ", ") + " passed through"
 	}
 	took := time.Since(start)
+	h.startTook = took
 	d.eventer.EmitEvent(&drivers.TaskEvent{
 		TaskID:    cfg.ID,
 		AllocID:   cfg.AllocID,

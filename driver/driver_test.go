@@ -78,6 +78,12 @@ func TestConfigValidate(t *testing.T) {
 		"consul dns":  func(c *Config) { c.Network.ConsulDNS = "nope" },
 		"egress":      func(c *Config) { c.Network.EgressAllow = []string{"everywhere"} },
 		"deny":        func(c *Config) { c.Network.Deny = []string{"fd00::/8"} },
+		"modules without a kernel": func(c *Config) {
+			c.Passthrough = PassthroughConfig{Modules: []string{"/m/nvidia.ko"}}
+		},
+		"compressed module": func(c *Config) {
+			c.Passthrough = PassthroughConfig{Kernel: "/k", Modules: []string{"/m/nvidia.ko.zst"}}
+		},
 	}
 	for name, mutate := range bad {
 		c := ok

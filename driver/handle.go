@@ -25,9 +25,12 @@ type taskHandle struct {
 	assigned     chan struct{}
 	assignedOnce sync.Once
 
-	mu          sync.Mutex
-	ctl         *vm.Ctl
-	startedAt   time.Time
+	mu        sync.Mutex
+	ctl       *vm.Ctl
+	startedAt time.Time
+	// startTook is how long StartTask took to start the VM (0 after a
+	// recovery), reported at the barrier for the servers' metrics.
+	startTook   time.Duration
 	completedAt time.Time
 	snapshot    bool
 	result      *drivers.ExitResult

@@ -102,15 +102,16 @@ func TestAcceleratorsOnAGPUNode(t *testing.T) {
 		t.Fatalf("gpus gang: %+v", v)
 	}
 	logs := logsOf(t, c, "gpus")
-	line := regexp.MustCompile(`devices=(\S+) visible=(\S+)`)
+	line := regexp.MustCompile(`devices=(\S+) visible=(\S*)`)
 	got := line.FindAllStringSubmatch(strings.Join(mapValues(logs), "\n"), -1)
 	if len(got) != 2 {
 		t.Fatalf("worker output: %v", logs)
 	}
 	seen := map[string]bool{}
 	for _, m := range got {
-		if !contains(eightGPUs, m[1]) || m[2] != m[1] {
-			t.Errorf("worker was handed %q (visible %q), want one of the node's GPUs; without NVML its address stands for its UUID", m[1], m[2])
+		// Without NVML there is no UUID to put in NVIDIA_VISIBLE_DEVICES.
+		if !contains(eightGPUs, m[1]) || m[2] != "" {
+			t.Errorf("worker was handed %q (visible %q), want one of the node's GPUs and no UUIDs", m[1], m[2])
 		}
 		seen[m[1]] = true
 	}

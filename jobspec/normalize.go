@@ -193,7 +193,7 @@ func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, peers string,
 				if c == nil {
 					continue
 				}
-				if err := ValidateDeviceConstraint(c.LTarget, c.Operand); err != nil {
+				if err := ValidateDeviceConstraint(c.LTarget, c.Operand, c.RTarget); err != nil {
 					return fmt.Errorf("group %q: device %q: %w", name, d.Name, err)
 				}
 			}
@@ -339,10 +339,15 @@ var DeviceOperators = []string{"=", "==", "is", "!=", "not", "<", "<=", ">", ">=
 var deviceTarget = regexp.MustCompile(`^\$\{device\.(vendor|type|model|attr\.[A-Za-z0-9_.-]+)\}$`)
 
 // ValidateDeviceConstraint checks a device constraint's attribute (in
-// Nomad's form, "${device.attr.memory}") and operator ("" is "=").
-func ValidateDeviceConstraint(attribute, operator string) error {
+// Nomad's form, "${device.attr.memory}"), operator ("" is "=") and value,
+// which must be a literal: cohort's placement compares attributes with
+// values, not with each other.
+func ValidateDeviceConstraint(attribute, operator, value string) error {
 	if !deviceTarget.MatchString(attribute) {
 		return fmt.Errorf("device constraint attribute %q is not one of ${device.vendor}, ${device.type}, ${device.model} or ${device.attr.<name>}", attribute)
+	}
+	if strings.Contains(value, "${") {
+		return fmt.Errorf("device constraint value %q is not a literal; compare the attribute with a value such as \"40 GiB\"", value)
 	}
 	if operator == "" {
 		return nil

@@ -108,6 +108,9 @@ func TestNormalizeRefusals(t *testing.T) {
 		{mod(func(j *api.Job) {
 			j.TaskGroups[0].Tasks[0].Resources.Devices = []*api.RequestedDevice{{Name: "gpu", Constraints: []*api.Constraint{{LTarget: "${device.attr.memory}", Operand: "version", RTarget: ">= 1"}}}}
 		}), nil, `device constraint operator "version" is not supported`},
+		{mod(func(j *api.Job) {
+			j.TaskGroups[0].Tasks[0].Resources.Devices = []*api.RequestedDevice{{Name: "gpu", Constraints: []*api.Constraint{{LTarget: "${device.attr.memory}", Operand: ">", RTarget: "${device.attr.bar1}"}}}}
+		}), nil, `is not a literal`},
 	} {
 		_, _, err := Normalize(c.job, c.barrier)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

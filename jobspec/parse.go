@@ -361,13 +361,13 @@ func (d *decoder) resources(b *hcl.Block, r *Resources) {
 					c.Attribute, _ = d.stringAttr(a)
 				}
 				c.Attribute = DeviceAttribute(c.Attribute)
-				if err := ValidateDeviceConstraint(c.Attribute, ""); err != nil {
+				if err := ValidateDeviceConstraint(c.Attribute, "", ""); err != nil {
 					d.errorf(a.Expr.Range(), "Invalid device constraint", "%s.", err)
 				}
 			}
 			if a, ok := cc.Attributes["operator"]; ok {
 				c.Operator, _ = d.stringAttr(a)
-				if err := ValidateDeviceConstraint("${device.model}", c.Operator); err != nil {
+				if err := ValidateDeviceConstraint("${device.model}", c.Operator, ""); err != nil {
 					d.errorf(a.Expr.Range(), "Invalid device constraint", "%s.", err)
 				}
 			}
@@ -376,7 +376,14 @@ func (d *decoder) resources(b *hcl.Block, r *Resources) {
 			}
 			a, hasValue := cc.Attributes["value"]
 			if hasValue {
-				c.Value, _ = d.stringAttr(a)
+				if v, ok := interpolation(a.Expr); ok {
+					c.Value = v
+				} else {
+					c.Value, _ = d.stringAttr(a)
+				}
+				if err := ValidateDeviceConstraint("${device.model}", "", c.Value); err != nil {
+					d.errorf(a.Expr.Range(), "Invalid device constraint", "%s.", err)
+				}
 			}
 			unary := c.Operator == "is_set" || c.Operator == "is_not_set"
 			if !hasValue && !unary {

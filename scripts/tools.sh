@@ -23,7 +23,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # --- Debian packages ---------------------------------------------------------
 packages=(qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev
-  iproute2 nftables dnsutils xz-utils make gcc curl ca-certificates pci.ids)
+  iproute2 nftables dnsutils xz-utils make gcc curl ca-certificates pci.ids chromium)
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

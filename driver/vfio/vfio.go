@@ -41,7 +41,9 @@ type Plan struct {
 // ErrNoIOMMU says the host cannot isolate devices.
 var ErrNoIOMMU = errors.New("this host has no IOMMU")
 
-var pciAddr = regexp.MustCompile(`^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$`)
+// pciAddr is domain:bus:device.function; domains past 0xffff (Intel VMD)
+// have more digits.
+var pciAddr = regexp.MustCompile(`^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$`)
 
 // ParseDevices splits DevicesEnv's value.
 func ParseDevices(s string) ([]string, error) {
@@ -66,7 +68,9 @@ func Prepare(h Host, addrs []string, bind bool) (*Plan, error) {
 		return nil, fmt.Errorf("%w (%s is empty): a device cannot be passed through to a worker VM without one; enable VT-d or AMD-Vi in the firmware and boot the host with intel_iommu=on or amd_iommu=on", ErrNoIOMMU, groupsDir)
 	}
 	groups := map[string]bool{}
+	slots := map[string]bool{} // domain:bus:device of each reserved device
 	for _, a := range addrs {
+		slots[slot(a)] = true
 		dev := filepath.Join(h.Sys, "bus", "pci", "devices", a)
 		if _, err := os.Stat(dev); err != nil {
 			return nil, fmt.Errorf("PCI device %s is not on this host", a)
@@ -93,6 +97,14 @@ func Prepare(h Host, addrs []string, bind bool) (*Plan, error) {
 			if isBridge(dir) {
 				// Bridges stay with the host; a group holding one is
 				// still viable when its endpoints are all on vfio-pci.
+				continue
+			}
+			if !slots[slot(a)] {
+				// Another device shares the group (a PCIe switch without
+				// ACS): it may be another task's, or the host's. Taking
+				// it would hand it to this VM; unbinding it would pull
+				// it from whoever uses it.
+				problems = append(problems, fmt.Sprintf("IOMMU group %s also holds %s, which is not reserved to this task (the devices are not isolated from each other: reserve them together or enable ACS)", g, a))
 				continue
 			}
 			p.Devices = append(p.Devices, a)
@@ -125,18 +137,47 @@ func Prepare(h Host, addrs []string, bind bool) (*Plan, error) {
 			return nil, errors.New("the vfio-pci driver is not loaded on this host (modprobe vfio-pci)")
 		}
 		sort.Strings(rebind)
+		var done []string
+		fail := func(err error) (*Plan, error) {
+			// Give every device touched back to the driver it had, so
+			// a refused task leaves the host as it found it.
+			for _, a := range done {
+				unbindVFIO(h, a)
+			}
+			return nil, err
+		}
 		for _, a := range rebind {
+			done = append(done, a)
 			if err := bindVFIO(h, a); err != nil {
-				return nil, err
+				return fail(err)
 			}
 		}
 		for _, g := range p.Groups {
 			if _, err := os.Stat(filepath.Join(h.Dev, "vfio", g)); err != nil {
-				return nil, fmt.Errorf("IOMMU group %s has no %s after binding it to vfio-pci", g, filepath.Join(h.Dev, "vfio", g))
+				return fail(fmt.Errorf("IOMMU group %s has no %s after binding it to vfio-pci", g, filepath.Join(h.Dev, "vfio", g)))
 			}
 		}
 	}
 	return p, nil
+}
+
+// slot is a PCI address without its function: the functions of one card.
+func slot(addr string) string {
+	if i := strings.LastIndexByte(addr, '.'); i > 0 {
+		return addr[:i]
+	}
+	return addr
+}
+
+// unbindVFIO undoes bindVFIO as far as it got: the override cleared, the
+// device off vfio-pci, and probed again so its own driver takes it.
+func unbindVFIO(h Host, a string) {
+	dir := filepath.Join(h.Sys, "bus", "pci", "devices", a)
+	os.WriteFile(filepath.Join(dir, "driver_override"), []byte("\n"), 0o200)
+	if linkBase(filepath.Join(dir, "driver")) == "vfio-pci" {
+		os.WriteFile(filepath.Join(dir, "driver", "unbind"), []byte(a), 0o200)
+	}
+	os.WriteFile(filepath.Join(h.Sys, "bus", "pci", "drivers_probe"), []byte(a), 0o200)
 }
 
 // bindVFIO moves one device to vfio-pci the way the kernel documents:

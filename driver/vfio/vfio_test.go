@@ -95,6 +95,29 @@ func TestGroupNotOnVFIORefusedWithoutBind(t *testing.T) {
 	}
 }
 
+// A group that holds a device not reserved to the task (two GPUs behind
+// one switch without ACS) is refused, bind or not: taking it would hand
+// another task's GPU to this VM.
+func TestSharedGroupRefused(t *testing.T) {
+	h := host(t, map[string][3]string{
+		"0000:18:00.0": {"0x030200", "vfio-pci", "40"},
+		"0000:19:00.0": {"0x030200", "nvidia", "40"},
+	}, true)
+	for _, bind := range []bool{false, true} {
+		_, err := Prepare(h, []string{"0000:18:00.0"}, bind)
+		if err == nil || !strings.Contains(err.Error(), "IOMMU group 40 also holds 0000:19:00.0, which is not reserved to this task") {
+			t.Errorf("bind=%t: Prepare = %v", bind, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(h.Sys, "bus/pci/devices/0000:19:00.0/driver_override")); err == nil {
+		t.Error("the other task's GPU was touched")
+	}
+	// Reserved together, they go together.
+	if p, err := Prepare(h, []string{"0000:18:00.0", "0000:19:00.0"}, false); err == nil {
+		t.Errorf("a group with a device on nvidia was accepted: %+v", p)
+	}
+}
+
 func TestBindWritesTheKernelsSequence(t *testing.T) {
 	h := host(t, map[string][3]string{"0000:18:00.0": {"0x030200", "nvidia", "40"}}, true)
 	os.MkdirAll(filepath.Join(h.Sys, "bus/pci/drivers/nvidia"), 0o755)
@@ -105,13 +128,17 @@ func TestBindWritesTheKernelsSequence(t *testing.T) {
 		t.Fatalf("Prepare = %v", err)
 	}
 	for f, want := range map[string]string{
-		"bus/pci/devices/0000:18:00.0/driver_override": "vfio-pci",
-		"bus/pci/drivers/nvidia/unbind":                "0000:18:00.0",
-		"bus/pci/drivers_probe":                        "0000:18:00.0",
+		"bus/pci/drivers/nvidia/unbind": "0000:18:00.0",
+		"bus/pci/drivers_probe":         "0000:18:00.0",
 	} {
 		if b, _ := os.ReadFile(filepath.Join(h.Sys, f)); string(b) != want {
 			t.Errorf("%s = %q, want %q", f, b, want)
 		}
+	}
+	// A failed bind gives the device back: its override is cleared and
+	// it is probed again.
+	if b, _ := os.ReadFile(filepath.Join(h.Sys, "bus/pci/devices/0000:18:00.0/driver_override")); string(b) != "\n" {
+		t.Errorf("driver_override after a failed bind = %q, want it cleared", b)
 	}
 	// Without the vfio-pci driver there is nothing to bind to.
 	h = host(t, map[string][3]string{"0000:18:00.0": {"0x030200", "nvidia", "40"}}, false)

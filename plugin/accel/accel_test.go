@@ -122,8 +122,10 @@ func TestH100NodeWithNVML(t *testing.T) {
 	if names(g) != "nvidia/gpu/H100 80GB HBM3" {
 		t.Errorf("group = %q", names(g))
 	}
-	if g.Devices[0].ID != "GPU-97695a8d-06d1-6f3c-cc8c-f3e15e19d6cb" {
-		t.Errorf("ID = %q, want the UUID", g.Devices[0].ID)
+	// The ID is the PCI address even where NVML knows the UUID: it must
+	// not change when NVML stops seeing the GPU.
+	if g.Devices[0].ID != "0000:00:06.0" {
+		t.Errorf("ID = %q, want the PCI address", g.Devices[0].ID)
 	}
 	for k, want := range map[string]string{"fingerprint": "nvml", "memory": "81559MiB", "bar1": "131072MiB", "power": "700W",
 		"cores_clock": "1980MHz", "memory_clock": "2619MHz", "pcie_gen": "5", "pcie_width": "16",
@@ -299,9 +301,12 @@ func TestPluginFingerprintsAndReserves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Without NVML there are no UUIDs; the addresses stand in for them.
 	if got := res.Envs[ReservedPCIEnv]; got != "0000:2a:00.0,0000:9a:00.0" {
 		t.Errorf("%s = %q", ReservedPCIEnv, got)
+	}
+	// Without NVML there are no UUIDs, and CUDA takes nothing else.
+	if v, ok := res.Envs[VisibleDevicesEnv]; ok {
+		t.Errorf("%s = %q without NVML", VisibleDevicesEnv, v)
 	}
 	if _, err := p.Reserve([]string{"0000:99:00.0"}); err == nil || !strings.Contains(err.Error(), "no such device") {
 		t.Errorf("reserving an unknown device: %v", err)
@@ -341,7 +346,7 @@ func TestPluginWithNVML(t *testing.T) {
 	ch, _ := p.Fingerprint(ctx)
 	next(t, ch)
 	const uuid = "GPU-97695a8d-06d1-6f3c-cc8c-f3e15e19d6cb"
-	res, err := p.Reserve([]string{uuid})
+	res, err := p.Reserve([]string{"0000:00:06.0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +358,7 @@ func TestPluginWithNVML(t *testing.T) {
 	if len(s.Groups) != 1 || s.Groups[0].Name != "H100 80GB HBM3" {
 		t.Fatalf("stats = %+v", s.Groups)
 	}
-	ds := s.Groups[0].InstanceStats[uuid]
+	ds := s.Groups[0].InstanceStats["0000:00:06.0"]
 	if ds == nil || *ds.Summary.IntNumeratorVal != 1024 || *ds.Stats.Attributes["gpu_utilization"].IntNumeratorVal != 37 ||
 		*ds.Stats.Attributes["power"].FloatNumeratorVal != 71.5 {
 		t.Errorf("instance stats = %+v", ds)
@@ -379,5 +384,32 @@ func TestPluginWithoutDevicesAnswers(t *testing.T) {
 	ch, _ := p.Fingerprint(ctx)
 	if r := next(t, ch); len(r.Devices) != 0 {
 		t.Errorf("devices on a node without any: %s", render(r.Devices))
+	}
+}
+
+// A GPU moved from the nvidia driver to vfio-pci (for passthrough)
+// vanishes from NVML; it keeps its ID, group and attributes, healthy, so
+// the allocation holding it still counts.
+func TestGPUOnVFIOKeepsItsDescription(t *testing.T) {
+	root := copyTree(t, "testdata/h100/sys")
+	n := h100NVML(t)
+	fp := &Fingerprinter{Root: root, PCIIDs: []string{"testdata/pci.ids"}, NVML: n}
+	before, _ := scan(t, fp)
+	drv := filepath.Join(root, "bus/pci/devices/0000:00:06.0/driver")
+	if err := os.Remove(drv); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("../../../bus/pci/drivers/vfio-pci", drv); err != nil {
+		t.Fatal(err)
+	}
+	n.gpus = nil
+	after, _ := scan(t, fp)
+	if render(after) != render(before) {
+		t.Errorf("the fingerprint changed when the GPU moved to vfio-pci:\n%s\nwas\n%s", render(after), render(before))
+	}
+	// A GPU that is on vfio-pci from the start is described by sysfs.
+	fresh := &Fingerprinter{Root: root, PCIIDs: []string{"testdata/pci.ids"}, NVML: n}
+	if g, _ := scan(t, fresh); len(g) != 1 || names(g[0]) != "nvidia/gpu/H100 SXM5 80GB" || !g[0].Devices[0].Healthy {
+		t.Errorf("a GPU on vfio-pci at start: %s", render(g))
 	}
 }

@@ -9,11 +9,17 @@ import (
 
 const vendorNVIDIA = 0x10de
 
-// Fingerprinter finds the node's accelerators. It remembers every device
-// it has reported, so one that disappears is reported unhealthy rather
-// than silently dropped (Nomad would otherwise keep placing on a node
-// whose GPU fell off the bus until the next fingerprint of the group),
-// and each device keeps the ID it was first reported with.
+// Fingerprinter finds the node's accelerators. Every device's ID is its
+// PCI address, whatever describes it: an ID must not change under an
+// allocation that holds the device (Nomad stops counting an allocation
+// whose device IDs it no longer finds, and the device looks free), and a
+// GPU's UUID comes and goes with NVML (a GPU bound to vfio-pci is
+// invisible to it). The UUID travels in the task's environment instead.
+//
+// It remembers every device it has reported: one that disappears is
+// reported unhealthy rather than silently dropped, and a GPU that leaves
+// the nvidia driver for vfio-pci keeps the description NVML gave it, so
+// its group does not change while a task holds it.
 type Fingerprinter struct {
 	Root   string          // sysfs root, "/sys"
 	Ignore map[string]bool // PCI addresses and UUIDs to leave out
@@ -25,16 +31,15 @@ type Fingerprinter struct {
 	loaded  map[uint16]bool // vendors names were loaded for
 	idsFile string          // the database found, "" for none
 
-	ids  map[string]string   // PCI address → the ID it was reported as
-	seen map[string]Instance // ID → the device as last seen
+	seen map[string]Instance // PCI address → the device as last seen
 }
 
 // Scan lists the node's accelerators now, with the driver version NVML
 // reports. Errors reading single devices or NVML come back beside the
 // result: they make devices unhealthy or less described, never absent.
 func (f *Fingerprinter) Scan() ([]Instance, string, []error) {
-	if f.ids == nil {
-		f.ids, f.seen = map[string]string{}, map[string]Instance{}
+	if f.seen == nil {
+		f.seen = map[string]Instance{}
 	}
 	devs, errs := scanPCI(f.Root)
 	if err := f.loadNames(devs); err != nil {
@@ -64,18 +69,19 @@ func (f *Fingerprinter) Scan() ([]Instance, string, []error) {
 	for _, d := range devs {
 		in := Instance{PCI: d, ID: d.Address, Healthy: true}
 		if d.Vendor == vendorNVIDIA && gpus != nil {
-			describeNVIDIA(&in, gpus)
+			f.describeNVIDIA(&in, gpus)
 		}
-		if id, ok := f.ids[d.Address]; ok {
-			in.ID = id
-		}
-		if f.Ignore[d.Address] || f.Ignore[in.ID] || (in.GPU != nil && f.Ignore[in.GPU.UUID]) {
+		if f.Ignore[d.Address] || (in.GPU != nil && f.Ignore[in.GPU.UUID]) {
 			continue
 		}
-		f.ids[d.Address] = in.ID
 		f.seen[in.ID] = in
 		present[in.ID] = true
 		out = append(out, in)
+	}
+	for addr, g := range gpus {
+		if !present[addr] && !f.Ignore[addr] && !f.Ignore[g.UUID] {
+			errs = append(errs, fmt.Errorf("NVML lists GPU %s at %s, which sysfs (%s) does not show", g.UUID, addr, f.Root))
+		}
 	}
 	for id, in := range f.seen {
 		if present[id] {
@@ -91,19 +97,21 @@ func (f *Fingerprinter) Scan() ([]Instance, string, []error) {
 // describeNVIDIA adds what NVML knows of the GPU at in's address. A GPU
 // bound to the nvidia driver that NVML does not list, or lists as lost,
 // is unhealthy; one bound to vfio-pci (kept for passthrough) is invisible
-// to NVML by design and stays healthy, described by sysfs.
-func describeNVIDIA(in *Instance, gpus map[string]GPU) {
+// to NVML by design and stays healthy, described as NVML last saw it, or
+// by sysfs if it never did (a GPU bound to vfio-pci at boot).
+func (f *Fingerprinter) describeNVIDIA(in *Instance, gpus map[string]GPU) {
 	g, ok := gpus[in.PCI.Address]
 	if !ok {
 		if in.PCI.Driver == "nvidia" {
 			in.Healthy, in.HealthDesc = false, "bound to the nvidia driver but NVML does not list it"
+			return
+		}
+		if prev, ok := f.seen[in.PCI.Address]; ok && prev.GPU != nil {
+			in.GPU = prev.GPU // moved to vfio-pci: as NVML last described it
 		}
 		return
 	}
 	in.GPU = &g
-	if g.UUID != "" {
-		in.ID = g.UUID
-	}
 	if g.Lost {
 		in.Healthy, in.HealthDesc = false, fmt.Sprintf("NVML reports the GPU lost: %v", g.Err)
 	}

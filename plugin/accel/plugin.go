@@ -71,6 +71,10 @@ var pluginInfo = &base.PluginInfoResponse{
 type Plugin struct {
 	log hclog.Logger
 
+	// scanMu serializes fingerprints (the Fingerprinter remembers what
+	// it saw); mu guards the rest, and is never held across sysfs or
+	// NVML calls, so Reserve never waits behind a hung GPU.
+	scanMu  sync.Mutex
 	mu      sync.Mutex
 	fp      *Fingerprinter
 	period  time.Duration
@@ -102,11 +106,13 @@ func (p *Plugin) SetConfig(c *base.Config) error {
 	if cfg.PCIIDs != "" {
 		fp.PCIIDs = []string{cfg.PCIIDs}
 	}
+	uuids := false
 	for _, id := range cfg.IgnoredDevices {
 		fp.Ignore[id] = true
 		if b := busID(id); b != id {
 			fp.Ignore[b] = true
 		}
+		uuids = uuids || strings.HasPrefix(id, "GPU-") || strings.HasPrefix(id, "MIG-")
 	}
 	if cfg.NVML {
 		n, err := OpenNVML()
@@ -119,6 +125,11 @@ func (p *Plugin) SetConfig(c *base.Config) error {
 			p.log.Warn("NVML failed to start: NVIDIA GPUs are described from sysfs only", "error", err)
 		}
 	}
+	if uuids && fp.NVML == nil {
+		p.log.Warn("ignored_devices names GPUs by UUID, but without NVML the plugin knows no UUIDs: name them by PCI address")
+	}
+	p.scanMu.Lock()
+	defer p.scanMu.Unlock()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.fp != nil && p.fp.NVML != nil {
@@ -130,20 +141,27 @@ func (p *Plugin) SetConfig(c *base.Config) error {
 
 // scan fingerprints once and keeps the result for Reserve and Stats.
 func (p *Plugin) scan() ([]*device.DeviceGroup, []error) {
+	p.scanMu.Lock()
+	defer p.scanMu.Unlock()
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.fp == nil {
+	fp := p.fp
+	p.mu.Unlock()
+	if fp == nil {
 		return nil, []error{errors.New("not configured")}
 	}
-	insts, dv, errs := p.fp.Scan()
-	p.devices = make(map[string]Instance, len(insts))
-	p.kinds = make(map[string][3]string, len(insts))
+	insts, dv, errs := fp.Scan()
+	devices := make(map[string]Instance, len(insts))
+	kinds := make(map[string][3]string, len(insts))
 	for _, in := range insts {
-		p.devices[in.ID] = in
-		v, t, n := p.fp.Kind(in)
-		p.kinds[in.ID] = [3]string{v, t, n}
+		devices[in.ID] = in
+		v, t, n := fp.Kind(in)
+		kinds[in.ID] = [3]string{v, t, n}
 	}
-	return p.fp.Groups(insts, dv), errs
+	groups := fp.Groups(insts, dv)
+	p.mu.Lock()
+	p.devices, p.kinds = devices, kinds
+	p.mu.Unlock()
+	return groups, errs
 }
 
 // Fingerprint reports the devices at once, then again whenever what it
@@ -212,9 +230,11 @@ func render(groups []*device.DeviceGroup) string {
 }
 
 // Reserve tells Nomad what a task given these devices needs: the GPUs'
-// UUIDs for CUDA and NVIDIA's container runtime, and every device's PCI
-// address for the microvm driver. An unknown or unhealthy ID is refused:
-// a task must not start believing it has a device it cannot use.
+// UUIDs for CUDA and NVIDIA's container runtime (which take UUIDs or
+// indices, never PCI addresses: without NVML the variable is left out),
+// and every device's PCI address for the microvm driver. An unknown or
+// unhealthy ID is refused: a task must not start believing it has a
+// device it cannot use.
 func (p *Plugin) Reserve(ids []string) (*device.ContainerReservation, error) {
 	if len(ids) == 0 {
 		return &device.ContainerReservation{}, nil
@@ -230,8 +250,8 @@ func (p *Plugin) Reserve(ids []string) (*device.ContainerReservation, error) {
 		if !in.Healthy {
 			return nil, fmt.Errorf("reserving device %q: it is unhealthy: %s", id, in.HealthDesc)
 		}
-		if in.PCI.Vendor == vendorNVIDIA {
-			visible = append(visible, id)
+		if in.GPU != nil && in.GPU.UUID != "" {
+			visible = append(visible, in.GPU.UUID)
 		}
 		addrs = append(addrs, in.PCI.Address)
 	}
@@ -272,28 +292,31 @@ func (p *Plugin) Stats(ctx context.Context, interval time.Duration) (<-chan *dev
 
 func (p *Plugin) stats(now time.Time) []*device.DeviceGroupStats {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.fp == nil || p.fp.NVML == nil {
+		p.mu.Unlock()
 		return nil
 	}
+	nvml := p.fp.NVML
+	devices, kinds := p.devices, p.kinds // replaced whole, never changed
+	p.mu.Unlock()
 	byKind := map[[3]string]*device.DeviceGroupStats{}
-	ids := make([]string, 0, len(p.devices))
-	for id := range p.devices {
+	ids := make([]string, 0, len(devices))
+	for id := range devices {
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)
 	var out []*device.DeviceGroupStats
 	for _, id := range ids {
-		in := p.devices[id]
-		if in.GPU == nil || !in.Healthy {
+		in := devices[id]
+		if in.GPU == nil || !in.Healthy || in.PCI.Driver != "nvidia" {
 			continue
 		}
-		u, err := p.fp.NVML.Usage(in.GPU.UUID)
+		u, err := nvml.Usage(in.GPU.UUID)
 		if err != nil {
 			p.log.Debug("GPU stats", "device", id, "error", err)
 			continue
 		}
-		k := p.kinds[id]
+		k := kinds[id]
 		g := byKind[k]
 		if g == nil {
 			g = &device.DeviceGroupStats{Vendor: k[0], Type: k[1], Name: k[2], InstanceStats: map[string]*device.DeviceStats{}}

@@ -20,6 +20,7 @@ import (
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
+	psstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
 
 // Client wraps the Nomad API.
@@ -307,12 +308,12 @@ func FreeNodes(nodes []*api.NodeListStub, allocs []*api.AllocationListStub, skip
 				pn.Devices[kind] += healthy
 				if len(d.Attributes) > 0 {
 					if pn.DeviceAttrs == nil {
-						pn.DeviceAttrs = map[string]map[string]string{}
+						pn.DeviceAttrs = map[string]map[string]*psstructs.Attribute{}
 					}
-					attrs := make(map[string]string, len(d.Attributes))
+					attrs := make(map[string]*psstructs.Attribute, len(d.Attributes))
 					for k, a := range d.Attributes {
 						if a != nil {
-							attrs[k] = a.String()
+							attrs[k] = &psstructs.Attribute{Float: a.FloatVal, Int: a.IntVal, String: a.StringVal, Bool: a.BoolVal, Unit: a.Unit}
 						}
 					}
 					pn.DeviceAttrs[kind] = attrs

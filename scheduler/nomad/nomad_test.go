@@ -77,9 +77,17 @@ func TestFreeNodesDeviceAttributes(t *testing.T) {
 		"mig_mode":   {BoolVal: &mig},
 	}
 	got := FreeNodes([]*api.NodeListStub{stubNode("g", "ready", 4000, 8192, d)}, nil, nil)
-	want := map[string]map[string]string{"nvidia/gpu/H100 80GB HBM3": {"memory": "81559 MiB", "pcie_width": "16", "mig_mode": "false"}}
-	if len(got) != 1 || !reflect.DeepEqual(got[0].DeviceAttrs, want) {
-		t.Errorf("DeviceAttrs = %+v", got[0].DeviceAttrs)
+	if len(got) != 1 {
+		t.Fatalf("nodes = %+v", got)
+	}
+	a := got[0].DeviceAttrs["nvidia/gpu/H100 80GB HBM3"]
+	for k, want := range map[string]string{"memory": "81559MiB", "pcie_width": "16", "mig_mode": "false"} {
+		if a[k] == nil || a[k].GoString() != want {
+			t.Errorf("attribute %s = %v, want %s", k, a[k], want)
+		}
+	}
+	if _, ok := a["memory"].GetInt(); !ok {
+		t.Error("memory is no longer an integer with a unit")
 	}
 }
 

@@ -4,15 +4,17 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	psstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
 
 func TestDeviceConstraints(t *testing.T) {
 	big := node("big", 8000, 8000)
 	big.Devices["nvidia/gpu/H100 80GB HBM3"] = 2
-	big.DeviceAttrs = map[string]map[string]string{"nvidia/gpu/H100 80GB HBM3": {"memory": "81559 MiB", "pcie_gen": "5", "mig_mode": "false"}}
+	big.DeviceAttrs = attrs("nvidia/gpu/H100 80GB HBM3", "memory", "81559 MiB", "pcie_gen", "5", "mig_mode", "false", "driver_version", "580.159.04")
 	small := node("small", 8000, 8000)
 	small.Devices["nvidia/gpu/T4"] = 4
-	small.DeviceAttrs = map[string]map[string]string{"nvidia/gpu/T4": {"memory": "15360 MiB", "pcie_gen": "3"}}
+	small.DeviceAttrs = attrs("nvidia/gpu/T4", "memory", "15360 MiB", "pcie_gen", "3")
 	nodes := []Node{big, small}
 	place := func(count, per int, cs ...DeviceConstraint) (Decision, bool) {
 		j := job("j", 50, 1, time.Minute, Group{Name: "w", Count: count, CPU: 10, MemoryMB: 10,
@@ -45,12 +47,20 @@ func TestDeviceConstraints(t *testing.T) {
 	if d, ok := place(1, 1, DeviceConstraint{Attribute: "${device.model}", Operator: "regexp", Value: "^H100"}); !ok || onNodes(d) != "big" {
 		t.Errorf("model regexp: %v %s", ok, onNodes(d))
 	}
-	// Asking for what no node reports, or comparing across units, fits
+	// As Nomad decides: != holds where the attribute is absent;
+	// asking for what no node reports, comparing across units or kinds
+	// of value (whatever the operator), or a regexp on a number, fits
 	// nowhere.
+	if d, ok := place(1, 1, DeviceConstraint{Attribute: "${device.attr.mig_mode}", Operator: "!=", Value: "false"}); !ok || onNodes(d) != "small" {
+		t.Errorf("mig_mode != false: %v %s", ok, onNodes(d))
+	}
 	for _, c := range []DeviceConstraint{
 		{Attribute: "${device.attr.nvlink}", Operator: "=", Value: "true"},
 		{Attribute: "${device.attr.memory}", Operator: ">=", Value: "1000 MHz"},
 		{Attribute: "${device.attr.memory}", Operator: ">=", Value: "1 TiB"},
+		{Attribute: "${device.attr.memory}", Operator: "!=", Value: "80"},
+		{Attribute: "${device.attr.memory}", Operator: "!=", Value: "fast"},
+		{Attribute: "${device.attr.pcie_gen}", Operator: "regexp", Value: "5"},
 	} {
 		if d, ok := place(1, 1, c); ok {
 			t.Errorf("%+v placed on %s", c, onNodes(d))
@@ -61,4 +71,13 @@ func TestDeviceConstraints(t *testing.T) {
 	if ok, why := Feasible(nodes, j); ok || !strings.Contains(why, "1× nvidia/gpu where nvidia/gpu device.attr.memory >= 40 GiB") {
 		t.Errorf("Feasible = %v %q", ok, why)
 	}
+}
+
+// attrs are one device kind's attributes, parsed as Nomad parses them.
+func attrs(kind string, kv ...string) map[string]map[string]*psstructs.Attribute {
+	m := map[string]*psstructs.Attribute{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = psstructs.ParseAttribute(kv[i+1])
+	}
+	return map[string]map[string]*psstructs.Attribute{kind: m}
 }

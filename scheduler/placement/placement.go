@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	psstructs "github.com/hashicorp/nomad/plugins/shared/structs"
 )
 
 // Node is one client's capacity as the scheduler sees it: what is free
@@ -22,9 +24,9 @@ type Node struct {
 	// Devices maps each kind of device on the node, named
 	// "vendor/type/model", to how many are free.
 	Devices map[string]int
-	// DeviceAttrs are each device kind's attributes as text with units
-	// ("81559 MiB"), for device constraints.
-	DeviceAttrs map[string]map[string]string `json:",omitempty"`
+	// DeviceAttrs are each device kind's attributes, typed and with
+	// units as Nomad has them, for device constraints.
+	DeviceAttrs map[string]map[string]*psstructs.Attribute `json:",omitempty"`
 }
 
 // Group is a set of identical workers of a gang.
@@ -122,6 +124,20 @@ func NewInventory(nodes []Node) *Inventory { return newInventory(nodes) }
 
 // Place puts a whole job on the inventory or nothing of it.
 func (inv *inventory) Place(j *Job) (Decision, bool) { return inv.place(j) }
+
+// Nodes is a copy of what is free on each node now.
+func (inv *inventory) Nodes() []Node {
+	out := make([]Node, len(inv.nodes))
+	for i, n := range inv.nodes {
+		c := n
+		c.Devices = make(map[string]int, len(n.Devices))
+		for k, v := range n.Devices {
+			c.Devices[k] = v
+		}
+		out[i] = c
+	}
+	return out
+}
 
 // Release gives a placed job's resources back.
 func (inv *inventory) Release(j *Job, d Decision) { inv.release(&Running{Job: j, Decision: d}) }

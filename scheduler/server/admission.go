@@ -48,7 +48,14 @@ type Submitted struct {
 // Submit admits a Nomad job that carries cohort's gang meta. A job that
 // cannot be a gang, that cannot fit even on the empty cluster, or that
 // Nomad would refuse is rejected with the reason; nothing of it is kept.
-func (s *Server) Submit(in *api.Job) (Submitted, error) { return s.admit(in, true) }
+func (s *Server) Submit(in *api.Job) (Submitted, error) {
+	start := time.Now()
+	sub, err := s.admit(in, true)
+	if err == nil {
+		s.metrics.admission.Observe(seconds(time.Since(start)))
+	}
+	return sub, err
+}
 
 // admit is Submit; placeNow false always queues the gang, for the leader
 // loop to place.

@@ -83,6 +83,11 @@ func (s *Server) BootOn(ns, jobID string, req api.BarrierRequest, node string) (
 			return api.BarrierResponse{}, err
 		}
 		if res.Err == "" {
+			// Bounded: a report is a node's word, not a measurement
+			// the server can check.
+			if (req.Started == "restore" || req.Started == "cold") && req.StartMillis > 0 && req.StartMillis < 600_000 {
+				s.metrics.vmStart.WithLabelValues(req.Started).Observe(float64(req.StartMillis) / 1000)
+			}
 			s.log.Debug("worker booted at the barrier", "job", key, "alloc", req.Alloc)
 			s.wake()
 		}

@@ -120,10 +120,20 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 	if !allowed(w, s.mayOperate(s.callerOf(r))) {
 		return
 	}
-	ms, err := s.r.Members()
+	out, err := s.members()
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// members is the server group as the Raft configuration has it, with the
+// API addresses the servers recorded.
+func (s *Server) members() ([]api.MemberView, error) {
+	ms, err := s.r.Members()
+	if err != nil {
+		return nil, err
 	}
 	_, leader := s.r.Leader()
 	known := map[string]state.Member{}
@@ -137,7 +147,7 @@ func (s *Server) handleMembers(w http.ResponseWriter, r *http.Request) {
 		out = append(out, api.MemberView{ID: m.ID, RaftAddr: m.Address, HTTPAddr: known[m.ID].HTTPAddr, Voter: m.Voter, Leader: m.ID == leader})
 	}
 	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
-	writeJSON(w, http.StatusOK, out)
+	return out, nil
 }
 
 // handleJoin adds a server to the group (leader only) and records its

@@ -39,6 +39,7 @@ func FuzzAPIRequests(f *testing.F) {
 		{0, "/v1/queue", ""},
 		{0, "/v1/nodes", ""},
 		{0, "/metrics", ""},
+		{0, "/ui/", ""},
 	} {
 		f.Add(s.method, s.path, []byte(s.body))
 	}

@@ -94,7 +94,10 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/leader", s.handleLeader)
 	mux.HandleFunc("GET /v1/health", s.handleHealth)
 	mux.HandleFunc("GET /v1/queue", s.handleQueue)
-	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.Handle("GET /metrics", s.metrics.handler())
+	mux.HandleFunc("GET /ui/{$}", s.handleUI)
+	mux.HandleFunc("POST /ui/token", s.handleUIToken)
+	mux.Handle("GET /ui", http.RedirectHandler("/ui/", http.StatusMovedPermanently))
 	mux.HandleFunc("POST /v1/network/lease", s.leaderOnly(s.handleLease))
 	mux.HandleFunc("DELETE /v1/network/lease/{node}", s.leaderOnly(s.handleReleaseLease))
 	// The leader answers the table: a lease's activity is judged by the
@@ -229,15 +232,9 @@ func (s *Server) handleGet(w http.ResponseWriter, r *http.Request) {
 	}
 	v := view(&job)
 	if job.Status == state.Queued {
-		var specs []*placement.Job
-		s.r.Read(func(st *state.State) {
-			for _, j := range st.ByStatus(state.Queued) {
-				spec := j.Spec
-				specs = append(specs, &spec)
-			}
-		})
-		placement.Order(specs)
-		v.Waiting = s.waiting(specs)[job.Key()]
+		if n, ok := s.waiting()[job.Key()]; ok {
+			v.Waiting = s.waitText(s.callerOf(r), n)
+		}
 	}
 	if r.URL.Query().Get("workers") != "" {
 		var a nomad.Allocs
@@ -329,11 +326,14 @@ func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 		}
 	})
 	placement.Order(specs)
-	waiting := s.waiting(specs)
+	notes := s.waiting()
+	c := s.callerOf(r)
 	all := make([]api.JobView, 0, len(specs))
 	for _, j := range specs {
 		v := views[j.Key()]
-		v.Waiting = waiting[j.Key()]
+		if n, ok := notes[j.Key()]; ok {
+			v.Waiting = s.waitText(c, n)
+		}
 		all = append(all, v)
 	}
 	out, ok := s.readable(w, r, all)
@@ -341,39 +341,6 @@ func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, out)
-}
-
-// handleMetrics writes the scheduler's gauges in Prometheus's text format.
-func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
-	counts := map[state.Status]int{}
-	workers := map[state.Status]int{}
-	s.r.Read(func(st *state.State) {
-		for _, j := range st.Jobs {
-			counts[j.Status]++
-			workers[j.Status] += j.Spec.Size()
-		}
-	})
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	fmt.Fprintln(w, "# HELP cohort_jobs Cluster jobs by status.")
-	fmt.Fprintln(w, "# TYPE cohort_jobs gauge")
-	for _, st := range []state.Status{state.Queued, state.Reserved, state.Running, state.Finished, state.Failed} {
-		fmt.Fprintf(w, "cohort_jobs{status=%q} %d\n", st, counts[st])
-	}
-	fmt.Fprintln(w, "# HELP cohort_workers Workers of cluster jobs by job status.")
-	fmt.Fprintln(w, "# TYPE cohort_workers gauge")
-	for _, st := range []state.Status{state.Queued, state.Reserved, state.Running, state.Finished, state.Failed} {
-		fmt.Fprintf(w, "cohort_workers{status=%q} %d\n", st, workers[st])
-	}
-	leader := 0
-	if s.r.IsLeader() {
-		leader = 1
-	}
-	fmt.Fprintln(w, "# HELP cohort_leader 1 when this replica leads.")
-	fmt.Fprintln(w, "# TYPE cohort_leader gauge")
-	fmt.Fprintf(w, "cohort_leader %d\n", leader)
-	fmt.Fprintln(w, "# HELP cohort_raft_applied_index Last Raft index applied here.")
-	fmt.Fprintln(w, "# TYPE cohort_raft_applied_index gauge")
-	fmt.Fprintf(w, "cohort_raft_applied_index %d\n", s.r.AppliedIndex())
 }
 
 func (s *Server) handleNodes(w http.ResponseWriter, r *http.Request) {

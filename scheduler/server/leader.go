@@ -346,6 +346,7 @@ func (s *Server) watchRunning(now time.Time, j *state.Job) error {
 	key := j.Key()
 	if !now.Before(j.Deadline()) {
 		late := now.Sub(j.Deadline())
+		s.metrics.lateness.Observe(seconds(late))
 		s.log.Info("max runtime reached; stopping", "job", key, "late", late)
 		return s.end(now, key, j.Run, state.OpFinish, fmt.Sprintf("max_runtime reached (stopped %d ms after the deadline)", late.Milliseconds()), nil)
 	}
@@ -417,6 +418,10 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 		}
 		if _, err := s.apply(start); err != nil {
 			return err
+		}
+		s.metrics.gangStart.Observe(seconds(now.Sub(j.SubmittedAt)))
+		for _, alloc := range released {
+			s.metrics.barrierWait.Observe(seconds(now.Sub(j.Booted[alloc].At)))
 		}
 		s.log.Info("gang running", "job", key, "workers", ready, "after", now.Sub(j.ReservedAt))
 	case a.Failed+a.Lost > 0 || now.Sub(j.ReservedAt) > j.Spec.GangTimeout:

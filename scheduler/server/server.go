@@ -113,12 +113,16 @@ type Config struct {
 
 // Server is one cohort server.
 type Server struct {
-	r      Replica
-	nomad  Nomad
-	log    hclog.Logger
-	now    func() time.Time
-	prices billing.Prices
-	self   state.Member // set by Advertise
+	r       Replica
+	metrics *metrics
+	// waitMu guards waitCache, the last explanation of the queue.
+	waitMu    sync.Mutex
+	waitCache waitCache
+	nomad     Nomad
+	log       hclog.Logger
+	now       func() time.Time
+	prices    billing.Prices
+	self      state.Member // set by Advertise
 	// barrierTask is the archive served to Nomad clients, if any.
 	barrierTask *barrierArchive
 	// workerRange and workerPrefix are the nodes' worker subnets.
@@ -179,6 +183,7 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
 		retry: map[string]time.Time{}, direct: map[string]uint64{},
 		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix, tls: cfg.TLS, verifyIncoming: cfg.VerifyIncoming && cfg.TLS != nil}
+	s.metrics = newMetrics(s)
 	if cfg.TLS != nil {
 		if !cfg.TLS.IsServer() {
 			s.batch.Close()

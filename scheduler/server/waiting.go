@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -12,40 +13,91 @@ import (
 // hundred gangs of a queue.
 const maxExplained = 200
 
-// waiting says, for gangs queued in scheduling order, why each has not
-// started: one that does not fit in what is free now names what it needs
-// and the most any node has free; one that fits waits behind the first
-// that does not (starting it could delay that gang, unless backfill
-// finds it cannot); the first gangs of a queue that fit are about to be
-// placed. It reads the inventory only; nothing is placed.
-func (s *Server) waiting(queue []*placement.Job) map[string]string {
-	if len(queue) == 0 {
-		return nil
+// waitCacheFor is how long an explanation of the queue is reused while
+// the state is unchanged: a page or a `cohort run` polling a queued gang
+// costs one inventory read per period, not one per request.
+const waitCacheFor = 2 * time.Second
+
+// waitNote is why one queued gang waits: the text, and the key of the
+// gang ahead of it that it waits behind, if any (named only to callers
+// who may read that gang's namespace).
+type waitNote struct {
+	text string
+	head string
+}
+
+type waitCache struct {
+	at    time.Time
+	index uint64
+	notes map[string]waitNote
+}
+
+// waiting says, for every queued gang (the first maxExplained in
+// scheduling order), why it has not started. Gangs are placed in turn
+// on what is free, as the scheduler would: the first that does not fit
+// names what it needs and the most any node has free after the gangs
+// ahead of it; one after it that fits waits behind it (starting it could
+// delay that gang, unless backfill finds it cannot); the first gangs of a
+// queue that fit are about to be placed. Nothing is placed for real.
+func (s *Server) waiting() map[string]waitNote {
+	index := s.r.AppliedIndex()
+	s.waitMu.Lock()
+	defer s.waitMu.Unlock()
+	if c := s.waitCache; c.notes != nil && c.index == index && time.Since(c.at) < waitCacheFor {
+		return c.notes
 	}
+	var queue []*placement.Job
 	var holding []placement.Running
-	s.r.Read(func(st *state.State) { holding = st.Holding(s.now()) })
-	free, err := s.free(holding)
-	if err != nil {
-		return nil
-	}
-	out := make(map[string]string, min(len(queue), maxExplained))
-	head := ""
-	for i, j := range queue {
-		if i == maxExplained {
-			break
+	s.r.Read(func(st *state.State) {
+		for _, j := range st.ByStatus(state.Queued) {
+			spec := j.Spec
+			queue = append(queue, &spec)
 		}
-		ok, why := placement.Feasible(free, j)
-		switch {
-		case !ok:
-			out[j.Key()] = "waits for room: " + why
-			if head == "" {
-				head = j.Key()
+		holding = st.Holding(s.now())
+	})
+	placement.Order(queue)
+	notes := make(map[string]waitNote, min(len(queue), maxExplained))
+	if len(queue) > 0 {
+		free, err := s.free(holding)
+		if err != nil {
+			return nil // Nomad unreachable: no explanation beats a wrong one
+		}
+		inv := placement.NewInventory(free)
+		head := ""
+		for i, j := range queue {
+			if i == maxExplained {
+				break
 			}
-		case head != "":
-			out[j.Key()] = fmt.Sprintf("fits, but waits behind %s, first in the queue, unless it can run without delaying that gang", head)
-		default:
-			out[j.Key()] = "fits: it starts at the scheduler's next pass"
+			d, ok := inv.Place(j)
+			switch {
+			case !ok:
+				notes[j.Key()] = waitNote{text: "waits for room: " + placement.Shortfall(inv.Nodes(), j)}
+				if head == "" {
+					head = j.Key()
+				}
+			case head != "":
+				// Behind the head it takes no room: whether backfill
+				// starts it depends on deadlines, not on this order.
+				inv.Release(j, d)
+				notes[j.Key()] = waitNote{head: head}
+			default:
+				notes[j.Key()] = waitNote{text: "fits: it starts at the scheduler's next pass"}
+			}
 		}
 	}
-	return out
+	s.waitCache = waitCache{at: time.Now(), index: index, notes: notes}
+	return notes
+}
+
+// waitText is a note as the caller may see it: the gang ahead is named
+// only when the caller may read its namespace.
+func (s *Server) waitText(c caller, n waitNote) string {
+	if n.head == "" {
+		return n.text
+	}
+	ahead := "a gang ahead of it in the queue"
+	if ns, _ := splitKey(n.head); s.mayRead(c, ns) == nil {
+		ahead = n.head + ", first in the queue,"
+	}
+	return fmt.Sprintf("fits, but waits behind %s unless it can run without delaying that gang", ahead)
 }

@@ -1,0 +1,53 @@
+package server
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/jobspec"
+)
+
+// A gang's life fills the histograms: admission, its start from
+// submission, each worker's wait at the barrier, its VMs' start as the
+// driver reports it, and how late its deadline was enforced. The gauges
+// read the state.
+func TestMetricsHistograms(t *testing.T) {
+	h := newHarness(t)
+	h.submit(gang("m", jobspec.DriverMicroVM, 2))
+	allocs := h.nomad.live("m")
+	h.srv.Boot("", "m", api.BarrierRequest{Alloc: allocs[0].ID, Instance: "i0", Started: "restore", StartMillis: 180})
+	h.advance(40 * time.Millisecond)
+	h.srv.Boot("", "m", api.BarrierRequest{Alloc: allocs[1].ID, Instance: "i1", Started: "cold", StartMillis: 900_000})
+	h.advance(10 * time.Millisecond)
+	h.pass()
+	h.advance(time.Minute + 25*time.Millisecond) // past max_runtime
+	h.pass()
+	rec := h.serve(httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	out := rec.Body.String()
+	for _, want := range []string{
+		"cohort_admission_seconds_count 1",
+		"cohort_gang_start_seconds_count 1",
+		"cohort_gang_start_seconds_sum 0.05",
+		"cohort_barrier_wait_seconds_count 2",
+		"cohort_barrier_wait_seconds_sum 0.06",
+		`cohort_vm_start_seconds_count{how="restore"} 1`,
+		`cohort_vm_start_seconds_sum{how="restore"} 0.18`,
+		"cohort_deadline_lateness_seconds_count 1",
+		"cohort_deadline_lateness_seconds_sum 0.025",
+		`cohort_jobs{status="finished"} 1`,
+		"cohort_leader 1",
+		"go_goroutines",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	// An implausible report (15 minutes to start a VM) is not recorded.
+	if strings.Contains(out, `how="cold"`) {
+		t.Errorf("an implausible start time was recorded:\n%s", out)
+	}
+}
