@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
@@ -70,8 +71,23 @@ func (c *LogsCommand) Run(args []string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills at once
+	}()
+	cohort := c.Client()
+	ns := c.Namespace()
 	l := &logStreamer{nomad: client, job: fs.Arg(0), group: *group, rank: *rank, follow: *follow,
-		stdout: os.Stdout, stderr: os.Stderr, started: map[string]bool{}}
+		stdout: os.Stdout, stderr: os.Stderr, started: map[string]bool{},
+		// Whether the gang has ended is cohort's to say: a gang sent back
+		// to the queue has no workers on Nomad for a while, yet goes on.
+		ended: func() (bool, error) {
+			v, err := cohort.Job(ns, fs.Arg(0), false)
+			if err != nil {
+				return false, err
+			}
+			return v.Status == api.StatusFinished || v.Status == api.StatusFailed, nil
+		}}
 	if err := l.run(ctx); err != nil {
 		c.UI.Error(fmt.Sprintf("Error: %v", err))
 		return ExitError
@@ -87,8 +103,13 @@ type logStreamer struct {
 	follow         bool
 	stdout, stderr io.Writer
 
+	// ended says whether the job's gang has ended for good; it is asked
+	// only when following.
+	ended func() (bool, error)
+
 	mu      sync.Mutex // serializes lines to the writers
 	started map[string]bool
+	errs    map[string]bool // errors already shown
 	wg      sync.WaitGroup
 }
 
@@ -106,8 +127,8 @@ type worker struct {
 
 // workers lists the allocations of the job's newest version that the
 // filters select: earlier versions are earlier runs of the gang.
-func (l *logStreamer) workers() ([]worker, error) {
-	stubs, _, err := l.nomad.Jobs().Allocations(l.job, true, nil)
+func (l *logStreamer) workers(ctx context.Context) ([]worker, error) {
+	stubs, _, err := l.nomad.Jobs().Allocations(l.job, true, (&nomadapi.QueryOptions{}).WithContext(ctx))
 	if err != nil {
 		return nil, fmt.Errorf("listing the workers of %s: %w", l.job, err)
 	}
@@ -129,11 +150,20 @@ func (l *logStreamer) workers() ([]worker, error) {
 		// The worker's task is the group's one task besides the barrier
 		// task ("worker" in jobs cohort writes; anything in hand-written
 		// ones).
-		task := jobspec.TaskName
+		// Until Nomad has set the allocation's tasks up, its task is
+		// unknown (a hand-written job names it as it likes): it is
+		// picked up at a later look.
+		task := ""
 		for name := range a.TaskStates {
-			if name != jobspec.BarrierTaskName {
+			if name != jobspec.BarrierTaskName && (task == "" || name < task) {
 				task = name
 			}
+		}
+		if task == "" {
+			if !term {
+				continue
+			}
+			task = jobspec.TaskName
 		}
 		out = append(out, worker{alloc: a, group: m[1], rank: r, terminal: term, jobVersion: a.JobVersion, task: task})
 	}
@@ -147,9 +177,18 @@ func (l *logStreamer) workers() ([]worker, error) {
 }
 
 func (l *logStreamer) run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	ws, err := l.workers()
+	if l.errs == nil {
+		l.errs = map[string]bool{}
+	}
+	if l.follow && l.ended != nil {
+		if _, err := l.ended(); err != nil {
+			return fmt.Errorf("reading job %s: %w", l.job, err)
+		}
+	}
+	// follow ends the live streams; ctx (the user's Ctrl-C) ends all.
+	follow, stopFollowing := context.WithCancel(ctx)
+	defer stopFollowing()
+	ws, err := l.workers(ctx)
 	if err != nil {
 		return err
 	}
@@ -157,15 +196,15 @@ func (l *logStreamer) run(ctx context.Context) error {
 		return fmt.Errorf("job %s has no workers on Nomad yet (a queued gang has none; try -f)", l.job)
 	}
 	for _, w := range ws {
-		l.start(ctx, w)
+		l.start(ctx, follow, w)
 	}
 	if !l.follow {
 		l.wg.Wait()
 		return nil
 	}
-	// Following: new workers (a requeued or freshly placed run) join;
-	// the command ends once every worker of the newest run has ended
-	// and its output has been read.
+	// Following: the workers of a new run join as they appear; once the
+	// gang has ended and every worker of its last run has, the live
+	// streams stop and each is read to its end.
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -175,28 +214,45 @@ func (l *logStreamer) run(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		ws, err := l.workers()
+		ws, err := l.workers(ctx)
 		if err != nil {
-			continue // Nomad unreachable for a moment: keep following
+			l.note("", "listing workers", err)
+			continue
 		}
-		done := len(ws) > 0
+		done := true
 		for _, w := range ws {
-			l.start(ctx, w)
+			l.start(ctx, follow, w)
 			done = done && w.terminal
 		}
+		if done && l.ended != nil {
+			ended, err := l.ended()
+			if err != nil {
+				l.note("", "reading the job", err)
+			}
+			done = ended
+		}
 		if done {
-			// A followed log of a task that ended stays open; give it a
-			// moment to deliver its last lines, then end.
-			time.Sleep(time.Second)
-			cancel()
+			stopFollowing()
 			l.wg.Wait()
 			return nil
 		}
 	}
 }
 
+// note shows an error once: a following loop meets the same one again.
+func (l *logStreamer) note(prefix, what string, err error) {
+	msg := fmt.Sprintf("(%s: %s)", what, strings.TrimSpace(err.Error()))
+	l.mu.Lock()
+	seen := l.errs[prefix+msg]
+	l.errs[prefix+msg] = true
+	l.mu.Unlock()
+	if !seen {
+		l.line(l.stderr, prefix, []byte(msg))
+	}
+}
+
 // start streams one worker's stdout and stderr, once.
-func (l *logStreamer) start(ctx context.Context, w worker) {
+func (l *logStreamer) start(ctx, follow context.Context, w worker) {
 	l.mu.Lock()
 	seen := l.started[w.alloc.ID]
 	l.started[w.alloc.ID] = true
@@ -212,16 +268,18 @@ func (l *logStreamer) start(ctx context.Context, w worker) {
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			l.stream(ctx, w.alloc.ID, w.task, stream.kind, prefix, stream.out)
+			l.stream(ctx, follow, w.alloc.ID, w.task, stream.kind, prefix, stream.out)
 		}()
 	}
 }
 
 // stream copies one task's stdout or stderr, line by line. A task that
 // has not started yet (a worker held at the barrier) has no log: without
-// -f there is nothing to print; with -f the stream is opened again until
-// it has, and a stream that breaks is resumed where it stopped.
-func (l *logStreamer) stream(ctx context.Context, allocID, task, kind, prefix string, out io.Writer) {
+// -f there is nothing to print. With -f the stream is opened again until
+// it has, a stream that breaks or ends is resumed where it stopped, and
+// when follow ends the log is read once more, to its end, so nothing
+// written before the end is lost.
+func (l *logStreamer) stream(ctx, follow context.Context, allocID, task, kind, prefix string, out io.Writer) {
 	alloc := &nomadapi.Allocation{ID: allocID}
 	var partial []byte
 	var offset int64
@@ -240,39 +298,64 @@ func (l *logStreamer) stream(ctx context.Context, allocID, task, kind, prefix st
 		}
 	}
 	defer flush(true)
-	for {
+	add := func(data []byte) {
+		offset += int64(len(data))
+		partial = append(partial, data...)
+		flush(false)
+	}
+	// read streams once, live or to the end, and ends with ctx.
+	read := func(ctx context.Context, live bool) error {
 		cancel := make(chan struct{})
 		stop := context.AfterFunc(ctx, func() { close(cancel) })
-		frames, errs := l.nomad.AllocFS().Logs(alloc, l.follow, task, kind, "start", offset, cancel, nil)
-		err := l.copyFrames(ctx, frames, errs, func(data []byte) {
-			offset += int64(len(data))
-			partial = append(partial, data...)
-			flush(false)
-		})
-		if !stop() {
-			return // ctx ended
-		}
-		close(cancel)
-		switch {
-		case err == nil:
-			return // the log ended
-		case !l.follow:
-			if !notStarted(err) {
-				l.line(l.stderr, prefix, []byte("(reading "+kind+": "+strings.TrimSpace(err.Error())+")"))
+		defer func() {
+			if stop() {
+				close(cancel)
 			}
-			return
+		}()
+		q := (&nomadapi.QueryOptions{}).WithContext(ctx)
+		frames, errs := l.nomad.AllocFS().Logs(alloc, live, task, kind, "start", offset, cancel, q)
+		return copyFrames(ctx, frames, errs, add)
+	}
+	if !l.follow {
+		if err := read(ctx, false); err != nil && !notStarted(err) {
+			l.note(prefix, "reading "+kind, err)
+		}
+		return
+	}
+	for follow.Err() == nil {
+		err := read(follow, true)
+		if err != nil && !notStarted(err) && follow.Err() == nil {
+			l.note(prefix, "reading "+kind, err)
 		}
 		select {
-		case <-ctx.Done():
-			return
+		case <-follow.Done():
 		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	if ctx.Err() == nil {
+		if err := read(ctx, false); err != nil && !notStarted(err) {
+			l.note(prefix, "reading "+kind, err)
 		}
 	}
 }
 
-// copyFrames hands each frame's data to add until the stream ends (nil)
-// or fails.
-func (l *logStreamer) copyFrames(ctx context.Context, frames <-chan *nomadapi.StreamFrame, errs <-chan error, add func([]byte)) error {
+// copyFrames hands each frame's data to add until the stream ends (nil),
+// fails, or ctx ends; frames that arrived before an error or the end are
+// all handed over.
+func copyFrames(ctx context.Context, frames <-chan *nomadapi.StreamFrame, errs <-chan error, add func([]byte)) error {
+	drain := func() {
+		for {
+			select {
+			case f, ok := <-frames:
+				if !ok {
+					return
+				}
+				add(f.Data)
+			default:
+				return
+			}
+		}
+	}
 	for {
 		select {
 		case f, ok := <-frames:
@@ -286,20 +369,11 @@ func (l *logStreamer) copyFrames(ctx context.Context, frames <-chan *nomadapi.St
 			}
 			add(f.Data)
 		case err := <-errs:
+			drain()
 			return err
 		case <-ctx.Done():
-			// Take what already arrived before ending.
-			for {
-				select {
-				case f, ok := <-frames:
-					if ok {
-						add(f.Data)
-						continue
-					}
-				default:
-				}
-				return nil
-			}
+			drain()
+			return nil
 		}
 	}
 }

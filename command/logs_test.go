@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -53,9 +55,14 @@ func fakeNomadLogs(t *testing.T) *nomadapi.Client {
 			return
 		}
 		enc := json.NewEncoder(w)
-		text := id + " " + kind + " one\n" + id + " " + kind + " tw"
+		text := id + " " + kind + " one\n" + id + " " + kind + " two\nno newline"
+		off, _ := strconv.Atoi(r.URL.Query().Get("offset"))
+		text = text[min(off, len(text)):]
+		if text == "" {
+			return
+		}
 		enc.Encode(nomadapi.StreamFrame{Data: []byte(text[:len(text)/2])})
-		enc.Encode(nomadapi.StreamFrame{Data: []byte(text[len(text)/2:] + "o\nno newline")})
+		enc.Encode(nomadapi.StreamFrame{Data: []byte(text[len(text)/2:])})
 	})
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
@@ -116,5 +123,21 @@ func TestLogsFilters(t *testing.T) {
 	l = &logStreamer{nomad: fakeNomadLogs(t), job: "j", group: "nope", rank: -1, stdout: &out, stderr: &errOut, started: map[string]bool{}}
 	if err := l.run(context.Background()); err == nil || !strings.Contains(err.Error(), "no workers") {
 		t.Errorf("no such group: %v", err)
+	}
+}
+
+// Following a job cohort does not know is an error at once; following a
+// gang that has ended with no workers ends.
+func TestLogsFollowEnds(t *testing.T) {
+	var out, errOut bytes.Buffer
+	l := &logStreamer{nomad: fakeNomadLogs(t), job: "nope", rank: -1, follow: true, stdout: &out, stderr: &errOut, started: map[string]bool{},
+		ended: func() (bool, error) { return false, errors.New("no job nope") }}
+	if err := l.run(context.Background()); err == nil || !strings.Contains(err.Error(), "no job nope") {
+		t.Errorf("unknown job: %v", err)
+	}
+	l = &logStreamer{nomad: fakeNomadLogs(t), job: "j", group: "none", rank: -1, follow: true, stdout: &out, stderr: &errOut, started: map[string]bool{},
+		ended: func() (bool, error) { return true, nil }}
+	if err := l.run(context.Background()); err != nil {
+		t.Errorf("ended gang: %v", err)
 	}
 }

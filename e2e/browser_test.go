@@ -111,8 +111,8 @@ func TestBrowserShowsRunningGang(t *testing.T) {
 			t.Errorf("%s: %d mentions of running, want every worker's:\n%s", base.name, n, text)
 		}
 	}
-	text := rendered(t, ctx, addr+"/ui/", "cohort-ui", "seen", "running", "w[0]", "w[1]", "w[2]")
-	if !strings.Contains(text, "leader") {
+	text := rendered(t, ctx, addr+"/ui/?refresh=0", "cohort-ui", "seen", "running", "w[0]", "w[1]", "w[2]")
+	if !strings.Contains(text, "\tleader") {
 		t.Errorf("cohort's page does not show the leader:\n%s", text)
 	}
 }

@@ -20,7 +20,7 @@ func TestLogsFollowsAGang(t *testing.T) {
 	waitStatus(t, addr, "talk", "running")
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmd := cohortCmd("logs", "-f", "talk")
+	cmd := cohortCmd("logs", "-f", "-address", addr, "talk")
 	cmd.Env = append(cmd.Env, c.NomadEnv()...)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

@@ -246,6 +246,11 @@ func TestIgnoredDevices(t *testing.T) {
 	if groups, _ := scan(t, fp); len(groups) != 0 {
 		t.Errorf("a GPU ignored by UUID is still reported: %s", render(groups))
 	}
+	// ... and stays ignored once NVML no longer sees it (on vfio-pci).
+	fp.NVML.(*fakeNVML).gpus = nil
+	if groups, _ := scan(t, fp); len(groups) != 0 {
+		t.Errorf("a GPU ignored by UUID is reported once out of NVML's sight: %s", render(groups))
+	}
 }
 
 // newPlugin configures the plugin as the Nomad agent would.

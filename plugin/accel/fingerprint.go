@@ -56,6 +56,12 @@ func (f *Fingerprinter) Scan() ([]Instance, string, []error) {
 		for _, g := range list {
 			if g.PCIBusID != "" {
 				gpus[busID(g.PCIBusID)] = g
+				if g.UUID != "" && f.Ignore[g.UUID] {
+					// Its address is ignored too: on vfio-pci the GPU
+					// is out of NVML's sight, and only its address
+					// would still say it is not to be offered.
+					f.Ignore[busID(g.PCIBusID)] = true
+				}
 			} else if g.Err != nil {
 				errs = append(errs, g.Err)
 			}

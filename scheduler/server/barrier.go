@@ -78,14 +78,21 @@ func (s *Server) BootOn(ns, jobID string, req api.BarrierRequest, node string) (
 			return v, err
 		}
 		// A big gang's workers report at once: their boots share commits.
-		res, err := s.batch.Apply(&state.Command{Op: state.OpBoot, At: s.now(), JobID: key, Alloc: req.Alloc, Instance: req.Instance})
+		at := s.now()
+		res, err := s.batch.Apply(&state.Command{Op: state.OpBoot, At: at, JobID: key, Alloc: req.Alloc, Instance: req.Instance})
 		if err != nil {
 			return api.BarrierResponse{}, err
 		}
 		if res.Err == "" {
-			// Bounded: a report is a node's word, not a measurement
-			// the server can check.
-			if (req.Started == "restore" || req.Started == "cold") && req.StartMillis > 0 && req.StartMillis < 600_000 {
+			// Counted once, by the report whose boot was recorded, and
+			// bounded: a report is a node's word, not a measurement the
+			// server can check.
+			mine := false
+			if res.Job != nil {
+				b, ok := res.Job.Booted[req.Alloc]
+				mine = ok && b.At.Equal(at) && b.Instance == req.Instance
+			}
+			if mine && (req.Started == "restore" || req.Started == "cold") && req.StartMillis > 0 && req.StartMillis < 600_000 {
 				s.metrics.vmStart.WithLabelValues(req.Started).Observe(float64(req.StartMillis) / 1000)
 			}
 			s.log.Debug("worker booted at the barrier", "job", key, "alloc", req.Alloc)

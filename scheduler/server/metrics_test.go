@@ -1,8 +1,10 @@
 package server
 
 import (
+	"math"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,26 +30,40 @@ func TestMetricsHistograms(t *testing.T) {
 	h.pass()
 	rec := h.serve(httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	out := rec.Body.String()
-	for _, want := range []string{
-		"cohort_admission_seconds_count 1",
-		"cohort_gang_start_seconds_count 1",
-		"cohort_gang_start_seconds_sum 0.05",
-		"cohort_barrier_wait_seconds_count 2",
-		"cohort_barrier_wait_seconds_sum 0.06",
-		`cohort_vm_start_seconds_count{how="restore"} 1`,
-		`cohort_vm_start_seconds_sum{how="restore"} 0.18`,
-		"cohort_deadline_lateness_seconds_count 1",
-		"cohort_deadline_lateness_seconds_sum 0.025",
-		`cohort_jobs{status="finished"} 1`,
-		"cohort_leader 1",
-		"go_goroutines",
+	for name, want := range map[string]float64{
+		"cohort_admission_seconds_count":               1,
+		"cohort_gang_start_seconds_count":              1,
+		"cohort_gang_start_seconds_sum":                0.05,
+		"cohort_barrier_wait_seconds_count":            2,
+		"cohort_barrier_wait_seconds_sum":              0.06,
+		`cohort_vm_start_seconds_count{how="restore"}`: 1,
+		`cohort_vm_start_seconds_sum{how="restore"}`:   0.18,
+		"cohort_deadline_lateness_seconds_count":       1,
+		"cohort_deadline_lateness_seconds_sum":         0.025,
+		`cohort_jobs{status="finished"}`:               1,
+		"cohort_leader":                                1,
 	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("/metrics lacks %q", want)
+		if got, ok := metricValue(out, name); !ok || math.Abs(got-want) > 1e-9 {
+			t.Errorf("%s = %v (found %t), want %v", name, got, ok, want)
 		}
+	}
+	if _, ok := metricValue(out, "go_goroutines"); !ok {
+		t.Error("no Go runtime metrics")
 	}
 	// An implausible report (15 minutes to start a VM) is not recorded.
 	if strings.Contains(out, `how="cold"`) {
 		t.Errorf("an implausible start time was recorded:\n%s", out)
 	}
+}
+
+// metricValue is the value of the sample named exactly name (with its
+// labels) in Prometheus's text format.
+func metricValue(out, name string) (float64, bool) {
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			return f, err == nil
+		}
+	}
+	return 0, false
 }

@@ -115,14 +115,15 @@ type Config struct {
 type Server struct {
 	r       Replica
 	metrics *metrics
-	// waitMu guards waitCache, the last explanation of the queue.
-	waitMu    sync.Mutex
-	waitCache waitCache
-	nomad     Nomad
-	log       hclog.Logger
-	now       func() time.Time
-	prices    billing.Prices
-	self      state.Member // set by Advertise
+	// waitMu guards waitCache, the last explanation of the queue;
+	// waitCompute lets one request at a time compute a new one.
+	waitMu, waitCompute sync.Mutex
+	waitCache           waitCache
+	nomad               Nomad
+	log                 hclog.Logger
+	now                 func() time.Time
+	prices              billing.Prices
+	self                state.Member // set by Advertise
 	// barrierTask is the archive served to Nomad clients, if any.
 	barrierTask *barrierArchive
 	// workerRange and workerPrefix are the nodes' worker subnets.

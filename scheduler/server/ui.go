@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/cohort-dev/cohort/api"
@@ -37,7 +38,7 @@ const (
 	uiCookie = "cohort-token"
 	// uiWorkersShown bounds the gangs whose workers are read from Nomad
 	// per render: reserved and running ones, the newest first.
-	uiWorkersShown = 20
+	uiWorkersShown = 10
 	uiGangsShown   = 200
 )
 
@@ -45,6 +46,7 @@ type uiData struct {
 	Self, Leader, Now string
 	Refresh           int
 	Denied            string
+	AskToken          bool
 	Queue             []uiQueued
 	Gangs             []uiGang
 	Members           []api.MemberView
@@ -72,6 +74,12 @@ func (s *Server) handleUI(w http.ResponseWriter, r *http.Request) {
 	}
 	now := s.now()
 	d := uiData{Self: s.self.ID, Now: now.UTC().Format(time.DateTime + " UTC"), Refresh: 2}
+	// ?refresh=N sets the period (0: never, for a page read once, as the
+	// browser tests read it).
+	if v, err := strconv.Atoi(r.URL.Query().Get("refresh")); err == nil && v >= 0 && v <= 3600 {
+		d.Refresh = v
+	}
+	d.AskToken = c.token == "" && s.aclsOn()
 	leaderAddr, leaderID := s.r.Leader()
 	d.Leader = leaderID
 	if d.Leader == "" {
@@ -96,7 +104,7 @@ func (s *Server) handleUI(w http.ResponseWriter, r *http.Request) {
 			ok = err == nil
 			may[ns] = ok
 			if err != nil && d.Denied == "" {
-				d.Denied = "Some gangs are hidden: " + err.Error()
+				d.Denied = "Some gangs are hidden from this token."
 			}
 		}
 		return ok

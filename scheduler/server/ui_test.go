@@ -35,7 +35,7 @@ func TestUIPage(t *testing.T) {
 	for _, want := range []string{
 		"<code>next</code>", "waits for room: needs 4 workers",
 		"<code>big</code>", `class="running">running`, "<td>a[13]</td>", "(open)",
-		"leader", ">s1<",
+		`<span class="running">leader</span>`, ">s1<",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("page lacks %q", want)

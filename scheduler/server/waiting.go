@@ -41,11 +41,33 @@ type waitCache struct {
 // queue that fit are about to be placed. Nothing is placed for real.
 func (s *Server) waiting() map[string]waitNote {
 	index := s.r.AppliedIndex()
-	s.waitMu.Lock()
-	defer s.waitMu.Unlock()
-	if c := s.waitCache; c.notes != nil && c.index == index && time.Since(c.at) < waitCacheFor {
-		return c.notes
+	cached := func() (map[string]waitNote, bool) {
+		s.waitMu.Lock()
+		defer s.waitMu.Unlock()
+		c := s.waitCache
+		return c.notes, c.notes != nil && c.index == index && time.Since(c.at) < waitCacheFor
 	}
+	if notes, ok := cached(); ok {
+		return notes
+	}
+	// One request computes while the others wait for its answer; the
+	// cache's own lock is never held across the inventory read.
+	s.waitCompute.Lock()
+	defer s.waitCompute.Unlock()
+	if notes, ok := cached(); ok {
+		return notes
+	}
+	notes := s.explainQueue()
+	s.waitMu.Lock()
+	s.waitCache = waitCache{at: time.Now(), index: index, notes: notes}
+	s.waitMu.Unlock()
+	return notes
+}
+
+// explainQueue computes waiting's answer; an empty one when the
+// inventory cannot be read (no explanation beats a wrong one), which is
+// cached like any other.
+func (s *Server) explainQueue() map[string]waitNote {
 	var queue []*placement.Job
 	var holding []placement.Running
 	s.r.Read(func(st *state.State) {
@@ -60,7 +82,7 @@ func (s *Server) waiting() map[string]waitNote {
 	if len(queue) > 0 {
 		free, err := s.free(holding)
 		if err != nil {
-			return nil // Nomad unreachable: no explanation beats a wrong one
+			return notes
 		}
 		inv := placement.NewInventory(free)
 		head := ""
@@ -85,7 +107,6 @@ func (s *Server) waiting() map[string]waitNote {
 			}
 		}
 	}
-	s.waitCache = waitCache{at: time.Now(), index: index, notes: notes}
 	return notes
 }
 
