@@ -2,10 +2,11 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -103,14 +104,14 @@ func TestAcceleratorsOnAGPUNode(t *testing.T) {
 	}
 	logs := logsOf(t, c, "gpus")
 	line := regexp.MustCompile(`devices=(\S+) visible=(\S*)`)
-	got := line.FindAllStringSubmatch(strings.Join(mapValues(logs), "\n"), -1)
+	got := line.FindAllStringSubmatch(strings.Join(slices.Collect(maps.Values(logs)), "\n"), -1)
 	if len(got) != 2 {
 		t.Fatalf("worker output: %v", logs)
 	}
 	seen := map[string]bool{}
 	for _, m := range got {
 		// Without NVML there is no UUID to put in NVIDIA_VISIBLE_DEVICES.
-		if !contains(eightGPUs, m[1]) || m[2] != "" {
+		if !slices.Contains(eightGPUs, m[1]) || m[2] != "" {
 			t.Errorf("worker was handed %q (visible %q), want one of the node's GPUs and no UUIDs", m[1], m[2])
 		}
 		seen[m[1]] = true
@@ -118,7 +119,7 @@ func TestAcceleratorsOnAGPUNode(t *testing.T) {
 	if len(seen) != 2 {
 		t.Errorf("both workers were handed the same GPU: %v", got)
 	}
-	t.Logf("workers were handed %s", strings.Join(sortedKeys(seen), " and "))
+	t.Logf("workers were handed %s", strings.Join(slices.Sorted(maps.Keys(seen)), " and "))
 
 	// A gang that needs more GPUs than are free queues, saying what it
 	// needs and the most any node has free.
@@ -176,32 +177,6 @@ func gpuGangRunning(name string, count, per int, script string) string {
 	return strings.Replace(gpuGang(name, count, fmt.Sprintf(`      device "nvidia/gpu" {
         count = %d
       }`, per)), "echo devices=$COHORT_PCI_DEVICES visible=$NVIDIA_VISIBLE_DEVICES", script, 1)
-}
-
-func mapValues(m map[string]string) []string {
-	var out []string
-	for _, v := range m {
-		out = append(out, v)
-	}
-	return out
-}
-
-func sortedKeys(m map[string]bool) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
-func contains(ss []string, s string) bool {
-	for _, x := range ss {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // TestMicroVMPassthroughRefusedWithoutIOMMU: a microvm gang handed a GPU

@@ -127,16 +127,7 @@ func (inv *inventory) Place(j *Job) (Decision, bool) { return inv.place(j) }
 
 // Nodes is a copy of what is free on each node now.
 func (inv *inventory) Nodes() []Node {
-	out := make([]Node, len(inv.nodes))
-	for i, n := range inv.nodes {
-		c := n
-		c.Devices = make(map[string]int, len(n.Devices))
-		for k, v := range n.Devices {
-			c.Devices[k] = v
-		}
-		out[i] = c
-	}
-	return out
+	return newInventory(inv.nodes).nodes
 }
 
 // Release gives a placed job's resources back.

@@ -319,13 +319,11 @@ func (s *Server) handleQueue(w http.ResponseWriter, r *http.Request) {
 	var specs []*placement.Job
 	views := map[string]api.JobView{}
 	s.r.Read(func(st *state.State) {
+		specs = queuedInOrder(st)
 		for _, j := range st.ByStatus(state.Queued) {
-			spec := j.Spec
-			specs = append(specs, &spec)
 			views[j.Key()] = view(j)
 		}
 	})
-	placement.Order(specs)
 	notes := s.waiting()
 	c := s.callerOf(r)
 	all := make([]api.JobView, 0, len(specs))

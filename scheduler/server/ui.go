@@ -91,10 +91,7 @@ func (s *Server) handleUI(w http.ResponseWriter, r *http.Request) {
 		for _, j := range st.Jobs {
 			jobs = append(jobs, j.Clone())
 		}
-		for _, j := range st.ByStatus(state.Queued) {
-			spec := j.Spec
-			queued = append(queued, &spec)
-		}
+		queued = queuedInOrder(st)
 	})
 	may := map[string]bool{}
 	readable := func(ns string) bool {
@@ -109,7 +106,6 @@ func (s *Server) handleUI(w http.ResponseWriter, r *http.Request) {
 		}
 		return ok
 	}
-	placement.Order(queued)
 	notes := s.waiting()
 	byKey := map[string]state.Job{}
 	for _, j := range jobs {

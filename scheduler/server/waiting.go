@@ -71,13 +71,9 @@ func (s *Server) explainQueue() map[string]waitNote {
 	var queue []*placement.Job
 	var holding []placement.Running
 	s.r.Read(func(st *state.State) {
-		for _, j := range st.ByStatus(state.Queued) {
-			spec := j.Spec
-			queue = append(queue, &spec)
-		}
+		queue = queuedInOrder(st)
 		holding = st.Holding(s.now())
 	})
-	placement.Order(queue)
 	notes := make(map[string]waitNote, min(len(queue), maxExplained))
 	if len(queue) > 0 {
 		free, err := s.free(holding)
@@ -121,4 +117,15 @@ func (s *Server) waitText(c caller, n waitNote) string {
 		ahead = n.head + ", first in the queue,"
 	}
 	return fmt.Sprintf("fits, but waits behind %s unless it can run without delaying that gang", ahead)
+}
+
+// queuedInOrder copies the queued gangs' specs in scheduling order.
+func queuedInOrder(st *state.State) []*placement.Job {
+	var queue []*placement.Job
+	for _, j := range st.ByStatus(state.Queued) {
+		spec := j.Spec
+		queue = append(queue, &spec)
+	}
+	placement.Order(queue)
+	return queue
 }
