@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cohort-dev/cohort/scheduler/snapshot"
 	nomad "github.com/hashicorp/nomad/api"
 )
 
@@ -132,28 +133,15 @@ func JobPath(id string) string { return "/v1/job/" + url.PathEscape(id) }
 // do sends one request and decodes the answer into out (when non-nil).
 func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, out any) error {
 	var body io.Reader
+	ctype := ""
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
 			return fmt.Errorf("encoding the request: %w", err)
 		}
-		body = bytes.NewReader(b)
+		body, ctype = bytes.NewReader(b), "application/json"
 	}
-	u := c.base + path
-	if len(q) > 0 {
-		u += "?" + q.Encode()
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u, body)
-	if err != nil {
-		return err
-	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if c.token != "" {
-		req.Header.Set(TokenHeader, c.token)
-	}
-	resp, err := c.http.Do(req)
+	resp, err := c.send(ctx, method, path, q, body, ctype)
 	if err != nil {
 		return err
 	}
@@ -162,22 +150,48 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, in, 
 	if err != nil {
 		return fmt.Errorf("reading the answer to %s %s: %w", method, path, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		e := &Error{StatusCode: resp.StatusCode}
-		var eb ErrorBody
-		if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
-			e.Message, e.LeaderID, e.LeaderAddress = eb.Error, eb.LeaderID, eb.LeaderAddress
-		} else {
-			e.Message = fmt.Sprintf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(b)))
-		}
-		return e
-	}
 	if out != nil {
 		if err := json.Unmarshal(b, out); err != nil {
 			return fmt.Errorf("decoding the answer to %s %s: %w", method, path, err)
 		}
 	}
 	return nil
+}
+
+// send sends one request and returns a 200's response, its body for the
+// caller to read and close; any other status becomes an *Error.
+func (c *Client) send(ctx context.Context, method, path string, q url.Values, body io.Reader, ctype string) (*http.Response, error) {
+	u := c.base + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
+	if err != nil {
+		return nil, err
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	if c.token != "" {
+		req.Header.Set(TokenHeader, c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode == http.StatusOK {
+		return resp, nil
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
+	e := &Error{StatusCode: resp.StatusCode}
+	var eb ErrorBody
+	if json.Unmarshal(b, &eb) == nil && eb.Error != "" {
+		e.Message, e.LeaderID, e.LeaderAddress = eb.Error, eb.LeaderID, eb.LeaderAddress
+	} else {
+		e.Message = fmt.Sprintf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return nil, e
 }
 
 func (c *Client) call(method, path string, q url.Values, in, out any) error {
@@ -246,6 +260,40 @@ func (c *Client) Members() ([]MemberView, error) {
 	var ms []MemberView
 	err := c.call(http.MethodGet, "/v1/members", nil, nil, &ms)
 	return ms, err
+}
+
+// RemoveMember takes a server that is gone for good out of the group.
+func (c *Client) RemoveMember(id string) error {
+	return c.call(http.MethodDelete, "/v1/members/"+url.PathEscape(id), nil, nil, nil)
+}
+
+// SnapshotSave copies the group's state, as a snapshot file, to w.
+func (c *Client) SnapshotSave(ctx context.Context, w io.Writer) error {
+	resp, err := c.send(ctx, http.MethodGet, "/v1/operator/snapshot", nil, nil, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("reading the snapshot: %w", err)
+	}
+	return nil
+}
+
+// SnapshotRestore replaces the group's state with the snapshot file r
+// holds, and returns its header as the server read it.
+func (c *Client) SnapshotRestore(ctx context.Context, r io.Reader) (snapshot.Header, error) {
+	var h snapshot.Header
+	resp, err := c.send(ctx, http.MethodPut, "/v1/operator/snapshot", nil, r, "application/octet-stream")
+	if err != nil {
+		return h, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
+	if err == nil {
+		err = json.Unmarshal(b, &h)
+	}
+	return h, err
 }
 
 // AgentSelf says who the server is.

@@ -38,6 +38,7 @@ func Commands(ui cli.Ui) map[string]cli.CommandFactory {
 		"queue":    func() (cli.Command, error) { return &QueueCommand{Meta{UI: ui}}, nil },
 		"logs":     func() (cli.Command, error) { return &LogsCommand{Meta{UI: ui}}, nil },
 		"tls":      func() (cli.Command, error) { return &TLSCommand{UI: ui}, nil },
+		"operator": func() (cli.Command, error) { return &OperatorCommand{Meta{UI: ui}}, nil },
 	}
 }
 

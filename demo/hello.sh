@@ -12,7 +12,7 @@ log=$data/dev.out
 "$cohort" dev -data-dir "$data/cluster" >"$log" 2>&1 &
 dev=$!
 cleanup() {
-  kill -TERM "$dev" 2>/dev/null && wait "$dev" 2>/dev/null || true
+  if kill -TERM "$dev" 2>/dev/null; then wait "$dev" 2>/dev/null || true; fi
   rm -rf "$data"
 }
 trap cleanup EXIT

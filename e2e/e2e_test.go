@@ -30,6 +30,7 @@ var (
 	initBin   string // static guest init
 	workerBin string // static test program, see driver/vm/vmtest/worker
 	sortBin   string // the demo's distributed sort, static
+	helloBin  string // the demo's hello worker, static
 )
 
 func TestMain(m *testing.M) {
@@ -46,6 +47,7 @@ func TestMain(m *testing.M) {
 	initBin = filepath.Join(dir, "cohort-init")
 	workerBin = filepath.Join(dir, "worker")
 	sortBin = filepath.Join(dir, "sort")
+	helloBin = filepath.Join(dir, "hello")
 	for _, b := range []struct {
 		out, pkg string
 		static   bool
@@ -57,6 +59,7 @@ func TestMain(m *testing.M) {
 		{initBin, "../driver/guest/init", true},
 		{workerBin, "../driver/vm/vmtest/worker", true},
 		{sortBin, "../demo/sort", true},
+		{helloBin, "../demo/worker", true},
 	} {
 		build := exec.Command("go", "build", "-o", b.out, b.pkg)
 		// go-nvml's header marks functions deprecated that it still wraps.

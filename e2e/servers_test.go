@@ -275,6 +275,70 @@ func TestServerGroup(t *testing.T) {
 	if ms, err := members(t, old.http); err != nil || len(ms) != 3 {
 		t.Errorf("members after the restart: %v %+v", err, ms)
 	}
+	operateGroup(t, servers, leaderOf)
+}
+
+// operateGroup does what docs/operating.md says, through a follower (which
+// forwards to the leader): a back-up saved and restored with the CLI, and
+// a server taken out of the group for good.
+func operateGroup(t *testing.T, servers []*serverProc, leaderOf func(*serverProc) (*serverProc, *serverProc)) {
+	t.Helper()
+	var leader, follower *serverProc
+	waitFor(t, "a leader", func() bool {
+		leader, follower = leaderOf(servers[0])
+		return leader != nil && follower != nil
+	})
+	snap := filepath.Join(t.TempDir(), "group.snap")
+	if out, err := cohortCmd("operator", "snapshot", "save", "-address", scheme()+follower.http, snap).CombinedOutput(); err != nil {
+		t.Fatalf("snapshot save: %v\n%s", err, out)
+	} else {
+		t.Logf("%s", out)
+	}
+	cohortRun(t, scheme()+follower.http, sleepGang("after-save", 1, 64, "1m", 1))
+	waitStatus(t, scheme()+leader.http, "after-save", "finished")
+	if out, err := cohortCmd("operator", "snapshot", "restore", "-address", scheme()+follower.http, snap).CombinedOutput(); err != nil {
+		t.Fatalf("snapshot restore: %v\n%s", err, out)
+	}
+	// Every server forgets the job accepted after the save and keeps the
+	// ones before it.
+	for _, s := range servers {
+		waitFor(t, s.id+" holds the restored state", func() bool {
+			jobs, err := client(scheme() + s.http).Jobs()
+			if err != nil {
+				return false
+			}
+			ids := map[string]bool{}
+			for _, j := range jobs {
+				ids[j.ID] = true
+			}
+			return ids["first"] && ids["second"] && !ids["after-save"]
+		})
+	}
+
+	// A follower that will not come back, removed with the CLI.
+	gone := follower
+	gone.cmd.Process.Kill()
+	gone.cmd.Wait()
+	waitFor(t, "a leader without "+gone.id, func() bool {
+		for _, s := range servers {
+			if s != gone {
+				leader, _ = leaderOf(s)
+				return leader != nil && leader != gone
+			}
+		}
+		return false
+	})
+	if out, err := cohortCmd("operator", "raft", "remove-peer", "-address", scheme()+leader.http, gone.id).CombinedOutput(); err != nil {
+		t.Fatalf("remove-peer %s: %v\n%s", gone.id, err, out)
+	}
+	if ms, err := members(t, leader.http); err != nil || len(ms) != 2 {
+		t.Fatalf("members after removing %s: %v %+v", gone.id, err, ms)
+	}
+	if out, err := cohortCmd("operator", "raft", "remove-peer", "-address", scheme()+leader.http, gone.id).CombinedOutput(); err == nil || !strings.Contains(string(out), "no server") {
+		t.Errorf("removing %s again: %v %s", gone.id, err, out)
+	}
+	cohortRun(t, scheme()+leader.http, sleepGang("two-left", 1, 64, "1m", 1))
+	waitStatus(t, scheme()+leader.http, "two-left", "finished")
 }
 
 // refuseOutsiders: a join or a member registration without a server

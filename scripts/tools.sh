@@ -23,7 +23,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # --- Debian packages ---------------------------------------------------------
 packages=(qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev
-  iproute2 nftables dnsutils xz-utils make gcc curl ca-certificates pci.ids chromium)
+  iproute2 nftables dnsutils xz-utils make gcc curl ca-certificates pci.ids chromium
+  shellcheck vagrant vagrant-libvirt)
 missing=()
 for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
@@ -58,6 +59,8 @@ build_from_proxy() {
   (
     cd "$src"
     "$@"
+    # BUILD_FLAGS is a list of flags: split on purpose.
+    # shellcheck disable=SC2086
     go build -trimpath -o "$out.tmp" $BUILD_FLAGS .
   )
   mv "$out.tmp" "$out"

@@ -27,6 +27,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/deploy"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -108,6 +109,9 @@ type Cluster struct {
 	once    sync.Once
 	stopped chan struct{}
 	tls     *TLSFiles
+	// scripts is where cohort's host scripts were written for this
+	// cluster: its hosts are set up with node.sh.
+	scripts string
 	token   string       // Nomad's management token, with NomadSecure
 	http    *http.Client // to Nomad and Consul
 }
@@ -199,6 +203,16 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 			return fail(fmt.Errorf("making the cluster's certificates: %w", err))
 		}
 	}
+	scripts, err := deploy.WriteTo(filepath.Join(cfg.DataDir, "deploy"))
+	if err != nil {
+		return fail(err)
+	}
+	c.scripts = scripts
+	for _, n := range c.nodes {
+		if err := c.configureNode(n); err != nil {
+			return fail(err)
+		}
+	}
 	if cfg.Outside {
 		ns, err := c.net.addHost("out", c.net.OutsideIP())
 		if err != nil {
@@ -263,11 +277,7 @@ func (c *Cluster) startConsul(ctx context.Context) error {
 		return err
 	}
 	for _, n := range c.nodes {
-		path := filepath.Join(n.Dir, "consul.json")
-		if err := writeJSON(path, c.consulClientConfig(n)); err != nil {
-			return err
-		}
-		if n.consul, err = c.agents.spawn("consul-"+strings.TrimPrefix(n.Name, "cohort-dev-"), n.NetNS, c.cfg.ConsulBin, "agent", "-config-file", path); err != nil {
+		if n.consul, err = c.agents.spawn("consul-"+strings.TrimPrefix(n.Name, "cohort-dev-"), n.NetNS, c.cfg.ConsulBin, "agent", "-config-dir", filepath.Join(n.Dir, "consul.d")); err != nil {
 			return err
 		}
 	}
@@ -313,11 +323,7 @@ func (c *Cluster) startNomad(ctx context.Context) error {
 }
 
 func (c *Cluster) startNomadClient(n *Node) error {
-	path := filepath.Join(n.Dir, "nomad.hcl")
-	if err := os.WriteFile(path, []byte(c.nomadClientConfig(n)), 0o644); err != nil {
-		return fmt.Errorf("writing nomad config: %w", err)
-	}
-	a, err := c.agents.spawn("nomad-"+strings.TrimPrefix(n.Name, "cohort-dev-"), n.NetNS, c.cfg.NomadBin, "agent", "-config", path)
+	a, err := c.agents.spawn("nomad-"+strings.TrimPrefix(n.Name, "cohort-dev-"), n.NetNS, c.cfg.NomadBin, "agent", "-config", filepath.Join(n.Dir, "nomad.d"))
 	n.nomad = a
 	return err
 }

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cohort-dev/cohort/deploy"
 	"github.com/cohort-dev/cohort/internal/tlsutil"
 )
 
@@ -42,23 +43,6 @@ func (c *Cluster) consulServerConfig() map[string]any {
 			"grpc_tls": -1, // dev mode's default 8503 would clash between clusters
 		},
 		"ui_config": map[string]bool{"enabled": true},
-	}
-}
-
-// consulClientConfig is a node's Consul agent, in the node's namespace on
-// the usual ports.
-func (c *Cluster) consulClientConfig(n *Node) map[string]any {
-	return map[string]any{
-		"datacenter":           "dc1",
-		"node_name":            n.Name,
-		"data_dir":             filepath.Join(n.Dir, "consul"),
-		"bind_addr":            n.IP,
-		"advertise_addr":       n.IP,
-		"client_addr":          "127.0.0.1",
-		"retry_join":           []string{c.net.ServerIP() + ":" + strconv.Itoa(c.cfg.Ports.ConsulSerfLAN)},
-		"log_level":            "INFO",
-		"disable_update_check": true,
-		"ports":                map[string]int{"grpc": 8502, "grpc_tls": -1},
 	}
 }
 
@@ -97,104 +81,65 @@ consul {
 %s`, filepath.Join(c.cfg.DataDir, "nomad-server"), p.NomadHTTP, p.NomadRPC, p.NomadSerf, ip, ip, ip, p.ConsulHTTP, c.nomadTLSBlock(c.tlsFor(true)))
 }
 
-// nomadClientConfig is a node's Nomad client, in the node's namespace.
-func (c *Cluster) nomadClientConfig(n *Node) string {
-	return fmt.Sprintf(`
-name       = %q
-datacenter = "dc1"
-data_dir   = %q
-plugin_dir = %q
-bind_addr  = %q
-log_level  = "INFO"
-disable_update_check = true
-
-client {
-  enabled           = true
-  servers           = ["%s:%d"]
-  network_interface = "eth0"
-  gc_max_allocs     = 200
-}
-
-consul {
-  address = "127.0.0.1:8500"
-}
-
-plugin "raw_exec" {
-  config {
-    enabled = true
-  }
-}
-%s%s%s
-`, n.Name, filepath.Join(n.Dir, "nomad"), n.PluginDir, n.IP, c.net.ServerIP(), c.cfg.Ports.NomadRPC, c.pluginConfig(n), c.accelConfig(), c.nomadTLSBlock(c.tlsFor(false)))
-}
-
-// pluginConfig configures the microvm driver of a node.
-func (c *Cluster) pluginConfig(n *Node) string {
-	mv := c.cfg.MicroVM
-	if mv == nil {
-		return ""
+// configureNode sets a node's host up as an operator's would be: with
+// cohort's node.sh, run in the node's namespace, which checks the host and
+// writes the node's Nomad and Consul configuration into its directory.
+func (c *Cluster) configureNode(n *Node) error {
+	env := map[string]string{
+		"NODE_NAME":                n.Name,
+		"NODE_IP":                  n.IP,
+		"NODE_INTERFACE":           "eth0",
+		"NOMAD_SERVERS":            c.net.ServerIP() + ":" + strconv.Itoa(c.cfg.Ports.NomadRPC),
+		"CONSUL_RETRY_JOIN":        c.net.ServerIP() + ":" + strconv.Itoa(c.cfg.Ports.ConsulSerfLAN),
+		"NOMAD_CONFIG_DIR":         filepath.Join(n.Dir, "nomad.d"),
+		"CONSUL_CONFIG_DIR":        filepath.Join(n.Dir, "consul.d"),
+		"NOMAD_DATA_DIR":           filepath.Join(n.Dir, "nomad"),
+		"CONSUL_DATA_DIR":          filepath.Join(n.Dir, "consul"),
+		"PLUGIN_DIR":               n.PluginDir,
+		"RAW_EXEC":                 "1",
+		"NOMAD_GC_MAX_ALLOCS":      "200",
+		"MICROVM":                  "0",
+		"ACCEL_SYSFS_ROOT":         "/sys",
+		"ACCEL_FINGERPRINT_PERIOD": "5s",
 	}
-	network := ""
-	if !mv.NoNetwork {
-		egress := !mv.NoEgress
-		network = fmt.Sprintf(`
-    network {
-      bridge = "cohort0"
-      egress = %t
-    }`, egress)
+	if a := c.cfg.Accel; a != nil {
+		if a.SysfsRoot != "" {
+			env["ACCEL_SYSFS_ROOT"] = a.SysfsRoot
+		}
+		if a.FingerprintPeriod != "" {
+			env["ACCEL_FINGERPRINT_PERIOD"] = a.FingerprintPeriod
+		}
 	}
-	tlsBlock := ""
-	if c.tls != nil {
-		f := c.tls.Nodes[n.Name]
-		tlsBlock = fmt.Sprintf(`
-    tls {
-      ca_file   = %q
-      cert_file = %q
-      key_file  = %q
-    }`, f.CAFile, f.CertFile, f.KeyFile)
+	if mv := c.cfg.MicroVM; mv != nil {
+		env["MICROVM"] = "1"
+		env["COHORT_KERNEL"] = mv.Kernel
+		env["COHORT_INIT"] = mv.Init
+		env["COHORT_STATE_DIR"] = n.StateDir
+		env["COHORT_SERVERS"] = strings.Join(mv.CohortServers, ",")
+		env["WORKER_EGRESS"] = strconv.FormatBool(!mv.NoEgress)
+		if mv.NoNetwork {
+			env["WORKER_BRIDGE"] = "none"
+		}
+		if c.tls != nil {
+			f := c.tls.Nodes[n.Name]
+			env["COHORT_CA_FILE"], env["COHORT_CERT_FILE"], env["COHORT_KEY_FILE"] = f.CAFile, f.CertFile, f.KeyFile
+		}
 	}
-	return fmt.Sprintf(`
-plugin "nomad-driver-microvm" {
-  config {
-    kernel         = %q
-    init           = %q
-    state_dir      = %q
-    cohort_servers = %s%s%s
-  }
-}
-`, mv.Kernel, mv.Init, n.StateDir, hclList(mv.CohortServers), network, tlsBlock)
-}
-
-// accelConfig configures the accelerator device plugin.
-func (c *Cluster) accelConfig() string {
-	a := c.cfg.Accel
-	if a == nil {
-		return ""
+	if c.cfg.NomadSecure {
+		f := c.tlsFor(false)
+		env["NOMAD_CA_FILE"], env["NOMAD_CERT_FILE"], env["NOMAD_KEY_FILE"] = f.CAFile, f.CertFile, f.KeyFile
 	}
-	period := a.FingerprintPeriod
-	if period == "" {
-		period = "5s"
+	cmd := InNetNS(n.NetNS, "bash", filepath.Join(c.scripts, deploy.Node))
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
 	}
-	root := a.SysfsRoot
-	if root == "" {
-		root = "/sys"
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("setting up host %s with node.sh: %v: %s", n.Name, err, strings.TrimSpace(string(out)))
 	}
-	return fmt.Sprintf(`
-plugin "nomad-device-accel" {
-  config {
-    sysfs_root         = %q
-    fingerprint_period = %q
-  }
-}
-`, root, period)
-}
-
-func hclList(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = strconv.Quote(s)
-	}
-	return "[" + strings.Join(q, ", ") + "]"
+	c.log.Debug("host set up", "node", n.Name, "output", strings.TrimSpace(string(out)))
+	return nil
 }
 
 // tlsFor is Nomad's server or client certificate.

@@ -115,3 +115,25 @@ func (d *devNet) down() error {
 // listens on nomadHTTP: what cohort's servers advertise to its nodes, and
 // so what the nodes' drivers are configured with before it starts.
 func ServerIPFor(nomadHTTP int) string { return newDevNet(nomadHTTP).ServerIP() }
+
+// Network is the dev cluster's network on its own, for tests that set
+// their hosts up themselves as an operator would: a bridge holding
+// ServerIP, and hosts in namespaces at HostIP(i) routed through it.
+type Network struct{ d *devNet }
+
+// NewNetwork names a network after tag, which must differ from every
+// other network's and dev cluster's on this machine (a free port will do).
+func NewNetwork(tag int) *Network { return &Network{newDevNet(tag)} }
+
+// Up creates the bridge, removing a crashed network of the same tag.
+func (n *Network) Up() error { return n.d.up() }
+
+// AddHost creates a host named name at ip and returns its namespace.
+func (n *Network) AddHost(name, ip string) (string, error) { return n.d.addHost(name, ip) }
+
+// Down removes every host and the bridge.
+func (n *Network) Down() error { return n.d.down() }
+
+// ServerIP is the bridge's address, HostIP the i-th host's.
+func (n *Network) ServerIP() string    { return n.d.ServerIP() }
+func (n *Network) HostIP(i int) string { return n.d.hostIP(i) }

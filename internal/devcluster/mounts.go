@@ -60,3 +60,7 @@ func unescapeMount(s string) string {
 	}
 	return b.String()
 }
+
+// UnmountUnder detaches every mount at or below dir (what Nomad's clients
+// leave in their allocation directories), deepest first.
+func UnmountUnder(dir string) error { return unmountUnder(dir) }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // reap collects the task processes (executors, log collectors, VMs) that
@@ -109,3 +110,12 @@ func childrenIn(pid int, zombie bool) []proc {
 	}
 	return out
 }
+
+// BecomeSubreaper makes this process the reaper of its orphaned
+// descendants (task executors and VMs an agent leaves behind), so that
+// KillDescendants finds them.
+func BecomeSubreaper() error { return unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }
+
+// KillDescendants stops every process this one started or inherited as
+// subreaper: for tests that run agents themselves.
+func KillDescendants(log hclog.Logger) { killOrphans(log) }

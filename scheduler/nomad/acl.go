@@ -68,9 +68,14 @@ func (c *Client) CanReadNodes(token string) error {
 	return fmt.Errorf("asking nomad whether the token may read nodes: %w", err)
 }
 
-// IsManagement says whether token is a management token; with Nomad's
-// ACLs off every caller is.
+// IsManagement says whether token is a management token. Callers ask
+// only while Nomad's ACLs are on; with them off, any token Nomad is shown
+// passes.
 func (c *Client) IsManagement(token string) error {
+	if token == "" {
+		// Nomad answers a lookup of no token with a 500, not a refusal.
+		return fmt.Errorf("%w: server membership and operator calls need a management token; none was given", ErrDenied)
+	}
 	t, _, err := c.anon.ACLTokens().Self(&api.QueryOptions{AuthToken: token})
 	switch {
 	case err != nil && strings.Contains(err.Error(), "ACL support disabled"):

@@ -5,6 +5,7 @@
 package replica
 
 import (
+	"bytes"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
@@ -243,6 +244,34 @@ func (r *Replica) Bootstrap(peers map[string]string) error {
 // AddVoter adds a member to the group; only the leader can.
 func (r *Replica) AddVoter(id, addr string, timeout time.Duration) error {
 	err := wait(r.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(addr), 0, timeout), timeout)
+	if errors.Is(err, raft.ErrNotLeader) {
+		return fmt.Errorf("%w: %v", ErrNotLeader, err)
+	}
+	return err
+}
+
+// RemoveServer takes a member out of the group; only the leader can. A
+// server that is gone for good must be removed, or the group counts it
+// toward its quorum for ever.
+func (r *Replica) RemoveServer(id string, timeout time.Duration) error {
+	err := wait(r.raft.RemoveServer(raft.ServerID(id), 0, timeout), timeout)
+	if errors.Is(err, raft.ErrNotLeader) {
+		return fmt.Errorf("%w: %v", ErrNotLeader, err)
+	}
+	return err
+}
+
+// Restore replaces the group's state with a saved one (State.Marshal's
+// encoding): the leader restores it into its state machine and installs
+// it as a snapshot on every follower. Only the leader can.
+func (r *Replica) Restore(b []byte, timeout time.Duration) error {
+	if err := state.New().Unmarshal(b); err != nil {
+		return err
+	}
+	// Raft takes the index and term of the restored snapshot from its
+	// own log; the meta says only how the data is encoded.
+	meta := &raft.SnapshotMeta{Version: raft.SnapshotVersionMax, Size: int64(len(b))}
+	err := r.raft.Restore(meta, bytes.NewReader(b), timeout)
 	if errors.Is(err, raft.ErrNotLeader) {
 		return fmt.Errorf("%w: %v", ErrNotLeader, err)
 	}

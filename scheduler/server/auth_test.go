@@ -144,6 +144,10 @@ func TestTokensAreNomads(t *testing.T) {
 		{"DELETE", "/v1/job/nope", "", "", 403, "read-job"},
 		{"DELETE", "/v1/job/nope", "", "reader", 404, "no such job"},
 		{"DELETE", "/v1/network/lease/n1", "", "submit", 403, "management"},
+		{"GET", "/v1/operator/snapshot", "", "reader", 403, "management"},
+		{"PUT", "/v1/operator/snapshot", "cohort-snapshot 1\n", "submit", 403, "management"},
+		{"DELETE", "/v1/members/s1", "", "submit", 403, "management"},
+		{"GET", "/v1/operator/snapshot", "", "mgmt", 200, "cohort-snapshot 1"},
 		{"GET", "/v1/health", "", "", 200, "ok"},
 		{"DELETE", "/v1/job/g", "", "submit", 200, `"ID":"g"`},
 	} {

@@ -42,6 +42,8 @@ type Replica interface {
 	Members() ([]replica.Member, error)
 	Bootstrap(peers map[string]string) error
 	AddVoter(id, addr string, timeout time.Duration) error
+	RemoveServer(id string, timeout time.Duration) error
+	Restore(state []byte, timeout time.Duration) error
 	Apply(c *state.Command, timeout time.Duration) (state.Result, error)
 	Barrier(timeout time.Duration) error
 	Read(fn func(*state.State))

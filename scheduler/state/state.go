@@ -151,6 +151,8 @@ const (
 	OpRefuse Op = "refuse"
 	// OpMember records a server's addresses.
 	OpMember Op = "member"
+	// OpForget drops a server removed from the group (Member.ID).
+	OpForget Op = "forget"
 	// OpLease grants or renews a node's worker subnet; OpRelease gives
 	// one up (see leases.go).
 	OpLease   Op = "lease"
@@ -272,6 +274,12 @@ func (s *State) Apply(c *Command) Result {
 			s.Members = map[string]Member{}
 		}
 		s.Members[c.Member.ID] = *c.Member
+		return Result{}
+	case OpForget:
+		if c.Member == nil || c.Member.ID == "" {
+			return Result{Err: "forget without a member ID"}
+		}
+		delete(s.Members, c.Member.ID)
 		return Result{}
 	case OpAdmit:
 		if c.Job == nil {

@@ -1,0 +1,48 @@
+// Package deploy holds what installs cohort on hosts: install.sh (the
+// binaries and systemd units), server.sh (a Consul, Nomad and cohort
+// server) and node.sh (a Nomad client with cohort's plugins beside a
+// Consul agent). The install guide, the Vagrant cluster and `cohort dev`
+// all set hosts up with these same scripts; they are embedded so that a
+// cohort binary carries the ones it was built with.
+package deploy
+
+import (
+	"embed"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+//go:embed host/*.sh systemd/*.service
+var files embed.FS
+
+// Script paths, relative to the directory WriteTo writes into.
+const (
+	Install = "host/install.sh"
+	Server  = "host/server.sh"
+	Node    = "host/node.sh"
+)
+
+// WriteTo writes the scripts and units into dir, keeping their layout
+// (install.sh finds the units beside it), and returns dir.
+func WriteTo(dir string) (string, error) {
+	err := fs.WalkDir(files, ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := files.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		dst := filepath.Join(dir, p)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		return os.WriteFile(dst, b, 0o755)
+	})
+	if err != nil {
+		return "", fmt.Errorf("writing cohort's host scripts to %s: %w", dir, err)
+	}
+	return dir, nil
+}

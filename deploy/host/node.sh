@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# node.sh — make this host a cohort node: a Nomad client with cohort's
+# microvm task driver and accelerator device plugin, beside a Consul agent.
+#
+# It checks what the driver needs of the host (QEMU, the tun device,
+# nftables; KVM is used when it opens, QEMU's TCG otherwise), creates the
+# agents' directories and writes their configuration:
+#   $NOMAD_CONFIG_DIR/cohort-client.hcl    (default /etc/nomad.d)
+#   $CONSUL_CONFIG_DIR/cohort-client.json  (default /etc/consul.d)
+# It starts nothing: the agents run as systemd units (see install.sh), or
+# as `cohort dev` runs them. Running it again rewrites the same files.
+#
+# Required:
+#   NODE_NAME          the node's name in Nomad and Consul
+#   NODE_IP            its address on the cluster's network
+#   NOMAD_SERVERS      Nomad servers' RPC addresses, comma separated
+#   CONSUL_RETRY_JOIN  Consul servers' LAN serf addresses, comma separated
+#   COHORT_SERVERS     cohort servers' API URLs, comma separated (with MICROVM=1)
+# Optional (default):
+#   NODE_INTERFACE     interface Nomad fingerprints (the one holding NODE_IP)
+#   DATACENTER         (dc1)
+#   NOMAD_DATA_DIR     (/var/lib/nomad)     CONSUL_DATA_DIR (/var/lib/consul)
+#   PLUGIN_DIR         Nomad's plugin directory (/opt/cohort/plugins)
+#   MICROVM            1 to configure the microvm driver (1)
+#   COHORT_KERNEL      guest kernel (/var/lib/cohort/vmlinux)
+#   COHORT_INIT        guest init (/var/lib/cohort/cohort-init)
+#   COHORT_STATE_DIR   the driver's state: VMs, sockets, snapshots (/run/cohort)
+#   WORKER_BRIDGE      the workers' bridge, or "none" for no network (cohort0)
+#   WORKER_EGRESS      true to let workers reach outside the cluster (true)
+#   COHORT_CA_FILE, COHORT_CERT_FILE, COHORT_KEY_FILE
+#                      the node's certificate for cohort's servers
+#                      (`cohort tls cert create -node=$NODE_NAME`)
+#   NOMAD_CA_FILE, NOMAD_CERT_FILE, NOMAD_KEY_FILE
+#                      Nomad's client certificate: turns on Nomad's mTLS
+#                      and ACLs, as every node of a secured cluster needs
+#   ACCEL_SYSFS_ROOT   sysfs tree the device plugin reads (/sys)
+#   ACCEL_FINGERPRINT_PERIOD (1m)
+#   RAW_EXEC           1 to enable Nomad's raw_exec driver (0)
+#   NOMAD_GC_MAX_ALLOCS (50)
+#   CONSUL_HTTP_ADDR   the local Consul agent Nomad talks to (127.0.0.1:8500)
+#   LOG_LEVEL          (INFO)
+#   SKIP_HOST_CHECKS   1 to only write configuration (0)
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+# Values go into HCL and JSON strings: refuse what would need escaping.
+plain() {
+  local name=$1 v=${!1:-}
+  case $v in *[\"\\$'\n']*) die "$name must not hold quotes, backslashes or newlines: $v" ;; esac
+}
+
+# list "a,b" -> "a", "b"
+list() {
+  local IFS=, out="" x
+  for x in $1; do
+    x=${x// /}
+    [ -n "$x" ] && out+="${out:+, }\"$x\""
+  done
+  printf '%s' "$out"
+}
+
+need NODE_NAME
+need NODE_IP
+need NOMAD_SERVERS
+need CONSUL_RETRY_JOIN
+[ "${MICROVM:-1}" != 1 ] || need COHORT_SERVERS
+[[ $NODE_NAME =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,62}$ ]] || die "NODE_NAME $NODE_NAME: letters, digits and dashes, at most 63"
+isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
+
+: "${DATACENTER:=dc1}"
+: "${NOMAD_CONFIG_DIR:=/etc/nomad.d}" "${CONSUL_CONFIG_DIR:=/etc/consul.d}"
+: "${NOMAD_DATA_DIR:=/var/lib/nomad}" "${CONSUL_DATA_DIR:=/var/lib/consul}"
+: "${PLUGIN_DIR:=/opt/cohort/plugins}"
+: "${MICROVM:=1}" "${RAW_EXEC:=0}" "${SKIP_HOST_CHECKS:=0}"
+: "${COHORT_KERNEL:=/var/lib/cohort/vmlinux}" "${COHORT_INIT:=/var/lib/cohort/cohort-init}"
+: "${COHORT_STATE_DIR:=/run/cohort}"
+: "${WORKER_BRIDGE:=cohort0}" "${WORKER_EGRESS:=true}"
+: "${ACCEL_SYSFS_ROOT:=/sys}" "${ACCEL_FINGERPRINT_PERIOD:=1m}"
+: "${NOMAD_GC_MAX_ALLOCS:=50}" "${CONSUL_HTTP_ADDR:=127.0.0.1:8500}" "${LOG_LEVEL:=INFO}"
+for v in NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CONSUL_DATA_DIR \
+  PLUGIN_DIR COHORT_KERNEL COHORT_INIT COHORT_STATE_DIR WORKER_BRIDGE ACCEL_SYSFS_ROOT \
+  ACCEL_FINGERPRINT_PERIOD CONSUL_HTTP_ADDR LOG_LEVEL NOMAD_SERVERS CONSUL_RETRY_JOIN \
+  COHORT_SERVERS COHORT_CA_FILE COHORT_CERT_FILE COHORT_KEY_FILE \
+  NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NODE_INTERFACE; do
+  plain "$v"
+done
+case $WORKER_EGRESS in true|false) ;; *) die "WORKER_EGRESS must be true or false" ;; esac
+[[ $NOMAD_GC_MAX_ALLOCS =~ ^[0-9]+$ ]] || die "NOMAD_GC_MAX_ALLOCS must be a number"
+
+if [ -z "${NODE_INTERFACE:-}" ]; then
+  NODE_INTERFACE=$(ip -o -4 addr show | awk -v ip="$NODE_IP" '{split($4, a, "/")} a[1] == ip {print $2; exit}')
+  [ -n "$NODE_INTERFACE" ] || die "no interface holds $NODE_IP; set NODE_IP to one of this host's addresses or give NODE_INTERFACE"
+fi
+
+if [ "$SKIP_HOST_CHECKS" != 1 ] && [ "$MICROVM" = 1 ]; then
+  [ "$(id -u)" = 0 ] || die "run as root: the driver needs taps, bridges and nftables"
+  command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing (Debian: apt-get install qemu-system-x86)"
+  command -v nft >/dev/null || die "nft is missing (Debian: apt-get install nftables)"
+  [ -e /dev/net/tun ] || modprobe tun 2>/dev/null || true
+  [ -e /dev/net/tun ] || die "/dev/net/tun is missing and the tun module does not load"
+  modprobe vhost_net 2>/dev/null || true
+  for f in "$COHORT_KERNEL" "$COHORT_INIT"; do
+    [ -r "$f" ] || die "$f is missing: install cohort's guest kernel and init (install.sh)"
+  done
+  if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+    echo "node.sh: /dev/kvm opens: workers run under KVM"
+  else
+    echo "node.sh: no usable /dev/kvm: workers run under QEMU's TCG (slower; nested virtualization or bare metal gives KVM)"
+  fi
+fi
+
+mkdir -p "$NOMAD_CONFIG_DIR" "$CONSUL_CONFIG_DIR" "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR" "$PLUGIN_DIR"
+chmod 0700 "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR"
+
+cat >"$CONSUL_CONFIG_DIR/cohort-client.json" <<JSON
+{
+  "datacenter": "$DATACENTER",
+  "node_name": "$NODE_NAME",
+  "data_dir": "$CONSUL_DATA_DIR",
+  "bind_addr": "$NODE_IP",
+  "advertise_addr": "$NODE_IP",
+  "client_addr": "127.0.0.1",
+  "retry_join": [$(list "$CONSUL_RETRY_JOIN")],
+  "log_level": "$LOG_LEVEL",
+  "disable_update_check": true,
+  "ports": {"grpc": 8502, "grpc_tls": -1}
+}
+JSON
+
+microvm=""
+if [ "$MICROVM" = 1 ]; then
+  network=""
+  if [ "$WORKER_BRIDGE" != none ]; then
+    network="
+    network {
+      bridge = \"$WORKER_BRIDGE\"
+      egress = $WORKER_EGRESS
+    }"
+  fi
+  tls=""
+  if [ -n "${COHORT_CERT_FILE:-}" ]; then
+    need COHORT_CA_FILE
+    need COHORT_KEY_FILE
+    tls="
+    tls {
+      ca_file   = \"$COHORT_CA_FILE\"
+      cert_file = \"$COHORT_CERT_FILE\"
+      key_file  = \"$COHORT_KEY_FILE\"
+    }"
+  fi
+  microvm="
+plugin \"nomad-driver-microvm\" {
+  config {
+    kernel         = \"$COHORT_KERNEL\"
+    init           = \"$COHORT_INIT\"
+    state_dir      = \"$COHORT_STATE_DIR\"
+    cohort_servers = [$(list "$COHORT_SERVERS")]$network$tls
+  }
+}"
+fi
+
+rawexec=""
+if [ "$RAW_EXEC" = 1 ]; then
+  rawexec='
+plugin "raw_exec" {
+  config {
+    enabled = true
+  }
+}'
+fi
+
+nomadtls=$(nomad_tls)
+
+cat >"$NOMAD_CONFIG_DIR/cohort-client.hcl" <<HCL
+# Written by cohort's node.sh; run it again rather than editing this file.
+name       = "$NODE_NAME"
+datacenter = "$DATACENTER"
+data_dir   = "$NOMAD_DATA_DIR"
+plugin_dir = "$PLUGIN_DIR"
+bind_addr  = "$NODE_IP"
+log_level  = "$LOG_LEVEL"
+disable_update_check = true
+
+client {
+  enabled           = true
+  servers           = [$(list "$NOMAD_SERVERS")]
+  network_interface = "$NODE_INTERFACE"
+  gc_max_allocs     = $NOMAD_GC_MAX_ALLOCS
+}
+
+consul {
+  address = "$CONSUL_HTTP_ADDR"
+}
+$rawexec$microvm
+
+plugin "nomad-device-accel" {
+  config {
+    sysfs_root         = "$ACCEL_SYSFS_ROOT"
+    fingerprint_period = "$ACCEL_FINGERPRINT_PERIOD"
+  }
+}
+$nomadtls
+HCL
+echo "node.sh: $NODE_NAME configured: $NOMAD_CONFIG_DIR/cohort-client.hcl, $CONSUL_CONFIG_DIR/cohort-client.json"
