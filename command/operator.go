@@ -109,6 +109,14 @@ func (c *OperatorCommand) save(path string) int {
 	if err == nil {
 		err = os.Rename(tmp.Name(), path)
 	}
+	if err == nil {
+		// The rename itself outlives a crash only once the directory is
+		// synced.
+		if d, derr := os.Open(filepath.Dir(path)); derr == nil {
+			d.Sync()
+			d.Close()
+		}
+	}
 	if err != nil {
 		c.UI.Error(fmt.Sprintf("Error saving the snapshot: %v", err))
 		return ExitError

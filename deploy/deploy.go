@@ -39,7 +39,11 @@ func WriteTo(dir string) (string, error) {
 		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 			return err
 		}
-		return os.WriteFile(dst, b, 0o755)
+		mode := os.FileMode(0o644)
+		if filepath.Ext(p) == ".sh" {
+			mode = 0o755
+		}
+		return os.WriteFile(dst, b, mode)
 	})
 	if err != nil {
 		return "", fmt.Errorf("writing cohort's host scripts to %s: %w", dir, err)

@@ -146,6 +146,12 @@ func TestScriptsRefuseBadInput(t *testing.T) {
 		{deploy.Server, "", "SERVER_IPS", "10.0.0.2,10.0.0.3", "must include this server's NODE_IP"},
 		{deploy.Server, "", "COHORT_HTTP_PORT", "47a", "must be a port number"},
 		{deploy.Server, "", "NOMAD_TOKEN_FILE", "/nonexistent", "does not read"},
+		{deploy.Server, "", "SERVER_IPS", "10.0.0.1,10.0.0.1", "twice"},
+		{deploy.Server, "", "SERVER_IPS", "10.0.0.1,10.0.0.300", "not an IPv4 address"},
+		{deploy.Server, "", "COHORT_NOMAD_PORT", "70000", "port number or none"},
+		{deploy.Server, "NOMAD_KEY_FILE", "NOMAD_CERT_FILE", "/etc/n.pem", "NOMAD_CA_FILE is required"},
+		{deploy.Node, "", "MICROVM", "true", "must be 0 or 1"},
+		{deploy.Node, "", "NOMAD_CERT_FILE", "/etc/n.pem", "NOMAD_CA_FILE is required"},
 	} {
 		root := t.TempDir()
 		env := nodeEnv(root)
@@ -160,10 +166,8 @@ func TestScriptsRefuseBadInput(t *testing.T) {
 		if err == nil || !strings.Contains(out, c.want) {
 			t.Errorf("%s with %s%s=%q: %v %q, want an error with %q", c.script, c.unset, c.key, c.value, err, out, c.want)
 		}
-		if c.key != "NOMAD_TOKEN_FILE" {
-			if _, err := os.Stat(root + "/etc"); err == nil {
-				t.Errorf("%s with bad %s%s wrote configuration", c.script, c.unset, c.key)
-			}
+		if _, err := os.Stat(root + "/etc"); err == nil {
+			t.Errorf("%s with bad %s%s wrote configuration", c.script, c.unset, c.key)
 		}
 	}
 }
@@ -198,5 +202,69 @@ func TestInstallStaged(t *testing.T) {
 	env["BIN_DIR"] = t.TempDir()
 	if out, err := runScript(t, filepath.Join(dir, deploy.Install), env); err == nil || !strings.Contains(out, "run make build kernel first") {
 		t.Errorf("install.sh without binaries: %v %s", err, out)
+	}
+}
+
+// A refusal on a host already set up leaves its configuration as it was:
+// a mistyped token file never turns into a server.env without the token.
+func TestRefusalKeepsConfiguration(t *testing.T) {
+	dir, root := scripts(t), t.TempDir()
+	env := serverEnv(root)
+	token := filepath.Join(root, "token")
+	os.WriteFile(token, []byte("0b9d1f5e-7d1a-4c4b-9d8e-3f2a1b0c9d8e\n"), 0o600)
+	env["NOMAD_TOKEN_FILE"] = token
+	if out, err := runScript(t, filepath.Join(dir, deploy.Server), env); err != nil {
+		t.Fatalf("server.sh: %v\n%s", err, out)
+	}
+	before := read(t, root+"/etc/cohort/server.env")
+	if !strings.Contains(before, "NOMAD_TOKEN=0b9d1f5e-") {
+		t.Fatalf("server.env lacks the token:\n%s", before)
+	}
+	env["NOMAD_TOKEN_FILE"] = root + "/tokn"
+	if out, err := runScript(t, filepath.Join(dir, deploy.Server), env); err == nil {
+		t.Fatalf("server.sh with a missing token file: %s", out)
+	}
+	if after := read(t, root+"/etc/cohort/server.env"); after != before {
+		t.Errorf("a refused run changed server.env:\n%s", after)
+	}
+	left, _ := filepath.Glob(root + "/etc/*/*.*.*")
+	if len(left) > 0 {
+		t.Errorf("temporary files left behind: %v", left)
+	}
+
+	// A packaged default beside cohort's files is refused, not merged.
+	os.WriteFile(root+"/etc/nomad.d/nomad.hcl", []byte("server { enabled = true }\n"), 0o644)
+	env["NOMAD_TOKEN_FILE"] = token
+	if out, err := runScript(t, filepath.Join(dir, deploy.Server), env); err == nil || !strings.Contains(out, "nomad.hcl is not cohort's") {
+		t.Errorf("server.sh beside a packaged nomad.hcl: %v %s", err, out)
+	}
+	env["FOREIGN_CONFIG"] = "keep"
+	if out, err := runScript(t, filepath.Join(dir, deploy.Server), env); err != nil {
+		t.Errorf("server.sh with FOREIGN_CONFIG=keep: %v %s", err, out)
+	}
+}
+
+// With NOMAD=skip and CONSUL=skip the units run the agents found on the
+// PATH, as a packaged install puts them.
+func TestInstallUsesInstalledAgents(t *testing.T) {
+	dir, src, dest, path := scripts(t), t.TempDir(), t.TempDir(), t.TempDir()
+	for _, f := range []string{"cohort", "cohort-barrier", "plugins/nomad-driver-microvm", "plugins/nomad-device-accel", "guest/cohort-init", "vmlinux"} {
+		os.MkdirAll(filepath.Dir(filepath.Join(src, f)), 0o755)
+		os.WriteFile(filepath.Join(src, f), []byte("#!/bin/sh\n"), 0o755)
+	}
+	for _, f := range []string{"nomad", "consul"} {
+		os.WriteFile(filepath.Join(path, f), []byte("#!/bin/sh\n"), 0o755)
+	}
+	cmd := exec.Command("bash", filepath.Join(dir, deploy.Install))
+	cmd.Env = []string{"PATH=" + path + ":" + os.Getenv("PATH"), "BIN_DIR=" + src, "KERNEL=" + src + "/vmlinux",
+		"NOMAD=skip", "CONSUL=skip", "DESTDIR=" + dest}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("install.sh: %v\n%s", err, out)
+	}
+	if unit := read(t, dest+"/etc/systemd/system/nomad.service"); !strings.Contains(unit, "ExecStart="+path+"/nomad agent") {
+		t.Errorf("nomad.service does not run the installed nomad:\n%s", unit)
+	}
+	if _, err := os.Stat(dest + "/usr/local/bin/nomad"); err == nil {
+		t.Error("nomad installed although skipped")
 	}
 }

@@ -90,6 +90,10 @@ type Driver struct {
 	clients   sync.Map
 
 	tasks sync.Map // task ID -> *taskHandle
+	// live holds the run directories of VMs being started and templates
+	// being built: the orphan collector leaves them alone, as it leaves
+	// the tasks'.
+	live sync.Map // run directory -> struct{}
 }
 
 var _ drivers.DriverPlugin = (*Driver)(nil)
@@ -154,6 +158,14 @@ func (d *Driver) setup(cfg *Config) error {
 	if d.kernelVer, err = vm.KernelVersion(kernel); err != nil {
 		return fmt.Errorf("guest kernel %s: %w", kernel, err)
 	}
+	if err := d.backend.Check(); err != nil {
+		return err
+	}
+	// Checked here, once: a dynamically linked init would make every
+	// guest panic at boot ("No working init found").
+	if err := checkStatic(cfg.Init, cfg.Init); err != nil {
+		return fmt.Errorf("guest init: %w", err)
+	}
 	if d.initrd, err = buildInitrd(cfg.Init, cfg.StateDir); err != nil {
 		return err
 	}
@@ -167,9 +179,6 @@ func (d *Driver) setup(cfg *Config) error {
 		if d.ptInitrd, err = buildInitrd(cfg.Init, cfg.StateDir, pt.Modules...); err != nil {
 			return err
 		}
-	}
-	if err := d.backend.Check(); err != nil {
-		return err
 	}
 	switch cfg.Accelerator {
 	case "kvm":
@@ -194,6 +203,7 @@ func (d *Driver) setup(cfg *Config) error {
 		d.cohortTLS = b.ClientConfig()
 	}
 	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.log)
+	d.templates.live = &d.live
 	if cfg.Network.enabled() {
 		d.net = newNetwork(cfg.Network, cfg.CohortServers, cfg.StateDir, d.log.Named("network"))
 		d.net.client, d.net.certNode = d.cohortClient, node
@@ -366,6 +376,11 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if mem < MinMemoryMB {
 		return nil, nil, fmt.Errorf("memory = %d MiB is too small for a worker VM; it needs at least %d MiB", mem, MinMemoryMB)
 	}
+	if tc.VCPUs == 0 {
+		// A config that did not pass through the HCL spec's default
+		// (the spec's own default is 1).
+		tc.VCPUs = 1
+	}
 	if tc.VCPUs < 1 || tc.VCPUs > 64 {
 		return nil, nil, fmt.Errorf("vcpus = %d: want 1 to 64", tc.VCPUs)
 	}
@@ -409,6 +424,14 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		spec.Shape.Kernel, spec.Shape.Initrd = d.ptKernel, d.ptInitrd
 	}
 	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
+	// From here the run directory is this start's, until the task is
+	// stored or the start fails: the orphan collector must not take a VM
+	// that takes long to boot for one no task owns.
+	releaseDir, err := claimRunDir(&d.live, spec.RunDir)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer releaseDir()
 	var ls *lease
 	if d.net != nil {
 		if ls, err = d.net.allocate(d.ctx); err != nil {
@@ -443,10 +466,6 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		m, err = d.backend.Boot(spec)
 	}
 	if err != nil {
-		return fail(err)
-	}
-	if err := writeMachine(m); err != nil {
-		m.Kill()
 		return fail(err)
 	}
 	h := newTaskHandle(d, cfg, m, ls)

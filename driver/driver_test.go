@@ -4,6 +4,7 @@ import (
 	"github.com/cohort-dev/cohort/api"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -96,7 +97,7 @@ func TestConfigValidate(t *testing.T) {
 
 func TestLeases(t *testing.T) {
 	_, subnet, _ := net.ParseCIDR("10.213.0.0/16")
-	n := &network{cfg: NetworkConfig{Subnet: "10.213.0.0/16"}, subnet: subnet, gw: net.ParseIP("10.213.0.1"), used: map[uint32]bool{}}
+	n := &network{cfg: NetworkConfig{Subnet: "10.213.0.0/16"}, subnet: subnet, gw: net.ParseIP("10.213.0.1"), used: map[uint32]*lease{}}
 	l := n.leaseFor(258)
 	if l.IP != "10.213.1.2" || l.Address != "10.213.1.2/16" || l.MAC != "02:cb:0a:d5:01:02" || l.Tap != "ct00000102" {
 		t.Errorf("lease = %+v", l)
@@ -139,6 +140,10 @@ func TestFingerprintUnhealthy(t *testing.T) {
 	cases := map[string]*Config{
 		"kernel": {Kernel: filepath.Join(dir, "no-vmlinux"), Init: initBin, StateDir: dir, Accelerator: "auto"},
 		"qemu":   {Kernel: kernel, Init: initBin, StateDir: dir, Accelerator: "auto", QEMU: "/nonexistent/qemu"},
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err == nil && checkStatic("/bin/true", "/bin/true") != nil {
+		// Every guest would panic with "No working init found".
+		cases["dynamically linked"] = &Config{Kernel: kernel, Init: "/bin/true", StateDir: dir, Accelerator: "auto"}
 	}
 	for want, cfg := range cases {
 		var b []byte

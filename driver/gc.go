@@ -1,74 +1,111 @@
 package driver
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/driver/vm"
+	"golang.org/x/sys/unix"
 )
 
 // orphanGrace is how long after start-up the driver waits for Nomad to
 // recover its tasks before it treats unclaimed VMs as orphans.
 const orphanGrace = 90 * time.Second
 
-// writeMachine records a VM in its run directory, so that a VM whose task
-// Nomad never learned of (the plugin died inside StartTask) can still be
-// found and stopped.
-func writeMachine(m *vm.Machine) error {
-	b, _ := json.Marshal(m)
-	if err := os.WriteFile(filepath.Join(m.RunDir, "machine.json"), b, 0o600); err != nil {
-		return fmt.Errorf("recording vm: %w", err)
-	}
-	return nil
-}
-
-// collectOrphans waits out the recovery grace period, then stops every VM
-// and removes every run directory and tap that no task owns.
+// collectOrphans waits out the recovery grace period, then collects.
 func (d *Driver) collectOrphans(runRoot string) {
 	select {
 	case <-d.ctx.Done():
 		return
 	case <-time.After(orphanGrace):
 	}
-	owned := map[string]bool{}
-	taps := map[string]bool{}
-	d.tasks.Range(func(_, v any) bool {
-		h := v.(*taskHandle)
-		owned[h.m.RunDir] = true
-		if h.lease != nil {
-			taps[h.lease.Tap] = true
-		}
-		return true
-	})
+	d.collect(runRoot)
+}
+
+// ownerFile, in a run directory, is locked by whoever is starting a VM
+// there or building a template in it: the collector of any instance of
+// the plugin leaves a directory alone while it is locked.
+const ownerFile = ".owner"
+
+// claimRunDir makes dir the caller's until release: marked live in this
+// instance, created, and its owner file locked (which also keeps other
+// instances' collectors off it). A collector holding the lock for its
+// check makes the claim wait a moment, and then sees the dir live.
+func claimRunDir(live *sync.Map, dir string) (release func(), err error) {
+	live.Store(dir, struct{}{})
+	unlock, err := lockOwner(dir, true)
+	if err != nil {
+		live.Delete(dir)
+		return nil, fmt.Errorf("claiming run directory %s: %w", dir, err)
+	}
+	return func() {
+		unlock()
+		live.Delete(dir)
+	}, nil
+}
+
+// lockOwner locks dir's owner file, waiting for it or not.
+func lockOwner(dir string, wait bool) (unlock func(), err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ownerFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	how := unix.LOCK_EX
+	if !wait {
+		how |= unix.LOCK_NB
+	}
+	if err := unix.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() { f.Close() }, nil
+}
+
+// collect stops every VM and removes every run directory that no task,
+// start in flight or template build owns (a VM recorded by an instance of
+// the plugin that died, a template an instance Nomad stopped left
+// running), and every tap no lease holds.
+func (d *Driver) collect(runRoot string) {
 	dirs, _ := filepath.Glob(filepath.Join(runRoot, "*"))
 	for _, dir := range dirs {
-		if owned[dir] {
+		// Ownership is read only with the owner lock held: a start
+		// holds it from before its VM exists until its task is stored.
+		unlock, err := lockOwner(dir, false)
+		if err != nil {
+			continue // a start or a build, here or in another instance
+		}
+		if d.owns(dir) {
+			unlock()
 			continue
 		}
-		var m vm.Machine
-		if b, err := os.ReadFile(filepath.Join(dir, "machine.json")); err == nil && json.Unmarshal(b, &m) == nil && m.Alive() {
-			d.log.Warn("stopping orphaned worker vm", "pid", m.PID, "dir", dir)
+		if m, err := vm.ReadRecord(dir); err == nil && m.Alive() {
+			d.log.Warn("stopping orphaned vm", "pid", m.PID, "dir", dir)
 			m.Kill()
 		}
 		os.RemoveAll(dir)
+		unlock()
 	}
-	if d.net == nil {
-		return
+	if d.net != nil {
+		d.net.releaseOrphans()
 	}
-	all, err := d.net.Taps()
-	if err != nil {
-		d.log.Warn("listing taps", "error", err)
-		return
+}
+
+// owns says whether a task or a start in flight of this instance holds
+// dir.
+func (d *Driver) owns(dir string) bool {
+	if _, ok := d.live.Load(dir); ok {
+		return true
 	}
-	for _, t := range all {
-		if !taps[t] {
-			if idx, ok := tapIndex(t); ok {
-				d.log.Warn("removing orphaned tap", "tap", t)
-				d.net.release(d.net.leaseFor(idx))
-			}
-		}
-	}
+	owned := false
+	d.tasks.Range(func(_, v any) bool {
+		owned = v.(*taskHandle).m.RunDir == dir
+		return !owned
+	})
+	return owned
 }

@@ -66,9 +66,13 @@ type network struct {
 	node    string // this node's lease identity
 	address string // this node's host address
 	peers   []api.Lease
-	used    map[uint32]bool
-	err     error // why the network is not (or no longer) right, if so
-	dns     *dnsForwarder
+	// used maps each address index in use to the lease that holds it:
+	// a tap is deleted only by its holder. unclaimed are the taps found
+	// held by VMs at start-up that no recovered task has claimed yet.
+	used      map[uint32]*lease
+	unclaimed map[uint32]bool
+	err       error // why the network is not (or no longer) right, if so
+	dns       *dnsForwarder
 	// client reaches a cohort server; certNode, when the driver has a
 	// node certificate, is the node it names, and the lease's identity.
 	client   func(server string) *api.Client
@@ -91,7 +95,7 @@ func (n *network) Status() string {
 }
 
 func newNetwork(cfg NetworkConfig, servers []string, stateDir string, log hclog.Logger) *network {
-	return &network{cfg: cfg, servers: servers, stateDir: stateDir, log: log, used: map[uint32]bool{}, ready: make(chan struct{})}
+	return &network{cfg: cfg, servers: servers, stateDir: stateDir, log: log, used: map[uint32]*lease{}, unclaimed: map[uint32]bool{}, ready: make(chan struct{})}
 }
 
 // start brings the network up: the subnet (leased, or the configured
@@ -456,7 +460,12 @@ func (n *network) reclaimTaps() error {
 			continue
 		}
 		if l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0 { // a carrier: a VMM holds it
-			n.used[idx] = true
+			// A recovered task may have claimed it already (the network
+			// can come up after the tasks are recovered).
+			if n.used[idx] == nil {
+				n.used[idx] = &lease{Tap: l.Attrs().Name}
+				n.unclaimed[idx] = true
+			}
 			continue
 		}
 		n.log.Info("removing tap no VM holds", "tap", l.Attrs().Name)
@@ -516,13 +525,15 @@ func (n *network) allocate(ctx context.Context) (*lease, error) {
 	size := uint32(1) << uint(bits-ones)
 	var idx uint32
 	for i := uint32(2); i < size-1; i++ {
-		if !n.used[i] {
+		if n.used[i] == nil {
 			idx = i
-			n.used[i] = true
 			break
 		}
 	}
 	l := n.leaseFor(idx)
+	if idx != 0 {
+		n.used[idx] = l
+	}
 	n.mu.Unlock()
 	if idx == 0 {
 		return nil, fmt.Errorf("this node's worker subnet %s has no free address", n.subnet)
@@ -572,19 +583,39 @@ func (n *network) leaseFor(idx uint32) *lease {
 	}
 }
 
-// claim marks a recovered VM's lease as in use.
+// claim makes a recovered VM's lease the holder of its address, unless
+// the address went to another VM meanwhile (the recovered VM had died and
+// its tap was removed at start-up): then the recovered task holds nothing
+// and releases nothing.
 func (n *network) claim(l *lease) {
-	if idx, ok := tapIndex(l.Tap); ok {
-		n.mu.Lock()
-		n.used[idx] = true
-		n.mu.Unlock()
+	idx, ok := tapIndex(l.Tap)
+	if !ok {
+		return
 	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if h := n.used[idx]; h != nil && !n.unclaimed[idx] {
+		n.log.Warn("a recovered task's address is held by another vm; leaving it there", "tap", l.Tap)
+		return
+	}
+	n.used[idx] = l
+	delete(n.unclaimed, idx)
 }
 
-// release deletes the tap and frees its address.
+// release deletes the tap and frees its address, when l still holds
+// them: a start that failed after the collector took its tap must not
+// delete the tap the same address now has for another VM. The check, the
+// deletion and the freeing happen under one lock, so no claim or
+// allocation comes between them.
 func (n *network) release(l *lease) {
 	idx, ok := tapIndex(l.Tap)
 	if !ok {
+		return
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.used[idx] != l {
+		n.log.Debug("not releasing a tap this lease no longer holds", "tap", l.Tap)
 		return
 	}
 	if link, err := netlink.LinkByName(l.Tap); err == nil {
@@ -592,13 +623,40 @@ func (n *network) release(l *lease) {
 			n.log.Warn("removing tap", "tap", l.Tap, "error", err)
 		}
 	}
-	n.free(idx)
+	delete(n.used, idx)
+	delete(n.unclaimed, idx)
 }
 
 func (n *network) free(idx uint32) {
 	n.mu.Lock()
 	delete(n.used, idx)
 	n.mu.Unlock()
+}
+
+// releaseOrphans deletes the taps no lease holds: ones left by a VM that
+// is gone, and ones found at start-up that no task was recovered for.
+func (n *network) releaseOrphans() {
+	taps, err := n.Taps()
+	if err != nil {
+		n.log.Warn("listing taps", "error", err)
+		return
+	}
+	for _, t := range taps {
+		idx, _ := tapIndex(t)
+		n.mu.Lock()
+		holder := n.used[idx]
+		if holder == nil {
+			holder = &lease{Tap: t}
+			n.used[idx] = holder
+		} else if !n.unclaimed[idx] {
+			holder = nil // a task's or a start's
+		}
+		n.mu.Unlock()
+		if holder != nil {
+			n.log.Warn("removing orphaned tap", "tap", t)
+			n.release(holder)
+		}
+	}
 }
 
 // DNS is the resolver workers use: their gateway.

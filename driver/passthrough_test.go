@@ -2,6 +2,7 @@ package driver
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -52,5 +53,26 @@ func TestPassthroughRefusedWithoutIOMMU(t *testing.T) {
 	_, _, err = d.StartTask(passthroughTask(t, nil, map[string]string{vfio.DevicesEnv: "../../etc"}))
 	if err == nil || !strings.Contains(err.Error(), "not a PCI address") {
 		t.Errorf("StartTask = %v", err)
+	}
+}
+
+// A task config that did not pass through the HCL spec's default (vcpus
+// 0) gets one vCPU instead of a refusal; the start goes on to the next
+// check (here the program, a script).
+func TestZeroVCPUsDefaulted(t *testing.T) {
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	d.config = &Config{Kernel: "/nonexistent/vmlinux", Init: "/nonexistent/init", StateDir: t.TempDir()}
+	d.accel = "tcg"
+	script := filepath.Join(t.TempDir(), "run.sh")
+	os.WriteFile(script, []byte("#!/bin/sh\n"), 0o755)
+	cfg := passthroughTask(t, nil, nil)
+	if err := cfg.EncodeConcreteDriverConfig(&TaskConfig{Program: script}); err != nil {
+		t.Fatal(err)
+	}
+	cfg.AllocDir = t.TempDir()
+	_, _, err := d.StartTask(cfg)
+	if err == nil || strings.Contains(err.Error(), "vcpus") || !strings.Contains(err.Error(), "not an ELF executable") {
+		t.Fatalf("StartTask with vcpus 0 = %v, want it past the vcpus check", err)
 	}
 }

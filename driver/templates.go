@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -10,16 +12,29 @@ import (
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/driver/vm"
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 // templates keeps one saved template VM per shape. A task of a shape with
 // no template yet cold-boots while the template is built in the
 // background; later tasks of that shape restore from it.
+//
+// Builds are safe against other instances of the plugin on the host (Nomad
+// starts more than one): a shape is built by one builder at a time under a
+// lock file, each build maps RAM files of its own, and a template VM runs
+// in a run directory the orphan collector owns, so one whose builder died
+// is stopped.
 type templates struct {
-	dir     string
+	dir     string // the state directory: snapshots go under it
+	runRoot string // where template VMs run, beside the workers
 	backend vm.Backend
 	log     hclog.Logger
 	ctx     context.Context
+	// live is the driver's set of run directories in use.
+	live *sync.Map
+	// retry is how long to wait before the next try after failures
+	// failed builds in a row.
+	retry func(failures int) time.Duration
 
 	mu    sync.Mutex
 	state map[string]*template
@@ -34,11 +49,19 @@ type template struct {
 	took     time.Duration
 }
 
-// maxTemplateTries bounds the builds of one template.
-const maxTemplateTries = 3
-
 func newTemplates(ctx context.Context, dir string, backend vm.Backend, log hclog.Logger) *templates {
-	return &templates{dir: dir, backend: backend, log: log, ctx: ctx, state: map[string]*template{}}
+	return &templates{dir: dir, runRoot: filepath.Join(dir, "run"), backend: backend, log: log, ctx: ctx,
+		live: &sync.Map{}, retry: retryAfter, state: map[string]*template{}}
+}
+
+// retryAfter backs off from 10 s, doubling to at most 10 minutes: a node
+// never stays on cold boots for good because of a bad moment.
+func retryAfter(failures int) time.Duration {
+	d := 10 * time.Second
+	for i := 1; i < failures && d < 10*time.Minute; i++ {
+		d *= 2
+	}
+	return min(d, 10*time.Minute)
 }
 
 func (t *templates) key(s vm.Shape) string {
@@ -69,7 +92,8 @@ func (t *templates) get(s vm.Shape) string {
 	return ""
 }
 
-// status summarizes the templates for the fingerprint.
+// status summarizes the templates for the fingerprint: "building",
+// "ready", "failed: <reason>" (tried again later) or "none".
 func (t *templates) status() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -99,46 +123,69 @@ func (t *templates) build(s vm.Shape, tp *template) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	tp.building = false
-	if err != nil {
-		tp.err = err
-		tp.failures++
-		if tp.failures >= maxTemplateTries || t.ctx.Err() != nil {
-			t.log.Error("building template snapshot failed; tasks of this shape cold-boot", "shape", s.Key(), "tries", tp.failures, "error", err)
-			return
-		}
-		// A loaded host can make one build fail (the guest's timer
-		// checks, a slow boot): try again, after a pause.
-		wait := time.Duration(tp.failures) * 10 * time.Second
-		t.log.Warn("building template snapshot failed; trying again", "shape", s.Key(), "in", wait, "error", err)
-		time.AfterFunc(wait, func() {
-			t.mu.Lock()
-			defer t.mu.Unlock()
-			if t.ctx.Err() != nil || tp.ready || tp.building {
-				return
-			}
-			tp.err, tp.building = nil, true
-			go t.build(s, tp)
-		})
+	if err == nil {
+		tp.ready, tp.err, tp.failures, tp.took = true, nil, 0, time.Since(start)
+		t.log.Info("template snapshot ready", "shape", s.Key(), "took", tp.took)
 		return
 	}
-	tp.ready, tp.took = true, time.Since(start)
-	t.log.Info("template snapshot ready", "shape", s.Key(), "took", tp.took)
+	if t.ctx.Err() != nil {
+		return
+	}
+	tp.err = err
+	tp.failures++
+	// A loaded host can make a build fail (the guest's timer checks, a
+	// slow boot): tasks of the shape cold-boot meanwhile, and the build
+	// is tried again, later each time.
+	wait := t.retry(tp.failures)
+	t.log.Warn("building template snapshot failed; tasks of this shape cold-boot until a try succeeds", "shape", s.Key(), "tries", tp.failures, "next_try_in", wait, "error", err)
+	time.AfterFunc(wait, func() {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if t.ctx.Err() != nil || tp.ready || tp.building {
+			return
+		}
+		tp.building = true
+		go t.build(s, tp)
+	})
 }
 
 func (t *templates) snapshot(s vm.Shape, dst string) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
 		return err
 	}
-	run, err := os.MkdirTemp(t.dir, "tmpl-")
+	if err := os.MkdirAll(t.runRoot, 0o700); err != nil {
+		return err
+	}
+	// The wait for another builder does not eat into this build's time.
+	unlock, err := lockFile(t.ctx, dst+".lock")
+	if err != nil {
+		return fmt.Errorf("waiting for another build of this template: %w", err)
+	}
+	defer unlock()
+	if _, err := os.Stat(dst); err == nil {
+		return nil // another instance of the plugin built it meanwhile
+	}
+	// Under the lock, any build's leftovers are a dead builder's.
+	stale, _ := filepath.Glob(dst + "*.tmp")
+	for _, f := range stale {
+		os.Remove(f)
+	}
+	run := filepath.Join(t.runRoot, fmt.Sprintf("tmpl-%d-%d", os.Getpid(), time.Now().UnixNano()))
+	release, err := claimRunDir(t.live, run)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(run)
+	defer func() {
+		os.RemoveAll(run)
+		release()
+	}()
 	empty := filepath.Join(run, "empty")
-	os.MkdirAll(empty, 0o755)
+	if err := os.MkdirAll(empty, 0o755); err != nil {
+		return err
+	}
 	spec := &vm.Spec{
 		Shape:  s,
-		RunDir: filepath.Join(run, "r"),
+		RunDir: run,
 		Stdout: os.DevNull,
 		Stderr: os.DevNull,
 		Shares: map[string]string{},
@@ -148,5 +195,40 @@ func (t *templates) snapshot(s vm.Shape, dst string) error {
 	}
 	ctx, cancel := context.WithTimeout(t.ctx, 2*time.Minute)
 	defer cancel()
-	return t.backend.Snapshot(ctx, spec, dst)
+	err = t.backend.Snapshot(ctx, spec, dst)
+	console := dst + ".console.log"
+	if err != nil {
+		// Keep the failed template's console for whoever looks into it.
+		if b, rerr := os.ReadFile(filepath.Join(run, "console.log")); rerr == nil {
+			os.WriteFile(console, b, 0o600)
+		}
+		return err
+	}
+	os.Remove(console)
+	return nil
+}
+
+// lockFile takes an exclusive lock on path, waiting for it until ctx
+// ends; the lock goes with the process, so a builder that dies frees it.
+func lockFile(ctx context.Context, path string) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

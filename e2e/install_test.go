@@ -130,6 +130,9 @@ func TestInstallGuide(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The nodes' drivers keep their state under /run, as on a host:
+	// socket paths there must stay short.
+	stateDir := func(n string) string { return fmt.Sprintf("/run/cohort-g%d-%s", tag, n) }
 	network := devcluster.NewNetwork(tag)
 	if err := network.Up(); err != nil {
 		t.Fatal(err)
@@ -156,6 +159,9 @@ func TestInstallGuide(t *testing.T) {
 		devcluster.KillDescendants(hclog.NewNullLogger())
 		if err := devcluster.UnmountUnder(root); err != nil {
 			t.Errorf("unmounting: %v", err)
+		}
+		for _, n := range []string{"node-1", "node-2"} {
+			os.RemoveAll(stateDir(n))
 		}
 		if t.Failed() {
 			keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
@@ -274,7 +280,7 @@ func TestInstallGuide(t *testing.T) {
 			"NOMAD_CONFIG_DIR": h.path("etc/nomad.d"), "CONSUL_CONFIG_DIR": h.path("etc/consul.d"),
 			"NOMAD_DATA_DIR": h.path("var/lib/nomad"), "CONSUL_DATA_DIR": h.path("var/lib/consul"),
 			"PLUGIN_DIR": h.path("opt/cohort/plugins"), "COHORT_KERNEL": h.path("var/lib/cohort/vmlinux"),
-			"COHORT_INIT": h.path("var/lib/cohort/cohort-init"), "COHORT_STATE_DIR": h.path("run/cohort"),
+			"COHORT_INIT": h.path("var/lib/cohort/cohort-init"), "COHORT_STATE_DIR": stateDir(n),
 			"COHORT_CA_FILE": pem("cohort-agent-ca.pem"), "COHORT_CERT_FILE": pem("cohort-node-" + n + ".pem"), "COHORT_KEY_FILE": pem("cohort-node-" + n + "-key.pem"),
 			"NOMAD_CA_FILE": pem("nomad-agent-ca.pem"), "NOMAD_CERT_FILE": pem("global-client-nomad.pem"), "NOMAD_KEY_FILE": pem("global-client-nomad-key.pem"),
 		})
@@ -357,7 +363,12 @@ func TestInstallGuide(t *testing.T) {
 	}
 	// Without the token, cohort refuses as Nomad would.
 	plain := exec.Command(cohort, "operator", "snapshot", "save", filepath.Join(root, "refused.snap"))
-	plain.Env = append(os.Environ(), "COHORT_ADDR=https://"+server.ip+":4747", "COHORT_CACERT="+pem("cohort-agent-ca.pem"))
+	for _, e := range os.Environ() {
+		if !strings.HasPrefix(e, "NOMAD_TOKEN=") {
+			plain.Env = append(plain.Env, e)
+		}
+	}
+	plain.Env = append(plain.Env, "COHORT_ADDR=https://"+server.ip+":4747", "COHORT_CACERT="+pem("cohort-agent-ca.pem"))
 	if out, err := plain.CombinedOutput(); err == nil || !strings.Contains(string(out), "management") {
 		t.Errorf("a snapshot without a token: %v\n%s", err, out)
 	}

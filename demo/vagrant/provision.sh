@@ -43,9 +43,11 @@ NOMAD_SERVERS=$servers CONSUL_RETRY_JOIN=$SERVER_IPS COHORT_SERVERS=$cohort \
 # 5. The demo's program, where the demo job expects it on every node.
 install -D -m 0755 "$stage/demo-sort" /opt/cohort-demo/demo-sort
 
-# 6. Start the agents.
+# 6. Start the agents; restarted, so a provisioning run again applies a
+# new build and configuration.
 systemctl daemon-reload
-systemctl enable --now consul nomad cohort
+systemctl enable consul nomad cohort
+systemctl restart consul nomad cohort
 
 # The CLI's defaults on this VM.
 cat >/etc/profile.d/cohort.sh <<ENV

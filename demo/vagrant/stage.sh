@@ -2,9 +2,10 @@
 # stage.sh — put together what the Vagrant VMs install, in ./stage (synced
 # to /opt/cohort-stage on each): cohort's binaries and plugins, the guest
 # kernel, Nomad and Consul, the host scripts, the demo's sort program, and
-# the cluster's CA with a certificate for the servers, each node and the
-# CLI. Certificates are made once and kept, so VMs provisioned again still
-# trust each other; delete stage/tls to start over.
+# certificates for the servers, each node and the CLI. The CA itself stays
+# in ./pki, which is not synced: no VM holds its key. Certificates are
+# made once and kept, so VMs provisioned again still trust each other;
+# delete pki and stage/tls to start over.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -29,7 +30,9 @@ cp -r "$repo/deploy" "$stage/deploy"
 sed 's#@SORT@#/opt/cohort-demo/demo-sort#' "$repo/demo/sort.hcl" >"$stage/sort.hcl"
 
 cohort=$repo/bin/cohort
-cd "$stage/tls"
+mkdir -p "$here/pki"
+chmod 0700 "$here/pki"
+cd "$here/pki"
 if [ ! -e cohort-agent-ca.pem ]; then
   "$cohort" tls ca create -dir .
 fi
@@ -42,4 +45,8 @@ for n in "${nodes[@]}"; do
   [ -e "cohort-node-$n.pem" ] || "$cohort" tls cert create -node="$n" -dir .
 done
 [ -e cohort-cli.pem ] || "$cohort" tls cert create -cli -dir .
-echo "stage.sh: staged in $stage"
+for f in *.pem; do
+  case $f in cohort-agent-ca-key.pem) continue ;; esac
+  cp "$f" "$stage/tls/"
+done
+echo "stage.sh: staged in $stage (the CA's key stays in $here/pki)"

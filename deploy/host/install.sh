@@ -43,9 +43,14 @@ install -m 0755 "$BIN_DIR/cohort" "$BIN_DIR/cohort-barrier" "$bindir/"
 install -m 0755 "$BIN_DIR/plugins/nomad-driver-microvm" "$BIN_DIR/plugins/nomad-device-accel" "$DESTDIR$PLUGIN_DIR/"
 install -m 0644 "$KERNEL" "$DESTDIR$GUEST_DIR/vmlinux"
 install -m 0755 "$BIN_DIR/guest/cohort-init" "$DESTDIR$GUEST_DIR/cohort-init"
+# Where each agent's binary is: installed here, or already on the PATH.
+declare -A agent=([nomad]=$PREFIX/bin/nomad [consul]=$PREFIX/bin/consul)
 for b in NOMAD CONSUL; do
-  src=${!b}
-  [ "$src" = skip ] && continue
+  src=${!b} name=${b,,}
+  if [ "$src" = skip ]; then
+    agent[$name]=$(command -v "$name") || die "$b=skip, but no $name on the PATH"
+    continue
+  fi
   [ -x "$src" ] || die "$b: $src is missing: run make tools, or set $b=skip where it is installed"
   install -m 0755 "$src" "$bindir/"
 done
@@ -53,8 +58,11 @@ done
 if [ "$UNIT_DIR" != skip ]; then
   install -d -m 0755 "$DESTDIR$UNIT_DIR"
   for u in consul nomad cohort; do
-    sed -e "s#@BINDIR@#$PREFIX/bin#g" -e "s#@ETC@#$ETC#g" "$here/../systemd/$u.service" >"$DESTDIR$UNIT_DIR/$u.service"
+    sed -e "s#@BINDIR@/nomad#${agent[nomad]}#g" -e "s#@BINDIR@/consul#${agent[consul]}#g" \
+      -e "s#@BINDIR@#$PREFIX/bin#g" -e "s#@ETC@#$ETC#g" "$here/../systemd/$u.service" >"$DESTDIR$UNIT_DIR/$u.service"
     chmod 0644 "$DESTDIR$UNIT_DIR/$u.service"
   done
 fi
-echo "install.sh: installed into ${DESTDIR:-/}: $PREFIX/bin/{cohort,cohort-barrier,nomad,consul}, $PLUGIN_DIR, $GUEST_DIR${UNIT_DIR:+, units in $UNIT_DIR}"
+units=", units in $UNIT_DIR"
+[ "$UNIT_DIR" != skip ] || units=""
+echo "install.sh: installed into ${DESTDIR:-/}: $PREFIX/bin/{cohort,cohort-barrier}, nomad at ${agent[nomad]}, consul at ${agent[consul]}, $PLUGIN_DIR, $GUEST_DIR$units"

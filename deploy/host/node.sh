@@ -8,7 +8,9 @@
 #   $NOMAD_CONFIG_DIR/cohort-client.hcl    (default /etc/nomad.d)
 #   $CONSUL_CONFIG_DIR/cohort-client.json  (default /etc/consul.d)
 # It starts nothing: the agents run as systemd units (see install.sh), or
-# as `cohort dev` runs them. Running it again rewrites the same files.
+# as `cohort dev` runs them. Running it again rewrites the same files. It
+# checks everything before it writes anything: a refusal leaves the host
+# as it was.
 #
 # Required:
 #   NODE_NAME          the node's name in Nomad and Consul
@@ -40,32 +42,22 @@
 #   CONSUL_HTTP_ADDR   the local Consul agent Nomad talks to (127.0.0.1:8500)
 #   LOG_LEVEL          (INFO)
 #   SKIP_HOST_CHECKS   1 to only write configuration (0)
+#   FOREIGN_CONFIG     "keep" to allow configuration files cohort did not
+#                      write in the agents' directories (refused otherwise)
 set -euo pipefail
-
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-# Values go into HCL and JSON strings: refuse what would need escaping.
-plain() {
-  local name=$1 v=${!1:-}
-  case $v in *[\"\\$'\n']*) die "$name must not hold quotes, backslashes or newlines: $v" ;; esac
-}
-
-# list "a,b" -> "a", "b"
-list() {
-  local IFS=, out="" x
-  for x in $1; do
-    x=${x// /}
-    [ -n "$x" ] && out+="${out:+, }\"$x\""
-  done
-  printf '%s' "$out"
-}
-
+# --- check everything first ---------------------------------------------------
 need NODE_NAME
 need NODE_IP
 need NOMAD_SERVERS
 need CONSUL_RETRY_JOIN
-[ "${MICROVM:-1}" != 1 ] || need COHORT_SERVERS
+: "${MICROVM:=1}" "${RAW_EXEC:=0}" "${SKIP_HOST_CHECKS:=0}"
+for v in MICROVM RAW_EXEC SKIP_HOST_CHECKS; do
+  case ${!v} in 0|1) ;; *) die "$v must be 0 or 1: ${!v}" ;; esac
+done
+[ "$MICROVM" = 0 ] || need COHORT_SERVERS
 [[ $NODE_NAME =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,62}$ ]] || die "NODE_NAME $NODE_NAME: letters, digits and dashes, at most 63"
 isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
 
@@ -73,24 +65,28 @@ isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
 : "${NOMAD_CONFIG_DIR:=/etc/nomad.d}" "${CONSUL_CONFIG_DIR:=/etc/consul.d}"
 : "${NOMAD_DATA_DIR:=/var/lib/nomad}" "${CONSUL_DATA_DIR:=/var/lib/consul}"
 : "${PLUGIN_DIR:=/opt/cohort/plugins}"
-: "${MICROVM:=1}" "${RAW_EXEC:=0}" "${SKIP_HOST_CHECKS:=0}"
 : "${COHORT_KERNEL:=/var/lib/cohort/vmlinux}" "${COHORT_INIT:=/var/lib/cohort/cohort-init}"
 : "${COHORT_STATE_DIR:=/run/cohort}"
 : "${WORKER_BRIDGE:=cohort0}" "${WORKER_EGRESS:=true}"
 : "${ACCEL_SYSFS_ROOT:=/sys}" "${ACCEL_FINGERPRINT_PERIOD:=1m}"
 : "${NOMAD_GC_MAX_ALLOCS:=50}" "${CONSUL_HTTP_ADDR:=127.0.0.1:8500}" "${LOG_LEVEL:=INFO}"
-for v in NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CONSUL_DATA_DIR \
+plain NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CONSUL_DATA_DIR \
   PLUGIN_DIR COHORT_KERNEL COHORT_INIT COHORT_STATE_DIR WORKER_BRIDGE ACCEL_SYSFS_ROOT \
   ACCEL_FINGERPRINT_PERIOD CONSUL_HTTP_ADDR LOG_LEVEL NOMAD_SERVERS CONSUL_RETRY_JOIN \
   COHORT_SERVERS COHORT_CA_FILE COHORT_CERT_FILE COHORT_KEY_FILE \
-  NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NODE_INTERFACE; do
-  plain "$v"
-done
+  NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NODE_INTERFACE
 case $WORKER_EGRESS in true|false) ;; *) die "WORKER_EGRESS must be true or false" ;; esac
 [[ $NOMAD_GC_MAX_ALLOCS =~ ^[0-9]+$ ]] || die "NOMAD_GC_MAX_ALLOCS must be a number"
+if [ -n "${COHORT_CERT_FILE:-}" ]; then
+  need COHORT_CA_FILE
+  need COHORT_KEY_FILE
+fi
+nomad_tls_check
+foreign_config "$NOMAD_CONFIG_DIR" "$CONSUL_CONFIG_DIR"
 
 if [ -z "${NODE_INTERFACE:-}" ]; then
-  NODE_INTERFACE=$(ip -o -4 addr show | awk -v ip="$NODE_IP" '{split($4, a, "/")} a[1] == ip {print $2; exit}')
+  # All of ip's output is read: an early exit would kill it with SIGPIPE.
+  NODE_INTERFACE=$(ip -o -4 addr show | awk -v ip="$NODE_IP" '{split($4, a, "/")} a[1] == ip && !found {print $2; found = 1}')
   [ -n "$NODE_INTERFACE" ] || die "no interface holds $NODE_IP; set NODE_IP to one of this host's addresses or give NODE_INTERFACE"
 fi
 
@@ -111,10 +107,11 @@ if [ "$SKIP_HOST_CHECKS" != 1 ] && [ "$MICROVM" = 1 ]; then
   fi
 fi
 
+# --- then write ----------------------------------------------------------------
 mkdir -p "$NOMAD_CONFIG_DIR" "$CONSUL_CONFIG_DIR" "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR" "$PLUGIN_DIR"
 chmod 0700 "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR"
 
-cat >"$CONSUL_CONFIG_DIR/cohort-client.json" <<JSON
+stage "$CONSUL_CONFIG_DIR/cohort-client.json" <<JSON
 {
   "datacenter": "$DATACENTER",
   "node_name": "$NODE_NAME",
@@ -122,7 +119,7 @@ cat >"$CONSUL_CONFIG_DIR/cohort-client.json" <<JSON
   "bind_addr": "$NODE_IP",
   "advertise_addr": "$NODE_IP",
   "client_addr": "127.0.0.1",
-  "retry_join": [$(list "$CONSUL_RETRY_JOIN")],
+  "retry_join": [$(quoted "$CONSUL_RETRY_JOIN")],
   "log_level": "$LOG_LEVEL",
   "disable_update_check": true,
   "ports": {"grpc": 8502, "grpc_tls": -1}
@@ -141,8 +138,6 @@ if [ "$MICROVM" = 1 ]; then
   fi
   tls=""
   if [ -n "${COHORT_CERT_FILE:-}" ]; then
-    need COHORT_CA_FILE
-    need COHORT_KEY_FILE
     tls="
     tls {
       ca_file   = \"$COHORT_CA_FILE\"
@@ -156,7 +151,7 @@ plugin \"nomad-driver-microvm\" {
     kernel         = \"$COHORT_KERNEL\"
     init           = \"$COHORT_INIT\"
     state_dir      = \"$COHORT_STATE_DIR\"
-    cohort_servers = [$(list "$COHORT_SERVERS")]$network$tls
+    cohort_servers = [$(quoted "$COHORT_SERVERS")]$network$tls
   }
 }"
 fi
@@ -171,9 +166,7 @@ plugin "raw_exec" {
 }'
 fi
 
-nomadtls=$(nomad_tls)
-
-cat >"$NOMAD_CONFIG_DIR/cohort-client.hcl" <<HCL
+stage "$NOMAD_CONFIG_DIR/cohort-client.hcl" <<HCL
 # Written by cohort's node.sh; run it again rather than editing this file.
 name       = "$NODE_NAME"
 datacenter = "$DATACENTER"
@@ -185,7 +178,7 @@ disable_update_check = true
 
 client {
   enabled           = true
-  servers           = [$(list "$NOMAD_SERVERS")]
+  servers           = [$(quoted "$NOMAD_SERVERS")]
   network_interface = "$NODE_INTERFACE"
   gc_max_allocs     = $NOMAD_GC_MAX_ALLOCS
 }
@@ -201,6 +194,7 @@ plugin "nomad-device-accel" {
     fingerprint_period = "$ACCEL_FINGERPRINT_PERIOD"
   }
 }
-$nomadtls
+$(nomad_tls)
 HCL
+commit
 echo "node.sh: $NODE_NAME configured: $NOMAD_CONFIG_DIR/cohort-client.hcl, $CONSUL_CONFIG_DIR/cohort-client.json"

@@ -8,7 +8,9 @@
 #   $COHORT_CONFIG_DIR/server.env          (default /etc/cohort): the
 #       flags cohort.service passes to `cohort server`
 # It starts nothing. A host may be a server and a node at once: node.sh
-# writes its own files beside these, and the agents merge them.
+# writes its own files beside these, and the agents merge them. It checks
+# everything before it writes anything: a refusal leaves the host as it
+# was.
 #
 # Required:
 #   NODE_NAME          this server's name (Consul, Nomad and cohort)
@@ -25,6 +27,8 @@
 #   NOMAD_CA_FILE, NOMAD_CERT_FILE, NOMAD_KEY_FILE
 #                      Nomad's server certificate: turns on Nomad's mTLS
 #                      and ACLs (then give cohort NOMAD_TOKEN, below)
+#   NOMAD_TLS_SERVER_NAME  the name cohort checks on Nomad's certificate
+#                      (server.global.nomad: every Nomad server's names it)
 #   NOMAD_TOKEN_FILE   file holding the Nomad token cohort's server uses
 #                      (a management token, or one that may read nodes and
 #                      submit jobs in the namespaces cohort serves)
@@ -34,15 +38,13 @@
 #   COHORT_NOMAD_PORT  cohort's Nomad-compatible endpoint, for `nomad job
 #                      run` through cohort (4749; "none" for none)
 #   LOG_LEVEL          (INFO)
+#   FOREIGN_CONFIG     "keep" to allow configuration files cohort did not
+#                      write in the agents' directories (refused otherwise)
 set -euo pipefail
-
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
-plain() {
-  local name=$1 v=${!1:-}
-  case $v in *[\"\\$'\n'\'\ ]*) die "$name must not hold quotes, backslashes, spaces or newlines: $v" ;; esac
-}
 
+# --- check everything first ---------------------------------------------------
 need NODE_NAME
 need NODE_IP
 need SERVER_IPS
@@ -54,29 +56,48 @@ isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
 : "${NOMAD_DATA_DIR:=/var/lib/nomad}" "${CONSUL_DATA_DIR:=/var/lib/consul}" "${COHORT_DATA_DIR:=/var/lib/cohort/server}"
 : "${NOMAD_HTTP_PORT:=4646}" "${NOMAD_RPC_PORT:=4647}" "${NOMAD_SERF_PORT:=4648}"
 : "${CONSUL_SERF_LAN_PORT:=8301}" "${COHORT_HTTP_PORT:=4747}" "${COHORT_RAFT_PORT:=4748}" "${COHORT_NOMAD_PORT:=4749}"
-for v in NODE_NAME DATACENTER LOG_LEVEL NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR COHORT_CONFIG_DIR \
+: "${NOMAD_TLS_SERVER_NAME:=server.global.nomad}"
+plain NODE_NAME DATACENTER LOG_LEVEL NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR COHORT_CONFIG_DIR \
   NOMAD_DATA_DIR CONSUL_DATA_DIR COHORT_DATA_DIR COHORT_CA_FILE COHORT_CERT_FILE COHORT_KEY_FILE \
-  NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NOMAD_TOKEN_FILE SERVER_IPS; do
-  plain "$v"
-done
+  NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NOMAD_TOKEN_FILE NOMAD_TLS_SERVER_NAME SERVER_IPS
 for v in NOMAD_HTTP_PORT NOMAD_RPC_PORT NOMAD_SERF_PORT CONSUL_SERF_LAN_PORT COHORT_HTTP_PORT COHORT_RAFT_PORT; do
-  [[ ${!v} =~ ^[0-9]{1,5}$ ]] || die "$v must be a port number"
+  isport "${!v}" || die "$v must be a port number: ${!v}"
 done
+[ "$COHORT_NOMAD_PORT" = none ] || isport "$COHORT_NOMAD_PORT" || die "COHORT_NOMAD_PORT must be a port number or none: $COHORT_NOMAD_PORT"
 
-IFS=, read -r -a servers <<<"${SERVER_IPS// /}"
-for ip in "${servers[@]}"; do isip "$ip" || die "SERVER_IPS: $ip is not an IPv4 address"; done
+servers=()
+split "$SERVER_IPS" servers
+declare -A seen=()
+for ip in "${servers[@]}"; do
+  isip "$ip" || die "SERVER_IPS: $ip is not an IPv4 address"
+  [ -z "${seen[$ip]:-}" ] || die "SERVER_IPS names $ip twice"
+  seen[$ip]=1
+done
 expect=${#servers[@]}
-case " ${servers[*]} " in *" $NODE_IP "*) ;; *) die "SERVER_IPS must include this server's NODE_IP $NODE_IP" ;; esac
+[ -n "${seen[$NODE_IP]:-}" ] || die "SERVER_IPS must include this server's NODE_IP $NODE_IP"
 if [ "$expect" -gt 1 ] && [ -z "${COHORT_CERT_FILE:-}" ]; then
   die "$expect servers need COHORT_CA_FILE, COHORT_CERT_FILE and COHORT_KEY_FILE: cohort's servers replicate over mTLS only"
 fi
+if [ -n "${COHORT_CERT_FILE:-}" ]; then
+  need COHORT_CA_FILE
+  need COHORT_KEY_FILE
+fi
+nomad_tls_check
+token=""
+if [ -n "${NOMAD_TOKEN_FILE:-}" ]; then
+  [ -r "$NOMAD_TOKEN_FILE" ] || die "NOMAD_TOKEN_FILE $NOMAD_TOKEN_FILE does not read"
+  token=$(tr -d '[:space:]' <"$NOMAD_TOKEN_FILE")
+  [[ $token =~ ^[A-Za-z0-9-]+$ ]] || die "NOMAD_TOKEN_FILE $NOMAD_TOKEN_FILE does not hold a Nomad token (a Secret ID)"
+fi
+foreign_config "$NOMAD_CONFIG_DIR" "$CONSUL_CONFIG_DIR"
 
+# --- then write ----------------------------------------------------------------
 mkdir -p "$NOMAD_CONFIG_DIR" "$CONSUL_CONFIG_DIR" "$COHORT_CONFIG_DIR" "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR" "$COHORT_DATA_DIR"
-chmod 0700 "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR" "$COHORT_DATA_DIR"
+chmod 0700 "$NOMAD_DATA_DIR" "$CONSUL_DATA_DIR" "$COHORT_DATA_DIR" "$COHORT_CONFIG_DIR"
 
 join=""
 for ip in "${servers[@]}"; do join+="${join:+, }\"$ip:$CONSUL_SERF_LAN_PORT\""; done
-cat >"$CONSUL_CONFIG_DIR/cohort-server.json" <<JSON
+stage "$CONSUL_CONFIG_DIR/cohort-server.json" <<JSON
 {
   "datacenter": "$DATACENTER",
   "node_name": "$NODE_NAME",
@@ -85,7 +106,7 @@ cat >"$CONSUL_CONFIG_DIR/cohort-server.json" <<JSON
   "bootstrap_expect": $expect,
   "bind_addr": "$NODE_IP",
   "advertise_addr": "$NODE_IP",
-  "client_addr": "127.0.0.1 $NODE_IP",
+  "client_addr": "127.0.0.1",
   "retry_join": [$join],
   "ports": {"serf_lan": $CONSUL_SERF_LAN_PORT, "grpc": 8502, "grpc_tls": -1},
   "ui_config": {"enabled": true},
@@ -94,10 +115,9 @@ cat >"$CONSUL_CONFIG_DIR/cohort-server.json" <<JSON
 }
 JSON
 
-nomadtls=$(nomad_tls) scheme=http
-[ -z "$nomadtls" ] || scheme=https
-
-cat >"$NOMAD_CONFIG_DIR/cohort-server.hcl" <<HCL
+nomadjoin=""
+for ip in "${servers[@]}"; do nomadjoin+="${nomadjoin:+, }\"$ip:$NOMAD_SERF_PORT\""; done
+stage "$NOMAD_CONFIG_DIR/cohort-server.hcl" <<HCL
 # Written by cohort's server.sh; run it again rather than editing this file.
 name       = "$NODE_NAME"
 datacenter = "$DATACENTER"
@@ -122,10 +142,10 @@ server {
   enabled          = true
   bootstrap_expect = $expect
   server_join {
-    retry_join = [$(for ip in "${servers[@]}"; do printf '"%s:%s", ' "$ip" "$NOMAD_SERF_PORT"; done | sed 's/, $//')]
+    retry_join = [$nomadjoin]
   }
 }
-$nomadtls
+$(nomad_tls)
 HCL
 
 # cohort.service runs `cohort server $COHORT_SERVER_FLAGS`.
@@ -133,26 +153,23 @@ cscheme=http
 flags="-node-id=$NODE_NAME -data-dir=$COHORT_DATA_DIR -http-addr=$NODE_IP:$COHORT_HTTP_PORT"
 flags+=" -raft-addr=$NODE_IP:$COHORT_RAFT_PORT -bootstrap-expect=$expect"
 if [ -n "${COHORT_CERT_FILE:-}" ]; then
-  need COHORT_CA_FILE
-  need COHORT_KEY_FILE
   cscheme=https
   flags+=" -ca-file=$COHORT_CA_FILE -cert-file=$COHORT_CERT_FILE -key-file=$COHORT_KEY_FILE"
 fi
-flags+=" -advertise=$cscheme://$NODE_IP:$COHORT_HTTP_PORT -nomad-addr=$scheme://$NODE_IP:$NOMAD_HTTP_PORT"
-if [ "$COHORT_NOMAD_PORT" != none ]; then
-  flags+=" -nomad-listen=$NODE_IP:$COHORT_NOMAD_PORT"
+nscheme=http
+if [ -n "${NOMAD_CERT_FILE:-}" ]; then
+  nscheme=https
+  flags+=" -nomad-ca-cert=$NOMAD_CA_FILE -nomad-tls-server-name=$NOMAD_TLS_SERVER_NAME"
 fi
+flags+=" -advertise=$cscheme://$NODE_IP:$COHORT_HTTP_PORT -nomad-addr=$nscheme://$NODE_IP:$NOMAD_HTTP_PORT"
+[ "$COHORT_NOMAD_PORT" = none ] || flags+=" -nomad-listen=$NODE_IP:$COHORT_NOMAD_PORT"
 for ip in "${servers[@]}"; do
   [ "$ip" = "$NODE_IP" ] || flags+=" -join=$cscheme://$ip:$COHORT_HTTP_PORT"
 done
-[ -n "${NOMAD_CA_FILE:-}" ] && flags+=" -nomad-ca-cert=$NOMAD_CA_FILE"
-{
+stage "$COHORT_CONFIG_DIR/server.env" 0600 < <(
   echo "# Written by cohort's server.sh; run it again rather than editing this file."
   echo "COHORT_SERVER_FLAGS=\"$flags\""
-  if [ -n "${NOMAD_TOKEN_FILE:-}" ]; then
-    [ -r "$NOMAD_TOKEN_FILE" ] || die "NOMAD_TOKEN_FILE $NOMAD_TOKEN_FILE does not read"
-    echo "NOMAD_TOKEN=$(tr -d '[:space:]' <"$NOMAD_TOKEN_FILE")"
-  fi
-} >"$COHORT_CONFIG_DIR/server.env"
-chmod 0600 "$COHORT_CONFIG_DIR/server.env"
+  [ -z "$token" ] || echo "NOMAD_TOKEN=$token"
+)
+commit
 echo "server.sh: $NODE_NAME configured as one of $expect servers: $CONSUL_CONFIG_DIR/cohort-server.json, $NOMAD_CONFIG_DIR/cohort-server.hcl, $COHORT_CONFIG_DIR/server.env"

@@ -103,6 +103,13 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 		}
 	}
+	if spec.RAMFile != "" {
+		// Templates boot without "quiet", so a template that hangs says
+		// on its console where it stopped; their restored copies must
+		// be started with the same command line. The guest's init turns
+		// the console's level down before the snapshot is taken.
+		cmdline = strings.Replace(cmdline, " quiet", "", 1)
+	}
 	var ram []string
 	if spec.RAMFile != "" {
 		// Guest RAM is a file: the template writes it (share=on), and each
@@ -274,6 +281,10 @@ func (q *QEMU) start(spec *Spec, incoming string) (*Machine, error) {
 		return nil, fmt.Errorf("vmm exited at once: %s", q.vmmLog(spec.RunDir))
 	}
 	m.StartTime = st
+	if err := m.record(); err != nil {
+		m.Kill()
+		return nil, err
+	}
 	return m, nil
 }
 
@@ -285,10 +296,21 @@ func (q *QEMU) vmmLog(runDir string) string {
 // Snapshot boots a template, waits for its init's "ready", pauses it and
 // migrates its state into dst. The template's NIC has no host side and its
 // shares point at an empty directory; restored copies bring their own.
-func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
+func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) (err error) {
 	ram := ramFile(dst)
 	os.Remove(ram)
-	spec.RAMFile, spec.ShareRAM = ram+".tmp", true
+	// Files of this build only: a build elsewhere (another instance of
+	// the plugin, a template VM that outlived its builder) never maps
+	// the same RAM file.
+	suffix := fmt.Sprintf(".%d-%d.tmp", os.Getpid(), time.Now().UnixNano())
+	tmp := dst + suffix
+	spec.RAMFile, spec.ShareRAM = ram+suffix, true
+	defer func() {
+		if err != nil {
+			os.Remove(spec.RAMFile)
+			os.Remove(tmp)
+		}
+	}()
 	m, err := q.Boot(spec)
 	if err != nil {
 		return err
@@ -310,7 +332,6 @@ func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
 	if _, err := qc.do("migrate-set-capabilities", ignoreShared); err != nil {
 		return err
 	}
-	tmp := dst + ".tmp"
 	if _, err := qc.do("migrate", map[string]string{"uri": "exec:cat > " + shellQuote(tmp)}); err != nil {
 		return err
 	}
@@ -333,12 +354,10 @@ func (q *QEMU) Snapshot(ctx context.Context, spec *Spec, dst string) error {
 			}
 			return os.Rename(tmp, dst)
 		case "failed", "cancelled":
-			os.Remove(tmp)
 			return fmt.Errorf("saving template: migration %s: %s", st.Status, st.ErrorDesc)
 		}
 		select {
 		case <-ctx.Done():
-			os.Remove(tmp)
 			return ctx.Err()
 		case <-time.After(5 * time.Millisecond):
 		}

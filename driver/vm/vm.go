@@ -6,6 +6,7 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -49,7 +50,7 @@ type Shape struct {
 
 // layout versions the VMM's device and backend layout (Args): a snapshot
 // made under another layout is never restored.
-const layout = "2" // 2: 9p mapped-xattr, append-only guest files
+const layout = "3" // 2: 9p mapped-xattr, append-only guest files; 3: templates boot verbose
 
 // Key names the shape in file names.
 func (s Shape) Key() string {
@@ -99,6 +100,36 @@ func (m *Machine) QMPSocket() string { return filepath.Join(m.RunDir, "qmp.sock"
 func (m *Machine) EventsLog() string { return filepath.Join(m.RunDir, "events.log") }
 func (m *Machine) ConsoleLog() string {
 	return filepath.Join(m.RunDir, "console.log")
+}
+
+// RecordFile holds a VM's Machine in its run directory from the moment
+// its VMM starts, so that whoever finds the directory later (a plugin
+// started again after one died while a VM started, or a template built by
+// an instance Nomad stopped) can stop the VM.
+const RecordFile = "machine.json"
+
+func (m *Machine) record() error {
+	b, err := json.Marshal(m)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(m.RunDir, RecordFile), b, 0o600)
+	}
+	if err != nil {
+		return fmt.Errorf("recording the vm: %w", err)
+	}
+	return nil
+}
+
+// ReadRecord reads the Machine recorded in a run directory.
+func ReadRecord(runDir string) (*Machine, error) {
+	b, err := os.ReadFile(filepath.Join(runDir, RecordFile))
+	if err != nil {
+		return nil, err
+	}
+	var m Machine
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(runDir, RecordFile), err)
+	}
+	return &m, nil
 }
 
 // ErrGone means the VMM process no longer exists.

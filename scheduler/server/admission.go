@@ -102,6 +102,10 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 		notes = append(notes, fmt.Sprintf("gang %s already has a live run (%s); this submission changes nothing: stop it first to run a changed spec", key, j.Status))
 	}
 	c := &state.Command{Op: state.OpSubmit, At: now, Job: spec, Nomad: raw}
+	// A restore waits until this admission has committed (or failed), and
+	// an admission waits for a restore: none places on the old state and
+	// commits into the restored one.
+	s.restoreMu.RLock()
 	s.schedMu.Lock()
 	if placeNow {
 		if d, ok := s.placeNow(now, spec); ok {
@@ -122,6 +126,7 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 		}
 		s.schedMu.Unlock()
 	}
+	s.restoreMu.RUnlock()
 	if err != nil {
 		// If the command commits after all, the leader loop registers the
 		// reserved gang or places the queued one.

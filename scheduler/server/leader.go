@@ -109,6 +109,11 @@ func (s *Server) Run(ctx context.Context) {
 				s.log.Warn("recording this server's addresses", "error", err)
 			}
 		}
+		// Cheap when nothing changed; puts this leader's addresses back
+		// when a restored state lacks them.
+		if err := s.registerSelf(); err != nil {
+			s.log.Debug("recording this server's addresses", "error", err)
+		}
 		if err := s.Pass(); err != nil {
 			s.log.Warn("scheduling pass", "error", err)
 		}
@@ -119,6 +124,17 @@ func (s *Server) resetLeaderState() {
 	s.schedMu.Lock()
 	s.seen = nil
 	s.schedMu.Unlock()
+	s.loopMu.Lock()
+	s.retry, s.direct = map[string]time.Time{}, map[string]uint64{}
+	s.loopMu.Unlock()
+}
+
+// resetLeaderStateLocked forgets everything the leader cached of the
+// state, admissions in flight included, as a restore must; schedMu is
+// held.
+func (s *Server) resetLeaderStateLocked() {
+	s.seen = nil
+	s.inflight = map[string]inflight{}
 	s.loopMu.Lock()
 	s.retry, s.direct = map[string]time.Time{}, map[string]uint64{}
 	s.loopMu.Unlock()

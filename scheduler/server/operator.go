@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/snapshot"
 	"github.com/cohort-dev/cohort/scheduler/state"
 )
@@ -68,17 +69,31 @@ func (s *Server) handleSnapshotRestore(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
+	// Admissions placed against the old state must not commit into the
+	// restored one: they hold restoreMu from placement to commit. The
+	// leader loop holds schedMu for its passes.
+	s.restoreMu.Lock()
 	s.schedMu.Lock()
 	err = s.r.Restore(b, 30*time.Second)
+	s.resetLeaderStateLocked()
 	s.schedMu.Unlock()
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, fmt.Errorf("restoring the snapshot: %w", err))
-		return
-	}
-	s.resetLeaderState()
+	s.restoreMu.Unlock()
 	s.waitMu.Lock()
 	s.waitCache = waitCache{}
 	s.waitMu.Unlock()
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, replica.ErrNotLeader) {
+			code = http.StatusServiceUnavailable
+		}
+		writeErr(w, code, fmt.Errorf("restoring the snapshot (if this server lost its leadership meanwhile, the restore may still have applied: check with cohort status): %w", err))
+		return
+	}
+	// The snapshot's record of the servers' addresses may predate this
+	// leader: record it again, or followers cannot forward to it.
+	if err := s.registerSelf(); err != nil {
+		s.log.Warn("recording this server's addresses after a restore", "error", err)
+	}
 	s.log.Warn("state restored from a snapshot", "saved_by", h.Server, "saved_at", h.SavedAt, "index", h.Index, "jobs", h.Jobs)
 	s.wake()
 	writeJSON(w, http.StatusOK, h)
@@ -86,7 +101,8 @@ func (s *Server) handleSnapshotRestore(w http.ResponseWriter, r *http.Request) {
 
 // handleRemoveMember takes a server out of the Raft group. It is for a
 // server that will not come back: one that is only down still counts
-// toward the quorum and will rejoin by itself.
+// toward the quorum and will rejoin by itself. The leader is not removed:
+// it is stopped first, and removed once another leads.
 func (s *Server) handleRemoveMember(w http.ResponseWriter, r *http.Request) {
 	if !allowed(w, s.mayOperate(s.callerOf(r))) {
 		return
@@ -107,6 +123,11 @@ func (s *Server) handleRemoveMember(w http.ResponseWriter, r *http.Request) {
 		return
 	case len(ms) == 1:
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("%q is the group's only server", id))
+		return
+	case id == s.r.LocalID():
+		// Raft shuts a removed server's replica down: a leader removing
+		// itself would leave a process that answers only errors.
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("%q leads the group: stop it first (it is being retired), and remove it once another server leads", id))
 		return
 	}
 	// Forget its addresses first: once the leader has removed itself it

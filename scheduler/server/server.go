@@ -138,6 +138,9 @@ type Server struct {
 	// admissions placed whose commit has not returned yet.
 	schedMu  sync.Mutex
 	inflight map[string]inflight
+	// restoreMu keeps a restore of the state apart from admissions: they
+	// hold it shared from placement to commit, a restore exclusively.
+	restoreMu sync.RWMutex
 	// jobLocks holds a mutex per job key. Whatever registers a job with
 	// Nomad, stops it, or deals with a job registered behind cohort's
 	// back holds it, so a stop can never be overtaken by a registration

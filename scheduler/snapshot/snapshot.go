@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"time"
 )
 
@@ -57,22 +56,22 @@ func Write(w io.Writer, h Header, state []byte) error {
 	return err
 }
 
+// maxHeader bounds the header line.
+const maxHeader = 4096
+
 // ReadHeader reads only the header, leaving r at the state.
 func ReadHeader(r *bufio.Reader) (Header, error) {
 	var h Header
-	line, err := r.ReadString('\n')
-	if strings.TrimSuffix(line, "\n") != magic {
-		if err != nil && !errors.Is(err, io.EOF) {
+	line, err := readLine(r, len(magic)+1)
+	if err != nil || line != magic {
+		if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errLong) {
 			return h, err
 		}
 		return h, errors.New("not a cohort snapshot (no \"" + magic + "\" line)")
 	}
-	line, err = r.ReadString('\n')
+	line, err = readLine(r, maxHeader)
 	if err != nil {
 		return h, fmt.Errorf("snapshot header: %w", err)
-	}
-	if len(line) > 4096 {
-		return h, errors.New("snapshot header: too long")
 	}
 	if err := json.Unmarshal([]byte(line), &h); err != nil {
 		return h, fmt.Errorf("snapshot header: %w", err)
@@ -83,6 +82,25 @@ func ReadHeader(r *bufio.Reader) (Header, error) {
 	return h, nil
 }
 
+var errLong = errors.New("line too long")
+
+// readLine reads up to a newline, refusing lines over max bytes without
+// reading further.
+func readLine(r *bufio.Reader, max int) (string, error) {
+	var b []byte
+	for len(b) <= max {
+		c, err := r.ReadByte()
+		if err != nil {
+			return string(b), err
+		}
+		if c == '\n' {
+			return string(b), nil
+		}
+		b = append(b, c)
+	}
+	return "", errLong
+}
+
 // Read reads a whole snapshot and checks it: the state must be exactly
 // Size bytes with the SHA-256 the header gives.
 func Read(r io.Reader) (Header, []byte, error) {
@@ -91,11 +109,14 @@ func Read(r io.Reader) (Header, []byte, error) {
 	if err != nil {
 		return h, nil, err
 	}
-	state := make([]byte, h.Size)
-	if _, err := io.ReadFull(br, state); err != nil {
-		return h, nil, fmt.Errorf("snapshot state: %d bytes expected: %w", h.Size, err)
-	}
-	if n, _ := br.Read(make([]byte, 1)); n != 0 {
+	// Read as it arrives rather than allocated from the header's word.
+	state, err := io.ReadAll(io.LimitReader(br, h.Size+1))
+	switch {
+	case err != nil:
+		return h, nil, fmt.Errorf("snapshot state: %w", err)
+	case int64(len(state)) < h.Size:
+		return h, nil, fmt.Errorf("snapshot state: %d bytes expected, %d there: the file is truncated", h.Size, len(state))
+	case int64(len(state)) > h.Size:
 		return h, nil, errors.New("snapshot state: data after its end")
 	}
 	sum := sha256.Sum256(state)

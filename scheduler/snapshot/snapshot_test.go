@@ -32,7 +32,8 @@ func TestDamagedRefused(t *testing.T) {
 	for name, c := range map[string]struct{ file, want string }{
 		"empty":     {"", "not a cohort snapshot"},
 		"other":     {"{\"Jobs\":{}}\n", "not a cohort snapshot"},
-		"truncated": {good[:len(good)-3], "bytes expected"},
+		"truncated": {good[:len(good)-3], "truncated"},
+		"long line": {"cohort-snapshot 1\n" + strings.Repeat("x", 10000) + "\n", "line too long"},
 		"trailing":  {good + "x", "after its end"},
 		"edited":    {strings.Replace(good, `"a":1`, `"a":2`, 1), "damaged"},
 		"no header": {"cohort-snapshot 1\n", "snapshot header"},

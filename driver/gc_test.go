@@ -1,0 +1,98 @@
+package driver
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cohort-dev/cohort/driver/vm"
+	"github.com/hashicorp/go-hclog"
+)
+
+// fakeVM runs a process standing in for a VMM and records it in dir as
+// the backend records a VM.
+func fakeVM(t *testing.T, dir string) (*vm.Machine, <-chan struct{}) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+1:])
+	start, _ := strconv.ParseUint(f[19], 10, 64)
+	m := &vm.Machine{Backend: "qemu", PID: cmd.Process.Pid, StartTime: start, RunDir: dir}
+	js, _ := json.Marshal(m)
+	if err := os.WriteFile(filepath.Join(dir, vm.RecordFile), js, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if !m.Alive() {
+		t.Fatal("the stand-in vm is not alive")
+	}
+	return m, done
+}
+
+// The collector takes only what nobody owns: a VM still starting (its
+// task not stored yet, as during a slow boot or a long assignment) and a
+// template being built are left running; a VM a dead instance of the
+// plugin recorded, its template included, is stopped and its directory
+// removed.
+func TestCollectSparesStartsInFlight(t *testing.T) {
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	root := t.TempDir()
+	starting, _ := fakeVM(t, filepath.Join(root, "a1b2c3d4-worker"))
+	building, _ := fakeVM(t, filepath.Join(root, "tmpl-111"))
+	d.live.Store(starting.RunDir, struct{}{})
+	d.live.Store(building.RunDir, struct{}{})
+	// Another instance of the plugin starting a VM holds its owner lock.
+	elsewhere, _ := fakeVM(t, filepath.Join(root, "c0ffee00-worker"))
+	unlock, err := lockOwner(elsewhere.RunDir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	orphan, orphanGone := fakeVM(t, filepath.Join(root, "e5f6a7b8-worker"))
+	deadTemplate, templateGone := fakeVM(t, filepath.Join(root, "tmpl-222"))
+	os.MkdirAll(filepath.Join(root, "no-record"), 0o700)
+
+	d.collect(root)
+
+	for _, m := range []*vm.Machine{starting, building, elsewhere} {
+		if !m.Alive() {
+			t.Errorf("%s was stopped while in flight", filepath.Base(m.RunDir))
+		}
+		if _, err := os.Stat(m.RunDir); err != nil {
+			t.Errorf("%s was removed while in flight", filepath.Base(m.RunDir))
+		}
+	}
+	for _, c := range []struct {
+		m    *vm.Machine
+		gone <-chan struct{}
+	}{{orphan, orphanGone}, {deadTemplate, templateGone}} {
+		select {
+		case <-c.gone:
+		case <-time.After(5 * time.Second):
+			t.Errorf("%s still runs", filepath.Base(c.m.RunDir))
+		}
+		if _, err := os.Stat(c.m.RunDir); err == nil {
+			t.Errorf("%s left behind", filepath.Base(c.m.RunDir))
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "no-record")); err == nil {
+		t.Error("a run directory without a record left behind")
+	}
+}
