@@ -351,78 +351,129 @@ type taskState struct {
 
 var runDirName = regexp.MustCompile(`[^a-zA-Z0-9]+`)
 
+// startPlan is a start decided and checked: what prepare hands launch.
+type startPlan struct {
+	cfg         *drivers.TaskConfig
+	conf        *Config
+	tc          TaskConfig
+	accel       string
+	gang        bool
+	gangTimeout time.Duration
+	devices     []string // PCI devices passed through, checked and bound
+	program     string   // the program's path in the guest
+	spec        *vm.Spec
+	useSnap     bool
+}
+
+// StartTask prepares the start, then launches it.
 func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	p, err := d.prepare(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return d.launch(p)
+}
+
+// prepare decodes and checks a task, checks its devices, and stages its
+// program in the task's own directory; it makes nothing of its own on the
+// host (no run directory, tap or VM), so a refusal leaves nothing behind.
+func (d *Driver) prepare(cfg *drivers.TaskConfig) (*startPlan, error) {
 	if _, ok := d.tasks.Load(cfg.ID); ok {
-		return nil, nil, fmt.Errorf("task %s is already started", cfg.ID)
+		return nil, fmt.Errorf("task %s is already started", cfg.ID)
 	}
 	d.mu.RLock()
 	conf, setupErr := d.config, d.setupErr
 	d.mu.RUnlock()
 	if conf == nil {
-		return nil, nil, errors.New("microvm driver is not configured")
+		return nil, errors.New("microvm driver is not configured")
 	}
 	if setupErr != nil {
-		return nil, nil, fmt.Errorf("microvm driver is unhealthy: %w", setupErr)
+		return nil, fmt.Errorf("microvm driver is unhealthy: %w", setupErr)
 	}
-	var tc TaskConfig
-	if err := cfg.DecodeDriverConfig(&tc); err != nil {
-		return nil, nil, fmt.Errorf("decoding task config: %w", err)
+	p := &startPlan{cfg: cfg, conf: conf}
+	if err := cfg.DecodeDriverConfig(&p.tc); err != nil {
+		return nil, fmt.Errorf("decoding task config: %w", err)
 	}
-	accel, err := d.taskAccel(tc.Accelerator)
-	if err != nil {
-		return nil, nil, err
+	var err error
+	if p.accel, err = d.taskAccel(p.tc.Accelerator); err != nil {
+		return nil, err
 	}
 	mem := int(cfg.Resources.NomadResources.Memory.MemoryMB)
 	if mem < MinMemoryMB {
-		return nil, nil, fmt.Errorf("memory = %d MiB is too small for a worker VM; it needs at least %d MiB", mem, MinMemoryMB)
+		return nil, fmt.Errorf("memory = %d MiB is too small for a worker VM; it needs at least %d MiB", mem, MinMemoryMB)
 	}
-	if tc.VCPUs == 0 {
+	if p.tc.VCPUs == 0 {
 		// A config that did not pass through the HCL spec's default
 		// (the spec's own default is 1).
-		tc.VCPUs = 1
+		p.tc.VCPUs = 1
 	}
-	if tc.VCPUs < 1 || tc.VCPUs > 64 {
-		return nil, nil, fmt.Errorf("vcpus = %d: want 1 to 64", tc.VCPUs)
+	if p.tc.VCPUs < 1 || p.tc.VCPUs > 64 {
+		return nil, fmt.Errorf("vcpus = %d: want 1 to 64", p.tc.VCPUs)
 	}
-	gang, gangTimeout := gangTask(cfg.Env)
-	if gang && len(conf.CohortServers) == 0 {
-		return nil, nil, fmt.Errorf("job %s is a cohort gang, but this node's microvm driver has no cohort_servers configured to hold its workers at the start barrier; refusing to run one worker of it alone", cfg.JobID)
+	p.gang, p.gangTimeout = gangTask(cfg.Env)
+	if p.gang && len(conf.CohortServers) == 0 {
+		return nil, fmt.Errorf("job %s is a cohort gang, but this node's microvm driver has no cohort_servers configured to hold its workers at the start barrier; refusing to run one worker of it alone", cfg.JobID)
 	}
 	// Devices come only from the device plugin's part of the
-	// environment: a job's own env cannot name host devices.
-	var pci []string
+	// environment: a job's own env cannot name host devices. Their
+	// IOMMU groups are checked (and bound to vfio-pci where allowed,
+	// rolled back on failure) here: the devices are this task's by
+	// reservation, and a host that cannot pass them through refuses
+	// before anything else is made.
 	if v := cfg.DeviceEnv[vfio.DevicesEnv]; v != "" {
 		addrs, err := vfio.ParseDevices(v)
 		if err != nil {
-			return nil, nil, fmt.Errorf("reserved devices: %w", err)
+			return nil, fmt.Errorf("reserved devices: %w", err)
 		}
 		plan, err := vfio.Prepare(vfio.Default, addrs, conf.VFIOBind)
 		if err != nil {
-			return nil, nil, fmt.Errorf("passing %s through to the worker VM: %w", strings.Join(addrs, ", "), err)
+			return nil, fmt.Errorf("passing %s through to the worker VM: %w", strings.Join(addrs, ", "), err)
 		}
-		pci = plan.Devices
+		p.devices = plan.Devices
 	}
 	td := cfg.TaskDir()
-	program, err := stageProgram(tc.Program, td.Dir, td.LocalDir)
-	if err != nil {
-		return nil, nil, err
+	if p.program, err = stageProgram(p.tc.Program, td.Dir, td.LocalDir); err != nil {
+		return nil, err
 	}
-
 	name := runDirName.ReplaceAllString(cfg.Name, "")
 	if len(name) > 12 {
 		name = name[:12]
 	}
-	spec := &vm.Spec{
-		Shape:  d.shape(mem, tc.VCPUs, accel),
+	p.spec = &vm.Spec{
+		Shape:  d.shape(mem, p.tc.VCPUs, p.accel),
 		RunDir: filepath.Join(conf.StateDir, "run", cfg.AllocID[:8]+"-"+name),
 		Stdout: cfg.StdoutPath,
 		Stderr: cfg.StderrPath,
 		Shares: map[string]string{"alloc": td.SharedAllocDir, "local": td.LocalDir, "secrets": td.SecretsDir},
-		PCI:    pci,
 	}
-	if len(pci) > 0 {
-		spec.Shape.Kernel, spec.Shape.Initrd = d.ptKernel, d.ptInitrd
+	p.useSnap = conf.Snapshot
+	if p.tc.Snapshot != nil {
+		p.useSnap = *p.tc.Snapshot
 	}
+	if len(p.devices) > 0 {
+		p.useSnap = false // a device's state is not in any template
+		p.spec.PCI = p.devices
+		p.spec.Shape.Kernel, p.spec.Shape.Initrd = d.ptKernel, d.ptInitrd
+	}
+	return p, nil
+}
+
+// undo is a cleanup stack: what a launch made, undone in reverse order
+// when a later step fails.
+type undo []func()
+
+func (u *undo) push(f func()) { *u = append(*u, f) }
+func (u *undo) run() {
+	for i := len(*u) - 1; i >= 0; i-- {
+		(*u)[i]()
+	}
+}
+
+// launch makes what a prepared start needs on the host, boots or restores
+// the VM and hands it its assignment; a failure at any step undoes every
+// step before it.
+func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverNetwork, err error) {
+	cfg, spec := p.cfg, p.spec
 	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
 	// From here the run directory is this start's, until the task is
 	// stored or the start fails: the orphan collector must not take a VM
@@ -432,32 +483,26 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		return nil, nil, err
 	}
 	defer releaseDir()
+	var u undo
+	defer func() {
+		if err != nil {
+			u.run()
+		}
+	}()
+	u.push(func() { os.RemoveAll(spec.RunDir) })
 	var ls *lease
 	if d.net != nil {
 		if ls, err = d.net.allocate(d.ctx); err != nil {
 			return nil, nil, err
 		}
+		u.push(func() { d.net.release(ls) })
 		spec.Tap, spec.MAC = ls.Tap, ls.MAC
 	}
-	fail := func(err error) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
-		if ls != nil {
-			d.net.release(ls)
-		}
-		os.RemoveAll(spec.RunDir)
-		return nil, nil, err
-	}
 
-	useSnap := conf.Snapshot
-	if tc.Snapshot != nil {
-		useSnap = *tc.Snapshot
-	}
-	if len(pci) > 0 {
-		useSnap = false // a device's state is not in any template
-	}
 	start := time.Now()
 	var m *vm.Machine
 	snapPath := ""
-	if useSnap {
+	if p.useSnap {
 		snapPath = d.templates.get(spec.Shape)
 	}
 	if snapPath != "" {
@@ -466,25 +511,26 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		m, err = d.backend.Boot(spec)
 	}
 	if err != nil {
-		return fail(err)
+		return nil, nil, err
 	}
 	h := newTaskHandle(d, cfg, m, ls)
 	h.snapshot = snapPath != ""
 	h.startedAt = start
 	go h.run()
-	a := d.assignment(cfg, program, tc.Args, ls)
-	a.Barrier = gang
-	if err := h.assign(a, assignTimeout); err != nil {
+	u.push(func() {
 		h.kill()
 		<-h.done
-		return fail(err)
+	})
+	a := d.assignment(cfg, p.program, p.tc.Args, ls)
+	a.Barrier = p.gang
+	if err = h.assign(a, assignTimeout); err != nil {
+		return nil, nil, err
 	}
 
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
-	if err := handle.SetDriverState(&taskState{Machine: *m, Lease: ls, StartedAt: start, Snapshot: h.snapshot}); err != nil {
-		m.Kill()
-		return fail(fmt.Errorf("saving task state: %w", err))
+	if err = handle.SetDriverState(&taskState{Machine: *m, Lease: ls, StartedAt: start, Snapshot: h.snapshot}); err != nil {
+		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
 	d.tasks.Store(cfg.ID, h)
 
@@ -496,8 +542,8 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 	if h.snapshot {
 		how = "restored from snapshot"
 	}
-	if len(pci) > 0 {
-		how += " with " + strings.Join(pci, ", ") + " passed through"
+	if len(spec.PCI) > 0 {
+		how += " with " + strings.Join(spec.PCI, ", ") + " passed through"
 	}
 	took := time.Since(start)
 	h.startTook = took
@@ -506,10 +552,10 @@ func (d *Driver) StartTask(cfg *drivers.TaskConfig) (*drivers.TaskHandle, *drive
 		AllocID:   cfg.AllocID,
 		TaskName:  cfg.Name,
 		Timestamp: time.Now(),
-		Message:   fmt.Sprintf("Worker VM %s in %d ms (%s)", how, took.Milliseconds(), accel),
+		Message:   fmt.Sprintf("Worker VM %s in %d ms (%s)", how, took.Milliseconds(), p.accel),
 	})
-	if gang {
-		go h.barrier(conf.CohortServers, gangTimeout)
+	if p.gang {
+		go h.barrier(p.conf.CohortServers, p.gangTimeout)
 	}
 	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", took)
 	return handle, dnet, nil

@@ -129,10 +129,12 @@ func (h *taskHandle) run() {
 		}
 	}
 	if h.d.ctx.Err() != nil {
-		return // the plugin is shutting down; the VM stays for recovery
+		h.detach() // the plugin is shutting down; the VM stays for recovery
+		return
 	}
 	h.m.Wait(h.d.ctx)
 	if h.d.ctx.Err() != nil {
+		h.detach()
 		return
 	}
 	res := &drivers.ExitResult{}
@@ -163,6 +165,18 @@ func (h *taskHandle) run() {
 	}
 	h.mu.Unlock()
 	close(h.done)
+}
+
+// detach lets go of the VM's control connection, which takes one client
+// at a time: the next instance of the plugin recovers the task and dials
+// it.
+func (h *taskHandle) detach() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.ctl != nil {
+		h.ctl.Close()
+		h.ctl = nil
+	}
 }
 
 func (h *taskHandle) running() bool {

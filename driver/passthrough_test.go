@@ -76,3 +76,39 @@ func TestZeroVCPUsDefaulted(t *testing.T) {
 		t.Fatalf("StartTask with vcpus 0 = %v, want it past the vcpus check", err)
 	}
 }
+
+// prepare refuses a bad task with a sentence saying why, before anything
+// of the host is touched: the state directory stays empty.
+func TestPrepareRefusals(t *testing.T) {
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	state := t.TempDir()
+	d.config = &Config{Kernel: "/nonexistent/vmlinux", Init: "/nonexistent/init", StateDir: state}
+	d.accel = "tcg"
+	for want, mutate := range map[string]func(*drivers.TaskConfig, *TaskConfig){
+		"too small for a worker VM": func(c *drivers.TaskConfig, _ *TaskConfig) {
+			c.Resources.NomadResources.Memory.MemoryMB = 16
+		},
+		"vcpus = 65": func(_ *drivers.TaskConfig, tc *TaskConfig) { tc.VCPUs = 65 },
+		"no cohort_servers configured": func(c *drivers.TaskConfig, _ *TaskConfig) {
+			c.Env = map[string]string{"NOMAD_META_cohort_gang": "1"}
+		},
+		"not a PCI address": func(c *drivers.TaskConfig, _ *TaskConfig) {
+			c.DeviceEnv = map[string]string{vfio.DevicesEnv: "../../etc"}
+		},
+		"does not exist on this node": func(_ *drivers.TaskConfig, tc *TaskConfig) { tc.Program = "/nonexistent/prog" },
+	} {
+		cfg := passthroughTask(t, nil, nil)
+		tc := TaskConfig{Program: "/bin/true", VCPUs: 1}
+		mutate(cfg, &tc)
+		if err := cfg.EncodeConcreteDriverConfig(&tc); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.prepare(cfg); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("prepare = %v, want %q", err, want)
+		}
+		if ents, _ := os.ReadDir(state); len(ents) != 0 {
+			t.Errorf("refusing %q left %d entries in the state dir", want, len(ents))
+		}
+	}
+}
