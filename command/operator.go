@@ -2,6 +2,7 @@ package command
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -140,20 +141,19 @@ func readSnapshot(path string) (snapshot.Header, error) {
 }
 
 func (c *OperatorCommand) restore(path string) int {
-	// Checked here first, so a damaged file is refused without a call.
-	if _, err := readSnapshot(path); err != nil {
-		c.UI.Error(fmt.Sprintf("Error reading %s: %v", path, err))
-		return ExitError
+	// Read once and checked here first, so a damaged file is refused
+	// without a call; the same bytes are sent.
+	b, err := os.ReadFile(path)
+	if err == nil {
+		_, _, err = snapshot.Read(bytes.NewReader(b))
 	}
-	f, err := os.Open(path)
 	if err != nil {
 		c.UI.Error(fmt.Sprintf("Error reading %s: %v", path, err))
 		return ExitError
 	}
-	defer f.Close()
 	ctx, cancel := interruptible()
 	defer cancel()
-	h, err := c.Client().SnapshotRestore(ctx, f)
+	h, err := c.Client().SnapshotRestore(ctx, bytes.NewReader(b))
 	if err != nil {
 		c.UI.Error(fmt.Sprintf("Error restoring %s: %v", path, err))
 		return ExitError

@@ -22,13 +22,7 @@ func scripts(t *testing.T) string {
 
 func runScript(t *testing.T, script string, env map[string]string) (string, error) {
 	t.Helper()
-	cmd := exec.Command("bash", script)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	for k, v := range env {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	out, err := cmd.CombinedOutput()
-	return string(out), err
+	return devcluster.RunHostScript("", script, env)
 }
 
 // validate has the agents themselves check the configuration written, as
@@ -255,10 +249,8 @@ func TestInstallUsesInstalledAgents(t *testing.T) {
 	for _, f := range []string{"nomad", "consul"} {
 		os.WriteFile(filepath.Join(path, f), []byte("#!/bin/sh\n"), 0o755)
 	}
-	cmd := exec.Command("bash", filepath.Join(dir, deploy.Install))
-	cmd.Env = []string{"PATH=" + path + ":" + os.Getenv("PATH"), "BIN_DIR=" + src, "KERNEL=" + src + "/vmlinux",
-		"NOMAD=skip", "CONSUL=skip", "DESTDIR=" + dest}
-	if out, err := cmd.CombinedOutput(); err != nil {
+	if out, err := runScript(t, filepath.Join(dir, deploy.Install), map[string]string{"PATH": path + ":" + os.Getenv("PATH"),
+		"BIN_DIR": src, "KERNEL": src + "/vmlinux", "NOMAD": "skip", "CONSUL": "skip", "DESTDIR": dest}); err != nil {
 		t.Fatalf("install.sh: %v\n%s", err, out)
 	}
 	if unit := read(t, dest+"/etc/systemd/system/nomad.service"); !strings.Contains(unit, "ExecStart="+path+"/nomad agent") {

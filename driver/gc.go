@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -52,19 +54,39 @@ func lockOwner(dir string, wait bool) (unlock func(), err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(dir, ownerFile), os.O_CREATE|os.O_RDWR, 0o600)
+	return lockFile(context.Background(), filepath.Join(dir, ownerFile), wait)
+}
+
+// lockFile takes an exclusive lock on path, created if need be. Without
+// wait it fails at once when another holds the lock; with wait it waits
+// until ctx ends (in the kernel when ctx never ends). The lock goes with
+// the process (Go opens files close-on-exec, so no VMM inherits it): a
+// holder that dies frees it.
+func lockFile(ctx context.Context, path string, wait bool) (unlock func(), err error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	how := unix.LOCK_EX
-	if !wait {
-		how |= unix.LOCK_NB
+	how := unix.LOCK_EX | unix.LOCK_NB
+	if wait && ctx.Done() == nil {
+		how = unix.LOCK_EX
 	}
-	if err := unix.Flock(int(f.Fd()), how); err != nil {
-		f.Close()
-		return nil, err
+	for {
+		err := unix.Flock(int(f.Fd()), how)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !wait || !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	return func() { f.Close() }, nil
 }
 
 // collect stops every VM and removes every run directory that no task,

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,7 +11,6 @@ import (
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"github.com/cohort-dev/cohort/driver/vm"
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sys/unix"
 )
 
 // templates keeps one saved template VM per shape. A task of a shape with
@@ -157,7 +155,7 @@ func (t *templates) snapshot(s vm.Shape, dst string) error {
 		return err
 	}
 	// The wait for another builder does not eat into this build's time.
-	unlock, err := lockFile(t.ctx, dst+".lock")
+	unlock, err := lockFile(t.ctx, dst+".lock", true)
 	if err != nil {
 		return fmt.Errorf("waiting for another build of this template: %w", err)
 	}
@@ -206,29 +204,4 @@ func (t *templates) snapshot(s vm.Shape, dst string) error {
 	}
 	os.Remove(console)
 	return nil
-}
-
-// lockFile takes an exclusive lock on path, waiting for it until ctx
-// ends; the lock goes with the process, so a builder that dies frees it.
-func lockFile(ctx context.Context, path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, err
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }

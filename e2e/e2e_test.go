@@ -215,18 +215,28 @@ func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 			t.Errorf("stopping cluster: %v", err)
 		}
 		if t.Failed() {
-			// Keep the agents' logs of a failed test for the developer.
-			keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
-			os.MkdirAll(keep, 0o755)
+			kept := map[string]string{}
 			for _, f := range logs {
-				if b, err := os.ReadFile(f); err == nil {
-					os.WriteFile(filepath.Join(keep, filepath.Base(f)), b, 0o644)
-				}
+				kept[filepath.Base(f)] = f
 			}
-			t.Logf("agent logs kept in %s", keep)
+			keepLogs(t, kept)
 		}
 	})
 	return c
+}
+
+// keepLogs keeps the agents' logs of a failed test for the developer, in
+// cohort-e2e-logs/<test> under the temporary directory: each file of
+// logs (name there -> path) that reads.
+func keepLogs(t *testing.T, logs map[string]string) {
+	keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
+	os.MkdirAll(keep, 0o755)
+	for name, f := range logs {
+		if b, err := os.ReadFile(f); err == nil {
+			os.WriteFile(filepath.Join(keep, name), b, 0o644)
+		}
+	}
+	t.Logf("agent logs kept in %s", keep)
 }
 
 type testWriter struct{ t *testing.T }

@@ -33,16 +33,11 @@ func (h guideHost) path(p string) string { return filepath.Join(h.root, p) }
 // script runs one of the host scripts on h, as root there would.
 func (h guideHost) script(t *testing.T, script string, env map[string]string) string {
 	t.Helper()
-	cmd := devcluster.InNetNS(h.ns, "bash", script)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	for k, v := range env {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	out, err := cmd.CombinedOutput()
+	out, err := devcluster.RunHostScript(h.ns, script, env)
 	if err != nil {
 		t.Fatalf("%s on %s: %v\n%s", filepath.Base(script), h.name, err, out)
 	}
-	return string(out)
+	return out
 }
 
 // unitCommand is what systemd would run for unit: its ExecStart with the
@@ -164,17 +159,14 @@ func TestInstallGuide(t *testing.T) {
 			os.RemoveAll(stateDir(n))
 		}
 		if t.Failed() {
-			keep := filepath.Join(os.TempDir(), "cohort-e2e-logs", t.Name())
-			os.MkdirAll(keep, 0o755)
+			kept := map[string]string{}
 			for _, h := range hosts {
 				logs, _ := filepath.Glob(h.path("*.log"))
 				for _, l := range logs {
-					if b, err := os.ReadFile(l); err == nil {
-						os.WriteFile(filepath.Join(keep, h.name+"-"+filepath.Base(l)), b, 0o644)
-					}
+					kept[h.name+"-"+filepath.Base(l)] = l
 				}
 			}
-			t.Logf("agent logs kept in %s", keep)
+			keepLogs(t, kept)
 		}
 		if err := network.Down(); err != nil {
 			t.Errorf("removing the network: %v", err)

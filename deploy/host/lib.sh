@@ -13,6 +13,15 @@ isip() {
   for p in $1; do [ "$p" -le 255 ] || return 1; done
 }
 
+# check_node stops the script unless NODE_NAME and NODE_IP name this host
+# as Nomad and Consul need: a DNS label, an IPv4 address.
+check_node() {
+  need NODE_NAME
+  need NODE_IP
+  [[ $NODE_NAME =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,62}$ ]] || die "NODE_NAME $NODE_NAME: letters, digits and dashes, at most 63"
+  isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
+}
+
 isport() { [[ $1 =~ ^[0-9]{1,5}$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]; }
 
 # plain refuses, for each variable named, a value that would need escaping

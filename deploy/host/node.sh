@@ -49,8 +49,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # --- check everything first ---------------------------------------------------
-need NODE_NAME
-need NODE_IP
+check_node
 need NOMAD_SERVERS
 need CONSUL_RETRY_JOIN
 : "${MICROVM:=1}" "${RAW_EXEC:=0}" "${SKIP_HOST_CHECKS:=0}"
@@ -58,8 +57,6 @@ for v in MICROVM RAW_EXEC SKIP_HOST_CHECKS; do
   case ${!v} in 0|1) ;; *) die "$v must be 0 or 1: ${!v}" ;; esac
 done
 [ "$MICROVM" = 0 ] || need COHORT_SERVERS
-[[ $NODE_NAME =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,62}$ ]] || die "NODE_NAME $NODE_NAME: letters, digits and dashes, at most 63"
-isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
 
 : "${DATACENTER:=dc1}"
 : "${NOMAD_CONFIG_DIR:=/etc/nomad.d}" "${CONSUL_CONFIG_DIR:=/etc/consul.d}"

@@ -45,11 +45,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 # --- check everything first ---------------------------------------------------
-need NODE_NAME
-need NODE_IP
+check_node
 need SERVER_IPS
-[[ $NODE_NAME =~ ^[A-Za-z0-9][A-Za-z0-9-]{0,62}$ ]] || die "NODE_NAME $NODE_NAME: letters, digits and dashes, at most 63"
-isip "$NODE_IP" || die "NODE_IP $NODE_IP is not an IPv4 address"
 
 : "${DATACENTER:=dc1}" "${LOG_LEVEL:=INFO}"
 : "${NOMAD_CONFIG_DIR:=/etc/nomad.d}" "${CONSUL_CONFIG_DIR:=/etc/consul.d}" "${COHORT_CONFIG_DIR:=/etc/cohort}"

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -129,17 +130,30 @@ func (c *Cluster) configureNode(n *Node) error {
 		f := c.tlsFor(false)
 		env["NOMAD_CA_FILE"], env["NOMAD_CERT_FILE"], env["NOMAD_KEY_FILE"] = f.CAFile, f.CertFile, f.KeyFile
 	}
-	cmd := InNetNS(n.NetNS, "bash", filepath.Join(c.scripts, deploy.Node))
+	out, err := RunHostScript(n.NetNS, filepath.Join(c.scripts, deploy.Node), env)
+	if err != nil {
+		return fmt.Errorf("setting up host %s with node.sh: %v: %s", n.Name, err, out)
+	}
+	c.log.Debug("host set up", "node", n.Name, "output", out)
+	return nil
+}
+
+// RunHostScript runs one of cohort's host scripts as root on a host
+// would: in the host's network namespace (this one when netns is ""),
+// with only PATH and env (which may override PATH) in its environment.
+// It returns the script's output, trimmed.
+func RunHostScript(netns, script string, env map[string]string) (string, error) {
+	cmd := exec.Command("bash", script)
+	if netns != "" {
+		cmd = InNetNS(netns, "bash", script)
+	}
+	// The last of duplicate keys wins: env's PATH over this one.
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
 	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("setting up host %s with node.sh: %v: %s", n.Name, err, strings.TrimSpace(string(out)))
-	}
-	c.log.Debug("host set up", "node", n.Name, "output", strings.TrimSpace(string(out)))
-	return nil
+	return strings.TrimSpace(string(out)), err
 }
 
 // tlsFor is Nomad's server or client certificate.
