@@ -24,9 +24,12 @@ import (
 )
 
 var (
-	runs   = flag.Int("n", 20, "runs per figure")
-	idleVM = flag.Int("idle", 16, "VMs kept up for the memory figures")
-	tbSize = flag.Int("tb-size", 0, "TCG translation cache in MiB (0: QEMU default)")
+	runs      = flag.Int("n", 20, "runs per figure")
+	idleVM    = flag.Int("idle", 16, "VMs kept up for the memory figures")
+	breakdown = flag.Bool("breakdown", false, "print where one idle VM's resident memory is, by mapping")
+	many      = flag.Int("many", 16, "VMs restored at once for the scale figure")
+	ksmWait   = flag.Duration("ksm", 0, "also measure idle PSS after this long with KSM on (0: skip)")
+	tbSize    = flag.Int("tb-size", 0, "TCG translation cache in MiB (0: QEMU default)")
 )
 
 func main() {
@@ -80,6 +83,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("snapshot start: %w", err)
 	}
+	start16, proc16, err := b.startMany(snap, *many)
+	if err != nil {
+		return fmt.Errorf("%d restores at once: %w", *many, err)
+	}
 	rss, pss, err := b.idleMemory(snap)
 	if err != nil {
 		return fmt.Errorf("idle memory: %w", err)
@@ -93,6 +100,9 @@ func run() error {
 	p("template_build_ms", tmplMs)
 	p("boot_snapshot_p50_ms", pct(warm, 50))
 	p("boot_snapshot_p90_ms", pct(warm, 90))
+	p(fmt.Sprintf("start%d_snapshot_ms", *many), start16)
+	p(fmt.Sprintf("start%d_process_ms", *many), proc16)
+	fmt.Printf("start%d_snapshot_vs_process=%.2fx\n", *many, start16/proc16)
 	p("idle_vm_rss_mib", rss)
 	p("idle_vm_pss_mib", pss)
 	fmt.Printf("boot_snapshot_vs_qemu_empty=%.2fx\n", pct(warm, 50)/pct(floor, 50))
@@ -153,25 +163,15 @@ func (b *bench) qemuEmpty() (time.Duration, error) {
 
 var seq int
 
-// spec is a fresh VM spec with its own run and task directories.
+// spec is a fresh VM spec with its own run and task directories, laid out
+// as the VM tests lay theirs out.
 func (b *bench) spec(name string) *vm.Spec {
 	seq++
-	root := filepath.Join(b.dir, fmt.Sprintf("%s%d", name, seq))
-	s := &vm.Spec{
-		Shape:  vm.Shape{Kernel: b.a.Kernel, Initrd: b.a.Initrd, MemoryMB: 128, VCPUs: 1, Accel: b.accel},
-		RunDir: filepath.Join(root, "r"),
-		Stdout: filepath.Join(root, "stdout"),
-		Stderr: filepath.Join(root, "stderr"),
-		Shares: map[string]string{},
+	s, err := vmtest.NewSpec(filepath.Join(b.dir, fmt.Sprintf("%s%d", name, seq)), b.a, b.accel)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench-driver:", err)
+		os.Exit(1)
 	}
-	for _, tag := range proto.MountTags {
-		d := filepath.Join(root, tag)
-		os.MkdirAll(d, 0o755)
-		s.Shares[tag] = d
-	}
-	os.MkdirAll(s.RunDir, 0o700)
-	worker, _ := os.ReadFile(b.a.Worker)
-	os.WriteFile(filepath.Join(s.Shares["local"], "worker"), worker, 0o755)
 	return s
 }
 
@@ -222,6 +222,60 @@ func (b *bench) assign(m *vm.Machine, args []string) error {
 	return err
 }
 
+// startMany restores n VMs at once, as a gang of n workers lands on one
+// node, and times until every program runs (median of 3 rounds); the
+// baseline is n processes started at once, to their exit.
+func (b *bench) startMany(snap string, n int) (float64, float64, error) {
+	var vms, procs []float64
+	for range 3 {
+		t0 := time.Now()
+		errs := make(chan error, n)
+		for range n {
+			spec := b.spec("many")
+			go func() {
+				m, err := b.q.Restore(spec, snap)
+				if err != nil {
+					errs <- err
+					return
+				}
+				defer func() { m.Kill(); m.Wait(context.Background()); os.RemoveAll(filepath.Dir(spec.RunDir)) }()
+				if err := b.assign(m, []string{"exit", "0"}); err != nil {
+					errs <- fmt.Errorf("%w; console: %s", err, m.ConsoleTail(10))
+					return
+				}
+				errs <- nil
+			}()
+		}
+		var failed []error
+		for range n {
+			if err := <-errs; err != nil {
+				failed = append(failed, err)
+			}
+		}
+		d := time.Since(t0)
+		if len(failed) > 0 {
+			return 0, 0, fmt.Errorf("%d of %d failed; first: %w", len(failed), n, failed[0])
+		}
+		vms = append(vms, ms(d))
+
+		t0 = time.Now()
+		cmds := make([]*exec.Cmd, n)
+		for i := range cmds {
+			cmds[i] = exec.Command(b.a.Worker, "exit", "0")
+			if err := cmds[i].Start(); err != nil {
+				return 0, 0, err
+			}
+		}
+		for _, c := range cmds {
+			if err := c.Wait(); err != nil {
+				return 0, 0, err
+			}
+		}
+		procs = append(procs, ms(time.Since(t0)))
+	}
+	return pct(vms, 50), pct(procs, 50), nil
+}
+
 // idleMemory restores n VMs running an idle program and reports the median
 // RSS and PSS of their VMM processes.
 func (b *bench) idleMemory(snap string) (float64, float64, error) {
@@ -243,6 +297,11 @@ func (b *bench) idleMemory(snap string) (float64, float64, error) {
 		}
 	}
 	time.Sleep(2 * time.Second)
+	if *breakdown {
+		if err := printBreakdown(ms[0].PID); err != nil {
+			return 0, 0, err
+		}
+	}
 	var rss, pss []float64
 	for _, m := range ms {
 		r, p, err := smapsRollup(m.PID)
@@ -251,7 +310,104 @@ func (b *bench) idleMemory(snap string) (float64, float64, error) {
 		}
 		rss, pss = append(rss, r), append(pss, p)
 	}
+	if *ksmWait > 0 {
+		if err := ksmFigures(ms, *ksmWait); err != nil {
+			return 0, 0, fmt.Errorf("ksm: %w", err)
+		}
+	}
 	return pct(rss, 50), pct(pss, 50), nil
+}
+
+// ksmFigures turns on the kernel's same-page merging for wait (QEMU marks
+// guest RAM mergeable), then reports the idle VMs' PSS again and the pages
+// merged; the host's KSM settings are put back afterwards.
+func ksmFigures(ms []*vm.Machine, wait time.Duration) error {
+	const dir = "/sys/kernel/mm/ksm/"
+	knobs := map[string]string{"run": "1", "pages_to_scan": "5000", "sleep_millisecs": "10"}
+	for k, v := range knobs {
+		old, err := os.ReadFile(dir + k)
+		if err != nil {
+			return err
+		}
+		defer os.WriteFile(dir+k, old, 0o644)
+		if err := os.WriteFile(dir+k, []byte(v), 0o644); err != nil {
+			return err
+		}
+	}
+	time.Sleep(wait)
+	var pss []float64
+	for _, m := range ms {
+		_, p, err := smapsRollup(m.PID)
+		if err != nil {
+			return err
+		}
+		pss = append(pss, p)
+	}
+	sharing, _ := os.ReadFile(dir + "pages_sharing")
+	fmt.Printf("idle_vm_pss_ksm_mib=%.1f\nksm_pages_sharing=%s\n", pct(pss, 50), strings.TrimSpace(string(sharing)))
+	return nil
+}
+
+// printBreakdown prints an idle VMM's resident memory by kind of mapping
+// (guest RAM, TCG's translation cache, QEMU's heap, libraries), as
+// breakdown_<kind>_{rss,pss}_mib lines: where the figure above goes.
+func printBreakdown(pid int) error {
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/smaps")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	type use struct{ rss, pss float64 }
+	by := map[string]*use{}
+	kind := "other"
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) == 0 {
+			continue
+		}
+		if strings.Contains(fs[0], "-") && len(fs) >= 5 {
+			// A mapping's header: address perms offset dev inode [path].
+			path := ""
+			if len(fs) >= 6 {
+				path = fs[5]
+			}
+			switch {
+			case strings.HasSuffix(path, ".ram"):
+				kind = "guest_ram"
+			case path == "[heap]":
+				kind = "heap"
+			case strings.Contains(path, ".so"), strings.Contains(path, "qemu-system"):
+				kind = "code"
+			case path == "" && strings.Contains(fs[1], "x"):
+				kind = "tcg_cache" // TCG's code buffer: anonymous, executable
+			case path == "":
+				kind = "anon"
+			default:
+				kind = "other"
+			}
+			if by[kind] == nil {
+				by[kind] = &use{}
+			}
+			continue
+		}
+		kb, _ := strconv.ParseFloat(fs[1], 64)
+		switch fs[0] {
+		case "Rss:":
+			by[kind].rss += kb / 1024
+		case "Pss:":
+			by[kind].pss += kb / 1024
+		}
+	}
+	kinds := make([]string, 0, len(by))
+	for k := range by {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	for _, k := range kinds {
+		fmt.Printf("breakdown_%s_rss_mib=%.1f\nbreakdown_%s_pss_mib=%.1f\n", k, by[k].rss, k, by[k].pss)
+	}
+	return sc.Err()
 }
 
 // smapsRollup returns a process's RSS and PSS in MiB.

@@ -1,4 +1,4 @@
-package vm
+package vm_test
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/driver/vm"
 	"github.com/cohort-dev/cohort/driver/vm/vmtest"
 )
 
@@ -17,14 +18,14 @@ import (
 // of them, only plain files of the VMM's, without a setuid bit.
 func TestGuestCannotPlantFiles(t *testing.T) {
 	a := vmtest.Get(t)
-	accel, _ := DetectAccel()
-	spec := testVM(t, a, accel)
-	m, err := (&QEMU{}).Boot(spec)
+	accel, _ := vm.DetectAccel()
+	spec := vmtest.Spec(t, a, accel)
+	m, err := (&vm.QEMU{}).Boot(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev := run(t, m, assignment("escape", "escape", "/local"))
-	out := readFile(t, spec.Stdout)
+	ev := vmtest.Run(t, m, vmtest.Assignment("escape", "escape", "/local"))
+	out := vmtest.ReadFile(t, spec.Stdout)
 	t.Logf("the guest (exit %d) says:\n%s", ev.ExitCode, out)
 	for _, name := range []string{"blk", "chr", "suid"} {
 		st, err := os.Lstat(filepath.Join(spec.Shares["local"], name))
@@ -47,11 +48,12 @@ func TestGuestCannotPlantFiles(t *testing.T) {
 
 // A guest writing to its console for ever leaves a bounded file.
 func TestConsoleBounded(t *testing.T) {
-	m, ctx, _, ctl := booted(t)
-	if err := ctl.Send(assignment("flood", "flood", "/dev/console")); err != nil {
+	accel, _ := vm.DetectAccel()
+	m, ctx, _, ctl := vmtest.Booted(t, &vm.QEMU{}, vmtest.Spec(t, vmtest.Get(t), accel))
+	if err := ctl.Send(vmtest.Assignment("flood", "flood", "/dev/console")); err != nil {
 		t.Fatal(err)
 	}
-	lim := Limits{ConsoleLimit: 256 << 10, ConsoleKeep: 64 << 10, Every: 50 * time.Millisecond}
+	lim := vm.Limits{ConsoleLimit: 256 << 10, ConsoleKeep: 64 << 10, Every: 50 * time.Millisecond}
 	gctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go m.Guard(gctx, lim, func(string) {})
@@ -82,14 +84,14 @@ func TestConsoleBounded(t *testing.T) {
 // guard reports the flood.
 func TestEventsFloodReported(t *testing.T) {
 	a := vmtest.Get(t)
-	accel, _ := DetectAccel()
-	spec := testVM(t, a, accel)
-	m, err := (&QEMU{}).Boot(spec)
+	accel, _ := vm.DetectAccel()
+	spec := vmtest.Spec(t, a, accel)
+	m, err := (&vm.QEMU{}).Boot(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev := run(t, m, assignment("flood", "flood", "events"))
-	stderr := readFile(t, spec.Stderr)
+	ev := vmtest.Run(t, m, vmtest.Assignment("flood", "flood", "events"))
+	stderr := vmtest.ReadFile(t, spec.Stderr)
 	t.Logf("the guest's attempt (exit %d): %s", ev.ExitCode, strings.TrimSpace(stderr))
 	if ev.ExitCode == 0 || !strings.Contains(stderr, "busy") {
 		t.Errorf("a guest program opened cohort's event port: exit %d, %q", ev.ExitCode, stderr)
@@ -97,13 +99,13 @@ func TestEventsFloodReported(t *testing.T) {
 
 	// The guard, on a file that grows past its bound as a flood would.
 	run := t.TempDir()
-	g := &Machine{RunDir: run, PID: os.Getpid()}
+	g := &vm.Machine{RunDir: run, PID: os.Getpid()}
 	f, _ := os.Create(g.EventsLog())
 	defer f.Close()
 	flooded := make(chan string, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go g.Guard(ctx, Limits{EventsLimit: 64 << 10, Every: 10 * time.Millisecond}, func(why string) { flooded <- why })
+	go g.Guard(ctx, vm.Limits{EventsLimit: 64 << 10, Every: 10 * time.Millisecond}, func(why string) { flooded <- why })
 	f.Write(make([]byte, 65<<10))
 	select {
 	case why := <-flooded:

@@ -20,7 +20,18 @@ import (
 
 // Backend is a VMM that can run worker VMs. Firecracker or Cloud
 // Hypervisor fit behind it as further implementations; only QEMU is
-// packaged on the machines cohort targets today.
+// packaged on the machines cohort targets today. vmtest.Conformance is the
+// suite every backend passes.
+//
+// Concurrency: a Backend is used from many goroutines at once. Boot and
+// Restore may run concurrently with each other and with Snapshot, for
+// specs with distinct RunDirs; any number of Restores may read one
+// snapshot at once, and a snapshot being written is never visible at dst
+// until it is whole. Two Snapshots to the same dst must not overlap: the
+// caller serializes them (the driver holds a per-shape file lock). A
+// Machine's methods (Alive, Kill, Wait, Events, DialCtl, Usage) are safe
+// from any goroutine; a guest's control port serves one connection at a
+// time, so a caller closes its Ctl before another dials.
 type Backend interface {
 	// Name identifies the backend in fingerprints and task state.
 	Name() string
@@ -28,13 +39,17 @@ type Backend interface {
 	Check() error
 	// Version is the VMM's version string.
 	Version() string
-	// Boot cold-boots a VM from its kernel and initramfs.
+	// Boot cold-boots a VM from its kernel and initramfs. The VMM runs
+	// in a session of its own and outlives its caller; its Machine is
+	// recorded in spec.RunDir (RecordFile) before Boot returns.
 	Boot(spec *Spec) (*Machine, error)
 	// Restore starts a VM from a snapshot that Snapshot made for a spec of
-	// the same Shape.
+	// the same Shape, with spec's own run directory, shares, tap and
+	// outputs. The guest resumes waiting for its assignment.
 	Restore(spec *Spec, snapshot string) (*Machine, error)
 	// Snapshot boots a template VM for spec, waits until its init is
-	// ready for an assignment, and saves it to dst.
+	// ready for an assignment, and saves it to dst; on failure it leaves
+	// nothing at dst.
 	Snapshot(ctx context.Context, spec *Spec, dst string) error
 }
 
