@@ -119,8 +119,19 @@ func (j *Job) Size() int {
 // makes its own.
 type Inventory = inventory
 
-// NewInventory copies nodes into an inventory.
-func NewInventory(nodes []Node) *Inventory { return newInventory(nodes) }
+// NewInventory copies nodes into an inventory indexed for best fit (see
+// index.go): building it costs O(n log n), and each worker placed or
+// released then O(log n).
+func NewInventory(nodes []Node) *Inventory {
+	inv := newInventory(nodes)
+	inv.buildIndex()
+	return inv
+}
+
+// Place puts a whole job on nodes or nothing of it, for a single decision:
+// it scans the nodes instead of indexing them first, and decides as an
+// Inventory does.
+func Place(nodes []Node, j *Job) (Decision, bool) { return newInventory(nodes).place(j) }
 
 // Place puts a whole job on the inventory or nothing of it.
 func (inv *inventory) Place(j *Job) (Decision, bool) { return inv.place(j) }
@@ -133,10 +144,13 @@ func (inv *inventory) Nodes() []Node {
 // Release gives a placed job's resources back.
 func (inv *inventory) Release(j *Job, d Decision) { inv.release(&Running{Job: j, Decision: d}) }
 
-// inventory is a mutable copy of the nodes, indexed for placement.
+// inventory is a mutable copy of the nodes, indexed for placement. Without
+// idx, placement scans every node; with it, it descends the index. Both
+// decide the same (the property tests compare them).
 type inventory struct {
 	nodes []Node
 	index map[string]int
+	idx   *treap
 }
 
 func newInventory(nodes []Node) *inventory {
@@ -153,7 +167,13 @@ func newInventory(nodes []Node) *inventory {
 	return inv
 }
 
-func (inv *inventory) clone() *inventory { return newInventory(inv.nodes) }
+func (inv *inventory) clone() *inventory {
+	c := newInventory(inv.nodes)
+	if inv.idx != nil {
+		c.buildIndex()
+	}
+	return c
+}
 
 func eligible(n *Node, j *Job) bool {
 	if j.Pool != "" && n.Pool != j.Pool {
@@ -168,14 +188,6 @@ func eligible(n *Node, j *Job) bool {
 		}
 	}
 	return false
-}
-
-func fits(n *Node, g *Group) bool {
-	if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB {
-		return false
-	}
-	_, ok := pickDevices(n, g)
-	return ok
 }
 
 // deviceMatches says whether a device request names a node's device kind:
@@ -246,26 +258,54 @@ func pickDevices(n *Node, g *Group) (map[string]int, bool) {
 }
 
 // take places one worker of g on node i and returns the device kinds it
-// took; fits must have said yes.
+// took; best must have chosen the node.
 func (inv *inventory) take(i int, g *Group) map[string]int {
 	devs, _ := pickDevices(&inv.nodes[i], g)
 	inv.apply(i, g, devs, 1)
 	return devs
 }
 
-// apply takes (sign 1) or gives back (sign -1) one worker's resources.
+// apply takes (sign 1) or gives back (sign -1) one worker's resources,
+// moving the node in the index.
 func (inv *inventory) apply(i int, g *Group, devs map[string]int, sign int) {
+	var p *part
+	if inv.idx != nil {
+		p = inv.idx.partOf[i]
+		p.root = inv.remove(p.root, int32(i))
+	}
 	n := &inv.nodes[i]
 	n.CPU -= sign * g.CPU
 	n.MemoryMB -= sign * g.MemoryMB
 	for d, c := range devs {
 		n.Devices[d] -= sign * c
 	}
+	if p != nil {
+		p.root = inv.insert(p.root, int32(i))
+	}
 }
 
-// leftover scores a node after a placement: smaller is a tighter fit.
-func leftover(n *Node, g *Group) float64 {
-	return float64(n.CPU-g.CPU)/float64(max(g.CPU, 1)) + float64(n.MemoryMB-g.MemoryMB)/float64(max(g.MemoryMB, 1))
+// best is the tightest node (see tighter) that j may use with room for a
+// worker of g that ok accepts, or -1.
+func (inv *inventory) best(j *Job, g *Group, ok func(int) bool) int {
+	if inv.idx != nil {
+		return inv.bestIndexed(j, g, ok)
+	}
+	return inv.bestLinear(j, g, ok)
+}
+
+// bestLinear scans every node.
+func (inv *inventory) bestLinear(j *Job, g *Group, ok func(int) bool) int {
+	best := -1
+	for i := range inv.nodes {
+		n := &inv.nodes[i]
+		if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB || !eligible(n, j) {
+			continue
+		}
+		if (best < 0 || tighter(n, &inv.nodes[best])) && ok(i) {
+			best = i
+		}
+	}
+	return best
 }
 
 // place puts every worker of j on inv (best fit, biggest groups first) and
@@ -295,30 +335,25 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 		g := &j.Groups[gi]
 		limit := g.perNode()
 		used := map[int]int{} // workers of g on each node
-		for w := 0; w < g.Count; {
-			best, bestScore := -1, 0.0
-			for i := range inv.nodes {
-				n := &inv.nodes[i]
-				if !eligible(n, j) || !fits(n, g) || (limit > 0 && used[i] >= limit) {
-					continue
-				}
-				if s := leftover(n, g); best < 0 || s < bestScore || (s == bestScore && n.ID < inv.nodes[best].ID) {
-					best, bestScore = i, s
-				}
+		ok := func(i int) bool {
+			if limit > 0 && used[i] >= limit {
+				return false
 			}
+			_, ok := pickDevices(&inv.nodes[i], g)
+			return ok
+		}
+		// Each worker goes to the tightest node that fits it then: a
+		// node that just took one may no longer be the tightest.
+		for w := 0; w < g.Count; w++ {
+			best := inv.best(j, g, ok)
 			if best < 0 {
 				rollback()
 				return Decision{}, false
 			}
-			// The tightest node stays the tightest as it fills, so place
-			// as many workers there as fit rather than scanning again.
-			for w < g.Count && fits(&inv.nodes[best], g) && (limit == 0 || used[best] < limit) {
-				devs := inv.take(best, g)
-				taken = append(taken, undo{best, g, devs})
-				d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID, Devices: devs})
-				w++
-				used[best]++
-			}
+			devs := inv.take(best, g)
+			taken = append(taken, undo{best, g, devs})
+			d.Workers = append(d.Workers, Worker{Group: g.Name, Index: w, Node: inv.nodes[best].ID, Devices: devs})
+			used[best]++
 		}
 	}
 	return d, true
@@ -374,9 +409,18 @@ type Plan struct {
 // backfills later jobs only where they cannot delay it: they end before the
 // head's start, or they leave the head's future placement intact.
 func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan {
+	return schedule(now, nodes, running, queue, true)
+}
+
+// schedule is Schedule on an indexed inventory or, for the tests that
+// compare the two, on one that scans.
+func schedule(now time.Time, nodes []Node, running []Running, queue []*Job, indexed bool) Plan {
 	q := append([]*Job(nil), queue...)
 	Order(q)
 	inv := newInventory(nodes)
+	if indexed {
+		inv.buildIndex()
+	}
 	run := append([]Running(nil), running...)
 	var plan Plan
 	i := 0
@@ -398,8 +442,8 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 		plan.HeadStart = shadow
 	}
 	for _, j := range q[i+1:] {
-		trial := inv.clone()
-		d, ok := trial.place(j)
+		// Placed for a trial, given back if it would delay the head.
+		d, ok := inv.place(j)
 		if !ok {
 			continue
 		}
@@ -414,14 +458,13 @@ func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan
 		} else {
 			// Holds resources past the head's start: allowed only if the
 			// head still fits in the future inventory without them.
-			f := future.clone()
-			f.applyDecision(j, d, 1)
-			if _, ok := f.place(head); !ok {
+			future.applyDecision(j, d, 1)
+			if !future.fits(head) {
+				future.applyDecision(j, d, -1)
+				inv.applyDecision(j, d, -1)
 				continue
 			}
-			future.applyDecision(j, d, 1)
 		}
-		inv = trial
 		plan.Decisions = append(plan.Decisions, d)
 	}
 	return plan
@@ -448,13 +491,21 @@ func reserve(inv *inventory, running []Running, head *Job) (time.Time, *inventor
 	sort.SliceStable(rs, func(a, b int) bool { return rs[a].Ends.Before(rs[b].Ends) })
 	f := inv.clone()
 	for _, r := range rs {
-		r := r
 		f.release(&r)
-		if _, ok := f.clone().place(head); ok {
+		if f.fits(head) {
 			return r.Ends, f, true
 		}
 	}
 	return time.Time{}, nil, false
+}
+
+// fits says whether j could be placed now, leaving inv as it was.
+func (inv *inventory) fits(j *Job) bool {
+	d, ok := inv.place(j)
+	if ok {
+		inv.applyDecision(j, d, -1)
+	}
+	return ok
 }
 
 // Feasible says whether a job could ever run on these nodes at full

@@ -3,6 +3,7 @@ package placement
 import (
 	"fmt"
 	"math/rand"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -136,6 +137,17 @@ func TestBackfill(t *testing.T) {
 
 // The properties below run on random inventories and queues.
 
+// sameSchedule schedules on an indexed inventory and on one that scans
+// every node, fails unless both decide the same, and returns the plan.
+func sameSchedule(t *testing.T, iter int, nodes []Node, running []Running, queue []*Job) Plan {
+	t.Helper()
+	p := schedule(t0, nodes, running, queue, true)
+	if q := schedule(t0, nodes, running, queue, false); !reflect.DeepEqual(p, q) {
+		t.Fatalf("iter %d: the index and the scan disagree:\nindexed %+v\nscanned %+v", iter, p, q)
+	}
+	return p
+}
+
 func randomCase(r *rand.Rand) ([]Node, []Running, []*Job) {
 	var nodes []Node
 	for i := 0; i < 1+r.Intn(12); i++ {
@@ -190,7 +202,7 @@ func TestPropertyNoOvercommitWholeGangs(t *testing.T) {
 	r := rand.New(rand.NewSource(1))
 	for iter := 0; iter < 3000; iter++ {
 		nodes, running, queue := randomCase(r)
-		p := Schedule(t0, nodes, running, queue)
+		p := sameSchedule(t, iter, nodes, running, queue)
 		inv := newInventory(nodes)
 		byID := map[string]*Job{}
 		for _, j := range queue {
@@ -252,7 +264,7 @@ func TestPropertyBackfillNeverDelaysHead(t *testing.T) {
 	checked := 0
 	for iter := 0; iter < 3000; iter++ {
 		nodes, running, queue := randomCase(r)
-		p := Schedule(t0, nodes, running, queue)
+		p := sameSchedule(t, iter, nodes, running, queue)
 		if p.Head == "" || p.HeadStart.IsZero() {
 			continue
 		}

@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -18,6 +19,14 @@ type Batcher struct {
 	r    Applier
 	reqs chan *batchReq
 	stop chan struct{}
+	// entries and commands count what was applied, for the mean batch.
+	entries, commands atomic.Uint64
+}
+
+// Stats is how many log entries the batcher applied and how many commands
+// they carried.
+func (b *Batcher) Stats() (entries, commands uint64) {
+	return b.entries.Load(), b.commands.Load()
 }
 
 type batchReq struct {
@@ -92,6 +101,8 @@ func (b *Batcher) work() {
 }
 
 func (b *Batcher) commit(batch []*batchReq) {
+	b.entries.Add(1)
+	b.commands.Add(uint64(len(batch)))
 	if len(batch) == 1 {
 		res, err := b.r.Apply(batch[0].c, batchTimeout)
 		batch[0].done <- batchRes{res, err}

@@ -173,7 +173,7 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decisio
 	if err != nil {
 		return placement.Decision{}, false
 	}
-	return placement.NewInventory(free).Place(spec)
+	return placement.Place(free, spec)
 }
 
 // inflight is an admission placed whose commit has not returned, or

@@ -1,0 +1,144 @@
+package placement
+
+import (
+	"fmt"
+	"math/rand"
+	"reflect"
+	"testing"
+)
+
+// TestIndexDecidesAsScan places and releases random gangs, one after
+// another, on an indexed inventory and on one that scans every node: every
+// decision and every node's free capacity must be the same, and the index
+// must stay ordered with its subtree maxima right. Capacities come from a
+// few values, so ties (broken by ID) are common.
+func TestIndexDecidesAsScan(t *testing.T) {
+	r := rand.New(rand.NewSource(3))
+	for iter := 0; iter < 200; iter++ {
+		var nodes []Node
+		for i := 0; i < 1+r.Intn(300); i++ {
+			n := node(fmt.Sprintf("n%03d", i), 1000*(1+r.Intn(4)), 1024*(1+r.Intn(4)))
+			n.Datacenter = []string{"dc1", "dc1", "dc2"}[r.Intn(3)]
+			n.Pool = []string{"default", "default", "gpu"}[r.Intn(3)]
+			if r.Intn(8) == 0 {
+				n.Devices["nvidia/gpu/H100"] = 1 + r.Intn(8)
+			}
+			nodes = append(nodes, n)
+		}
+		indexed, scanned := NewInventory(nodes), newInventory(nodes)
+		type placed struct {
+			j *Job
+			d Decision
+		}
+		var live []placed
+		for step := 0; step < 150; step++ {
+			if len(live) > 0 && r.Intn(3) == 0 {
+				k := r.Intn(len(live))
+				indexed.Release(live[k].j, live[k].d)
+				scanned.Release(live[k].j, live[k].d)
+				live = append(live[:k], live[k+1:]...)
+			} else {
+				j := &Job{ID: fmt.Sprintf("j%d", step), Pool: []string{"", "default", "gpu"}[r.Intn(3)]}
+				switch r.Intn(4) {
+				case 0:
+					j.Datacenters = []string{"dc2"}
+				case 1:
+					j.Datacenters = []string{"*"}
+				case 2:
+					j.Datacenters = []string{"dc1", "dc2"}
+				}
+				for g := 0; g < 1+r.Intn(2); g++ {
+					grp := Group{Name: fmt.Sprint("g", g), Count: 1 + r.Intn(10), CPU: 250 * (1 + r.Intn(4)), MemoryMB: 256 * (1 + r.Intn(8)),
+						DistinctHosts: r.Intn(5) == 0}
+					if r.Intn(6) == 0 {
+						grp.Devices = map[string]int{"gpu": 1 + r.Intn(3)}
+					}
+					if r.Intn(6) == 0 {
+						grp.MaxPerNode = 2
+					}
+					j.Groups = append(j.Groups, grp)
+				}
+				di, oki := indexed.Place(j)
+				ds, oks := scanned.Place(j)
+				if oki != oks || !reflect.DeepEqual(di, ds) {
+					t.Fatalf("iter %d step %d: index placed %v %+v, scan %v %+v", iter, step, oki, di, oks, ds)
+				}
+				if oki {
+					live = append(live, placed{j, di})
+				}
+			}
+			if !reflect.DeepEqual(indexed.nodes, scanned.nodes) {
+				t.Fatalf("iter %d step %d: free capacity differs", iter, step)
+			}
+		}
+		checkIndex(t, indexed)
+	}
+}
+
+// checkIndex walks every part of the index: each holds its own nodes, in
+// fit order, heap-ordered by priority, with subtree maxima right, and
+// together they hold every node once.
+func checkIndex(t *testing.T, inv *inventory) {
+	t.Helper()
+	seen := 0
+	for _, p := range inv.idx.parts {
+		var prev int32 = nilNode
+		var walk func(x int32) int
+		walk = func(x int32) int {
+			if x == nilNode {
+				return -1
+			}
+			tr := inv.idx
+			for _, c := range []int32{tr.left[x], tr.right[x]} {
+				if c != nilNode && tr.pri[c] > tr.pri[x] {
+					t.Fatalf("node %s: child above its parent", inv.nodes[x].ID)
+				}
+			}
+			m := max(walk(tr.left[x]), inv.nodes[x].CPU)
+			if prev != nilNode && !tighter(&inv.nodes[prev], &inv.nodes[x]) {
+				t.Fatalf("%s before %s out of fit order", inv.nodes[prev].ID, inv.nodes[x].ID)
+			}
+			if n := &inv.nodes[x]; n.Datacenter != p.dc || n.Pool != p.pool {
+				t.Fatalf("node %s in the part of %s/%s", n.ID, p.dc, p.pool)
+			}
+			prev = x
+			seen++
+			m = max(m, walk(tr.right[x]))
+			if tr.maxCPU[x] != m {
+				t.Fatalf("node %s: subtree max %d, want %d", inv.nodes[x].ID, tr.maxCPU[x], m)
+			}
+			return m
+		}
+		walk(p.root)
+	}
+	if seen != len(inv.nodes) {
+		t.Fatalf("index holds %d of %d nodes", seen, len(inv.nodes))
+	}
+}
+
+// BenchmarkPlace8 places 8-worker gangs on inventories of growing size,
+// indexed and scanned, releasing each so the inventory stays as it was.
+func BenchmarkPlace8(b *testing.B) {
+	for _, n := range []int{1000, 10000, 50000} {
+		nodes := make([]Node, n)
+		for i := range nodes {
+			nodes[i] = node(fmt.Sprintf("n%05d", i), 32000, 131072)
+		}
+		j := &Job{ID: "j", Groups: []Group{{Name: "w", Count: 8, CPU: 1000, MemoryMB: 2048}}}
+		for _, mode := range []string{"indexed", "scan"} {
+			inv := newInventory(nodes)
+			if mode == "indexed" {
+				inv.buildIndex()
+			}
+			b.Run(fmt.Sprintf("%s/nodes=%d", mode, n), func(b *testing.B) {
+				for b.Loop() {
+					d, ok := inv.Place(j)
+					if !ok {
+						b.Fatal("did not fit")
+					}
+					inv.Release(j, d)
+				}
+			})
+		}
+	}
+}
