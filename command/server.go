@@ -76,6 +76,11 @@ Options:
   -worker-range=<cidr>      The range nodes' worker subnets are leased from.
                             Default: 10.213.0.0/16. Fixed by the first lease.
   -worker-prefix=<n>        Each node's subnet is a /n of it. Default: 24.
+  -retention=<d>            How long an ended run (its status and bill) is
+                            kept once its Nomad job is gone; then every
+                            server forgets it, and a later run of the same
+                            ID starts again at run 1. Default: 168h. 0 keeps
+                            every run.
   -log-level=<level>        Default: info.
 
   Nomad, reached as Nomad's own CLI reaches it:
@@ -147,6 +152,8 @@ type ServerConfig struct {
 	// WorkerRange and WorkerPrefix are the nodes' worker subnets.
 	WorkerRange  string
 	WorkerPrefix int
+	// Retention is how long ended runs are kept; 0 keeps them all.
+	Retention time.Duration
 	// ExtraHTTPAddrs are more addresses the API listens on (cohort dev:
 	// loopback, beside the cluster network).
 	ExtraHTTPAddrs []string
@@ -160,6 +167,11 @@ type ServerConfig struct {
 	TLS            tlsutil.Files
 	VerifyIncoming bool
 }
+
+// DefaultRetention keeps a week of ended runs: long enough to read last
+// week's bills, short enough that the state, its snapshots and every
+// restore stay the size of what runs, not of all history.
+const DefaultRetention = 7 * 24 * time.Hour
 
 // DefaultBarrierTask is cohort-barrier beside the running binary, if it
 // is there.
@@ -254,7 +266,8 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 		return nil, err
 	}
 	srv, err := server.New(r, n, server.Config{Prices: cfg.Prices, Logger: cfg.Logger, BarrierTaskPath: cfg.BarrierTask,
-		WorkerRange: cfg.WorkerRange, WorkerPrefix: cfg.WorkerPrefix, TLS: bundle, VerifyIncoming: cfg.VerifyIncoming})
+		WorkerRange: cfg.WorkerRange, WorkerPrefix: cfg.WorkerPrefix, TLS: bundle, VerifyIncoming: cfg.VerifyIncoming,
+		Retention: cfg.Retention})
 	if err != nil {
 		return fail(err)
 	}
@@ -377,6 +390,7 @@ func (c *ServerCommand) Run(args []string) int {
 	fs.StringVar(&cfg.BarrierTask, "barrier-task", DefaultBarrierTask(), "")
 	fs.StringVar(&cfg.WorkerRange, "worker-range", "10.213.0.0/16", "")
 	fs.IntVar(&cfg.WorkerPrefix, "worker-prefix", 24, "")
+	fs.DurationVar(&cfg.Retention, "retention", DefaultRetention, "")
 	rt := replica.DefaultTimeouts
 	fs.DurationVar(&rt.Heartbeat, "raft-heartbeat-timeout", 0, "")
 	fs.DurationVar(&rt.Election, "raft-election-timeout", 0, "")
@@ -419,6 +433,10 @@ func (c *ServerCommand) Run(args []string) int {
 	}
 	if cfg.BootstrapExpect < 1 {
 		c.UI.Error("Error: -bootstrap-expect must be at least 1\n\n" + serverHelp)
+		return ExitUsage
+	}
+	if cfg.Retention < 0 {
+		c.UI.Error("Error: -retention must not be negative (0 keeps every run)\n\n" + serverHelp)
 		return ExitUsage
 	}
 	cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "cohort.server", Level: hclog.LevelFromString(*level), Output: os.Stderr})

@@ -63,7 +63,7 @@ type figures struct {
 	perS, noraft     float64 // placements per second
 	p50, p99         float64 // admission latency, ms
 	failover         time.Duration
-	entriesPerBatch  float64
+	cmdsPerEntry     float64
 	inventoryKiB1000 float64
 }
 
@@ -90,7 +90,7 @@ func run() error {
 		fmt.Printf("admit_p50_ms_%d=%.2f\n", n, f.p50)
 		fmt.Printf("admit_p99_ms_%d=%.2f\n", n, f.p99)
 		fmt.Printf("failover_ms_%d=%d\n", n, f.failover.Milliseconds())
-		fmt.Printf("entries_per_batch_%d=%.1f\n", n, f.entriesPerBatch)
+		fmt.Printf("commands_per_entry_%d=%.1f\n", n, f.cmdsPerEntry)
 		fmt.Printf("inventory_kib_per_1000_nodes_%d=%.0f\n", n, f.inventoryKiB1000)
 	}
 	goal := func(name string, ok bool) {
@@ -121,15 +121,15 @@ func runSize(n int, profile bool) (figures, error) {
 	jobsN := min(*jobs, n*32/(*workers)*3/4)
 	f := figures{nodes: n, jobs: jobsN}
 
-	runtime.GC()
+	// The inventory's memory: what building it allocates (bytes
+	// allocated only grow, so the other goroutines' garbage collection
+	// cannot make the figure negative).
+	nodes := inventory(n)
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	nodes := inventory(n)
 	inv := placement.NewInventory(nodes)
-	runtime.GC()
 	runtime.ReadMemStats(&after)
-	f.inventoryKiB1000 = float64(after.HeapAlloc-before.HeapAlloc) / 1024 / (float64(n) / 1000)
-	runtime.KeepAlive(nodes)
+	f.inventoryKiB1000 = float64(after.TotalAlloc-before.TotalAlloc) / 1024 / (float64(n) / 1000)
 
 	// Without Raft: placement alone, one gang after another, until the
 	// cluster is three quarters full; then every gang is released. The
@@ -162,7 +162,11 @@ func runSize(n int, profile bool) (figures, error) {
 	if err != nil {
 		return f, err
 	}
+	batchers := map[*replica.Replica]*replica.Batcher{}
 	defer func() {
+		for _, b := range batchers {
+			b.Close()
+		}
 		for _, r := range reps {
 			r.Shutdown()
 		}
@@ -175,7 +179,6 @@ func runSize(n int, profile bool) (figures, error) {
 	var mu sync.Mutex
 	// Admissions are committed through the leader's batcher, as the
 	// server commits them.
-	batchers := map[*replica.Replica]*replica.Batcher{}
 	commit := func(c *state.Command) (state.Result, error) {
 		l := leader()
 		if l == nil {
@@ -235,8 +238,15 @@ func runSize(n int, profile bool) (figures, error) {
 			}
 		}()
 	}
+	failed := make(chan struct{})
+	go func() { wg.Wait(); close(failed) }()
+feed:
 	for i := 0; i < jobsN; i++ {
-		next <- i
+		select {
+		case next <- i:
+		case <-failed: // every client stopped on an error
+			break feed
+		}
 	}
 	close(next)
 	wg.Wait()
@@ -255,7 +265,7 @@ func runSize(n int, profile bool) (figures, error) {
 		entries, cmds = entries+e, cmds+c
 	}
 	if entries > 0 {
-		f.entriesPerBatch = float64(cmds) / float64(entries)
+		f.cmdsPerEntry = float64(cmds) / float64(entries)
 	}
 
 	// Failover: kill the leader, time the first admission by the next one.

@@ -26,9 +26,11 @@ import (
 // Concurrency: a Backend is used from many goroutines at once. Boot and
 // Restore may run concurrently with each other and with Snapshot, for
 // specs with distinct RunDirs; any number of Restores may read one
-// snapshot at once, and a snapshot being written is never visible at dst
-// until it is whole. Two Snapshots to the same dst must not overlap: the
-// caller serializes them (the driver holds a per-shape file lock). A
+// snapshot at once. A new snapshot appears at dst only when it is whole,
+// but Snapshot must not replace a dst that Restores may be reading, and
+// two Snapshots to the same dst must not overlap: the caller builds each
+// snapshot once, under its own lock (the driver holds a per-shape file
+// lock and re-checks dst after taking it). A
 // Machine's methods (Alive, Kill, Wait, Events, DialCtl, Usage) are safe
 // from any goroutine; a guest's control port serves one connection at a
 // time, so a caller closes its Ctl before another dials.

@@ -81,6 +81,28 @@ func (inv *inventory) buildIndex() {
 	}
 }
 
+// clone copies the index for a copy of its inventory's nodes: O(n), where
+// building one is O(n log n).
+func (t *treap) clone() *treap {
+	c := &treap{
+		parts:  make(map[string]*part, len(t.parts)),
+		partOf: make([]*part, len(t.partOf)),
+		left:   append([]int32(nil), t.left...),
+		right:  append([]int32(nil), t.right...),
+		pri:    append([]uint32(nil), t.pri...),
+		maxCPU: append([]int(nil), t.maxCPU...),
+	}
+	same := make(map[*part]*part, len(t.parts))
+	for k, p := range t.parts {
+		cp := *p
+		c.parts[k], same[p] = &cp, &cp
+	}
+	for i, p := range t.partOf {
+		c.partOf[i] = same[p]
+	}
+	return c
+}
+
 func (inv *inventory) update(x int32) {
 	t := inv.idx
 	m := inv.nodes[x].CPU

@@ -5,6 +5,7 @@ import (
 	"math/rand"
 	"reflect"
 	"testing"
+	"time"
 )
 
 // TestIndexDecidesAsScan places and releases random gangs, one after
@@ -140,5 +141,64 @@ func BenchmarkPlace8(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// TestCloneIsIndependent: a clone of an indexed inventory decides as the
+// original did, and placing on one leaves the other's index intact.
+func TestCloneIsIndependent(t *testing.T) {
+	var nodes []Node
+	for i := 0; i < 64; i++ {
+		n := node(fmt.Sprintf("n%02d", i), 1000*(1+i%4), 1024*(1+i%3))
+		n.Datacenter = []string{"dc1", "dc2"}[i%2]
+		nodes = append(nodes, n)
+	}
+	orig := NewInventory(nodes)
+	j := &Job{ID: "j", Datacenters: []string{"*"}, Groups: []Group{{Name: "w", Count: 20, CPU: 500, MemoryMB: 512}}}
+	c := orig.clone()
+	dc, ok := c.Place(j)
+	if !ok {
+		t.Fatal("did not place on the clone")
+	}
+	checkIndex(t, c)
+	checkIndex(t, orig)
+	if !reflect.DeepEqual(orig.nodes, NewInventory(nodes).nodes) {
+		t.Fatal("placing on a clone changed the original")
+	}
+	do, _ := orig.Place(j)
+	if !reflect.DeepEqual(dc, do) {
+		t.Fatalf("clone placed %+v, original %+v", dc, do)
+	}
+}
+
+// BenchmarkSchedule50k is one leader pass at 50,000 nodes with a blocked
+// head: 90 running gangs fill 45,000 nodes; the head needs 6,000, so it
+// waits for the first two deadlines; 19 small gangs behind it backfill.
+func BenchmarkSchedule50k(b *testing.B) {
+	nodes := make([]Node, 50000)
+	for i := range nodes {
+		nodes[i] = node(fmt.Sprintf("n%05d", i), 1000, 2048)
+	}
+	var running []Running
+	inv := newInventory(nodes)
+	for i := 0; i < 90; i++ {
+		j := job(fmt.Sprintf("r%d", i), 50, uint64(i), time.Duration(i+1)*time.Minute, Group{Name: "w", Count: 500, CPU: 1000, MemoryMB: 2048})
+		d, ok := inv.place(j)
+		if !ok {
+			b.Fatal("running gang did not fit")
+		}
+		running = append(running, Running{Job: j, Decision: d, Ends: t0.Add(j.MaxRuntime)})
+	}
+	queue := []*Job{job("head", 90, 1, time.Hour, Group{Name: "w", Count: 6000, CPU: 1000, MemoryMB: 2048})}
+	for i := 0; i < 19; i++ {
+		queue = append(queue, job(fmt.Sprintf("q%d", i), 50, uint64(10+i), time.Minute, Group{Name: "w", Count: 8, CPU: 500, MemoryMB: 1024}))
+	}
+	free := inv.nodes
+	for _, mode := range []bool{true, false} {
+		b.Run(fmt.Sprintf("indexed=%v", mode), func(b *testing.B) {
+			for b.Loop() {
+				schedule(t0, free, running, queue, mode)
+			}
+		})
 	}
 }

@@ -170,7 +170,7 @@ func newInventory(nodes []Node) *inventory {
 func (inv *inventory) clone() *inventory {
 	c := newInventory(inv.nodes)
 	if inv.idx != nil {
-		c.buildIndex()
+		c.idx = inv.idx.clone()
 	}
 	return c
 }
@@ -409,11 +409,13 @@ type Plan struct {
 // backfills later jobs only where they cannot delay it: they end before the
 // head's start, or they leave the head's future placement intact.
 func Schedule(now time.Time, nodes []Node, running []Running, queue []*Job) Plan {
-	return schedule(now, nodes, running, queue, true)
+	// One gang is one decision (and, when it waits, one trial per
+	// running gang): a scan costs less than building the index.
+	return schedule(now, nodes, running, queue, len(queue) > 1)
 }
 
-// schedule is Schedule on an indexed inventory or, for the tests that
-// compare the two, on one that scans.
+// schedule is Schedule on an indexed inventory or on one that scans; the
+// tests run both and compare.
 func schedule(now time.Time, nodes []Node, running []Running, queue []*Job, indexed bool) Plan {
 	q := append([]*Job(nil), queue...)
 	Order(q)
@@ -511,6 +513,14 @@ func (inv *inventory) fits(j *Job) bool {
 // Feasible says whether a job could ever run on these nodes at full
 // capacity; if not, the reason names what it needs and the most there is.
 func Feasible(capacity []Node, j *Job) (bool, string) {
+	// Decisions name groups, and are given back by name.
+	seen := map[string]bool{}
+	for _, g := range j.Groups {
+		if seen[g.Name] {
+			return false, fmt.Sprintf("group %q appears twice", g.Name)
+		}
+		seen[g.Name] = true
+	}
 	inv := newInventory(capacity)
 	if _, ok := inv.place(j); ok {
 		return true, ""

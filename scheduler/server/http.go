@@ -268,12 +268,9 @@ func (s *Server) handleBill(w http.ResponseWriter, r *http.Request) {
 		run = n
 	}
 	j, ok := s.job(placement.Key(ns, id))
-	if ok && run != 0 && run != j.Run {
-		if run > len(j.Previous) {
-			ok = false
-		} else {
-			j = j.Previous[run-1]
-		}
+	if ok {
+		// Past runs beyond the servers' retention are forgotten.
+		j, ok = j.RunOf(run)
 	}
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("no job %s (run %d)", placement.Key(ns, id), run))

@@ -120,6 +120,31 @@ func (s *Server) Run(ctx context.Context) {
 	}
 }
 
+// pruneEvery is how often the leader forgets the runs past retention.
+const pruneEvery = time.Minute
+
+// pruneIfDue has every server forget, through one Raft entry, the runs
+// that ended more than the retention ago (their Nomad jobs deregistered),
+// at most once per pruneEvery. schedMu is held.
+func (s *Server) pruneIfDue() error {
+	now := s.now()
+	if s.retention <= 0 || now.Sub(s.lastPrune) < pruneEvery {
+		return nil
+	}
+	s.lastPrune = now
+	before := now.Add(-s.retention)
+	due := 0
+	s.r.Read(func(st *state.State) { due = st.Prunable(before) })
+	if due == 0 {
+		return nil
+	}
+	if _, err := s.apply(&state.Command{Op: state.OpPrune, At: now, Before: before}); err != nil {
+		return fmt.Errorf("pruning runs that ended before %s: %w", before.Format(time.RFC3339), err)
+	}
+	s.log.Info("forgot runs past retention", "runs", due, "ended_before", before.Format(time.RFC3339))
+	return nil
+}
+
 func (s *Server) resetLeaderState() {
 	s.schedMu.Lock()
 	s.seen = nil
@@ -145,6 +170,9 @@ func (s *Server) resetLeaderStateLocked() {
 func (s *Server) Pass() error {
 	s.schedMu.Lock()
 	direct, err := s.pass()
+	if perr := s.pruneIfDue(); perr != nil {
+		err = errors.Join(err, perr)
+	}
 	s.schedMu.Unlock()
 	// Outside schedMu: taking a gang over admits it, which places.
 	for _, gj := range direct {
@@ -177,10 +205,8 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 		for _, j := range st.ByStatus(state.Running) {
 			running = append(running, j.Clone())
 		}
-		for _, j := range st.Jobs {
-			if j.Ended() && !j.Cleaned {
-				unclean = append(unclean, j.Clone())
-			}
+		for _, j := range st.Unclean() {
+			unclean = append(unclean, j.Clone())
 		}
 		for _, gj := range gangs {
 			if j, ok := st.Jobs[gj.Key()]; ok {

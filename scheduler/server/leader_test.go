@@ -796,3 +796,36 @@ func TestStaleWorkerNeverReleased(t *testing.T) {
 		t.Errorf("the stale worker of attempt 1 was told %+v", v)
 	}
 }
+
+// TestRetentionForgetsEndedRuns: once an ended run's Nomad job is gone and
+// the retention has passed, the leader has every server forget it, at
+// most once a minute; a run inside the retention and a live gang stay.
+func TestRetentionForgetsEndedRuns(t *testing.T) {
+	h := newHarnessWith(t, func(c *Config) { c.Retention = time.Hour })
+	old := h.started(gang("old", jobspec.DriverMicroVM, 1))
+	h.advance(time.Minute + time.Millisecond) // its max_runtime
+	h.pass()
+	if j := h.job(old); !j.Ended() || !j.Cleaned {
+		t.Fatalf("not ended and cleaned: %+v", j)
+	}
+	h.advance(50 * time.Minute)
+	recent := h.started(gang("recent", jobspec.DriverMicroVM, 1))
+	h.advance(time.Minute + time.Millisecond)
+	h.pass()
+	live := h.started(gang("live", jobspec.DriverMicroVM, 1))
+	h.advance(10 * time.Minute) // old ended 61 min ago, recent 10 min ago
+	h.pass()
+	h.r.Read(func(st *state.State) {
+		if _, ok := st.Jobs[old]; ok {
+			t.Error("a run past retention is still kept")
+		}
+		for _, k := range []string{recent, live} {
+			if _, ok := st.Jobs[k]; !ok {
+				t.Errorf("%s was forgotten", k)
+			}
+		}
+	})
+	if rec := h.serve(httptest.NewRequest("GET", "/v1/job/old/bill", nil)); rec.Code != 404 {
+		t.Errorf("the bill of a forgotten run: %d %s", rec.Code, rec.Body)
+	}
+}

@@ -111,6 +111,9 @@ type Config struct {
 	// tasks' reports, which their job's token authenticates.
 	TLS            *tlsutil.Bundle
 	VerifyIncoming bool
+	// Retention is how long an ended run (its status and bill) is kept
+	// once its Nomad job is deregistered; 0 keeps every run.
+	Retention time.Duration
 }
 
 // Server is one cohort server.
@@ -173,6 +176,9 @@ type Server struct {
 	// already dealt with as gangs registered behind cohort's back.
 	direct map[string]uint64
 	loopMu sync.Mutex // guards retry and direct against barrier calls
+	// retention and lastPrune: see pruneIfDue (lastPrune under schedMu).
+	retention time.Duration
+	lastPrune time.Time
 }
 
 // New returns a server over a started replica and a Nomad client.
@@ -188,7 +194,8 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 	s := &Server{r: r, nomad: n, log: log, now: now, prices: cfg.Prices,
 		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
 		retry: map[string]time.Time{}, direct: map[string]uint64{},
-		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix, tls: cfg.TLS, verifyIncoming: cfg.VerifyIncoming && cfg.TLS != nil}
+		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix, tls: cfg.TLS, verifyIncoming: cfg.VerifyIncoming && cfg.TLS != nil,
+		retention: cfg.Retention}
 	s.metrics = newMetrics(s)
 	if cfg.TLS != nil {
 		if !cfg.TLS.IsServer() {

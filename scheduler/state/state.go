@@ -163,6 +163,10 @@ const (
 	// OpSecret sets the group's secret, once: the first one committed
 	// stays.
 	OpSecret Op = "secret"
+	// OpPrune forgets the runs that ended before the command's Before
+	// and whose Nomad jobs are gone: every replica drops the same ones,
+	// as the cutoff is in the command, not in each replica's clock.
+	OpPrune Op = "prune"
 )
 
 // Command is one log entry. JobID is the job's key.
@@ -203,6 +207,8 @@ type Command struct {
 	Range  string `json:",omitempty"`
 	Prefix int    `json:",omitempty"`
 	Secret []byte `json:",omitempty"` // OpSecret
+	// Before is OpPrune's cutoff.
+	Before time.Time `json:",omitempty"`
 }
 
 // Encode serialises a command for the log.
@@ -232,6 +238,46 @@ type State struct {
 	// to barrier tasks are derived from it. It lives only in the
 	// servers' Raft log and snapshots.
 	Secret []byte `json:",omitempty"`
+
+	// live indexes the jobs the leader looks at on every pass (queued,
+	// reserved, running, and ended but not cleaned up) by key, so a pass
+	// costs what is live, not every job ever kept. Derived from Jobs:
+	// never encoded, rebuilt on decode and copy.
+	live map[Status]map[string]*Job
+}
+
+// unclean is live's bucket for ended runs whose Nomad job is still
+// registered.
+const unclean Status = "unclean"
+
+// reindex files the job under key in live (or nowhere).
+func (s *State) reindex(key string) {
+	if s.live == nil {
+		s.rebuild()
+		return
+	}
+	for _, m := range s.live {
+		delete(m, key)
+	}
+	j, ok := s.Jobs[key]
+	if !ok {
+		return
+	}
+	st := j.Status
+	if j.Ended() {
+		if j.Cleaned {
+			return
+		}
+		st = unclean
+	}
+	s.live[st][key] = j
+}
+
+func (s *State) rebuild() {
+	s.live = map[Status]map[string]*Job{Queued: {}, Reserved: {}, Running: {}, unclean: {}}
+	for key := range s.Jobs {
+		s.reindex(key)
+	}
 }
 
 // Member is one cohort server.
@@ -240,14 +286,28 @@ type Member struct {
 }
 
 // New returns an empty state.
-func New() *State { return &State{Jobs: map[string]*Job{}, Members: map[string]Member{}} }
+func New() *State {
+	s := &State{Jobs: map[string]*Job{}, Members: map[string]Member{}}
+	s.rebuild()
+	return s
+}
 
 // Apply applies one command. Submitting a job that exists and has not
 // ended is a no-op that returns the existing job, so a client may retry a
 // submission whose answer it lost without creating the job twice;
 // submitting one whose run ended starts its next run.
 func (s *State) Apply(c *Command) Result {
+	res := s.apply(c)
+	if res.Job != nil {
+		s.reindex(res.Job.Key())
+	}
+	return res
+}
+
+func (s *State) apply(c *Command) Result {
 	switch c.Op {
+	case OpPrune:
+		return s.prune(c.Before)
 	case OpBatch:
 		out := Result{Results: make([]Result, len(c.Commands))}
 		for i, sub := range c.Commands {
@@ -421,7 +481,9 @@ func (s *State) submit(c *Command) Result {
 	j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Run: 1}
 	if ok {
 		prev := *old
-		prev.Previous = nil
+		// A past run is kept for its bill; its Nomad job is not needed
+		// (and is most of its size).
+		prev.Previous, prev.Nomad = nil, nil
 		j.Previous = append(append([]Job(nil), old.Previous...), prev)
 		j.Run = old.Run + 1
 	}
@@ -433,16 +495,101 @@ func (s *State) submit(c *Command) Result {
 	return Result{Job: j}
 }
 
-// ByStatus lists jobs in a status in submission order.
+// ByStatus lists jobs in a status in submission order. Queued, reserved
+// and running jobs come from the index; ended ones from a scan of every
+// job kept.
 func (s *State) ByStatus(st Status) []*Job {
+	if s.live == nil {
+		s.rebuild()
+	}
 	var out []*Job
-	for _, j := range s.Jobs {
-		if j.Status == st {
+	if m, ok := s.live[st]; ok && st != unclean {
+		for _, j := range m {
 			out = append(out, j)
 		}
+	} else {
+		out = s.scan(func(j *Job) bool { return j.Status == st })
 	}
 	sort.Slice(out, func(a, b int) bool { return out[a].Spec.Seq < out[b].Spec.Seq })
 	return out
+}
+
+// Unclean lists the ended runs whose Nomad job is still registered.
+func (s *State) Unclean() []*Job {
+	if s.live == nil {
+		s.rebuild()
+	}
+	out := make([]*Job, 0, len(s.live[unclean]))
+	for _, j := range s.live[unclean] {
+		out = append(out, j)
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].Spec.Seq < out[b].Spec.Seq })
+	return out
+}
+
+func (s *State) scan(keep func(*Job) bool) []*Job {
+	var out []*Job
+	for _, j := range s.Jobs {
+		if keep(j) {
+			out = append(out, j)
+		}
+	}
+	return out
+}
+
+// Prunable counts the jobs and past runs prune(before) would forget.
+func (s *State) Prunable(before time.Time) int {
+	n := 0
+	for _, j := range s.Jobs {
+		if j.Ended() && j.Cleaned && j.EndedAt.Before(before) {
+			n += 1 + len(j.Previous)
+			continue
+		}
+		for _, p := range j.Previous {
+			if p.EndedAt.Before(before) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// prune forgets what ended before the cutoff: jobs whose run ended then
+// and whose Nomad job is deregistered, and earlier runs (bills) of any
+// job that ended then. A job ID pruned whole starts again at run 1.
+func (s *State) prune(before time.Time) Result {
+	if before.IsZero() {
+		return Result{Err: "prune without a cutoff"}
+	}
+	for key, j := range s.Jobs {
+		if j.Ended() && j.Cleaned && j.EndedAt.Before(before) {
+			delete(s.Jobs, key)
+			s.reindex(key)
+			continue
+		}
+		keep := 0
+		for keep < len(j.Previous) && j.Previous[keep].EndedAt.Before(before) {
+			keep++ // oldest first: the pruned ones lead
+		}
+		if keep > 0 {
+			// A new slice: copies of the job share the old one.
+			j.Previous = append([]Job(nil), j.Previous[keep:]...)
+		}
+	}
+	return Result{}
+}
+
+// RunOf finds the job's run n among its current and kept past runs.
+func (j *Job) RunOf(n int) (Job, bool) {
+	if n == 0 || n == j.Run {
+		return *j, true
+	}
+	for _, p := range j.Previous {
+		if p.Run == n {
+			return p, true
+		}
+	}
+	return Job{}, false
 }
 
 // Holding lists what reserved and running jobs hold, with the latest time
@@ -478,6 +625,7 @@ func (s *State) Clone() *State {
 		cj := j.Clone()
 		c.Jobs[id] = &cj
 	}
+	c.rebuild()
 	if s.Leases != nil {
 		ls := *s.Leases
 		ls.ByNode = make(map[string]*Lease, len(s.Leases.ByNode))
@@ -505,6 +653,7 @@ func (s *State) Unmarshal(b []byte) error {
 	if err := json.Unmarshal(b, n); err != nil {
 		return fmt.Errorf("decoding state snapshot: %w", err)
 	}
+	n.rebuild()
 	*s = *n
 	return nil
 }
