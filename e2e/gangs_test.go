@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -224,13 +225,15 @@ func TestHandWrittenJobspecIsAGang(t *testing.T) {
 
 // countingProxy stands between cohort and Nomad and counts the requests
 // for Nomad's lists (nodes, allocations, jobs).
-func countingProxy(t *testing.T, nomadAddr string) (string, *atomic.Int64) {
+func countingProxy(t *testing.T, nomadAddr string, paths ...string) (string, *atomic.Int64) {
 	u, _ := url.Parse(nomadAddr)
+	if len(paths) == 0 {
+		paths = []string{"/v1/nodes", "/v1/allocations", "/v1/jobs"}
+	}
 	var lists atomic.Int64
 	p := httputil.NewSingleHostReverseProxy(u)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/v1/nodes", "/v1/allocations", "/v1/jobs":
+		if slices.Contains(paths, r.URL.Path) {
 			lists.Add(1)
 		}
 		p.ServeHTTP(w, r)

@@ -64,6 +64,7 @@ type figures struct {
 	p50, p99         float64 // admission latency, ms
 	failover         time.Duration
 	cmdsPerEntry     float64
+	entryMs          float64 // wall time per Raft entry while admitting
 	inventoryKiB1000 float64
 }
 
@@ -77,6 +78,16 @@ func run() error {
 		ns = append(ns, n)
 	}
 	fmt.Printf("sizes=%s\nworkers_per_gang=%d\nclients=%d\n", *sizes, *workers, *clients)
+	// The disk's floor: one 4 KiB write and fsync where the replicas
+	// keep their logs. Each Raft entry costs the leader's and a
+	// follower's fsync, one after the other, plus the round trip and the
+	// apply: raft_entry_ms over fsync_p50_ms says how near that floor
+	// admission runs.
+	fs, err := fsyncMs(os.TempDir(), 50)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("fsync_p50_ms=%.2f\n", fs)
 	byN := map[int]figures{}
 	for i, n := range ns {
 		f, err := runSize(n, *cpuprof != "" && i == len(ns)-1)
@@ -91,6 +102,7 @@ func run() error {
 		fmt.Printf("admit_p99_ms_%d=%.2f\n", n, f.p99)
 		fmt.Printf("failover_ms_%d=%d\n", n, f.failover.Milliseconds())
 		fmt.Printf("commands_per_entry_%d=%.1f\n", n, f.cmdsPerEntry)
+		fmt.Printf("raft_entry_ms_%d=%.2f\n", n, f.entryMs)
 		fmt.Printf("inventory_kib_per_1000_nodes_%d=%.0f\n", n, f.inventoryKiB1000)
 	}
 	goal := func(name string, ok bool) {
@@ -111,6 +123,31 @@ func run() error {
 		goal("failover_le_500ms_20k", f.failover <= 500*time.Millisecond)
 	}
 	return nil
+}
+
+// fsyncMs is the median time of n writes of 4 KiB, each fsynced, to a
+// file in dir.
+func fsyncMs(dir string, n int) (float64, error) {
+	f, err := os.CreateTemp(dir, "cohort-bench-fsync-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	buf := make([]byte, 4096)
+	var ms []float64
+	for range n {
+		t0 := time.Now()
+		if _, err := f.Write(buf); err != nil {
+			return 0, err
+		}
+		if err := f.Sync(); err != nil {
+			return 0, err
+		}
+		ms = append(ms, float64(time.Since(t0).Microseconds())/1000)
+	}
+	sort.Float64s(ms)
+	return ms[len(ms)/2], nil
 }
 
 // runSize measures one cluster size: placement alone, then admissions
@@ -266,6 +303,7 @@ feed:
 	}
 	if entries > 0 {
 		f.cmdsPerEntry = float64(cmds) / float64(entries)
+		f.entryMs = float64(elapsed.Microseconds()) / 1000 / float64(entries)
 	}
 
 	// Failover: kill the leader, time the first admission by the next one.

@@ -32,13 +32,11 @@ type Client struct {
 	anon *api.Client
 	cfg  Config
 
-	mu     sync.Mutex
-	nodes  []*api.NodeListStub
-	allocs []*api.AllocationListStub
-	gangs  []GangJob
-	// jobIndex is, per job key, the highest ModifyIndex among its
-	// allocations in allocs: it moves whenever one of them changes.
-	jobIndex map[string]uint64
+	mu sync.Mutex
+	// cluster is the watcher's copy of the nodes and allocations (see
+	// events.go); nil until its first read.
+	cluster *cluster
+	gangs   []GangJob
 	// watching is set while Watch keeps the lists current.
 	watching bool
 }
@@ -113,8 +111,8 @@ var resources = map[string]string{"resources": "true"}
 // now.
 func (c *Client) snapshot() ([]*api.NodeListStub, []*api.AllocationListStub, error) {
 	c.mu.Lock()
-	if c.watching && c.nodes != nil && c.allocs != nil {
-		n, a := c.nodes, c.allocs
+	if c.watching && c.cluster != nil {
+		n, a := c.cluster.lists()
 		c.mu.Unlock()
 		return n, a, nil
 	}
@@ -141,52 +139,24 @@ type GangJob struct {
 // Key is the job's key, as placement.Key.
 func (g GangJob) Key() string { return placement.Key(g.Namespace, g.ID) }
 
-// Watch keeps the node, allocation and gang job lists current with Nomad's
-// blocking queries until ctx ends, so a scheduling pass reads its
-// inventory from memory instead of asking Nomad for every node.
+// Watch keeps the node, allocation and gang job lists current until ctx
+// ends (nodes and allocations through the event stream, gang jobs with
+// blocking queries), so a scheduling pass reads its inventory from memory
+// instead of asking Nomad for every node.
 func (c *Client) Watch(ctx context.Context, log hclog.Logger) {
 	c.mu.Lock()
 	c.watching = true
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
-		c.watching, c.nodes, c.allocs, c.gangs, c.jobIndex = false, nil, nil, nil, nil
+		c.watching, c.cluster, c.gangs = false, nil, nil
 		c.mu.Unlock()
 	}()
 	var wg sync.WaitGroup
-	wg.Add(3)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		follow(ctx, log.Named("nodes"), func(q *api.QueryOptions) (uint64, error) {
-			q.Params = resources
-			ns, meta, err := c.api.Nodes().List(q.WithContext(ctx))
-			if err != nil {
-				return 0, err
-			}
-			c.mu.Lock()
-			c.nodes = ns
-			c.mu.Unlock()
-			return meta.LastIndex, nil
-		})
-	}()
-	go func() {
-		defer wg.Done()
-		follow(ctx, log.Named("allocations"), func(q *api.QueryOptions) (uint64, error) {
-			q.Params, q.Namespace = resources, "*"
-			as, meta, err := c.api.Allocations().List(q.WithContext(ctx))
-			if err != nil {
-				return 0, err
-			}
-			idx := make(map[string]uint64, len(as))
-			for _, a := range as {
-				k := placement.Key(a.Namespace, a.JobID)
-				idx[k] = max(idx[k], a.ModifyIndex)
-			}
-			c.mu.Lock()
-			c.allocs, c.jobIndex = as, idx
-			c.mu.Unlock()
-			return meta.LastIndex, nil
-		})
+		c.followCluster(ctx, log.Named("events"))
 	}()
 	go func() {
 		defer wg.Done()
@@ -506,12 +476,12 @@ func (c *Client) Job(namespace, id string) (*api.Job, error) {
 func (c *Client) AllocIndex(namespace, id string) uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.watching || c.jobIndex == nil {
+	if !c.watching || c.cluster == nil {
 		return 0
 	}
 	// A job with no allocations yet still gets a marker, distinct from
 	// "unknown".
-	return c.jobIndex[placement.Key(namespace, id)] + 1
+	return c.cluster.jobIndex[placement.Key(namespace, id)] + 1
 }
 
 // Allocs reads the job and counts the allocations of one version of it:
