@@ -78,9 +78,9 @@ Options:
   -worker-prefix=<n>        Each node's subnet is a /n of it. Default: 24.
   -retention=<d>            How long an ended run (its status and bill) is
                             kept once its Nomad job is gone; then every
-                            server forgets it, and a later run of the same
-                            ID starts again at run 1. Default: 168h. 0 keeps
-                            every run.
+                            server forgets it (a later run of the same ID
+                            goes on counting). Default: 168h. 0 keeps every
+                            run.
   -log-level=<level>        Default: info.
 
   Nomad, reached as Nomad's own CLI reaches it:

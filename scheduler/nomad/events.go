@@ -2,8 +2,10 @@ package nomad
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -15,11 +17,11 @@ import (
 // stream (topics Node and Allocation) and applies each change to its copy,
 // instead of reading both lists again whenever anything changes: at
 // 50,000 nodes a change costs decoding one object, not the whole cluster
-// (BenchmarkChange). The copy starts from a full read of both lists, and
-// the stream from the lists' index, so no change falls between the two;
-// an event older than what the copy holds is dropped by its modify index. Allocations garbage collected by Nomad
-// raise no event: the copy is read whole again every resyncEvery, and on
-// any stream error.
+// (BenchmarkChange). The copy is read whole once the subscription is up,
+// so no change falls between the two; an event older than the copy is
+// dropped by its modify index. Allocations garbage collected by Nomad
+// raise no event: the copy is read whole again every resyncEvery, and
+// after any stream error.
 
 // resyncEvery bounds how long a garbage-collected allocation stays in the
 // copy (it is terminal there, so it holds nothing).
@@ -40,6 +42,10 @@ type cluster struct {
 	nodeList  []*api.NodeListStub
 	allocList []*api.AllocationListStub
 	stale     bool
+	// unsure is set when an event could not be applied in full (an
+	// allocation first seen without its resources): the lists are read
+	// whole again.
+	unsure bool
 }
 
 func newCluster(nodes []*api.NodeListStub, allocs []*api.AllocationListStub) *cluster {
@@ -77,8 +83,8 @@ func (c *cluster) lists() ([]*api.NodeListStub, []*api.AllocationListStub) {
 func (c *cluster) apply(e *api.Event) (bool, error) {
 	switch e.Topic {
 	case api.TopicNode:
-		n, err := e.Node()
-		if err != nil || n == nil {
+		var n *api.Node
+		if err := payload(e, "Node", &n); err != nil || n == nil {
 			return false, fmt.Errorf("decoding a node event: %v", err)
 		}
 		old, ok := c.nodes[n.ID]
@@ -94,8 +100,8 @@ func (c *cluster) apply(e *api.Event) (bool, error) {
 			c.nodes[n.ID] = nodeStub(n)
 		}
 	case api.TopicAllocation:
-		a, err := e.Allocation()
-		if err != nil || a == nil {
+		var a *api.Allocation
+		if err := payload(e, "Allocation", &a); err != nil || a == nil {
 			return false, fmt.Errorf("decoding an allocation event: %v", err)
 		}
 		old, ok := c.allocs[a.ID]
@@ -103,10 +109,17 @@ func (c *cluster) apply(e *api.Event) (bool, error) {
 			return false, nil
 		}
 		s := allocStub(a)
-		if s.AllocatedResources == nil && ok {
-			// An allocation's resources never change: keep what the
-			// list said if an event leaves them out.
-			s.AllocatedResources = old.AllocatedResources
+		if ok {
+			// An allocation's resources never change, and events
+			// carry no job (so no version): keep what the list said.
+			if s.AllocatedResources == nil {
+				s.AllocatedResources = old.AllocatedResources
+			}
+			if a.Job == nil {
+				s.JobVersion = old.JobVersion
+			}
+		} else if s.AllocatedResources == nil && !terminal(s) {
+			c.unsure = true
 		}
 		c.allocs[a.ID] = s
 		k := placement.Key(a.Namespace, a.JobID)
@@ -116,6 +129,17 @@ func (c *cluster) apply(e *api.Event) (bool, error) {
 	}
 	c.stale = true
 	return true, nil
+}
+
+// payload decodes an event's object by its JSON names. (The API client's
+// own decoding goes by Go field names, and so loses every field whose JSON
+// name differs: a device attribute's value, for one.)
+func payload(e *api.Event, key string, v any) error {
+	b, err := json.Marshal(e.Payload[key])
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
 }
 
 // nodeStub is what the node list gives for n, with resources.
@@ -143,9 +167,11 @@ func allocStub(a *api.Allocation) *api.AllocationListStub {
 	return s
 }
 
-// followCluster keeps c's copy current until ctx ends: read the lists
-// whole, subscribe from their index, then apply events; on an error, or
-// every resyncEvery, start over.
+// followCluster keeps c's copy current until ctx ends: subscribe, read
+// the lists whole, then apply events; on a stream error, start over. A
+// Nomad that refuses the subscription (its event broker off, or a token
+// without node:read or read-job in every namespace) is followed with
+// blocking queries on the two lists instead.
 func (c *Client) followCluster(ctx context.Context, log hclog.Logger) {
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
@@ -153,11 +179,13 @@ func (c *Client) followCluster(ctx context.Context, log hclog.Logger) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err == nil {
-			backoff = 100 * time.Millisecond
-			continue // a periodic read of the whole lists
+		var re *RefusedError
+		if errors.As(err, &re) {
+			log.Warn("nomad refused the event stream; following nodes and allocations with blocking queries, which read both lists whole on every change", "error", err)
+			c.followLists(ctx, log)
+			return
 		}
-		log.Warn("following nomad's event stream failed; reading the lists again", "error", err, "in", backoff)
+		log.Warn("following nomad's event stream failed; starting over", "error", err, "in", backoff)
 		select {
 		case <-ctx.Done():
 		case <-time.After(backoff):
@@ -167,50 +195,123 @@ func (c *Client) followCluster(ctx context.Context, log hclog.Logger) {
 }
 
 func (c *Client) followOnce(ctx context.Context) error {
-	sctx, cancel := context.WithTimeout(ctx, resyncEvery)
+	// Until the stream is up, Inventory asks Nomad itself.
+	c.setCluster(nil)
+	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	nodes, nm, err := c.api.Nodes().List((&api.QueryOptions{Params: resources}).WithContext(sctx))
-	if err != nil {
-		return fmt.Errorf("listing nodes: %w", err)
-	}
-	allocs, am, err := c.api.Allocations().List((&api.QueryOptions{Params: resources, Namespace: "*"}).WithContext(sctx))
-	if err != nil {
-		return fmt.Errorf("listing allocations: %w", err)
-	}
-	cl := newCluster(nodes, allocs)
-	c.mu.Lock()
-	c.cluster = cl
-	c.mu.Unlock()
-	// The stream starts at the older of the lists' indexes (or as near
-	// it as Nomad's event buffer goes back): a change made while the
-	// lists were read is replayed, and what the copy already holds is
-	// dropped by its modify index. Index 0 would mean "from now", so 1 is
-	// the floor. Namespace "*": the stream sends only the namespace asked
-	// for otherwise. (Nomad may answer a subscription only with its first
-	// event or heartbeat, up to 10 s later; the copy serves meanwhile.)
-	from := max(min(nm.LastIndex, am.LastIndex), 1)
-	events, err := c.api.EventStream().Stream(sctx, streamTopics, from, &api.QueryOptions{Namespace: "*"})
+	// Subscribed from the oldest event Nomad still buffers (index 1;
+	// index 0 would wait for the next change or the heartbeat, 30 s
+	// away), in all namespaces (the stream sends only the namespace asked
+	// for otherwise). Stream returns once Nomad sends its first event:
+	// the subscription exists then, so every change after the lists are
+	// read below arrives on it, and what the lists already hold (the
+	// replayed past included) is dropped by its modify index.
+	events, err := c.api.EventStream().Stream(sctx, streamTopics, 1, &api.QueryOptions{Namespace: "*"})
 	if err != nil {
 		return fmt.Errorf("subscribing to nodes and allocations: %w", refused(err))
 	}
-	for batch := range events {
-		if batch.Err != nil {
-			if sctx.Err() != nil {
-				return nil // time to read the lists again
-			}
-			return fmt.Errorf("reading the event stream: %w", batch.Err)
-		}
-		c.mu.Lock()
-		for i := range batch.Events {
-			if _, err := cl.apply(&batch.Events[i]); err != nil {
-				c.mu.Unlock()
-				return err
-			}
-		}
-		c.mu.Unlock()
+	cl, err := c.readCluster(sctx)
+	if err != nil {
+		return err
 	}
-	if sctx.Err() != nil {
-		return nil
+	c.setCluster(cl)
+	// The lists are read whole again now and then, in this goroutine so
+	// that no event is applied to a copy the new read then replaces:
+	// Nomad raises no event when it garbage-collects an allocation.
+	resync := time.NewTicker(resyncEvery)
+	defer resync.Stop()
+	for {
+		select {
+		case batch, ok := <-events:
+			if !ok {
+				return errors.New("the event stream closed")
+			}
+			if batch.Err != nil {
+				return fmt.Errorf("reading the event stream: %w", batch.Err)
+			}
+			c.mu.Lock()
+			for i := range batch.Events {
+				if _, err := cl.apply(&batch.Events[i]); err != nil {
+					c.mu.Unlock()
+					return err
+				}
+			}
+			c.mu.Unlock()
+			if !cl.unsure {
+				continue
+			}
+		case <-resync.C:
+		}
+		if cl, err = c.readCluster(sctx); err != nil {
+			return err
+		}
+		c.setCluster(cl)
 	}
-	return errors.New("the event stream closed")
+}
+
+func (c *Client) setCluster(cl *cluster) {
+	c.mu.Lock()
+	c.cluster = cl
+	c.mu.Unlock()
+}
+
+// readCluster reads the node and allocation lists whole.
+func (c *Client) readCluster(ctx context.Context) (*cluster, error) {
+	nodes, _, err := c.api.Nodes().List((&api.QueryOptions{Params: resources}).WithContext(ctx))
+	if err != nil {
+		return nil, fmt.Errorf("listing nodes: %w", err)
+	}
+	allocs, _, err := c.api.Allocations().List((&api.QueryOptions{Params: resources, Namespace: "*"}).WithContext(ctx))
+	if err != nil {
+		return nil, fmt.Errorf("listing allocations: %w", err)
+	}
+	return newCluster(nodes, allocs), nil
+}
+
+// followLists follows both lists with blocking queries, each change read
+// whole: the way without the event stream.
+func (c *Client) followLists(ctx context.Context, log hclog.Logger) {
+	var (
+		mu     sync.Mutex
+		nodes  []*api.NodeListStub
+		allocs []*api.AllocationListStub
+	)
+	publish := func() {
+		if nodes != nil && allocs != nil {
+			c.setCluster(newCluster(nodes, allocs))
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		follow(ctx, log.Named("nodes"), func(q *api.QueryOptions) (uint64, error) {
+			q.Params = resources
+			ns, meta, err := c.api.Nodes().List(q.WithContext(ctx))
+			if err != nil {
+				return 0, err
+			}
+			mu.Lock()
+			nodes = ns
+			publish()
+			mu.Unlock()
+			return meta.LastIndex, nil
+		})
+	}()
+	go func() {
+		defer wg.Done()
+		follow(ctx, log.Named("allocations"), func(q *api.QueryOptions) (uint64, error) {
+			q.Params, q.Namespace = resources, "*"
+			as, meta, err := c.api.Allocations().List(q.WithContext(ctx))
+			if err != nil {
+				return 0, err
+			}
+			mu.Lock()
+			allocs = as
+			publish()
+			mu.Unlock()
+			return meta.LastIndex, nil
+		})
+	}()
+	wg.Wait()
 }

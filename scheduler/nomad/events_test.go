@@ -102,10 +102,22 @@ func TestEventsKeepTheCopy(t *testing.T) {
 	want("stopping, still running", "n1 2900 7168 map[]")
 
 	// A node joins; one drains; one leaves.
-	n2 := stubNode("n2", "ready", 2000, 4096, gpus("nvidia", "A100", 2, 0))
+	g := gpus("nvidia", "A100", 2, 0)
+	width := int64(16)
+	g.Attributes = map[string]*api.Attribute{"pcie_link_width": {IntVal: &width}}
+	n2 := stubNode("n2", "ready", 2000, 4096, g)
 	n2.ModifyIndex = 15
 	apply(event(t, "NodeRegistration", 15, fullNode(n2)))
 	want("joined", "n1 2900 7168 map[]", "n2 1900 4096 map[nvidia/gpu/A100:2]")
+	// Device attributes come through (constraints on them depend on it).
+	nl, _ := c.lists()
+	for _, f := range FreeNodes(nl, nil, nil) {
+		if f.ID == "n2" {
+			if a := f.DeviceAttrs["nvidia/gpu/A100"]["pcie_link_width"]; a == nil || a.Int == nil || *a.Int != 16 {
+				t.Errorf("a device attribute from an event: %+v", a)
+			}
+		}
+	}
 	drained := *n2
 	drained.SchedulingEligibility, drained.ModifyIndex = "ineligible", 16
 	apply(event(t, "NodeDrain", 16, fullNode(&drained)))
@@ -114,6 +126,26 @@ func TestEventsKeepTheCopy(t *testing.T) {
 	want("left")
 	if idx := c.jobIndex["k"]; idx != 13 {
 		t.Errorf("job k's allocation marker = %d, want 13", idx)
+	}
+	if c.allocs["a1"].JobVersion != 0 || c.unsure {
+		t.Fatalf("version %d, unsure %v", c.allocs["a1"].JobVersion, c.unsure)
+	}
+
+	// Events carry no job: the listed version stays.
+	c.allocs["a1"].JobVersion = 4
+	again := stopping
+	again.ModifyIndex = 18
+	apply(event(t, "AllocationUpdated", 18, fullAlloc(&again)))
+	if v := c.allocs["a1"].JobVersion; v != 4 {
+		t.Errorf("job version after an event = %d, want the listed 4", v)
+	}
+	// A running allocation first seen without its resources: the copy
+	// cannot count it, and asks for the lists again.
+	blind := stubAlloc("m", "n2", "running", "run", 0, 0)
+	blind.ID, blind.ModifyIndex, blind.AllocatedResources = "a3", 19, nil
+	apply(event(t, "AllocationUpdated", 19, fullAlloc(blind)))
+	if !c.unsure {
+		t.Error("an allocation without resources was taken as counted")
 	}
 }
 

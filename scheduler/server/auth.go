@@ -285,14 +285,7 @@ func barrierToken(secret []byte, key string, run int) string {
 // next.
 func (s *Server) runOf(key string) int {
 	run := 1
-	s.r.Read(func(st *state.State) {
-		if j, ok := st.Jobs[key]; ok {
-			run = j.Run
-			if j.Ended() {
-				run++
-			}
-		}
-	})
+	s.r.Read(func(st *state.State) { run = st.NextRun(key) })
 	return run
 }
 

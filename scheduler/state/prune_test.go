@@ -79,9 +79,20 @@ func TestPruneForgetsWhatEndedBeforeTheCutoff(t *testing.T) {
 	if got := s.Unclean(); len(got) != 1 || got[0].Key() != "unclean" {
 		t.Errorf("unclean = %v", got)
 	}
-	// An ID forgotten whole starts again at run 1.
-	if r := s.Apply(&Command{Op: OpSubmit, At: t0.Add(14 * day), Job: spec("old", 1)}); r.Job.Run != 1 || len(r.Job.Previous) != 0 {
+	// An ID forgotten whole goes on counting its runs: a run's number
+	// is in its barrier token, which must not open the forgotten run's.
+	if got := s.NextRun("old"); got != 2 {
+		t.Errorf("the next run of a forgotten ID is %d, want 2", got)
+	}
+	c := s.Clone()
+	if r := s.Apply(&Command{Op: OpSubmit, At: t0.Add(14 * day), Job: spec("old", 1)}); r.Job.Run != 2 || len(r.Job.Previous) != 0 {
 		t.Errorf("resubmitted after its prune: run %d, %d past", r.Job.Run, len(r.Job.Previous))
+	}
+	if _, ok := s.Forgotten["old"]; ok {
+		t.Error("a forgotten ID that runs again is still listed as forgotten")
+	}
+	if c.Forgotten["old"] != 1 {
+		t.Error("a copy of the state shares its forgotten IDs")
 	}
 }
 

@@ -238,6 +238,11 @@ type State struct {
 	// to barrier tasks are derived from it. It lives only in the
 	// servers' Raft log and snapshots.
 	Secret []byte `json:",omitempty"`
+	// Forgotten holds, for each job ID a prune forgot whole, its last run
+	// number, so a later run of the ID goes on counting: a run's number is
+	// part of its barrier token, which must never open another run's
+	// barrier. An entry goes when the ID runs again.
+	Forgotten map[string]int `json:",omitempty"`
 
 	// live indexes the jobs the leader looks at on every pass (queued,
 	// reserved, running, and ended but not cleaned up) by key, so a pass
@@ -270,7 +275,9 @@ func (s *State) reindex(key string) {
 		}
 		st = unclean
 	}
-	s.live[st][key] = j
+	if m := s.live[st]; m != nil {
+		m[key] = j
+	}
 }
 
 func (s *State) rebuild() {
@@ -478,14 +485,14 @@ func (s *State) submit(c *Command) Result {
 	spec := *c.Job
 	spec.Seq = s.NextSeq
 	s.NextSeq++
-	j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Run: 1}
+	j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Run: s.NextRun(key)}
+	delete(s.Forgotten, key)
 	if ok {
 		prev := *old
 		// A past run is kept for its bill; its Nomad job is not needed
 		// (and is most of its size).
 		prev.Previous, prev.Nomad = nil, nil
 		j.Previous = append(append([]Job(nil), old.Previous...), prev)
-		j.Run = old.Run + 1
 	}
 	if c.Op == OpAdopt {
 		j.Status, j.ReservedAt, j.Adopted, j.Attempts = Reserved, c.At, true, 1
@@ -495,13 +502,23 @@ func (s *State) submit(c *Command) Result {
 	return Result{Job: j}
 }
 
+// NextRun is the number the job ID's next run would get: its current
+// run's while that goes on, else one past the last, kept or forgotten.
+func (s *State) NextRun(key string) int {
+	if j, ok := s.Jobs[key]; ok {
+		if j.Ended() {
+			return j.Run + 1
+		}
+		return j.Run
+	}
+	return s.Forgotten[key] + 1
+}
+
 // ByStatus lists jobs in a status in submission order. Queued, reserved
 // and running jobs come from the index; ended ones from a scan of every
-// job kept.
+// job kept. (A State made other than by New, Clone or Unmarshal has no
+// index, and is scanned.)
 func (s *State) ByStatus(st Status) []*Job {
-	if s.live == nil {
-		s.rebuild()
-	}
 	var out []*Job
 	if m, ok := s.live[st]; ok && st != unclean {
 		for _, j := range m {
@@ -516,10 +533,10 @@ func (s *State) ByStatus(st Status) []*Job {
 
 // Unclean lists the ended runs whose Nomad job is still registered.
 func (s *State) Unclean() []*Job {
+	var out []*Job
 	if s.live == nil {
-		s.rebuild()
+		out = s.scan(func(j *Job) bool { return j.Ended() && !j.Cleaned })
 	}
-	out := make([]*Job, 0, len(s.live[unclean]))
 	for _, j := range s.live[unclean] {
 		out = append(out, j)
 	}
@@ -541,39 +558,52 @@ func (s *State) scan(keep func(*Job) bool) []*Job {
 func (s *State) Prunable(before time.Time) int {
 	n := 0
 	for _, j := range s.Jobs {
-		if j.Ended() && j.Cleaned && j.EndedAt.Before(before) {
+		if forgetWhole(j, before) {
 			n += 1 + len(j.Previous)
 			continue
 		}
-		for _, p := range j.Previous {
-			if p.EndedAt.Before(before) {
-				n++
-			}
-		}
+		n += pastRunsBefore(j, before)
+	}
+	return n
+}
+
+// forgetWhole says whether prune forgets j, past runs and all: it ended
+// before the cutoff and its Nomad job is gone.
+func forgetWhole(j *Job, before time.Time) bool {
+	return j.Ended() && j.Cleaned && j.EndedAt.Before(before)
+}
+
+// pastRunsBefore is how many of j's past runs, oldest first, ended before
+// the cutoff: prune forgets those.
+func pastRunsBefore(j *Job, before time.Time) int {
+	n := 0
+	for n < len(j.Previous) && j.Previous[n].EndedAt.Before(before) {
+		n++
 	}
 	return n
 }
 
 // prune forgets what ended before the cutoff: jobs whose run ended then
 // and whose Nomad job is deregistered, and earlier runs (bills) of any
-// job that ended then. A job ID pruned whole starts again at run 1.
+// job that ended then. A job ID pruned whole goes on counting its runs
+// (Forgotten).
 func (s *State) prune(before time.Time) Result {
 	if before.IsZero() {
 		return Result{Err: "prune without a cutoff"}
 	}
 	for key, j := range s.Jobs {
-		if j.Ended() && j.Cleaned && j.EndedAt.Before(before) {
+		if forgetWhole(j, before) {
+			if s.Forgotten == nil {
+				s.Forgotten = map[string]int{}
+			}
+			s.Forgotten[key] = j.Run
 			delete(s.Jobs, key)
 			s.reindex(key)
 			continue
 		}
-		keep := 0
-		for keep < len(j.Previous) && j.Previous[keep].EndedAt.Before(before) {
-			keep++ // oldest first: the pruned ones lead
-		}
-		if keep > 0 {
+		if n := pastRunsBefore(j, before); n > 0 {
 			// A new slice: copies of the job share the old one.
-			j.Previous = append([]Job(nil), j.Previous[keep:]...)
+			j.Previous = append([]Job(nil), j.Previous[n:]...)
 		}
 	}
 	return Result{}
@@ -617,7 +647,8 @@ func (s *State) Holding(now time.Time) []placement.Running {
 // the copy.
 func (s *State) Clone() *State {
 	// Secret is set once and never changed in place: the copy shares it.
-	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: maps.Clone(s.Members), Secret: s.Secret}
+	c := &State{Jobs: make(map[string]*Job, len(s.Jobs)), NextSeq: s.NextSeq, Members: maps.Clone(s.Members), Secret: s.Secret,
+		Forgotten: maps.Clone(s.Forgotten)}
 	if c.Members == nil {
 		c.Members = map[string]Member{}
 	}
