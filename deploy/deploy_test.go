@@ -135,6 +135,7 @@ func TestScriptsRefuseBadInput(t *testing.T) {
 		{deploy.Node, "", "NODE_NAME", "n_1", "letters, digits and dashes"},
 		{deploy.Node, "", "COHORT_KERNEL", `/x"y`, "must not hold quotes"},
 		{deploy.Node, "", "WORKER_EGRESS", "yes", "true or false"},
+		{deploy.Node, "", "WORKER_POOL", "-1", "must be a number"},
 		{deploy.Node, "COHORT_SERVERS", "", "", "COHORT_SERVERS is required"},
 		{deploy.Server, "COHORT_CERT_FILE", "", "", "need COHORT_CA_FILE, COHORT_CERT_FILE and COHORT_KEY_FILE"},
 		{deploy.Server, "", "SERVER_IPS", "10.0.0.2,10.0.0.3", "must include this server's NODE_IP"},

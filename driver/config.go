@@ -51,6 +51,19 @@ type Config struct {
 	VFIOBind bool `codec:"vfio_bind"`
 	// Passthrough is the guest kernel and modules of VMs given devices.
 	Passthrough PassthroughConfig `codec:"passthrough"`
+	// Pool keeps restored, warmed-up VMs waiting for tasks.
+	Pool PoolConfig `codec:"pool"`
+}
+
+// PoolConfig bounds the warm pool (pool.go). Size 0, the default, turns
+// it off: each pooled VM holds its memory, an address and some CPU for
+// as long as it waits, which an operator opts into and reserves for (the
+// client's reserved memory), since Nomad cannot see it.
+type PoolConfig struct {
+	// Size is how many VMs wait per shape (memory, vCPUs).
+	Size int `codec:"size"`
+	// MemoryMB caps the guest memory of all waiting VMs together.
+	MemoryMB int `codec:"memory_mb"`
 }
 
 // PassthroughConfig is what a VM with passed-through devices boots: a
@@ -130,6 +143,11 @@ var configSpec = hclspec.NewObject(map[string]*hclspec.Spec{
 		"kernel":  hclspec.NewAttr("kernel", "string", false),
 		"modules": hclspec.NewAttr("modules", "list(string)", false),
 	})),
+	"pool": hclspec.NewBlock("pool", false, hclspec.NewObject(map[string]*hclspec.Spec{
+		"size": hclspec.NewAttr("size", "number", false),
+		"memory_mb": hclspec.NewDefault(hclspec.NewAttr("memory_mb", "number", false),
+			hclspec.NewLiteral(`1024`)),
+	})),
 	"tls": hclspec.NewBlock("tls", false, hclspec.NewObject(map[string]*hclspec.Spec{
 		"ca_file":   hclspec.NewAttr("ca_file", "string", true),
 		"cert_file": hclspec.NewAttr("cert_file", "string", true),
@@ -193,6 +211,15 @@ func (c *Config) validate() error {
 				return fmt.Errorf("passthrough.modules: %q is not an uncompressed kernel module (.ko); decompress .ko.xz, .ko.zst or .ko.gz first", m)
 			}
 		}
+	}
+	if c.Pool.Size < 0 || c.Pool.Size > 64 {
+		return fmt.Errorf("pool.size %d: want 0 (no pool) to 64", c.Pool.Size)
+	}
+	if c.Pool.Size > 0 && !c.Snapshot {
+		return fmt.Errorf("pool needs snapshot = true: pooled VMs are restored from the templates")
+	}
+	if c.Pool.Size > 0 && c.Pool.MemoryMB < MinMemoryMB {
+		return fmt.Errorf("pool.memory_mb %d: a pool needs at least %d MiB", c.Pool.MemoryMB, MinMemoryMB)
 	}
 	return c.Network.validate()
 }

@@ -81,6 +81,7 @@ type Driver struct {
 	ptKernel, ptInitrd string
 	kernelVer          string
 	templates          *templates
+	pool               *pool // nil without a pool
 	net                *network
 	setupErr           error
 	// cohortTLS reaches cohort servers over HTTPS with this node's
@@ -150,6 +151,19 @@ func (d *Driver) setup(cfg *Config) error {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "run"), 0o700); err != nil {
 		return fmt.Errorf("creating state dir: %w", err)
 	}
+	// Resolved once: run directories are matched against the kernel's
+	// mount table, which lists real paths.
+	state, err := filepath.EvalSymlinks(cfg.StateDir)
+	if err == nil {
+		state, err = filepath.Abs(state)
+	}
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if len(state) > 60 {
+		return fmt.Errorf("state_dir %q resolves to %q, too long for unix socket paths (at most 60 bytes)", cfg.StateDir, state)
+	}
+	cfg.StateDir = state
 	kernel, err := filepath.EvalSymlinks(cfg.Kernel)
 	if err != nil {
 		return fmt.Errorf("guest kernel: %w", err)
@@ -213,6 +227,10 @@ func (d *Driver) setup(cfg *Config) error {
 	}
 	if cfg.Snapshot {
 		d.templates.get(d.shape(DefaultMemoryMB, 1, d.accel))
+		if cfg.Pool.Size > 0 {
+			d.pool = newPool(d, cfg.Pool, filepath.Join(cfg.StateDir, "run"))
+			go d.pool.run(d.ctx)
+		}
 	}
 	go d.collectOrphans(filepath.Join(cfg.StateDir, "run"))
 	return nil
@@ -330,6 +348,7 @@ func (d *Driver) fingerprint() *drivers.Fingerprint {
 		"driver.microvm.qemu_version":   pstructs.NewStringAttribute(d.backend.Version()),
 		"driver.microvm.kernel_version": pstructs.NewStringAttribute(d.kernelVer),
 		"driver.microvm.snapshot":       pstructs.NewStringAttribute(snap),
+		"driver.microvm.pool":           pstructs.NewStringAttribute(d.pool.attribute()),
 	}
 	if d.net != nil {
 		attrs["driver.microvm.network"] = pstructs.NewStringAttribute(d.net.Status())
@@ -474,7 +493,20 @@ func (u *undo) run() {
 // step before it.
 func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverNetwork, err error) {
 	cfg, spec := p.cfg, p.spec
-	os.RemoveAll(spec.RunDir) // a previous attempt of the same alloc
+	if p.useSnap && len(spec.PCI) == 0 && d.pool != nil {
+		if v := d.pool.take(spec.Shape); v != nil {
+			h, n, assigned, err := d.launchPooled(p, v)
+			if err == nil || assigned {
+				return h, n, err
+			}
+			// The task was never handed to the pooled VM: a restore
+			// can still start it.
+			d.log.Warn("could not start a task in a pooled vm; restoring one instead", "task", cfg.Name, "alloc", cfg.AllocID, "error", err)
+		}
+	}
+	if err := removeRunDir(spec.RunDir); err != nil { // a previous attempt of the same alloc
+		return nil, nil, err
+	}
 	// From here the run directory is this start's, until the task is
 	// stored or the start fails: the orphan collector must not take a VM
 	// that takes long to boot for one no task owns.
@@ -489,7 +521,7 @@ func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverN
 			u.run()
 		}
 	}()
-	u.push(func() { os.RemoveAll(spec.RunDir) })
+	u.push(func() { d.removeRunDir(spec.RunDir) })
 	var ls *lease
 	if d.net != nil {
 		if ls, err = d.net.allocate(d.ctx); err != nil {
@@ -526,10 +558,69 @@ func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverN
 	if err = h.assign(a, assignTimeout); err != nil {
 		return nil, nil, err
 	}
+	how := "cold-booted"
+	if h.snapshot {
+		how = "restored from snapshot"
+	}
+	if len(spec.PCI) > 0 {
+		how += " with " + strings.Join(spec.PCI, ", ") + " passed through"
+	}
+	return d.commit(p, h, how)
+}
 
+// launchPooled hands a waiting VM its task: the task's directories
+// mounted into its shares, its output sent to the task's log fifos, its
+// identity and program. A failure stops the VM rather than returning it
+// to the pool: it may hold part of the task. assigned says whether the
+// assignment was sent: until then the caller may start the task another
+// way.
+func (d *Driver) launchPooled(p *startPlan, v *pooled) (_ *drivers.TaskHandle, _ *drivers.DriverNetwork, assigned bool, err error) {
+	cfg, spec := p.cfg, p.spec
+	start := time.Now()
+	// The run directory stays claimed until the task is stored.
+	release := v.release
+	v.release = nil
+	defer release()
+	var u undo
+	defer func() {
+		if err != nil {
+			u.run()
+		}
+	}()
+	u.push(func() { d.pool.discard(v) })
+	if err = bindTaskDirs(v.m.RunDir, spec.Shares); err != nil {
+		return nil, nil, false, err
+	}
+	if err = d.backend.Redirect(v.m, spec.Stdout, spec.Stderr); err != nil {
+		return nil, nil, false, err
+	}
+	h := newTaskHandle(d, cfg, v.m, v.lease)
+	h.ctl, v.ctl = v.ctl, nil
+	h.snapshot, h.pooled = true, true
+	h.startedAt = start
+	go h.run()
+	u.push(func() {
+		h.kill()
+		<-h.done
+	})
+	a := d.assignment(cfg, p.program, p.tc.Args, v.lease)
+	a.Barrier = p.gang
+	a.MountSub = shareSub
+	if err = h.assign(a, assignTimeout); err != nil {
+		return nil, nil, true, err
+	}
+	handle, dnet, err := d.commit(p, h, fmt.Sprintf("taken from the pool (waited %s)", time.Since(v.made).Round(time.Second)))
+	return handle, dnet, true, err
+}
+
+// commit records a started task: its handle's state for recovery, the
+// task in the driver's table, an event saying how it started, and the
+// wait at the gang's start barrier.
+func (d *Driver) commit(p *startPlan, h *taskHandle, how string) (*drivers.TaskHandle, *drivers.DriverNetwork, error) {
+	cfg, m, ls, start := p.cfg, h.m, h.lease, h.startedAt
 	handle := drivers.NewTaskHandle(taskHandleVersion)
 	handle.Config = cfg
-	if err = handle.SetDriverState(&taskState{Machine: *m, Lease: ls, StartedAt: start, Snapshot: h.snapshot}); err != nil {
+	if err := handle.SetDriverState(&taskState{Machine: *m, Lease: ls, StartedAt: start, Snapshot: h.snapshot}); err != nil {
 		return nil, nil, fmt.Errorf("saving task state: %w", err)
 	}
 	d.tasks.Store(cfg.ID, h)
@@ -537,13 +628,6 @@ func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverN
 	var dnet *drivers.DriverNetwork
 	if ls != nil {
 		dnet = &drivers.DriverNetwork{IP: ls.IP, AutoAdvertise: true}
-	}
-	how := "cold-booted"
-	if h.snapshot {
-		how = "restored from snapshot"
-	}
-	if len(spec.PCI) > 0 {
-		how += " with " + strings.Join(spec.PCI, ", ") + " passed through"
 	}
 	took := time.Since(start)
 	h.startTook = took
@@ -557,7 +641,7 @@ func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverN
 	if p.gang {
 		go h.barrier(p.conf.CohortServers, p.gangTimeout)
 	}
-	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "took", took)
+	d.log.Debug("started worker vm", "task", cfg.Name, "alloc", cfg.AllocID, "pid", m.PID, "snapshot", h.snapshot, "pooled", h.pooled, "took", took)
 	return handle, dnet, nil
 }
 

@@ -66,6 +66,11 @@ func TestConfigValidate(t *testing.T) {
 	if err := ok.validate(); err != nil {
 		t.Fatal(err)
 	}
+	pooled := ok
+	pooled.Snapshot, pooled.Pool = true, PoolConfig{Size: 4, MemoryMB: 1024}
+	if err := pooled.validate(); err != nil {
+		t.Fatal(err)
+	}
 	bad := map[string]func(c *Config){
 		"no init":     func(c *Config) { c.Init = "" },
 		"accelerator": func(c *Config) { c.Accelerator = "hvf" },
@@ -85,6 +90,9 @@ func TestConfigValidate(t *testing.T) {
 		"compressed module": func(c *Config) {
 			c.Passthrough = PassthroughConfig{Kernel: "/k", Modules: []string{"/m/nvidia.ko.zst"}}
 		},
+		"pool without snapshots": func(c *Config) { c.Snapshot, c.Pool = false, PoolConfig{Size: 2, MemoryMB: 512} },
+		"pool too large":         func(c *Config) { c.Snapshot, c.Pool = true, PoolConfig{Size: 65, MemoryMB: 512} },
+		"pool without memory":    func(c *Config) { c.Snapshot, c.Pool = true, PoolConfig{Size: 2, MemoryMB: 10} },
 	}
 	for name, mutate := range bad {
 		c := ok

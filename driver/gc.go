@@ -110,7 +110,7 @@ func (d *Driver) collect(runRoot string) {
 			d.log.Warn("stopping orphaned vm", "pid", m.PID, "dir", dir)
 			m.Kill()
 		}
-		os.RemoveAll(dir)
+		d.removeRunDir(dir)
 		unlock()
 	}
 	if d.net != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
@@ -33,6 +32,7 @@ type taskHandle struct {
 	startTook   time.Duration
 	completedAt time.Time
 	snapshot    bool
+	pooled      bool // taken from the warm pool
 	result      *drivers.ExitResult
 	killedBy    int // signal the driver used to end the VM, if it had to
 	cleaned     bool
@@ -260,7 +260,7 @@ func (h *taskHandle) cleanup() {
 	if h.lease != nil && h.d.net != nil {
 		h.d.net.release(h.lease)
 	}
-	os.RemoveAll(h.m.RunDir)
+	h.d.removeRunDir(h.m.RunDir)
 }
 
 func (h *taskHandle) status() *drivers.TaskStatus {

@@ -92,7 +92,7 @@ func harnessConfig(t *testing.T) *Config {
 	if err != nil {
 		t.Skipf("no /run to keep VM sockets in: %v", err)
 	}
-	t.Cleanup(func() { os.RemoveAll(state) })
+	t.Cleanup(func() { removeRunDir(state) }) // unmounts first: pooled VMs mount under it
 	return &Config{Kernel: a.Kernel, Init: a.Init, StateDir: state, Accelerator: "auto"}
 }
 

@@ -85,6 +85,8 @@ type clusterOpts struct {
 	// microvm loads the microvm driver, reporting to a cohort server the
 	// test starts; noEgress keeps its workers inside the cluster.
 	microvm, noEgress bool
+	// pool is each node's warm pool size (0: none).
+	pool int
 	// servers are the cohort servers' API ports (on the cluster's server
 	// address); one is picked when microvm is set and none is given.
 	servers []int
@@ -178,7 +180,7 @@ func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 		if kernel == "" {
 			t.Fatal("guest kernel not found: run make kernel or set COHORT_KERNEL")
 		}
-		mv = &devcluster.MicroVM{Kernel: kernel, Init: initBin, NoEgress: opts.noEgress}
+		mv = &devcluster.MicroVM{Kernel: kernel, Init: initBin, NoEgress: opts.noEgress, Pool: opts.pool}
 		for _, p := range opts.servers {
 			s := "http"
 			if opts.tls || opts.nomadSecure {

@@ -83,9 +83,21 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("snapshot start: %w", err)
 	}
+	var refills, pooled []float64
+	for range *runs {
+		r, t, err := b.poolStart(snap)
+		if err != nil {
+			return fmt.Errorf("pooled start: %w", err)
+		}
+		refills, pooled = append(refills, ms(r)), append(pooled, ms(t))
+	}
 	start16, proc16, err := b.startMany(snap, *many)
 	if err != nil {
 		return fmt.Errorf("%d restores at once: %w", *many, err)
+	}
+	start16Pool, poolRSS, poolPSS, poolCPU, err := b.startManyPooled(snap, *many)
+	if err != nil {
+		return fmt.Errorf("%d pooled starts at once: %w", *many, err)
 	}
 	rss, pss, err := b.idleMemory(snap)
 	if err != nil {
@@ -100,14 +112,24 @@ func run() error {
 	p("template_build_ms", tmplMs)
 	p("boot_snapshot_p50_ms", pct(warm, 50))
 	p("boot_snapshot_p90_ms", pct(warm, 90))
+	p("boot_pool_p50_ms", pct(pooled, 50))
+	p("boot_pool_p90_ms", pct(pooled, 90))
+	p("pool_refill_ms", pct(refills, 50))
 	p(fmt.Sprintf("start%d_snapshot_ms", *many), start16)
+	p(fmt.Sprintf("start%d_pool_ms", *many), start16Pool)
 	p(fmt.Sprintf("start%d_process_ms", *many), proc16)
 	fmt.Printf("start%d_snapshot_vs_process=%.2fx\n", *many, start16/proc16)
+	fmt.Printf("start%d_pool_vs_process=%.2fx\n", *many, start16Pool/proc16)
+	p("pool_vm_rss_mib", poolRSS)
+	p("pool_vm_pss_mib", poolPSS)
+	p("pool_vm_idle_cpu_pct", poolCPU)
 	p("idle_vm_rss_mib", rss)
 	p("idle_vm_pss_mib", pss)
 	fmt.Printf("boot_snapshot_vs_qemu_empty=%.2fx\n", pct(warm, 50)/pct(floor, 50))
 	fmt.Printf("boot_snapshot_vs_process_start=%.2fx\n", pct(warm, 50)/pct(proc, 50))
 	fmt.Printf("boot_cold_vs_boot_snapshot=%.2fx\n", pct(cold, 50)/pct(warm, 50))
+	fmt.Printf("boot_pool_vs_qemu_empty=%.2fx\n", pct(pooled, 50)/pct(floor, 50))
+	fmt.Printf("boot_snapshot_vs_boot_pool=%.2fx\n", pct(warm, 50)/pct(pooled, 50))
 	goal := func(name string, ok bool) {
 		v := "missed"
 		if ok {
@@ -116,6 +138,7 @@ func run() error {
 		fmt.Printf("goal_%s=%s\n", name, v)
 	}
 	goal("boot_snapshot_le_60ms", pct(warm, 50) <= 60)
+	goal("boot_pool_le_60ms", pct(pooled, 50) <= 60)
 	goal("boot_cold_le_400ms", pct(cold, 50) <= 400)
 	goal("idle_rss_le_40mib", rss <= 40)
 	goal("idle_pss_le_15mib", pss <= 15)

@@ -17,6 +17,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,6 +39,8 @@ import (
 var (
 	runs    = flag.Int("n", 10, "runs per figure")
 	records = flag.Int("records", 20000, "records per sort worker (12 workers of 128 MiB)")
+	poolVMs = flag.Int("pool", 0, "warm VMs per shape kept by each node's microvm driver (0: no pool)")
+	verbose = flag.Bool("explain", false, "print every gang worker's task events")
 )
 
 func main() {
@@ -102,7 +105,7 @@ func run() error {
 		DataDir: filepath.Join(tmp, "cluster"), NomadBin: nomadBin, ConsulBin: consulBin,
 		PluginDir: filepath.Join(root, "bin", "plugins"), Ports: ports, Nodes: 3, Logger: log,
 		MicroVM: &devcluster.MicroVM{Kernel: kernel, Init: filepath.Join(root, "bin", "guest", "cohort-init"),
-			CohortServers: []string{fmt.Sprintf("http://%s:%d", serverIP, httpPort)}},
+			CohortServers: []string{fmt.Sprintf("http://%s:%d", serverIP, httpPort)}, Pool: *poolVMs},
 	})
 	if err != nil {
 		return err
@@ -130,14 +133,16 @@ func run() error {
 	if err := b.ready(5 * time.Minute); err != nil {
 		return err
 	}
-	fmt.Printf("hosts=3\nruns=%d\n", *runs)
+	fmt.Printf("hosts=3\nruns=%d\npool=%d\n", *runs, *poolVMs)
 
 	var gang, raw, sortGang, sortRaw []float64
 	for i := 0; i <= *runs; i++ { // run 0 warms up and is not counted
+		b.settle()
 		g, err := b.gang16(i)
 		if err != nil {
 			return fmt.Errorf("gang16 run %d: %w", i, err)
 		}
+		b.settle()
 		r, err := b.rawexec16(i)
 		if err != nil {
 			return fmt.Errorf("rawexec16 run %d: %w", i, err)
@@ -180,6 +185,15 @@ func (b *bench) ready(timeout time.Duration) error {
 	return fmt.Errorf("the cluster was not ready in %s", timeout)
 }
 
+// settle gives the nodes' pools time to refill after a gang took their
+// VMs, so that neither the next figure nor its baseline runs beside the
+// refill (on 2 cores it would slow both).
+func (b *bench) settle() {
+	if *poolVMs > 0 {
+		time.Sleep(15 * time.Second)
+	}
+}
+
 // gang16 is one start of the 16-worker gang, in ms.
 func (b *bench) gang16(i int) (float64, error) {
 	spec := &jobspec.Job{Name: fmt.Sprintf("gang16-%d", i), Priority: 50, Datacenters: []string{"*"}, NodePool: "default",
@@ -197,6 +211,9 @@ func (b *bench) gang16(i int) (float64, error) {
 	end, err := b.lastStamp(*job.ID, 16)
 	if err != nil {
 		return 0, err
+	}
+	if *verbose {
+		b.explain(*job.ID)
 	}
 	return float64(end.Sub(start).Microseconds()) / 1000, nil
 }
@@ -282,6 +299,7 @@ func (b *bench) waitCohort(id string) error {
 		v, err := b.cohort.Job("", id, false)
 		if err == nil && v.Ended() {
 			if v.Status != cohortapi.StatusFinished || v.Reason != cohortapi.ReasonExited {
+				b.explain(id)
 				return fmt.Errorf("gang %s: %s: %s", id, v.Status, v.Reason)
 			}
 			return nil
@@ -341,6 +359,35 @@ func (b *bench) sortRate(id string) (float64, error) {
 }
 
 // logs is every allocation's stdout of a job.
+// explain prints, for a gang that failed, each worker's node, state,
+// task events and the tails of its output.
+func (b *bench) explain(id string) {
+	allocs, _, err := b.nomad.Jobs().Allocations(id, false, nil)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "explain:", err)
+		return
+	}
+	for _, stub := range allocs {
+		fmt.Fprintf(os.Stderr, "== %s on %s: %s\n", stub.Name, stub.NodeName, stub.ClientStatus)
+		for _, ts := range stub.TaskStates {
+			for _, e := range ts.Events {
+				fmt.Fprintf(os.Stderr, "   %s %s: %s\n", time.Unix(0, e.Time).Format("15:04:05.000"), e.Type, e.DisplayMessage)
+			}
+		}
+		a, _, err := b.nomad.Allocations().Info(stub.ID, nil)
+		if err != nil {
+			continue
+		}
+		for _, f := range []string{"stdout", "stderr"} {
+			if r, err := b.nomad.AllocFS().Cat(a, "alloc/logs/worker."+f+".0", nil); err == nil {
+				out, _ := io.ReadAll(io.LimitReader(r, 4096))
+				r.Close()
+				fmt.Fprintf(os.Stderr, "   %s: %q\n", f, out)
+			}
+		}
+	}
+}
+
 func (b *bench) logs(id string) ([]string, error) {
 	allocs, _, err := b.nomad.Jobs().Allocations(id, false, nil)
 	if err != nil {

@@ -29,6 +29,9 @@
 #   COHORT_STATE_DIR   the driver's state: VMs, sockets, snapshots (/run/cohort)
 #   WORKER_BRIDGE      the workers' bridge, or "none" for no network (cohort0)
 #   WORKER_EGRESS      true to let workers reach outside the cluster (true)
+#   WORKER_POOL        warm VMs the microvm driver keeps per shape (0: none)
+#   WORKER_POOL_MEMORY_MB  their guest memory in all (1024); reserved from
+#                      what the client offers Nomad when the pool is on
 #   COHORT_CA_FILE, COHORT_CERT_FILE, COHORT_KEY_FILE
 #                      the node's certificate for cohort's servers
 #                      (`cohort tls cert create -node=$NODE_NAME`)
@@ -65,6 +68,7 @@ done
 : "${COHORT_KERNEL:=/var/lib/cohort/vmlinux}" "${COHORT_INIT:=/var/lib/cohort/cohort-init}"
 : "${COHORT_STATE_DIR:=/run/cohort}"
 : "${WORKER_BRIDGE:=cohort0}" "${WORKER_EGRESS:=true}"
+: "${WORKER_POOL:=0}" "${WORKER_POOL_MEMORY_MB:=1024}"
 : "${ACCEL_SYSFS_ROOT:=/sys}" "${ACCEL_FINGERPRINT_PERIOD:=1m}"
 : "${NOMAD_GC_MAX_ALLOCS:=50}" "${CONSUL_HTTP_ADDR:=127.0.0.1:8500}" "${LOG_LEVEL:=INFO}"
 plain NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CONSUL_DATA_DIR \
@@ -74,6 +78,8 @@ plain NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CON
   NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NODE_INTERFACE
 case $WORKER_EGRESS in true|false) ;; *) die "WORKER_EGRESS must be true or false" ;; esac
 [[ $NOMAD_GC_MAX_ALLOCS =~ ^[0-9]+$ ]] || die "NOMAD_GC_MAX_ALLOCS must be a number"
+[[ $WORKER_POOL =~ ^[0-9]+$ ]] || die "WORKER_POOL must be a number"
+[[ $WORKER_POOL_MEMORY_MB =~ ^[0-9]+$ ]] || die "WORKER_POOL_MEMORY_MB must be a number"
 if [ -n "${COHORT_CERT_FILE:-}" ]; then
   need COHORT_CA_FILE
   need COHORT_KEY_FILE
@@ -142,15 +148,31 @@ if [ "$MICROVM" = 1 ]; then
       key_file  = \"$COHORT_KEY_FILE\"
     }"
   fi
+  pool=""
+  if [ "$WORKER_POOL" != 0 ]; then
+    pool="
+    pool {
+      size      = $WORKER_POOL
+      memory_mb = $WORKER_POOL_MEMORY_MB
+    }"
+  fi
   microvm="
 plugin \"nomad-driver-microvm\" {
   config {
     kernel         = \"$COHORT_KERNEL\"
     init           = \"$COHORT_INIT\"
     state_dir      = \"$COHORT_STATE_DIR\"
-    cohort_servers = [$(quoted "$COHORT_SERVERS")]$network$tls
+    cohort_servers = [$(quoted "$COHORT_SERVERS")]$network$tls$pool
   }
 }"
+fi
+# Waiting VMs hold memory Nomad cannot see: the client offers that much less.
+reserved=""
+if [ "$MICROVM" = 1 ] && [ "$WORKER_POOL" != 0 ]; then
+  reserved="
+  reserved {
+    memory = $WORKER_POOL_MEMORY_MB
+  }"
 fi
 
 rawexec=""
@@ -177,7 +199,7 @@ client {
   enabled           = true
   servers           = [$(quoted "$NOMAD_SERVERS")]
   network_interface = "$NODE_INTERFACE"
-  gc_max_allocs     = $NOMAD_GC_MAX_ALLOCS
+  gc_max_allocs     = $NOMAD_GC_MAX_ALLOCS$reserved
 }
 
 consul {

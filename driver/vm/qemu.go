@@ -148,7 +148,10 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 			// in extended attributes, never on the host itself, so
 			// nothing a guest writes is setuid, a device or anyone's
 			// but the VMM's user.
-			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=mapped-xattr",
+			// multidevs=remap: a pooled VM's share holds the task's
+			// directory mounted from another file system, whose inode
+			// numbers must not collide with the share's own.
+			"-fsdev", "local,id=fs_"+tag+",path="+spec.Shares[tag]+",security_model=mapped-xattr,multidevs=remap",
 			"-device", "virtio-9p-device,fsdev=fs_"+tag+",mount_tag="+tag)
 	}
 	if spec.Tap != "" {
@@ -194,6 +197,23 @@ func (q *QEMU) Restore(spec *Spec, snapshot string) (*Machine, error) {
 		return nil, fmt.Errorf("restoring %s: %w; %s", snapshot, err, m.ConsoleTail(5))
 	}
 	return m, nil
+}
+
+// Redirect swaps the backends of the VM's output chardevs over QMP; the
+// virtio-serial ports in the guest stay as they are.
+func (q *QEMU) Redirect(m *Machine, stdout, stderr string) error {
+	qc, err := dialQMP(m.QMPSocket(), 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer qc.close()
+	for id, path := range map[string]string{"out": stdout, "err": stderr} {
+		backend := map[string]any{"type": "file", "data": map[string]any{"out": path}}
+		if _, err := qc.do("chardev-change", map[string]any{"id": id, "backend": backend}); err != nil {
+			return fmt.Errorf("redirecting the program's %s: %w", map[string]string{"out": "stdout", "err": "stderr"}[id], err)
+		}
+	}
+	return nil
 }
 
 // ramFile is where a snapshot's guest memory lives, beside its device

@@ -49,6 +49,11 @@ type Backend interface {
 	// the same Shape, with spec's own run directory, shares, tap and
 	// outputs. The guest resumes waiting for its assignment.
 	Restore(spec *Spec, snapshot string) (*Machine, error)
+	// Redirect points a running VM's program output at new files (a
+	// pooled VM, started before its task's log fifos existed, gets them
+	// at its assignment). The guest must not have opened its output
+	// ports yet: it opens them when its program starts.
+	Redirect(m *Machine, stdout, stderr string) error
 	// Snapshot boots a template VM for spec, waits until its init is
 	// ready for an assignment, and saves it to dst; on failure it leaves
 	// nothing at dst.

@@ -69,6 +69,8 @@ type MicroVM struct {
 	// NoNetwork leaves the workers without a network; NoEgress without a
 	// way out of the cluster.
 	NoNetwork, NoEgress bool
+	// Pool is how many warm VMs each node's driver keeps per shape.
+	Pool int
 }
 
 // Accel is the accelerator device plugin's config on every node.
@@ -466,7 +468,7 @@ func (c *Cluster) Stop() error {
 			c.consul.stop(c.log)
 		}
 		killOrphans(c.log)
-		if err := unmountUnder(c.cfg.DataDir); err != nil {
+		if err := UnmountUnder(c.cfg.DataDir); err != nil {
 			errs = append(errs, err)
 		}
 		if err := c.net.down(); err != nil {

@@ -118,6 +118,7 @@ func (c *Cluster) configureNode(n *Node) error {
 		env["COHORT_STATE_DIR"] = n.StateDir
 		env["COHORT_SERVERS"] = strings.Join(mv.CohortServers, ",")
 		env["WORKER_EGRESS"] = strconv.FormatBool(!mv.NoEgress)
+		env["WORKER_POOL"] = strconv.Itoa(mv.Pool)
 		if mv.NoNetwork {
 			env["WORKER_BRIDGE"] = "none"
 		}

@@ -173,7 +173,7 @@ func allocStub(a *api.Allocation) *api.AllocationListStub {
 // without node:read or read-job in every namespace) is followed with
 // blocking queries on the two lists instead.
 func (c *Client) followCluster(ctx context.Context, log hclog.Logger) {
-	backoff := 100 * time.Millisecond
+	var b backoff
 	for ctx.Err() == nil {
 		err := c.followOnce(ctx)
 		if ctx.Err() != nil {
@@ -185,12 +185,8 @@ func (c *Client) followCluster(ctx context.Context, log hclog.Logger) {
 			c.followLists(ctx, log)
 			return
 		}
-		log.Warn("following nomad's event stream failed; starting over", "error", err, "in", backoff)
-		select {
-		case <-ctx.Done():
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 5*time.Second)
+		log.Warn("following nomad's event stream failed; starting over", "error", err, "in", b.next())
+		b.wait(ctx)
 	}
 }
 
@@ -257,13 +253,9 @@ func (c *Client) setCluster(cl *cluster) {
 
 // readCluster reads the node and allocation lists whole.
 func (c *Client) readCluster(ctx context.Context) (*cluster, error) {
-	nodes, _, err := c.api.Nodes().List((&api.QueryOptions{Params: resources}).WithContext(ctx))
+	nodes, allocs, err := c.readLists(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("listing nodes: %w", err)
-	}
-	allocs, _, err := c.api.Allocations().List((&api.QueryOptions{Params: resources, Namespace: "*"}).WithContext(ctx))
-	if err != nil {
-		return nil, fmt.Errorf("listing allocations: %w", err)
+		return nil, err
 	}
 	return newCluster(nodes, allocs), nil
 }

@@ -117,11 +117,17 @@ func (c *Client) snapshot() ([]*api.NodeListStub, []*api.AllocationListStub, err
 		return n, a, nil
 	}
 	c.mu.Unlock()
-	nodes, _, err := c.api.Nodes().List(&api.QueryOptions{Params: resources})
+	return c.readLists(context.Background())
+}
+
+// readLists reads the node and allocation lists whole, with each entry's
+// resources.
+func (c *Client) readLists(ctx context.Context) ([]*api.NodeListStub, []*api.AllocationListStub, error) {
+	nodes, _, err := c.api.Nodes().List((&api.QueryOptions{Params: resources}).WithContext(ctx))
 	if err != nil {
 		return nil, nil, fmt.Errorf("listing nodes: %w", err)
 	}
-	allocs, _, err := c.api.Allocations().List(&api.QueryOptions{Params: resources, Namespace: "*"})
+	allocs, _, err := c.api.Allocations().List((&api.QueryOptions{Params: resources, Namespace: "*"}).WithContext(ctx))
 	if err != nil {
 		return nil, nil, fmt.Errorf("listing allocations: %w", err)
 	}
@@ -197,25 +203,43 @@ type query func(*api.QueryOptions) (uint64, error)
 // follow repeats a blocking query from the last index it saw.
 func follow(ctx context.Context, log hclog.Logger, q query) {
 	var index uint64
-	backoff := 100 * time.Millisecond
+	var b backoff
 	for ctx.Err() == nil {
 		next, err := q(&api.QueryOptions{WaitIndex: index, WaitTime: 5 * time.Minute})
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			log.Warn("blocking query failed; retrying", "error", err, "in", backoff)
-			select {
-			case <-ctx.Done():
-			case <-time.After(backoff):
-			}
-			backoff = min(2*backoff, 5*time.Second)
+			log.Warn("blocking query failed; retrying", "error", err, "in", b.next())
+			b.wait(ctx)
 			continue
 		}
-		backoff = 100 * time.Millisecond
+		b.reset()
 		index = nextIndex(index, next)
 	}
 }
+
+// backoff is the wait between retries: 100 ms, doubling to 5 s.
+type backoff struct{ d time.Duration }
+
+// next is the coming wait.
+func (b *backoff) next() time.Duration {
+	if b.d == 0 {
+		b.d = 100 * time.Millisecond
+	}
+	return b.d
+}
+
+// wait sleeps the coming wait (or until ctx ends) and doubles the next.
+func (b *backoff) wait(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(b.next()):
+	}
+	b.d = min(2*b.d, 5*time.Second)
+}
+
+func (b *backoff) reset() { b.d = 0 }
 
 // nextIndex is the index the next blocking query waits from. Nomad
 // blocks only for an index above zero, and a table that was never written

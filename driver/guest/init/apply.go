@@ -5,16 +5,55 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"unsafe"
 
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 	"golang.org/x/sys/unix"
 )
 
+// prepared is what a warm-up already did in a pooled VM, so that its
+// assignment does only the rest.
+type prepared struct {
+	lo      bool
+	net     string          // the network configuration applied
+	mounted map[string]bool // shares mounted at /.9p/<tag>
+}
+
+// netKey names a network configuration, to tell whether the assignment's
+// is the one a warm-up applied.
+func netKey(a *proto.Assignment) string {
+	return a.Interface + "|" + a.MAC + "|" + a.Address + "|" + a.Gateway + "|" + fmt.Sprint(a.MTU)
+}
+
+// warm does, in a pooled VM, what needs no task: entropy (its template's
+// RNG state is shared with every other copy), the network of the address
+// the pool holds for it, and its shares, mounted where the assignment
+// binds the task's part of them from.
+func warm(a *proto.Assignment, p *prepared) error {
+	if err := reseed(a.Entropy); err != nil {
+		return err
+	}
+	if err := network(a, p); err != nil {
+		return err
+	}
+	for _, tag := range a.Mounts {
+		if err := mountShare(tag, p); err != nil {
+			return err
+		}
+	}
+	// Start a process once, so that the kernel's exec, fault and thread
+	// paths the program will take are already translated (under TCG) and
+	// cached: the init itself, which exits at once when it is not PID 1.
+	// (Reading a file over 9p as well was measured and gained nothing.)
+	exec.Command("/init").Run()
+	return nil
+}
+
 // apply gives the VM the identity in a: fresh entropy first (a restored
 // snapshot starts with its template's RNG state), then hostname, network
-// and the task's directories.
-func apply(a *proto.Assignment) error {
+// and the task's directories, skipping what a warm-up did.
+func apply(a *proto.Assignment, p *prepared) error {
 	if err := reseed(a.Entropy); err != nil {
 		return err
 	}
@@ -29,13 +68,70 @@ func apply(a *proto.Assignment) error {
 			return fmt.Errorf("setting hostname: %w", err)
 		}
 	}
-	if err := ifUp("lo"); err != nil {
+	if err := network(a, p); err != nil {
 		return err
 	}
-	if a.Address != "" {
+	for _, tag := range a.Mounts {
+		dst := "/" + tag
+		os.MkdirAll(dst, 0o755)
+		if a.MountSub == "" {
+			if err := unix.Mount(tag, dst, "9p", 0, mountOptions); err != nil {
+				return fmt.Errorf("mounting task directory %s: %w", tag, err)
+			}
+			continue
+		}
+		if err := mountShare(tag, p); err != nil {
+			return err
+		}
+		src := shareDir(tag) + "/" + a.MountSub
+		if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("binding task directory %s: %w", tag, err)
+		}
+		// The share's root (the pool's directory on the host) is no
+		// business of the program: only the task's part stays. The bind
+		// keeps the 9p channel in use, so the tag cannot be mounted
+		// again.
+		if err := unix.Unmount(shareDir(tag), unix.MNT_DETACH); err != nil {
+			return fmt.Errorf("unmounting share %s: %w", tag, err)
+		}
+	}
+	return nil
+}
+
+const mountOptions = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap"
+
+func shareDir(tag string) string { return "/.9p/" + tag }
+
+func mountShare(tag string, p *prepared) error {
+	if p.mounted[tag] {
+		return nil
+	}
+	dst := shareDir(tag)
+	os.MkdirAll(dst, 0o755)
+	if err := unix.Mount(tag, dst, "9p", 0, mountOptions); err != nil {
+		return fmt.Errorf("mounting share %s: %w", tag, err)
+	}
+	if p.mounted == nil {
+		p.mounted = map[string]bool{}
+	}
+	p.mounted[tag] = true
+	return nil
+}
+
+// network brings up lo and the assignment's interface, route and
+// resolver, unless a warm-up brought up the same.
+func network(a *proto.Assignment, p *prepared) error {
+	if !p.lo {
+		if err := ifUp("lo"); err != nil {
+			return err
+		}
+		p.lo = true
+	}
+	if a.Address != "" && p.net != netKey(a) {
 		if err := configureNet(a); err != nil {
 			return err
 		}
+		p.net = netKey(a)
 	}
 	if len(a.DNS) > 0 {
 		conf := ""
@@ -45,13 +141,6 @@ func apply(a *proto.Assignment) error {
 		os.MkdirAll("/etc", 0o755)
 		if err := os.WriteFile("/etc/resolv.conf", []byte(conf), 0o644); err != nil {
 			return fmt.Errorf("writing resolv.conf: %w", err)
-		}
-	}
-	for _, tag := range a.Mounts {
-		dst := "/" + tag
-		os.MkdirAll(dst, 0o755)
-		if err := unix.Mount(tag, dst, "9p", 0, "trans=virtio,version=9p2000.L,msize=524288,cache=mmap"); err != nil {
-			return fmt.Errorf("mounting task directory %s: %w", tag, err)
 		}
 	}
 	return nil

@@ -11,6 +11,7 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -85,14 +86,35 @@ func (g *guest) run() error {
 	// copy with its own identity.
 	in := bufio.NewReader(ctl)
 	var a proto.Assignment
-	for a.Program == "" {
-		// A command that reaches a VM still waiting for its assignment
-		// (sent by a driver that lost track of it) is not an assignment.
-		if err := readJSON(in, &a, time.Millisecond); err != nil {
+	var p prepared
+	warmed := false
+	for {
+		a = proto.Assignment{}
+		// A pool holds its warmed VMs' control connections open until
+		// it hands them to a task: one that closes is a pool that died
+		// (Nomad kills a plugin, it does not ask it to stop), and
+		// nobody will assign this VM.
+		if err := readJSON(in, &a, time.Millisecond, warmed); err != nil {
+			if err == io.EOF {
+				return errors.New("the pool that warmed this vm is gone; powering off")
+			}
 			return fmt.Errorf("reading assignment: %w", err)
 		}
+		if a.Warm {
+			if err := warm(&a, &p); err != nil {
+				return fmt.Errorf("warming up: %w", err)
+			}
+			warmed = true
+			g.emit(proto.Event{Kind: proto.EvWarmed})
+			continue
+		}
+		// A command that reaches a VM still waiting for its assignment
+		// (sent by a driver that lost track of it) is not an assignment.
+		if a.Program != "" {
+			break
+		}
 	}
-	if err := apply(&a); err != nil {
+	if err := apply(&a, &p); err != nil {
 		return err
 	}
 	g.emit(proto.Event{Kind: proto.EvAssigned})
@@ -101,7 +123,7 @@ func (g *guest) run() error {
 	go func() {
 		for {
 			var c proto.Command
-			if err := readJSON(in, &c, 50*time.Millisecond); err != nil {
+			if err := readJSON(in, &c, 50*time.Millisecond, false); err != nil {
 				close(cmds)
 				return
 			}
@@ -184,9 +206,10 @@ func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-
 
 // readJSON reads one JSON line. A virtio port reads as EOF while no host
 // client is connected (a restored VM's driver connects after the restore),
-// so EOF means "not yet", not "never". The wait backs off to maxWait: the
-// assignment is awaited eagerly (it is on the start path), commands lazily.
-func readJSON(r *bufio.Reader, v any, maxWait time.Duration) error {
+// so EOF means "not yet", not "never" — unless eofEnds, when it returns
+// io.EOF. The wait backs off to maxWait: the assignment is awaited eagerly
+// (it is on the start path), commands lazily.
+func readJSON(r *bufio.Reader, v any, maxWait time.Duration, eofEnds bool) error {
 	var line []byte
 	wait := 100 * time.Microsecond
 	for {
@@ -201,6 +224,9 @@ func readJSON(r *bufio.Reader, v any, maxWait time.Duration) error {
 		}
 		if err != io.EOF {
 			return err
+		}
+		if eofEnds && len(line) == 0 {
+			return io.EOF
 		}
 		time.Sleep(wait)
 		if wait *= 2; wait > maxWait {

@@ -41,10 +41,19 @@ type Assignment struct {
 	// of the moment its template was saved.
 	UnixNano int64    `json:"unix_nano"`
 	Mounts   []string `json:"mounts,omitempty"` // 9p tags to mount at /<tag>
-	Program  string   `json:"program"`          // path inside the guest
-	Args     []string `json:"args,omitempty"`
-	Env      []string `json:"env,omitempty"`
-	Dir      string   `json:"dir,omitempty"`
+	// MountSub, when set, is the directory inside each share that holds
+	// the task's files: the share is mounted at /.9p/<tag> and its
+	// MountSub bound to /<tag>. A pooled VM's shares are made before its
+	// task exists, and the task's directories mounted into them later.
+	MountSub string `json:"mount_sub,omitempty"`
+	// Warm asks a VM waiting in a pool to do, ahead of its task, what
+	// does not depend on it: seed its RNG, bring up its network, mount
+	// its shares. It answers EvWarmed and waits on for its assignment.
+	Warm    bool     `json:"warm,omitempty"`
+	Program string   `json:"program"` // path inside the guest
+	Args    []string `json:"args,omitempty"`
+	Env     []string `json:"env,omitempty"`
+	Dir     string   `json:"dir,omitempty"`
 	// Barrier, when set, holds the program until a CmdRelease arrives.
 	Barrier bool `json:"barrier,omitempty"`
 }
@@ -64,6 +73,7 @@ type Command struct {
 // Event kinds, guest to host.
 const (
 	EvReady    = "ready"    // init is up and waiting for its assignment
+	EvWarmed   = "warmed"   // a warm-up was applied; still waiting
 	EvAssigned = "assigned" // identity applied; waiting at the barrier if any
 	EvStarted  = "started"  // the program is running
 	EvExited   = "exited"   // the program ended; the VM powers off next

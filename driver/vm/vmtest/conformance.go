@@ -176,6 +176,59 @@ func Conformance(t *testing.T, b vm.Backend) {
 		}
 	})
 
+	t.Run("WarmThenRedirect", func(t *testing.T) {
+		// A pooled VM: warmed before its task exists (shares mounted,
+		// network up), then given its task's files and log paths.
+		spec := Spec(t, a, accel)
+		worker := filepath.Join(spec.Shares["local"], "worker")
+		m, ctx, events, ctl := Booted(t, b, spec)
+		warm := Assignment("")
+		warm.Program, warm.Warm = "", true
+		if err := ctl.Send(warm); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := vm.WaitEvent(ctx, m, events, proto.EvWarmed); err != nil {
+			t.Fatal(err)
+		}
+		// The task's files arrive after the guest mounted its shares.
+		sub := filepath.Join(spec.Shares["local"], "task")
+		if err := os.Mkdir(sub, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(worker, filepath.Join(sub, "worker")); err != nil {
+			t.Fatal(err)
+		}
+		for _, tag := range proto.MountTags {
+			os.MkdirAll(filepath.Join(spec.Shares[tag], "task"), 0o755)
+		}
+		out, errf := filepath.Join(t.TempDir(), "out"), filepath.Join(t.TempDir(), "err")
+		if err := b.Redirect(m, out, errf); err != nil {
+			t.Fatal(err)
+		}
+		as := Assignment("w0", "exit", "4")
+		as.MountSub = "task"
+		if err := ctl.Send(as); err != nil {
+			t.Fatal(err)
+		}
+		ev, err := vm.WaitEvent(ctx, m, events, proto.EvExited)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.ExitCode != 4 {
+			t.Errorf("exit code = %d, want 4", ev.ExitCode)
+		}
+		m.Wait(ctx)
+		if got := readOr(out); got != "hello from the worker on stdout\n" {
+			t.Errorf("redirected stdout = %q", got)
+		}
+		if got := readOr(errf); got != "hello from the worker on stderr\n" {
+			t.Errorf("redirected stderr = %q", got)
+		}
+		if got := readOr(spec.Stdout); got != "" {
+			t.Errorf("the first stdout got %q after the redirect", got)
+		}
+	})
+
 	t.Run("FailedSnapshotLeavesNothing", func(t *testing.T) {
 		// A template whose init dies (the worker as /init prints its
 		// usage and exits: a kernel panic) never becomes a snapshot.

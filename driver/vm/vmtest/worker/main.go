@@ -60,6 +60,14 @@ func main() {
 			addr += " " + ifc.HardwareAddr.String()
 		}
 		fmt.Printf("%s %x %s\n", host, b, addr)
+	case "write":
+		// write PATH TEXT: a file for the host to find in the task's
+		// directories.
+		if err := os.WriteFile(os.Args[2], []byte(os.Args[3]), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println("wrote", os.Args[2])
 	case "sleep":
 		fmt.Println("sleeping")
 		time.Sleep(time.Hour)
@@ -106,6 +114,11 @@ func main() {
 			os.Exit(1)
 		}
 	case "stamp":
+		// stamp [resolve]: print the time; with resolve, first resolve
+		// every worker's name, and after printing wait until every
+		// worker has done so: a worker's name leaves DNS when it exits,
+		// so one that exited at once would leave a slower peer
+		// resolving its name for ever.
 		if len(os.Args) > 2 && os.Args[2] == "resolve" {
 			g, err := sdk.FromEnv()
 			if err != nil {
@@ -113,13 +126,23 @@ func main() {
 				os.Exit(1)
 			}
 			for _, w := range g.World() {
+				wait := 5 * time.Millisecond
 				for {
 					if _, err := net.LookupHost(w.Name); err == nil {
 						break
 					}
-					time.Sleep(5 * time.Millisecond)
+					time.Sleep(wait)
+					wait = min(2*wait, 200*time.Millisecond)
 				}
 			}
+			fmt.Printf("stamp %d\n", time.Now().UnixNano())
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			if err := g.Barrier(ctx, 7399); err != nil {
+				fmt.Fprintln(os.Stderr, "stamp: waiting for the others:", err)
+				os.Exit(1)
+			}
+			return
 		}
 		fmt.Printf("stamp %d\n", time.Now().UnixNano())
 	case "escape":
