@@ -735,6 +735,12 @@ func (d *Driver) RecoverTask(handle *drivers.TaskHandle) error {
 		return fmt.Errorf("decoding task state: %w", err)
 	}
 	m := st.Machine
+	// The collector matches run directories by their resolved paths
+	// (state_dir is resolved at setup): a task saved by a version that
+	// kept a path through a symlink must still be known as the owner.
+	if r, err := filepath.EvalSymlinks(m.RunDir); err == nil {
+		m.RunDir = r
+	}
 	if st.Lease != nil && d.net != nil {
 		d.net.claim(st.Lease)
 	}

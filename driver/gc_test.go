@@ -12,6 +12,7 @@ import (
 
 	"github.com/cohort-dev/cohort/driver/vm"
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/nomad/plugins/drivers"
 )
 
 // fakeVM runs a process standing in for a VMM and records it in dir as
@@ -94,5 +95,37 @@ func TestCollectSparesStartsInFlight(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(root, "no-record")); err == nil {
 		t.Error("a run directory without a record left behind")
+	}
+}
+
+// A task recovered from a handle saved with its run directory reached
+// through a symlink (a state_dir under /var/run, before state_dir was
+// resolved at setup) still owns its directory: the collector, which
+// lists resolved paths, leaves its VM running.
+func TestCollectSparesRecoveredTaskThroughSymlink(t *testing.T) {
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	base := t.TempDir()
+	root := filepath.Join(base, "run")
+	m, _ := fakeVM(t, filepath.Join(root, "a1b2c3d4-worker"))
+	if err := os.Symlink(base, filepath.Join(base, "link")); err != nil {
+		t.Fatal(err)
+	}
+	saved := *m
+	saved.RunDir = filepath.Join(base, "link", "run", "a1b2c3d4-worker")
+	handle := drivers.NewTaskHandle(taskHandleVersion)
+	handle.Config = &drivers.TaskConfig{ID: "a1b2c3d4/worker/1", Name: "worker"}
+	if err := handle.SetDriverState(&taskState{Machine: saved}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.RecoverTask(handle); err != nil {
+		t.Fatal(err)
+	}
+	d.collect(root)
+	if !m.Alive() {
+		t.Error("the recovered task's vm was stopped as an orphan")
+	}
+	if _, err := os.Stat(m.RunDir); err != nil {
+		t.Error("the recovered task's run directory was removed")
 	}
 }

@@ -82,8 +82,12 @@ func removeRunDir(dir string) error {
 	if left, err := mountsUnder(dir); err != nil || len(left) > 0 {
 		return fmt.Errorf("not removing %s: %d mounts are still under it (%v)", dir, len(left), err)
 	}
-	subs, _ := filepath.Glob(filepath.Join(dir, "9p", "*", shareSub))
-	for _, sub := range subs {
+	tags, err := os.ReadDir(filepath.Join(dir, "9p"))
+	if err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("not removing %s: %w", dir, err)
+	}
+	for _, tag := range tags {
+		sub := filepath.Join(dir, "9p", tag.Name(), shareSub)
 		if err := os.Remove(sub); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("not removing %s: %w", dir, err)
 		}

@@ -143,11 +143,17 @@ func (p *pool) run(ctx context.Context) {
 		if failures > 0 {
 			wait = min(time.Duration(failures)*5*time.Second, time.Minute)
 		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-p.kick:
-		case <-time.After(wait):
+		until := time.Now().Add(wait)
+		for left := wait; left > 0; left = time.Until(until) {
+			select {
+			case <-ctx.Done():
+				return
+			case <-p.kick:
+			case <-time.After(left):
+			}
+			if failures == 0 {
+				break // a start wants a refill now; after failures, the back-off holds
+			}
 		}
 		p.reap()
 		for ctx.Err() == nil && p.quiet(ctx) {
@@ -199,6 +205,11 @@ func (p *pool) quiet(ctx context.Context) bool {
 func (p *pool) reap() {
 	var gone []*pooled
 	p.mu.Lock()
+	for key, w := range p.wanted {
+		if time.Since(w.last) > poolIdle && len(p.ready[key]) == 0 {
+			delete(p.wanted, key) // never filled (over the cap, no template)
+		}
+	}
 	for key, q := range p.ready {
 		idle := p.wanted[key] == nil || time.Since(p.wanted[key].last) > poolIdle
 		keep := q[:0]

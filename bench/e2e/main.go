@@ -358,7 +358,6 @@ func (b *bench) sortRate(id string) (float64, error) {
 	return 0, fmt.Errorf("job %s: no report yet", id)
 }
 
-// logs is every allocation's stdout of a job.
 // explain prints, for a gang that failed, each worker's node, state,
 // task events and the tails of its output.
 func (b *bench) explain(id string) {
@@ -388,6 +387,7 @@ func (b *bench) explain(id string) {
 	}
 }
 
+// logs is every allocation's stdout of a job.
 func (b *bench) logs(id string) ([]string, error) {
 	allocs, _, err := b.nomad.Jobs().Allocations(id, false, nil)
 	if err != nil {

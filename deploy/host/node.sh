@@ -78,8 +78,12 @@ plain NODE_NAME DATACENTER NOMAD_CONFIG_DIR CONSUL_CONFIG_DIR NOMAD_DATA_DIR CON
   NOMAD_CA_FILE NOMAD_CERT_FILE NOMAD_KEY_FILE NODE_INTERFACE
 case $WORKER_EGRESS in true|false) ;; *) die "WORKER_EGRESS must be true or false" ;; esac
 [[ $NOMAD_GC_MAX_ALLOCS =~ ^[0-9]+$ ]] || die "NOMAD_GC_MAX_ALLOCS must be a number"
-[[ $WORKER_POOL =~ ^[0-9]+$ ]] || die "WORKER_POOL must be a number"
-[[ $WORKER_POOL_MEMORY_MB =~ ^[0-9]+$ ]] || die "WORKER_POOL_MEMORY_MB must be a number"
+if ! [[ $WORKER_POOL =~ ^(0|[1-9][0-9]?)$ ]] || [ "$WORKER_POOL" -gt 64 ]; then
+  die "WORKER_POOL must be a number from 0 to 64"
+fi
+if ! [[ $WORKER_POOL_MEMORY_MB =~ ^[1-9][0-9]*$ ]] || [ "$WORKER_POOL_MEMORY_MB" -lt 64 ]; then
+  die "WORKER_POOL_MEMORY_MB must be a number of MiB, at least 64"
+fi
 if [ -n "${COHORT_CERT_FILE:-}" ]; then
   need COHORT_CA_FILE
   need COHORT_KEY_FILE

@@ -225,8 +225,8 @@ func readJSON(r *bufio.Reader, v any, maxWait time.Duration, eofEnds bool) error
 		if err != io.EOF {
 			return err
 		}
-		if eofEnds && len(line) == 0 {
-			return io.EOF
+		if eofEnds {
+			return io.EOF // a partial line included: its writer is gone
 		}
 		time.Sleep(wait)
 		if wait *= 2; wait > maxWait {
