@@ -138,6 +138,12 @@ func (d *Driver) SetConfig(c *base.Config) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.config != nil {
+		// Setup starts what lives as long as the plugin (the network,
+		// the pool, the collector); a second one would start them twice
+		// over the same state. Nomad configures an instance once.
+		return errors.New("the microvm plugin is already configured; restart the agent to change its configuration")
+	}
 	d.config = &cfg
 	d.backend = &vm.QEMU{Binary: cfg.QEMU}
 	d.setupErr = d.setup(&cfg)
@@ -547,15 +553,7 @@ func (d *Driver) launch(p *startPlan) (_ *drivers.TaskHandle, _ *drivers.DriverN
 	}
 	h := newTaskHandle(d, cfg, m, ls)
 	h.snapshot = snapPath != ""
-	h.startedAt = start
-	go h.run()
-	u.push(func() {
-		h.kill()
-		<-h.done
-	})
-	a := d.assignment(cfg, p.program, p.tc.Args, ls)
-	a.Barrier = p.gang
-	if err = h.assign(a, assignTimeout); err != nil {
+	if err = d.handOver(p, h, start, &u, ""); err != nil {
 		return nil, nil, err
 	}
 	how := "cold-booted"
@@ -597,20 +595,27 @@ func (d *Driver) launchPooled(p *startPlan, v *pooled) (_ *drivers.TaskHandle, _
 	h := newTaskHandle(d, cfg, v.m, v.lease)
 	h.ctl, v.ctl = v.ctl, nil
 	h.snapshot, h.pooled = true, true
+	if err = d.handOver(p, h, start, &u, shareSub); err != nil {
+		return nil, nil, true, err
+	}
+	handle, dnet, err := d.commit(p, h, fmt.Sprintf("taken from the pool (waited %s)", time.Since(v.made).Round(time.Second)))
+	return handle, dnet, true, err
+}
+
+// handOver runs a started VM's task handle and sends the VM its identity
+// and program (mountSub: the part of each share that is the task's, for
+// a pooled VM). The undo step it pushes kills the VM.
+func (d *Driver) handOver(p *startPlan, h *taskHandle, start time.Time, u *undo, mountSub string) error {
 	h.startedAt = start
 	go h.run()
 	u.push(func() {
 		h.kill()
 		<-h.done
 	})
-	a := d.assignment(cfg, p.program, p.tc.Args, v.lease)
+	a := d.assignment(p.cfg, p.program, p.tc.Args, h.lease)
 	a.Barrier = p.gang
-	a.MountSub = shareSub
-	if err = h.assign(a, assignTimeout); err != nil {
-		return nil, nil, true, err
-	}
-	handle, dnet, err := d.commit(p, h, fmt.Sprintf("taken from the pool (waited %s)", time.Since(v.made).Round(time.Second)))
-	return handle, dnet, true, err
+	a.MountSub = mountSub
+	return h.assign(a, assignTimeout)
 }
 
 // commit records a started task: its handle's state for recovery, the
@@ -674,11 +679,16 @@ func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []stri
 		Env:      guestEnv(cfg, ls),
 		Dir:      "/",
 	}
+	d.withLease(a, ls)
+	return a
+}
+
+// withLease gives an assignment the network of the address its VM holds.
+func (d *Driver) withLease(a *proto.Assignment, ls *lease) {
 	if ls != nil {
 		a.Address, a.Gateway, a.MAC, a.MTU = ls.Address, ls.Gateway, ls.MAC, ls.MTU
 		a.DNS = d.net.DNS()
 	}
-	return a
 }
 
 // hostname is "<group>-<rank>" for a gang worker (cohort may split a group

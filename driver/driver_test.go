@@ -158,12 +158,19 @@ func TestFingerprintUnhealthy(t *testing.T) {
 		if err := base.MsgPackEncode(&b, cfg); err != nil {
 			t.Fatal(err)
 		}
-		if err := d.SetConfig(&base.Config{PluginConfig: b, AgentConfig: &base.AgentConfig{Driver: &base.ClientDriverConfig{}}}); err != nil {
+		conf := &base.Config{PluginConfig: b, AgentConfig: &base.AgentConfig{Driver: &base.ClientDriverConfig{}}}
+		d := New(hclog.NewNullLogger())
+		defer d.Shutdown()
+		if err := d.SetConfig(conf); err != nil {
 			t.Fatal(err)
 		}
 		fp := d.fingerprint()
 		if fp.Health != drivers.HealthStateUnhealthy || !strings.Contains(fp.HealthDescription, want) {
 			t.Errorf("%s missing: health %s %q", want, fp.Health, fp.HealthDescription)
+		}
+		// A configured instance is not configured again.
+		if err := d.SetConfig(conf); err == nil || !strings.Contains(err.Error(), "already configured") {
+			t.Errorf("%s: a second SetConfig: %v", want, err)
 		}
 	}
 }

@@ -121,8 +121,7 @@ func (p *pool) take(s vm.Shape) *pooled {
 	p.mu.Unlock()
 	p.log.Debug("start", "memory_mb", s.MemoryMB, "hit", got != nil, "hits", hits, "misses", misses)
 	for _, v := range dead {
-		p.log.Warn("a pooled vm died while it waited", "dir", v.m.RunDir, "console", v.m.ConsoleTail(5))
-		p.discard(v)
+		p.drop(v)
 	}
 	return got
 }
@@ -227,18 +226,26 @@ func (p *pool) reap() {
 	}
 	p.mu.Unlock()
 	for _, v := range gone {
-		if v.m.Alive() {
-			p.log.Debug("stopping a pooled vm of a shape no task asked for lately", "memory_mb", v.shape.MemoryMB)
-		} else {
-			p.log.Warn("a pooled vm died while it waited", "dir", v.m.RunDir, "console", v.m.ConsoleTail(5))
-		}
-		p.discard(v)
+		p.drop(v)
 	}
+}
+
+// drop stops and forgets a VM taken out of the pool that no task will get:
+// one that died while it waited, or one of a shape no task asked for
+// lately.
+func (p *pool) drop(v *pooled) {
+	if v.m.Alive() {
+		p.log.Debug("stopping a pooled vm of a shape no task asked for lately", "memory_mb", v.shape.MemoryMB)
+	} else {
+		p.log.Warn("a pooled vm died while it waited", "dir", v.m.RunDir, "console", v.m.ConsoleTail(5))
+	}
+	p.discard(v)
 }
 
 // next picks a wanted shape short of its size that the memory caps
 // allow, and counts its memory as being filled.
 func (p *pool) next() (vm.Shape, bool) {
+	avail, memErr := memAvailableMB()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	used := p.filling
@@ -252,7 +259,7 @@ func (p *pool) next() (vm.Shape, bool) {
 		if len(p.ready[key]) >= p.size || used+s.MemoryMB > p.memMB {
 			continue
 		}
-		if avail, err := memAvailableMB(); err == nil && avail < s.MemoryMB+p.spare {
+		if memErr == nil && avail < s.MemoryMB+p.spare {
 			continue
 		}
 		p.filling += s.MemoryMB
@@ -337,10 +344,7 @@ func (d *Driver) warmup(ls *lease) *proto.Assignment {
 	seed := make([]byte, 64)
 	rand.Read(seed)
 	a := &proto.Assignment{Warm: true, Entropy: seed, Mounts: proto.MountTags}
-	if ls != nil {
-		a.Address, a.Gateway, a.MAC, a.MTU = ls.Address, ls.Gateway, ls.MAC, ls.MTU
-		a.DNS = d.net.DNS()
-	}
+	d.withLease(a, ls)
 	return a
 }
 

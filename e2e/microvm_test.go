@@ -214,15 +214,7 @@ func TestMicroVMNetwork(t *testing.T) {
 	c, _ := microvmCluster(t)
 	submit(t, c, microvmJob("server", 1, "serve", "7000"))
 	allocs := waitAllocs(t, c, "server", 1, allStatus("running"))
-	var ip string
-	waitFor(t, "the server's VM address in Consul", func() bool {
-		var entries []struct{ ServiceAddress string }
-		getJSON(t, c.ConsulAddr()+"/v1/catalog/service/server-w", &entries)
-		if len(entries) == 1 {
-			ip = entries[0].ServiceAddress
-		}
-		return ip != ""
-	})
+	ip := vmAddress(t, c, "server-w")
 	if !strings.HasPrefix(ip, "10.213.") {
 		t.Fatalf("advertised address = %q, want the VM's address in 10.213.0.0/16", ip)
 	}
@@ -237,6 +229,20 @@ func TestMicroVMNetwork(t *testing.T) {
 		return strings.Contains(run(t, c, nomad, "alloc", "logs", allocs[0].ID, "worker"), `got "hello"`)
 	})
 
+	// A worker that writes and exits at once still delivers every byte:
+	// the receiver reads at 512 KiB/s, so when the sender's program
+	// exits, up to its 64 KiB send buffer (doubled by the kernel) still
+	// waits in its VM's kernel for about a quarter of a second.
+	submit(t, c, microvmJob("sink", 1, "sink", "7001", "512"))
+	sink := waitAllocs(t, c, "sink", 1, allStatus("running"))
+	sinkIP := vmAddress(t, c, "sink-w")
+	submit(t, c, microvmJob("sender", 1, "send", sinkIP+":7001", "1048576"))
+	waitAllocs(t, c, "sender", 1, allStatus("complete"))
+	waitAllocs(t, c, "sink", 1, allStatus("complete"))
+	if out := run(t, c, nomad, "alloc", "logs", sink[0].ID, "worker"); !strings.Contains(out, "sink got 1048576 bytes, then EOF") {
+		t.Errorf("the sink did not get all 1 MiB and the end of the stream:\n%s", out)
+	}
+
 	// The gateway is the bridge inside the VMs' namespace, not the host:
 	// Nomad's HTTP port, open on the host, is not reachable from a worker.
 	port := strings.TrimPrefix(c.NomadAddr(), "http://127.0.0.1:")
@@ -245,6 +251,21 @@ func TestMicroVMNetwork(t *testing.T) {
 	if code, _ := exitCode(esc[0]); code != 1 {
 		t.Errorf("dialing the host from a worker: exit %d, want 1 (connection refused)", code)
 	}
+}
+
+// vmAddress is the address Consul has for the one instance of service.
+func vmAddress(t *testing.T, c *devcluster.Cluster, service string) string {
+	t.Helper()
+	var ip string
+	waitFor(t, service+"'s VM address in Consul", func() bool {
+		var entries []struct{ ServiceAddress string }
+		getJSON(t, c.ConsulAddr()+"/v1/catalog/service/"+service, &entries)
+		if len(entries) == 1 {
+			ip = entries[0].ServiceAddress
+		}
+		return ip != ""
+	})
+	return ip
 }
 
 // TestMicroVMBadProgram: a program the VM cannot run fails the task with a

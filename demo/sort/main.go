@@ -40,6 +40,7 @@ var (
 	seed    = flag.Uint64("seed", 1, "seed of the generator")
 	port    = flag.Int("port", 7300, "shuffle port; the barrier uses port+1, the reports port+2")
 	timeout = flag.Duration("timeout", 5*time.Minute, "give up after this long")
+	ackWait = flag.Duration("ack-wait", 20*time.Second, "how long a report waits for rank 0's answer before it is sent again")
 )
 
 // report is what each worker tells rank 0.
@@ -87,9 +88,10 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 	gen := time.Since(start)
 
 	// All-to-all: receive from every other worker while sending to each.
-	// A connection that delivers nothing whole (a dial that timed out on
-	// the sender's side after the handshake, under load) is ignored: its
-	// sender tries again, and each sender's share is kept once.
+	// Each share is acknowledged once it is held whole; a sender tries
+	// again until it is (a dial that timed out on the sender's side after
+	// the handshake, under load, delivers nothing whole), and each
+	// sender's share is kept once.
 	l, err := g.Listen(*port)
 	if err != nil {
 		return err
@@ -100,31 +102,23 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 	var mu sync.Mutex
 	all := make(chan struct{})
 	var allOnce sync.Once
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				from, rs, err := receive(c, w)
-				if err == nil && from == me {
-					err = fmt.Errorf("a share claims to come from this worker")
-				}
-				if err != nil {
-					fmt.Fprintf(os.Stderr, "sort: a shuffle connection from %s: %v (its sender retries)\n", c.RemoteAddr(), err)
-					return
-				}
-				mu.Lock()
-				defer mu.Unlock()
-				received[from] = rs
-				if len(received) == w-1 {
-					allOnce.Do(func() { close(all) })
-				}
-			}()
+	go serveEach(l, func(c net.Conn) {
+		from, rs, err := receive(c, w)
+		if err == nil && from == me {
+			err = fmt.Errorf("a share claims to come from this worker")
 		}
-	}()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "sort: a shuffle connection from %s: %v (its sender retries)\n", c.RemoteAddr(), err)
+			return
+		}
+		mu.Lock()
+		received[from] = rs
+		if len(received) == w-1 {
+			allOnce.Do(func() { close(all) })
+		}
+		mu.Unlock()
+		c.Write([]byte{'k'})
+	})
 	var swg sync.WaitGroup
 	sendErrs := make(chan error, w)
 	for j, peer := range world {
@@ -186,14 +180,57 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 		me, w, world[me].Name, rep.In, rep.Out, rep.First, rep.Last, rep.OutSum, rep.GenMs, rep.ShufMs, rep.SortMs)
 
 	if me != 0 {
-		c, err := g.Dial(ctx, world[0].Group, world[0].Rank, *port+2)
-		if err != nil {
-			return fmt.Errorf("reporting: %w", err)
-		}
-		defer c.Close()
-		return json.NewEncoder(c).Encode(rep)
+		return sendReport(ctx, g, rep)
 	}
 	return verify(ctx, g, w, rep, start, stdout)
+}
+
+// sendReport delivers a worker's report to rank 0 and returns once rank 0
+// has acknowledged it. A report written into a socket is not delivered
+// yet: the worker exits right after, its VM powers off, and whatever the
+// network had not carried is lost. So each report is answered, and sent
+// again until it is.
+func sendReport(ctx context.Context, g *sdk.Gang, rep report) error {
+	body, err := json.Marshal(rep)
+	if err != nil {
+		return err
+	}
+	body = append(body, '\n')
+	to := g.World()[0]
+	reached := false
+	for {
+		dctx, cancel := ctx, context.CancelFunc(func() {})
+		if reached {
+			// Rank 0 listens until it holds every report and then
+			// closes; a listener that was there and is gone for good
+			// means rank 0 has ours (or failed, which fails the job
+			// without our help).
+			dctx, cancel = context.WithTimeout(ctx, *ackWait)
+		}
+		c, err := g.Dial(dctx, to.Group, to.Rank, *port+2)
+		cancel()
+		if err != nil {
+			if reached && ctx.Err() == nil {
+				fmt.Fprintf(os.Stderr, "sort: rank 0 stopped listening for reports; it had ours\n")
+				return nil
+			}
+			return fmt.Errorf("reporting: %w", err)
+		}
+		reached = true
+		c.SetDeadline(time.Now().Add(*ackWait))
+		_, err = c.Write(body)
+		if err == nil {
+			err = awaitAck(c)
+		}
+		c.Close()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("reporting: %w", ctx.Err())
+		}
+		fmt.Fprintf(os.Stderr, "sort: report not acknowledged (%v); sending it again\n", err)
+	}
 }
 
 // verify collects every worker's report and checks the sort.
@@ -205,17 +242,32 @@ func verify(ctx context.Context, g *sdk.Gang, w int, own report, start time.Time
 	defer l.Close()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	// Each connection is read on its own, under a deadline: one slow or
+	// broken sender must not hold up the others' reports.
+	arrived := make(chan report)
+	done := make(chan struct{})
+	defer close(done)
+	go serveEach(l, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(*ackWait))
+		var r report
+		if err := json.NewDecoder(io.LimitReader(c, 4096)).Decode(&r); err != nil || r.Rank <= 0 || r.Rank >= w {
+			fmt.Fprintf(os.Stderr, "sort: a report from %s: rank %d, %v (its sender retries)\n", c.RemoteAddr(), r.Rank, err)
+			return
+		}
+		select {
+		case arrived <- r:
+		case <-done:
+		}
+		c.Write([]byte{'k'})
+	})
 	byRank := map[int]report{0: own}
 	for len(byRank) < w {
-		c, err := l.Accept()
-		if err != nil {
-			return fmt.Errorf("collecting reports: %d of %d: %w", len(byRank), w, err)
-		}
-		var r report
-		if err := json.NewDecoder(io.LimitReader(c, 4096)).Decode(&r); err == nil && r.Rank > 0 && r.Rank < w {
+		select {
+		case r := <-arrived:
 			byRank[r.Rank] = r
+		case <-ctx.Done():
+			return fmt.Errorf("collecting reports: %d of %d: %w", len(byRank), w, ctx.Err())
 		}
-		c.Close()
 	}
 	took := time.Since(start)
 	var reps []report
@@ -291,8 +343,23 @@ func splitmix(s *uint64) uint64 {
 	return z ^ (z >> 31)
 }
 
-// send sends a worker's share to a peer: its world rank, the record
-// count, the records.
+// serveEach hands each connection l accepts to handle in a goroutine of
+// its own, and closes it after, until l is closed.
+func serveEach(l net.Listener, handle func(net.Conn)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			handle(c)
+		}()
+	}
+}
+
+// send sends a worker's share to a peer (its world rank, the record
+// count, the records) and waits for the peer to acknowledge it.
 func send(c net.Conn, from int, rs [][]byte) error {
 	bw := bufio.NewWriterSize(c, 1<<16)
 	if err := binary.Write(bw, binary.BigEndian, [2]uint32{uint32(from), uint32(len(rs))}); err != nil {
@@ -303,7 +370,23 @@ func send(c net.Conn, from int, rs [][]byte) error {
 			return err
 		}
 	}
-	return bw.Flush()
+	if err := bw.Flush(); err != nil {
+		return err
+	}
+	return awaitAck(c)
+}
+
+// awaitAck waits for the receiver's word that it holds what was sent.
+func awaitAck(c net.Conn) error {
+	c.SetReadDeadline(time.Now().Add(*ackWait))
+	var ack [1]byte
+	if _, err := io.ReadFull(c, ack[:]); err != nil {
+		return fmt.Errorf("no acknowledgement: %w", err)
+	}
+	if ack[0] != 'k' {
+		return fmt.Errorf("acknowledged with %q", ack[:])
+	}
+	return nil
 }
 
 // receive reads one peer's share: from whom, and its records.

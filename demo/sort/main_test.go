@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -56,5 +58,57 @@ func TestGenerate(t *testing.T) {
 	}
 	if bytes.Equal(generate(3, 1, 7)[0], a[0]) {
 		t.Error("two workers generated the same record")
+	}
+}
+
+// A report that rank 0 read but did not answer is sent again; once rank 0
+// has stopped listening for good, the sender stops too.
+func TestReportRetriedUntilAcknowledged(t *testing.T) {
+	*port, *ackWait = 17400, 500*time.Millisecond
+	l, err := net.Listen("tcp", fmt.Sprintf("127.0.2.1:%d", *port+2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers := sdk.Peers{Group: "sort", Names: []string{"127.0.2.1", "127.0.2.2"}}
+	g := &sdk.Gang{Job: "sort", Group: "sort", Rank: 1, Size: 2, Groups: []sdk.Peers{peers}, ListenHost: "127.0.2.2", DialTimeout: time.Second}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sent := make(chan error, 1)
+	go func() { sent <- sendReport(ctx, g, report{Rank: 1, In: 7}) }()
+	var got []report
+	for i := 0; i < 2; i++ {
+		c, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r report
+		if err := json.NewDecoder(c).Decode(&r); err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, r)
+		if i == 1 {
+			c.Write([]byte{'k'})
+		}
+		c.Close()
+	}
+	if err := <-sent; err != nil || len(got) != 2 || got[1].In != 7 {
+		t.Fatalf("sendReport: %v; rank 0 read %+v", err, got)
+	}
+
+	// Unanswered, then nobody listening: rank 0 is done with reports.
+	go func() { sent <- sendReport(ctx, g, report{Rank: 1}) }()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	c.Close()
+	select {
+	case err := <-sent:
+		if err != nil {
+			t.Fatalf("after rank 0 closed: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the sender kept trying after rank 0 had closed")
 	}
 }

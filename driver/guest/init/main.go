@@ -201,6 +201,9 @@ func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-
 	stdout.Sync()
 	stderr.Sync()
 	g.emit(ev)
+	// What the program sent before it exited still reaches its peers.
+	reapAll(time.Second)
+	drainTCP(3 * time.Second)
 	return nil
 }
 

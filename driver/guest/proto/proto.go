@@ -76,7 +76,7 @@ const (
 	EvWarmed   = "warmed"   // a warm-up was applied; still waiting
 	EvAssigned = "assigned" // identity applied; waiting at the barrier if any
 	EvStarted  = "started"  // the program is running
-	EvExited   = "exited"   // the program ended; the VM powers off next
+	EvExited   = "exited"   // the program ended; the VM powers off once its TCP connections have delivered what they hold (3 s at most)
 	EvError    = "error"    // the init could not do its job; Message says why
 )
 

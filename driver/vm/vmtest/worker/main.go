@@ -72,17 +72,7 @@ func main() {
 		fmt.Println("sleeping")
 		time.Sleep(time.Hour)
 	case "serve":
-		l, err := net.Listen("tcp", ":"+os.Args[2])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		fmt.Println("listening")
-		c, err := l.Accept()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
+		c := acceptOne(os.Args[2])
 		b := make([]byte, 64)
 		n, _ := c.Read(b)
 		fmt.Printf("got %q from %s\n", b[:n], c.RemoteAddr())
@@ -95,6 +85,41 @@ func main() {
 		fmt.Fprint(c, "hello")
 		c.Close()
 		fmt.Println("connected")
+	case "send":
+		// send ADDR BYTES: write BYTES bytes to ADDR through a 64 KiB
+		// send buffer and exit at once, leaving the kernel to deliver
+		// what is still in it.
+		c, err := net.DialTimeout("tcp", os.Args[2], 10*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		c.(*net.TCPConn).SetWriteBuffer(64 << 10)
+		n, _ := strconv.Atoi(os.Args[3])
+		if _, err := c.Write(make([]byte, n)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		c.Close()
+		fmt.Println("sent", n)
+	case "sink":
+		// sink PORT KIBPS: accept one connection and read it at KIBPS
+		// KiB/s (so the sender's last bytes wait in its kernel) until
+		// EOF or 20 s of silence; print the count.
+		c := acceptOne(os.Args[2])
+		c.(*net.TCPConn).SetReadBuffer(16 << 10)
+		rate, _ := strconv.Atoi(os.Args[3])
+		total, b := 0, make([]byte, 16<<10)
+		for {
+			c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			n, err := io.ReadFull(c, b)
+			total += n
+			if err != nil {
+				fmt.Printf("sink got %d bytes, then %v\n", total, err)
+				break
+			}
+			time.Sleep(time.Duration(n) * time.Second / time.Duration(rate<<10))
+		}
 	case "env":
 		for _, e := range os.Environ() {
 			fmt.Println(e)
@@ -211,6 +236,22 @@ func main() {
 			fmt.Println("open", a)
 		}
 	}
+}
+
+// acceptOne listens on port, says so, and returns its first connection.
+func acceptOne(port string) net.Conn {
+	l, err := net.Listen("tcp", ":"+port)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println("listening")
+	c, err := l.Accept()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	return c
 }
 
 // peers greets every other worker of the gang by name and waits for every

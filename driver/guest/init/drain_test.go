@@ -1,0 +1,35 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestUnsentTCP(t *testing.T) {
+	const header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+	for _, tc := range []struct {
+		name, rows string
+		want       int
+	}{
+		{"listener and idle connection", `
+   0: 00000000:1C84 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0200D50A:1C84 0300D50A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1`, 0},
+		{"established with bytes queued", `
+   0: 0200D50A:9C40 0300D50A:1C84 01 00010000:00000000 01:00000014 00000000     0        0 3 1`, 1},
+		{"closed by the program, data and FIN in flight", `
+   0: 0200D50A:9C40 0300D50A:1C84 04 0000F000:00000000 01:00000014 00000000     0        0 0 1`, 1},
+		{"FIN unacknowledged, nothing queued", `
+   0: 0200D50A:9C40 0300D50A:1C84 04 00000000:00000000 01:00000014 00000000     0        0 0 1`, 1},
+		{"peer has everything", `
+   0: 0200D50A:9C40 0300D50A:1C84 05 00000000:00000000 00:00000000 00000000     0        0 0 1
+   1: 0200D50A:9C41 0300D50A:1C84 06 00000000:00000000 03:00000100 00000000     0        0 0 1`, 0},
+		{"closing and last ack", `
+   0: 0200D50A:9C40 0300D50A:1C84 0B 00000000:00000000 01:00000014 00000000     0        0 0 1
+   1: 0200D50A:9C41 0300D50A:1C84 09 00000000:00000000 01:00000014 00000000     0        0 0 1`, 2},
+		{"rubbish lines", "\n   0: x y zz\nshort", 0},
+	} {
+		if got := unsentTCP(strings.NewReader(header + strings.TrimPrefix(tc.rows, "\n"))); got != tc.want {
+			t.Errorf("%s: %d connections with something to send, want %d", tc.name, got, tc.want)
+		}
+	}
+}
