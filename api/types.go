@@ -105,12 +105,27 @@ type BarrierRequest struct {
 	// servers' metrics.
 	Started     string `json:",omitempty"`
 	StartMillis int64  `json:",omitempty"`
+	// Address is the worker's own IP address, where its driver knows it
+	// (the microvm driver does): see BarrierResponse.Peers.
+	Address string `json:",omitempty"`
 }
 
 // BarrierResponse is the verdict for one worker.
 type BarrierResponse struct {
 	Status string
 	Reason string `json:",omitempty"`
+	// Peers, with a release, are the addresses of the gang's workers
+	// whose reports gave one, by group and rank: a driver writes them
+	// into its worker's hosts file under the workers' names, so that a
+	// gang's names resolve the moment it starts, without asking DNS.
+	Peers []BarrierPeer `json:",omitempty"`
+}
+
+// BarrierPeer is one worker of a released gang and its address.
+type BarrierPeer struct {
+	Group   string
+	Rank    int
+	Address string
 }
 
 // Bill is a job's ledger and its total.

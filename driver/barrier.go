@@ -12,7 +12,9 @@ package driver
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
 	"strings"
 	"time"
 
@@ -87,6 +89,9 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 	if h.snapshot {
 		req.Started = "restore"
 	}
+	if h.lease != nil && h.d.net != nil {
+		req.Address = h.lease.IP
+	}
 	backoff := 100 * time.Millisecond
 	for i := 0; ; i++ {
 		if h.programStarted() {
@@ -116,7 +121,7 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		backoff = 100 * time.Millisecond
 		switch v.Status {
 		case api.BarrierRelease:
-			if err := h.send(&proto.Command{Kind: proto.CmdRelease}); err != nil {
+			if err := h.send(&proto.Command{Kind: proto.CmdRelease, Hosts: gangHosts(h.cfg.Env[jobspec.EnvPeers], v.Peers), UnixNano: time.Now().UnixNano()}); err != nil {
 				h.abort("releasing the worker: " + err.Error())
 				return
 			}
@@ -127,6 +132,27 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 			return
 		}
 	}
+}
+
+// gangHosts names the released gang's workers whose addresses the servers
+// know: each peer's name is the one the worker's own COHORT_PEERS gives
+// its group and rank.
+func gangHosts(peersEnv string, peers []api.BarrierPeer) []proto.Host {
+	var groups []jobspec.Peer
+	if len(peers) == 0 || json.Unmarshal([]byte(peersEnv), &groups) != nil {
+		return nil
+	}
+	names := map[string][]string{}
+	for _, g := range groups {
+		names[g.Group] = g.Names
+	}
+	var hosts []proto.Host
+	for _, p := range peers {
+		if ns := names[p.Group]; p.Rank >= 0 && p.Rank < len(ns) && net.ParseIP(p.Address) != nil {
+			hosts = append(hosts, proto.Host{Name: ns[p.Rank], Address: p.Address})
+		}
+	}
+	return hosts
 }
 
 // instanceOf bounds a task ID to what the barrier accepts as an instance.

@@ -2,10 +2,13 @@ package driver
 
 import (
 	"github.com/cohort-dev/cohort/api"
+	"github.com/cohort-dev/cohort/driver/guest/proto"
+	"github.com/cohort-dev/cohort/jobspec"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -233,5 +236,31 @@ func TestRuleset(t *testing.T) {
 	rs = n.ruleset()
 	if strings.Contains(rs, "masquerade") || strings.Contains(rs, "@egress accept") {
 		t.Errorf("egress off still lets workers out:\n%s", rs)
+	}
+}
+
+// A release's peers are named as the worker's own COHORT_PEERS names them;
+// peers of unknown groups or ranks, or with bad addresses, are left out.
+func TestGangHosts(t *testing.T) {
+	env := jobspec.PeersEnv([]jobspec.GangGroup{{Name: "map", Count: 2, Address: "mr-map"}, {Name: "reduce", Count: 1, Address: "mr-red"}})
+	got := gangHosts(env, []api.BarrierPeer{
+		{Group: "map", Rank: 0, Address: "10.213.1.2"},
+		{Group: "map", Rank: 1, Address: "10.213.2.2"},
+		{Group: "reduce", Rank: 0, Address: "10.213.1.3"},
+		{Group: "reduce", Rank: 1, Address: "10.213.1.4"},
+		{Group: "other", Rank: 0, Address: "10.213.1.5"},
+		{Group: "map", Rank: -1, Address: "10.213.1.6"},
+		{Group: "map", Rank: 0, Address: "not-an-ip"},
+	})
+	want := []proto.Host{
+		{Name: "w0.mr-map.service.consul", Address: "10.213.1.2"},
+		{Name: "w1.mr-map.service.consul", Address: "10.213.2.2"},
+		{Name: "w0.mr-red.service.consul", Address: "10.213.1.3"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("gangHosts = %+v, want %+v", got, want)
+	}
+	if h := gangHosts("not json", []api.BarrierPeer{{Group: "map", Address: "10.213.1.2"}}); h != nil {
+		t.Errorf("hosts from a bad COHORT_PEERS: %+v", h)
 	}
 }

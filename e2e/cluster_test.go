@@ -58,8 +58,9 @@ func logsOf(t *testing.T, c *devcluster.Cluster, job string) map[string]string {
 }
 
 // TestPeersByNameAcrossHosts: a gang of three workers, one on each of
-// three hosts, resolves every peer's name from inside its VM and
-// exchanges a greeting with each; then, from inside a worker on every
+// three hosts, finds every peer's name in the hosts file its release
+// wrote, resolves each from inside its VM and exchanges a greeting with
+// each; then, from inside a worker on every
 // host, every cluster host's Nomad, Consul, cohort and ssh ports are
 // closed while a host outside the cluster is reached (egress through
 // NAT).
@@ -76,7 +77,9 @@ func TestPeersByNameAcrossHosts(t *testing.T) {
 		t.Fatalf("peers gang: %+v on %d hosts\n%v", v, len(logs), logs)
 	}
 	for node, l := range logs {
-		if strings.Count(l, "resolved w") != 3 || strings.Count(l, `got "hello from w`) != 2 {
+		// The names come from the hosts file the release wrote (and
+		// the greetings show they are the right addresses).
+		if strings.Count(l, "resolved w") != 3 || strings.Count(l, "hosts file: w") != 3 || strings.Count(l, `got "hello from w`) != 2 {
 			t.Errorf("the worker on %s:\n%s", node, l)
 		}
 	}

@@ -79,8 +79,8 @@ const Cmdline = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check acp
 
 // CmdlinePCI is the command line of a VM with passed-through devices:
 // ACPI describes its PCIe host bridge (and its virtio-mmio devices), so
-// neither ACPI nor PCI is turned off; Args adds the host's TSC rate (see
-// hostTSCkHz).
+// neither ACPI nor PCI is turned off. Args adds the host's TSC rate to
+// both (see hostTSCkHz).
 const CmdlinePCI = "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check quiet 8250.nr_uarts=1 random.trust_cpu=off"
 
 // Args builds the QEMU command line for spec. It is a pure function of the
@@ -99,9 +99,9 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 	if len(spec.PCI) > 0 || len(q.PCIeDevices) > 0 {
 		machine = "microvm,acpi=on,pcie=on,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off"
 		cmdline = CmdlinePCI
-		if khz := hostTSCkHz(); khz > 0 {
-			cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
-		}
+	}
+	if khz := hostTSCkHz(); khz > 0 {
+		cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 	}
 	if spec.RAMFile != "" {
 		// Templates boot without "quiet", so a template that hangs says

@@ -8,14 +8,24 @@ import (
 	"time"
 )
 
-// A VM with passed-through devices boots with ACPI, which on QEMU's
-// microvm is hardware-reduced: the guest kernel then has no PIT or PIC
-// and times everything with the TSC. When its early TSC calibration
-// fails, as it does in about one TCG boot in three on a busy host, the
-// kernel has no clock at all and hangs before the init. Telling it the
-// TSC's rate (tsc_early_khz) skips that calibration. The guest's TSC runs
-// at the host's under TCG and under KVM without TSC scaling, so the
-// host's rate is measured once, against the monotonic clock.
+// Every VM is told the TSC's rate (tsc_early_khz), so that its kernel
+// skips calibrating it:
+//   - Without it, a TCG guest's calibration against the PIT fails and the
+//     kernel keeps time with jiffies. Such a clock loses every tick the
+//     vCPU misses, so with 16 VMs on a 2-core host the workers' clocks fell
+//     seconds behind the host's within a minute. With the TSC they keep
+//     the host's time.
+//   - A VM with passed-through devices boots with ACPI, which on QEMU's
+//     microvm is hardware-reduced: there is no PIT or PIC, and the TSC is
+//     the only clock. When the calibration fails there, as it does in
+//     about one TCG boot in three on a busy host, the kernel has no clock
+//     at all and hangs before the init.
+//
+// The guest's TSC runs at the host's rate, under TCG and under KVM
+// without TSC scaling, so the host's rate is measured once, against the
+// monotonic clock. (Under KVM the guest prefers kvm-clock anyway.) A
+// restored VM keeps its template's calibration; the value on a restore's
+// command line does not reach it.
 var (
 	tscOnce sync.Once
 	tscKHz  int

@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"net/http/httptest"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -28,24 +29,38 @@ func TestBarrierReleasesWholeGang(t *testing.T) {
 	if len(allocs) != 3 {
 		t.Fatalf("%d allocations, want 3", len(allocs))
 	}
+	// The first worker's node leases a worker subnet; the workers give
+	// their addresses, but for one (a barrier task knows none) and one
+	// outside the worker range, which is not passed on.
+	l, err := h.srv.Lease(api.LeaseRequest{Node: "n0", Address: "192.168.1.10"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := strings.TrimSuffix(l.Subnet, "0/24")
+	addrs := []string{base + "7", "", "192.168.99.9"}
 	for i, a := range allocs[:2] {
-		v, _ := h.srv.Boot("", "sort", api.BarrierRequest{Alloc: a.ID, Instance: "i-" + a.ID[:8]})
+		v, _ := h.srv.Boot("", "sort", api.BarrierRequest{Alloc: a.ID, Instance: "i-" + a.ID[:8], Address: addrs[i]})
 		h.pass()
 		if v.Status != api.BarrierWait || h.job("sort").Status != state.Reserved {
 			t.Fatalf("after %d of 3 boots: verdict %+v, job %s", i+1, v, h.job("sort").Status)
 		}
 	}
-	h.srv.Boot("", "sort", api.BarrierRequest{Alloc: allocs[2].ID, Instance: "i-" + allocs[2].ID[:8]})
+	h.srv.Boot("", "sort", api.BarrierRequest{Alloc: allocs[2].ID, Instance: "i-" + allocs[2].ID[:8], Address: addrs[2]})
 	h.advance(15 * time.Millisecond)
 	h.pass()
 	j = h.job("sort")
 	if j.Status != state.Running || !j.StartedAt.Equal(t0.Add(15*time.Millisecond)) {
 		t.Fatalf("after the last boot: %+v", j)
 	}
+	rank, _ := allocIndex(allocs[0].Name)
+	want := []api.BarrierPeer{{Group: "a", Rank: rank, Address: addrs[0]}}
 	for _, a := range allocs {
-		if v := h.verdict("sort", a.ID); v.Status != api.BarrierRelease {
-			t.Errorf("worker %s: %+v", a.ID, v)
+		if v := h.verdict("sort", a.ID); v.Status != api.BarrierRelease || !reflect.DeepEqual(v.Peers, want) {
+			t.Errorf("worker %s: %+v, want peers %+v", a.ID, v, want)
 		}
+	}
+	if _, err := ParseBarrier(api.BarrierRequest{Alloc: allocs[0].ID, Address: "10.213.0.7; rm"}); err == nil {
+		t.Error("a report with a malformed address was accepted")
 	}
 }
 

@@ -78,6 +78,14 @@ type Boot struct {
 	// Instance names the task start that reported: the same allocation
 	// reporting as another instance was restarted, and is refused.
 	Instance string `json:",omitempty"`
+	// Group and Rank place the worker in its gang (from Nomad's listing
+	// of the allocation), Address is the worker's own IP (from its
+	// node's report, when its driver gives one): the release hands every
+	// worker the addresses of all, so that their names resolve without
+	// a DNS round trip.
+	Group   string `json:",omitempty"`
+	Rank    int    `json:",omitempty"`
+	Address string `json:",omitempty"`
 }
 
 // Key is the job's key in State.Jobs.
@@ -180,6 +188,8 @@ type Command struct {
 	Reason   string              `json:",omitempty"`
 	Alloc    string              `json:",omitempty"` // OpBoot
 	Instance string              `json:",omitempty"` // OpBoot
+	// Boot is where the booted worker is (OpBoot: Group, Rank, Address).
+	Boot *Boot `json:",omitempty"`
 	// Index and Version are the Nomad job's JobModifyIndex and version
 	// (OpRegistered, OpAdopt).
 	Index   uint64 `json:",omitempty"`
@@ -418,7 +428,11 @@ func (s *State) apply(c *Command) Result {
 			if j.Booted == nil {
 				j.Booted = map[string]Boot{}
 			}
-			j.Booted[c.Alloc] = Boot{At: c.At, Instance: c.Instance}
+			b := Boot{At: c.At, Instance: c.Instance}
+			if c.Boot != nil {
+				b.Group, b.Rank, b.Address = c.Boot.Group, c.Boot.Rank, c.Boot.Address
+			}
+			j.Booted[c.Alloc] = b
 		}
 	case OpStart:
 		if j.Status != Reserved {

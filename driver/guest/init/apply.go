@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"unsafe"
 
 	"github.com/cohort-dev/cohort/driver/guest/proto"
@@ -57,11 +58,8 @@ func apply(a *proto.Assignment, p *prepared) error {
 	if err := reseed(a.Entropy); err != nil {
 		return err
 	}
-	if a.UnixNano > 0 {
-		tv := unix.NsecToTimeval(a.UnixNano)
-		if err := unix.Settimeofday(&tv); err != nil {
-			return fmt.Errorf("setting the clock: %w", err)
-		}
+	if err := setClock(a.UnixNano); err != nil {
+		return err
 	}
 	if a.Hostname != "" {
 		if err := unix.Sethostname([]byte(a.Hostname)); err != nil {
@@ -275,4 +273,66 @@ func configureNet(a *proto.Assignment) error {
 		return fmt.Errorf("adding default route via %s: %w", a.Gateway, err)
 	}
 	return nil
+}
+
+// setClock sets the wall clock to the host's (ns since the epoch; 0: no
+// time given).
+func setClock(ns int64) error {
+	if ns <= 0 {
+		return nil
+	}
+	tv := unix.NsecToTimeval(ns)
+	if err := unix.Settimeofday(&tv); err != nil {
+		return fmt.Errorf("setting the clock: %w", err)
+	}
+	return nil
+}
+
+// writeHosts puts the gang's names into /etc/hosts, looked up before DNS
+// (/etc/nsswitch.conf says so: without it, glibc and Go ask DNS first).
+// Names and addresses that are not well formed are left out.
+func writeHosts(hosts []proto.Host) error {
+	if len(hosts) == 0 {
+		return nil
+	}
+	os.MkdirAll("/etc", 0o755)
+	if err := os.WriteFile("/etc/hosts", hostsFile(hosts), 0o644); err != nil {
+		return fmt.Errorf("writing /etc/hosts: %w", err)
+	}
+	if err := os.WriteFile("/etc/nsswitch.conf", []byte("hosts: files dns\n"), 0o644); err != nil {
+		return fmt.Errorf("writing /etc/nsswitch.conf: %w", err)
+	}
+	return nil
+}
+
+func hostsFile(hosts []proto.Host) []byte {
+	var b strings.Builder
+	b.WriteString("127.0.0.1\tlocalhost\n")
+	for _, h := range hosts {
+		ip := net.ParseIP(h.Address)
+		if ip == nil || !hostName(h.Name) {
+			continue
+		}
+		fmt.Fprintf(&b, "%s\t%s\n", ip, h.Name)
+	}
+	return []byte(b.String())
+}
+
+// hostName says whether s is a DNS name: dot-separated labels of letters,
+// digits and hyphens.
+func hostName(s string) bool {
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for _, l := range strings.Split(strings.TrimSuffix(s, "."), ".") {
+		if l == "" || len(l) > 63 {
+			return false
+		}
+		for _, c := range l {
+			if !(c == '-' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -133,6 +133,12 @@ func (g *guest) run() error {
 	if a.Barrier {
 		for c := range cmds {
 			if c.Kind == proto.CmdRelease {
+				if err := setClock(c.UnixNano); err != nil {
+					return err
+				}
+				if err := writeHosts(c.Hosts); err != nil {
+					return err
+				}
 				break
 			}
 		}

@@ -68,6 +68,20 @@ const (
 type Command struct {
 	Kind   string `json:"kind"`
 	Signal int    `json:"signal,omitempty"`
+	// Hosts, with CmdRelease, are the gang's workers by name: the init
+	// writes them into /etc/hosts before it starts the program.
+	Hosts []Host `json:"hosts,omitempty"`
+	// UnixNano, with CmdRelease, is the host's clock when it released
+	// the worker. The assignment's clock is as old as the time the VM
+	// took to read it (seconds, for 16 restores at once on 2 cores), and
+	// a worker waiting at the barrier reads this one at once.
+	UnixNano int64 `json:"unix_nano,omitempty"`
+}
+
+// Host is one name and its address.
+type Host struct {
+	Name    string `json:"name"`
+	Address string `json:"address"`
 }
 
 // Event kinds, guest to host.

@@ -86,6 +86,75 @@ func Conformance(t *testing.T, b vm.Backend) {
 		})
 	}
 
+	// A worker's clock is the host's, and keeps time: a guest clock
+	// counted in timer ticks (jiffies) falls behind whenever its vCPU
+	// misses some, which on a loaded host is seconds a minute.
+	t.Run("ClockKeepsTime", func(t *testing.T) {
+		spec := Spec(t, a, accel)
+		m, err := b.Boot(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		Run(t, m, Assignment("w0", "clock", "2"))
+		exited := time.Now()
+		out := ReadFile(t, spec.Stdout)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) != 4 || !strings.HasPrefix(lines[0], "clocksource ") {
+			t.Fatalf("stdout = %q", out)
+		}
+		if src := strings.Fields(lines[0])[1]; strings.Contains(src, "jiffies") {
+			t.Errorf("the guest keeps time with %s: %s", src, lines[0])
+		}
+		var last time.Time
+		for _, l := range lines[1:] {
+			var ns int64
+			if _, err := fmt.Sscanf(l, "clock %d", &ns); err != nil {
+				t.Fatalf("line %q: %v", l, err)
+			}
+			at := time.Unix(0, ns)
+			if !last.IsZero() {
+				if d := at.Sub(last); d < 900*time.Millisecond || d > 3*time.Second {
+					t.Errorf("a second of the guest's sleep lasted %s on its clock", d)
+				}
+			}
+			last = at
+		}
+		if lag := exited.Sub(last); lag < 0 || lag > 5*time.Second {
+			t.Errorf("the guest's clock read %s when it printed last; the host saw it exit at %s", last.Format(time.StampMicro), exited.Format(time.StampMicro))
+		}
+	})
+
+	// A worker held at the barrier starts on release with the host's
+	// clock of that moment (its assignment's is as old as the VM took to
+	// read it) and the gang's names in its hosts file.
+	t.Run("ReleaseSetsClockAndHosts", func(t *testing.T) {
+		spec := Spec(t, a, accel)
+		m, ctx, events, ctl := Booted(t, b, spec)
+		as := Assignment("w0", "released", "w1.peers.service.consul")
+		as.Barrier = true
+		as.UnixNano = time.Now().Add(-time.Hour).UnixNano()
+		ctl.Send(as)
+		if _, err := vm.WaitEvent(ctx, m, events, proto.EvAssigned); err != nil {
+			t.Fatal(err)
+		}
+		ctl.Send(proto.Command{Kind: proto.CmdRelease, UnixNano: time.Now().UnixNano(),
+			Hosts: []proto.Host{{Name: "w1.peers.service.consul", Address: "10.213.7.9"}}})
+		if _, err := vm.WaitEvent(ctx, m, events, proto.EvExited); err != nil {
+			t.Fatal(err)
+		}
+		out := ReadFile(t, spec.Stdout)
+		var ns int64
+		if _, err := fmt.Sscanf(out, "clock %d", &ns); err != nil {
+			t.Fatalf("stdout %q: %v", out, err)
+		}
+		if lag := time.Since(time.Unix(0, ns)); lag < 0 || lag > 30*time.Second {
+			t.Errorf("the released program's clock is %s behind the host's", lag)
+		}
+		if !strings.Contains(out, "resolved w1.peers.service.consul [10.213.7.9] <nil>") {
+			t.Errorf("the released program did not find its peer in the hosts file:\n%s", out)
+		}
+	})
+
 	t.Run("MissingProgramReported", func(t *testing.T) {
 		m, ctx, events, ctl := Booted(t, b, Spec(t, a, accel))
 		as := Assignment("w0")

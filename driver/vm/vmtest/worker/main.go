@@ -36,6 +36,9 @@ import (
 	"github.com/cohort-dev/cohort/sdk"
 )
 
+// resolved is how long "stamp resolve" took to resolve every name.
+var resolved time.Duration
+
 func main() {
 	if len(os.Args) < 2 {
 		fmt.Fprintln(os.Stderr, "usage: worker exit N | rand | sleep | env")
@@ -120,6 +123,24 @@ func main() {
 			}
 			time.Sleep(time.Duration(n) * time.Second / time.Duration(rate<<10))
 		}
+	case "clock":
+		// clock SECONDS: the clock source, then the wall clock once a
+		// second for SECONDS, for the host to compare with its own.
+		cs, _ := os.ReadFile("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+		av, _ := os.ReadFile("/sys/devices/system/clocksource/clocksource0/available_clocksource")
+		fmt.Printf("clocksource %s (of %s)\n", strings.TrimSpace(string(cs)), strings.TrimSpace(string(av)))
+		n, _ := strconv.Atoi(os.Args[2])
+		for i := 0; i <= n; i++ {
+			fmt.Printf("clock %d\n", time.Now().UnixNano())
+			if i < n {
+				time.Sleep(time.Second)
+			}
+		}
+	case "released":
+		// released NAME: the clock and NAME's addresses, as a worker
+		// released from the barrier finds them.
+		addrs, err := net.LookupHost(os.Args[2])
+		fmt.Printf("clock %d\nresolved %s %v %v\n", time.Now().UnixNano(), os.Args[2], addrs, err)
 	case "env":
 		for _, e := range os.Environ() {
 			fmt.Println(e)
@@ -145,6 +166,12 @@ func main() {
 		// so one that exited at once would leave a slower peer
 		// resolving its name for ever.
 		if len(os.Args) > 2 && os.Args[2] == "resolve" {
+			began := time.Now()
+			defer func() {
+				// For bench-e2e -explain: when the program began, and
+				// how long resolving its peers took.
+				fmt.Fprintf(os.Stderr, "began %d, resolved all in %d ms\n", began.UnixNano(), resolved.Milliseconds())
+			}()
 			g, err := sdk.FromEnv()
 			if err != nil {
 				fmt.Fprintln(os.Stderr, err)
@@ -160,6 +187,7 @@ func main() {
 					wait = min(2*wait, 200*time.Millisecond)
 				}
 			}
+			resolved = time.Since(began)
 			fmt.Printf("stamp %d\n", time.Now().UnixNano())
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
@@ -264,6 +292,17 @@ func peers(port int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	world, me := g.World(), g.WorldRank()
+	// The names the release wrote into the hosts file, if any.
+	hosts, _ := os.ReadFile("/etc/hosts")
+	for _, line := range strings.Split(string(hosts), "\n") {
+		if f := strings.Fields(line); len(f) == 2 {
+			for _, w := range world {
+				if f[1] == w.Name {
+					fmt.Printf("hosts file: %s %s\n", f[1], f[0])
+				}
+			}
+		}
+	}
 	for _, w := range world {
 		addrs, err := net.LookupHost(w.Name)
 		if err != nil {

@@ -3,6 +3,8 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/cohort-dev/cohort/driver/guest/proto"
 )
 
 func TestUnsentTCP(t *testing.T) {
@@ -31,5 +33,19 @@ func TestUnsentTCP(t *testing.T) {
 		if got := unsentTCP(strings.NewReader(header + strings.TrimPrefix(tc.rows, "\n"))); got != tc.want {
 			t.Errorf("%s: %d connections with something to send, want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+func TestHostsFile(t *testing.T) {
+	got := string(hostsFile([]proto.Host{
+		{Name: "w0.sort-sort.service.consul", Address: "10.213.1.2"},
+		{Name: "w1.sort-sort.service.consul", Address: "10.213.2.2"},
+		{Name: "evil\n0.0.0.0 consul", Address: "10.213.2.3"},
+		{Name: "w2.sort-sort.service.consul", Address: "10.213.2.3 extra"},
+		{Name: "w3..consul", Address: "10.213.2.4"},
+	}))
+	want := "127.0.0.1\tlocalhost\n10.213.1.2\tw0.sort-sort.service.consul\n10.213.2.2\tw1.sort-sort.service.consul\n"
+	if got != want {
+		t.Errorf("hosts file:\n%s\nwant:\n%s", got, want)
 	}
 }
