@@ -30,6 +30,7 @@ var (
 	many      = flag.Int("many", 16, "VMs restored at once for the scale figure")
 	ksmWait   = flag.Duration("ksm", 0, "also measure idle PSS after this long with KSM on (0: skip)")
 	tbSize    = flag.Int("tb-size", 0, "TCG translation cache in MiB (0: QEMU default)")
+	execOnly  = flag.Bool("exec", false, "measure only what running the program from 9p costs (exec_9p, copy_9p, exec_tmpfs)")
 )
 
 func main() {
@@ -61,6 +62,21 @@ func run() error {
 	b.accel, _ = vm.DetectAccel()
 	fmt.Printf("accelerator=%s\nruns=%d\n", b.accel, *runs)
 
+	if *execOnly {
+		snap := filepath.Join(dir, "template.snap")
+		if err := b.q.Snapshot(context.Background(), b.spec("tmpl"), snap); err != nil {
+			return fmt.Errorf("template: %w", err)
+		}
+		e9, cp, et, err := b.execCost(snap)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("exec_9p_p50_ms=%.1f\ncopy_9p_p50_ms=%.1f\nexec_tmpfs_p50_ms=%.1f\nexec_9p_vs_copy_and_tmpfs=%.2fx\n", e9, cp, et, e9/(cp+et))
+		if st, err := os.Stat(b.a.Worker); err == nil {
+			fmt.Printf("exec_program_mib=%.1f\n", float64(st.Size())/(1<<20))
+		}
+		return nil
+	}
 	proc, err := b.repeat(b.processStart)
 	if err != nil {
 		return fmt.Errorf("process start: %w", err)
@@ -103,6 +119,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("idle memory: %w", err)
 	}
+	exec9p, copy9p, execTmpfs, err := b.execCost(snap)
+	if err != nil {
+		return fmt.Errorf("exec cost: %w", err)
+	}
 
 	p := func(name string, v float64) { fmt.Printf("%s=%.1f\n", name, v) }
 	p("process_start_p50_ms", pct(proc, 50))
@@ -125,6 +145,10 @@ func run() error {
 	p("pool_vm_idle_cpu_pct", poolCPU)
 	p("idle_vm_rss_mib", rss)
 	p("idle_vm_pss_mib", pss)
+	p("exec_9p_p50_ms", exec9p)
+	p("copy_9p_p50_ms", copy9p)
+	p("exec_tmpfs_p50_ms", execTmpfs)
+	fmt.Printf("exec_9p_vs_copy_and_tmpfs=%.2fx\n", exec9p/(copy9p+execTmpfs))
 	fmt.Printf("boot_snapshot_vs_qemu_empty=%.2fx\n", pct(warm, 50)/pct(floor, 50))
 	fmt.Printf("boot_snapshot_vs_process_start=%.2fx\n", pct(warm, 50)/pct(proc, 50))
 	fmt.Printf("boot_cold_vs_boot_snapshot=%.2fx\n", pct(cold, 50)/pct(warm, 50))
@@ -481,4 +505,48 @@ func pct(v []float64, p int) float64 {
 		i--
 	}
 	return s[i]
+}
+
+// execCost measures, in restored VMs, what running a program from its 9p
+// share costs against first copying it into the guest's tmpfs and running
+// it from there: whether taking the program off 9p on the start path
+// would pay. Medians over the runs.
+func (b *bench) execCost(snap string) (exec9p, copy9p, execTmpfs float64, err error) {
+	var e9, cp, et []float64
+	for range *runs {
+		spec := b.spec("exec")
+		worker, err := os.ReadFile(b.a.Worker)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		for _, n := range []string{"a", "b"} {
+			if err := os.WriteFile(filepath.Join(spec.Shares["local"], n), worker, 0o755); err != nil {
+				return 0, 0, 0, err
+			}
+		}
+		m, err := b.boot(spec, snap)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		err = b.assign(m, []string{"execcost", "/local/a", "/local/b"})
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			err = m.Wait(ctx)
+			cancel()
+		}
+		m.Kill()
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		out, _ := os.ReadFile(spec.Stdout)
+		var a, c, t float64
+		var n int
+		if _, err := fmt.Sscanf(string(out), "exec_9p_ms=%f copy_9p_ms=%f exec_tmpfs_ms=%f bytes=%d", &a, &c, &t, &n); err != nil {
+			errOut, _ := os.ReadFile(spec.Stderr)
+			return 0, 0, 0, fmt.Errorf("worker printed %q (stderr %q): %w", out, errOut, err)
+		}
+		e9, cp, et = append(e9, a), append(cp, c), append(et, t)
+		os.RemoveAll(filepath.Dir(spec.RunDir))
+	}
+	return pct(e9, 50), pct(cp, 50), pct(et, 50), nil
 }

@@ -28,6 +28,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,6 +36,8 @@ import (
 
 	"github.com/cohort-dev/cohort/sdk"
 )
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // resolved is how long "stamp resolve" took to resolve every name.
 var resolved time.Duration
@@ -141,6 +144,34 @@ func main() {
 		// released from the barrier finds them.
 		addrs, err := net.LookupHost(os.Args[2])
 		fmt.Printf("clock %d\nresolved %s %v %v\n", time.Now().UnixNano(), os.Args[2], addrs, err)
+	case "execcost":
+		// execcost A B: what running a program costs from where it
+		// lies. A and B are two copies of this program in a 9p share,
+		// new to this VM: A runs from the share; B is copied into tmpfs
+		// first and runs from there. Under TCG both start cold, as the
+		// translator keys its code by guest page.
+		run := func(path string) time.Duration {
+			t0 := time.Now()
+			if err := exec.Command(path, "exit", "0").Run(); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			return time.Since(t0)
+		}
+		from9p := run(os.Args[2])
+		t0 := time.Now()
+		b, err := os.ReadFile(os.Args[3])
+		if err == nil {
+			err = os.WriteFile("/tmp/execcost", b, 0o755)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		copied := time.Since(t0)
+		fromTmpfs := run("/tmp/execcost")
+		fmt.Printf("exec_9p_ms=%.1f copy_9p_ms=%.1f exec_tmpfs_ms=%.1f bytes=%d\n",
+			ms(from9p), ms(copied), ms(fromTmpfs), len(b))
 	case "env":
 		for _, e := range os.Environ() {
 			fmt.Println(e)
