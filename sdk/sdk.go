@@ -150,7 +150,7 @@ func dialRetry(ctx context.Context, addr string, timeout time.Duration) (net.Con
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("dialing %s: %w (last: %v)", addr, ctx.Err(), err)
+			return nil, fmt.Errorf("dialing %s: %w (last: %w)", addr, ctx.Err(), err)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 500*time.Millisecond)

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"hash/crc32"
@@ -25,6 +26,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/cohort-dev/cohort/sdk"
@@ -113,11 +115,13 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 		}
 		mu.Lock()
 		received[from] = rs
-		if len(received) == w-1 {
+		whole := len(received) == w-1
+		mu.Unlock()
+		// Acknowledged before the listener may close.
+		c.Write([]byte{'k'})
+		if whole {
 			allOnce.Do(func() { close(all) })
 		}
-		mu.Unlock()
-		c.Write([]byte{'k'})
 	})
 	var swg sync.WaitGroup
 	sendErrs := make(chan error, w)
@@ -128,21 +132,8 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 		swg.Add(1)
 		go func() {
 			defer swg.Done()
-			for {
-				c, err := g.Dial(ctx, peer.Group, peer.Rank, *port)
-				if err != nil {
-					sendErrs <- err
-					return
-				}
-				err = send(c, me, buckets[j])
-				c.Close()
-				if err == nil {
-					return
-				}
-				if ctx.Err() != nil {
-					sendErrs <- fmt.Errorf("sending to %s: %w", peer.Name, err)
-					return
-				}
+			if err := deliver(ctx, g, peer, *port, func(c net.Conn) error { return send(c, me, buckets[j]) }); err != nil {
+				sendErrs <- fmt.Errorf("sending to %s: %w", peer.Name, err)
 			}
 		}()
 	}
@@ -185,40 +176,50 @@ func run(ctx context.Context, g *sdk.Gang, stdout io.Writer) error {
 	return verify(ctx, g, w, rep, start, stdout)
 }
 
-// sendReport delivers a worker's report to rank 0 and returns once rank 0
-// has acknowledged it. A report written into a socket is not delivered
-// yet: the worker exits right after, its VM powers off, and whatever the
-// network had not carried is lost. So each report is answered, and sent
-// again until it is.
+// sendReport delivers a worker's report to rank 0.
 func sendReport(ctx context.Context, g *sdk.Gang, rep report) error {
 	body, err := json.Marshal(rep)
 	if err != nil {
 		return err
 	}
 	body = append(body, '\n')
-	to := g.World()[0]
+	if err := deliver(ctx, g, g.World()[0], *port+2, func(c net.Conn) error {
+		c.SetWriteDeadline(time.Now().Add(*ackWait))
+		_, err := c.Write(body)
+		return err
+	}); err != nil {
+		return fmt.Errorf("reporting: %w", err)
+	}
+	return nil
+}
+
+// deliver sends something to a peer's port with write and returns once
+// the peer has acknowledged it, sending it again until it has. Bytes
+// written into a socket are not delivered yet, and a connection can die
+// on either side under load; an answer is the only proof. A receiver
+// listens until it holds everything it waits for and then closes: a
+// peer that was reached once and now refuses connections has ours (or
+// failed, which fails the job without our help).
+func deliver(ctx context.Context, g *sdk.Gang, to sdk.Worker, port int, write func(net.Conn) error) error {
 	reached := false
 	for {
 		dctx, cancel := ctx, context.CancelFunc(func() {})
 		if reached {
-			// Rank 0 listens until it holds every report and then
-			// closes; a listener that was there and is gone for good
-			// means rank 0 has ours (or failed, which fails the job
-			// without our help).
 			dctx, cancel = context.WithTimeout(ctx, *ackWait)
 		}
-		c, err := g.Dial(dctx, to.Group, to.Rank, *port+2)
+		c, err := g.Dial(dctx, to.Group, to.Rank, port)
 		cancel()
-		if err != nil {
-			if reached && ctx.Err() == nil {
-				fmt.Fprintf(os.Stderr, "sort: rank 0 stopped listening for reports; it had ours\n")
+		if err != nil && reached && ctx.Err() == nil {
+			if errors.Is(err, syscall.ECONNREFUSED) {
 				return nil
 			}
-			return fmt.Errorf("reporting: %w", err)
+			continue // not reachable for another reason (DNS, a lost SYN): try on
+		}
+		if err != nil {
+			return err
 		}
 		reached = true
-		c.SetDeadline(time.Now().Add(*ackWait))
-		_, err = c.Write(body)
+		err = write(c)
 		if err == nil {
 			err = awaitAck(c)
 		}
@@ -227,9 +228,9 @@ func sendReport(ctx context.Context, g *sdk.Gang, rep report) error {
 			return nil
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("reporting: %w", ctx.Err())
+			return fmt.Errorf("%s: %w", to.Name, ctx.Err())
 		}
-		fmt.Fprintf(os.Stderr, "sort: report not acknowledged (%v); sending it again\n", err)
+		fmt.Fprintf(os.Stderr, "sort: %s did not acknowledge (%v); sending again\n", to.Name, err)
 	}
 }
 
@@ -254,11 +255,13 @@ func verify(ctx context.Context, g *sdk.Gang, w int, own report, start time.Time
 			fmt.Fprintf(os.Stderr, "sort: a report from %s: rank %d, %v (its sender retries)\n", c.RemoteAddr(), r.Rank, err)
 			return
 		}
+		// Acknowledged first: once the last report is in, rank 0
+		// goes on and may exit.
+		c.Write([]byte{'k'})
 		select {
 		case arrived <- r:
 		case <-done:
 		}
-		c.Write([]byte{'k'})
 	})
 	byRank := map[int]report{0: own}
 	for len(byRank) < w {
@@ -358,8 +361,8 @@ func serveEach(l net.Listener, handle func(net.Conn)) {
 	}
 }
 
-// send sends a worker's share to a peer (its world rank, the record
-// count, the records) and waits for the peer to acknowledge it.
+// send writes a worker's share for a peer: its world rank, the record
+// count, the records.
 func send(c net.Conn, from int, rs [][]byte) error {
 	bw := bufio.NewWriterSize(c, 1<<16)
 	if err := binary.Write(bw, binary.BigEndian, [2]uint32{uint32(from), uint32(len(rs))}); err != nil {
@@ -370,10 +373,7 @@ func send(c net.Conn, from int, rs [][]byte) error {
 			return err
 		}
 	}
-	if err := bw.Flush(); err != nil {
-		return err
-	}
-	return awaitAck(c)
+	return bw.Flush()
 }
 
 // awaitAck waits for the receiver's word that it holds what was sent.

@@ -100,7 +100,7 @@ func (q *QEMU) Args(spec *Spec, incoming string) []string {
 		machine = "microvm,acpi=on,pcie=on,pit=on,pic=on,rtc=on,isa-serial=on,x-option-roms=off"
 		cmdline = CmdlinePCI
 	}
-	if khz := hostTSCkHz(); khz > 0 {
+	if khz := hostTSCkHz(); khz > 0 && (spec.Accel != "kvm" || cmdline == CmdlinePCI) {
 		cmdline += " tsc_early_khz=" + strconv.Itoa(khz)
 	}
 	if spec.RAMFile != "" {

@@ -11,11 +11,11 @@ package server
 //	      "Peers": [{"Group": "g", "Rank": 0, "Address": "<IP>"}, ...]}
 //
 // A release lists the addresses of the gang's workers (those whose
-// reports gave one, inside their node's worker subnet), by group and rank
-// as Nomad lists their allocations: the microvm driver writes them into
-// its worker's hosts file under the workers' names, so the names resolve
-// the moment the program starts, without a DNS query per peer through
-// Consul (with 16 workers on a loaded host those took 2 to 10 s).
+// reports gave one that placeBoot kept), by group and rank as Nomad lists
+// their allocations: the microvm driver writes them into its worker's
+// hosts file under the workers' names, so a gang's own names resolve
+// without a DNS query per peer through the node's forwarder and Consul,
+// and do not depend on Consul at all once the gang runs.
 //
 // The first call records the boot in Raft (forwarded to the leader like
 // any write); calls are idempotent, so a reporter simply repeats one until
@@ -36,8 +36,6 @@ import (
 	"net"
 	"net/http"
 	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -93,7 +91,7 @@ func (s *Server) BootOn(ns, jobID string, req api.BarrierRequest, node string) (
 		// A big gang's workers report at once: their boots share commits.
 		at := s.now()
 		res, err := s.batch.Apply(&state.Command{Op: state.OpBoot, At: at, JobID: key, Alloc: req.Alloc, Instance: req.Instance,
-			Boot: s.placeBoot(w, req.Address, node)})
+			Boot: s.placeBoot(jobID, w, req.Address, node)})
 		if err != nil {
 			return api.BarrierResponse{}, err
 		}
@@ -117,16 +115,19 @@ func (s *Server) BootOn(ns, jobID string, req api.BarrierRequest, node string) (
 }
 
 // placeBoot is where a booting worker is: its group and rank as Nomad
-// lists its allocation, and the address its node reported when that
-// address is one the node may give its workers (inside the node's worker
-// subnet, or the cluster's worker range). An address that is not is left
-// out, with a warning: the worker's name then resolves through DNS alone.
-func (s *Server) placeBoot(w nomad.Worker, address, node string) *state.Boot {
-	rank, ok := allocIndex(w.Name)
+// lists its allocation (a group split across nodes is one task group per
+// worker, "group[rank]"), and the address its node reported when that
+// address is one the node may give its workers: inside that node's
+// worker subnet when the report carries the node's certificate, inside
+// the cluster's worker range otherwise. An address that is not, or any
+// address while no worker range is leased, is left out: the worker's
+// name then resolves through DNS alone.
+func (s *Server) placeBoot(jobID string, w nomad.Worker, address, node string) *state.Boot {
+	group, rank, ok := nomad.ParseWorkerName(nomad.WorkerName(jobID, w))
 	if !ok {
 		return nil
 	}
-	b := &state.Boot{Group: w.TaskGroup, Rank: rank}
+	b := &state.Boot{Group: group, Rank: rank}
 	if address == "" {
 		return b
 	}
@@ -141,25 +142,43 @@ func (s *Server) placeBoot(w nomad.Worker, address, node string) *state.Boot {
 			within = l.Subnet
 		}
 	})
-	if within != "" {
-		if _, n, err := net.ParseCIDR(within); err == nil && !n.Contains(ip) {
-			s.log.Warn("a boot report gave an address outside its node's worker subnet; the worker's name resolves through DNS only",
-				"alloc", w.Alloc, "node", node, "address", address, "subnet", within)
-			return b
-		}
+	_, n, err := net.ParseCIDR(within)
+	if err != nil || !n.Contains(ip) {
+		s.log.Debug("a boot report gave an address outside its node's worker subnet; the worker's name resolves through DNS only",
+			"alloc", w.Alloc, "node", node, "address", address, "subnet", within)
+		return b
 	}
 	b.Address = ip.String()
 	return b
 }
 
-// allocIndex is the index of an allocation named job.group[index].
-func allocIndex(name string) (int, bool) {
-	i := strings.LastIndexByte(name, '[')
-	if i < 0 || !strings.HasSuffix(name, "]") {
-		return 0, false
+// peerCache keeps each running gang's peer list, built once per run:
+// every worker of a gang of n asks for it, and n lists of n would cost
+// O(n²) under the state's read lock.
+type peerCache struct {
+	mu   sync.Mutex
+	runs map[string]cachedPeers
+}
+
+type cachedPeers struct {
+	run     int
+	started time.Time
+	peers   []api.BarrierPeer
+}
+
+func (c *peerCache) of(j *state.Job) []api.BarrierPeer {
+	key := j.Key()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.runs[key]; ok && e.run == j.Run && e.started.Equal(j.StartedAt) {
+		return e.peers
 	}
-	n, err := strconv.Atoi(name[i+1 : len(name)-1])
-	return n, err == nil && n >= 0
+	if c.runs == nil || len(c.runs) > 1024 {
+		c.runs = map[string]cachedPeers{}
+	}
+	ps := peersOf(j)
+	c.runs[key] = cachedPeers{run: j.Run, started: j.StartedAt, peers: ps}
+	return ps
 }
 
 // peersOf lists the booted workers of a gang whose addresses are known.
@@ -194,7 +213,7 @@ func (s *Server) verdict(key string, req api.BarrierRequest) api.BarrierResponse
 			v = abort("allocation %s already booted in this attempt of the gang and was restarted; a restarted worker never rejoins its gang", req.Alloc)
 		case j.Status == state.Reserved:
 		case j.Status == state.Running && booted:
-			v = api.BarrierResponse{Status: api.BarrierRelease, Peers: peersOf(j)}
+			v = api.BarrierResponse{Status: api.BarrierRelease, Peers: s.peers.of(j)}
 		case j.Status == state.Running:
 			v = abort("the gang started without this worker")
 		case j.Status == state.Queued:

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"net"
 	"net/http/httptest"
 	"reflect"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/state"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
@@ -52,7 +54,7 @@ func TestBarrierReleasesWholeGang(t *testing.T) {
 	if j.Status != state.Running || !j.StartedAt.Equal(t0.Add(15*time.Millisecond)) {
 		t.Fatalf("after the last boot: %+v", j)
 	}
-	rank, _ := allocIndex(allocs[0].Name)
+	_, rank, _ := nomad.ParseWorkerName(strings.TrimPrefix(allocs[0].Name, "sort."))
 	want := []api.BarrierPeer{{Group: "a", Rank: rank, Address: addrs[0]}}
 	for _, a := range allocs {
 		if v := h.verdict("sort", a.ID); v.Status != api.BarrierRelease || !reflect.DeepEqual(v.Peers, want) {
@@ -842,5 +844,40 @@ func TestRetentionForgetsEndedRuns(t *testing.T) {
 	})
 	if rec := h.serve(httptest.NewRequest("GET", "/v1/job/old/bill", nil)); rec.Code != 404 {
 		t.Errorf("the bill of a forgotten run: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// A worker of a group split across nodes (one task group per worker,
+// "group[rank]") is placed by its group and rank, not by its task
+// group's name; an address is kept only inside the node's worker subnet,
+// and never while no worker range is leased.
+func TestPlaceBoot(t *testing.T) {
+	h := newHarness(t)
+	split := nomad.Worker{Alloc: "x", Name: "sort.sort[3][0]", TaskGroup: "sort[3]"}
+	if b := h.srv.placeBoot("sort", split, "10.213.0.9", ""); b == nil || b.Group != "sort" || b.Rank != 3 || b.Address != "" {
+		t.Errorf("split group, no leases: %+v", b)
+	}
+	l, err := h.srv.Lease(api.LeaseRequest{Node: "n0", Address: "192.168.1.10"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, subnet, _ := net.ParseCIDR(l.Subnet)
+	inside := subnet.IP.To4()
+	inside[3] = 9
+	other := append(net.IP(nil), inside...)
+	other[2]++
+	plain := nomad.Worker{Alloc: "y", Name: "sort.map[2]", TaskGroup: "map"}
+	for _, tc := range []struct {
+		node, address, want string
+	}{
+		{"n0", inside.String(), inside.String()},
+		{"n0", other.String(), ""},           // another node's subnet
+		{"", other.String(), other.String()}, // no certificate: the range
+		{"", "192.168.99.9", ""},
+	} {
+		b := h.srv.placeBoot("sort", plain, tc.address, tc.node)
+		if b == nil || b.Group != "map" || b.Rank != 2 || b.Address != tc.want {
+			t.Errorf("node %q address %s: %+v, want address %q", tc.node, tc.address, b, tc.want)
+		}
 	}
 }

@@ -165,6 +165,8 @@ type Server struct {
 	// bootAllocs caches, per job, Nomad's allocations for checking boot
 	// reports.
 	bootAllocs allocCache
+	// peers caches each released gang's worker addresses.
+	peers peerCache
 
 	// Leader loop only, reset when leadership is lost:
 	// seen caches each watched job's allocations;

@@ -289,7 +289,7 @@ func setClock(ns int64) error {
 }
 
 // writeHosts puts the gang's names into /etc/hosts, looked up before DNS
-// (/etc/nsswitch.conf says so: without it, glibc and Go ask DNS first).
+// (/etc/nsswitch.conf says so: without it, glibc asks DNS first).
 // Names and addresses that are not well formed are left out.
 func writeHosts(hosts []proto.Host) error {
 	if len(hosts) == 0 {

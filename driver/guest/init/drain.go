@@ -33,19 +33,35 @@ func reapAll(limit time.Duration) {
 // still on its way out. On a host, bytes a program wrote into a socket
 // are delivered after it exits: the kernel owns them. Here the VM powers
 // off right after the program, and would take them along; a worker that
-// sends its result to a peer and exits would lose the tail of it.
+// sends its result to a peer and exits would lose the tail of it. A
+// connection whose queue has not shrunk for a second is not waited for:
+// its peer is gone (another worker's VM that powered off answers
+// nothing) or not reading.
 func drainTCP(limit time.Duration) {
+	const stall = time.Second
 	deadline := time.Now().Add(limit)
+	least := map[string]uint64{}
+	moved := map[string]time.Time{}
 	wait := time.Millisecond
-	for time.Now().Before(deadline) {
-		pending := 0
+	for {
+		now := time.Now()
+		cur := map[string]uint64{}
 		for _, p := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 			if f, err := os.Open(p); err == nil {
-				pending += unsentTCP(f)
+				unsentTCP(f, cur)
 				f.Close()
 			}
 		}
-		if pending == 0 {
+		waiting := 0
+		for k, q := range cur {
+			if l, ok := least[k]; !ok || q < l {
+				least[k], moved[k] = q, now
+			}
+			if now.Sub(moved[k]) < stall {
+				waiting++
+			}
+		}
+		if waiting == 0 || now.After(deadline) {
 			return
 		}
 		time.Sleep(wait)
@@ -62,12 +78,11 @@ const (
 	tcpClosing     = 0x0B
 )
 
-// unsentTCP counts the connections in a /proc/net/tcp table that still
-// have something to deliver: queued bytes not yet acknowledged, or a FIN
-// not yet acknowledged. A socket whose peer has vanished would keep us
-// waiting until the limit, which bounds it.
-func unsentTCP(r io.Reader) int {
-	n := 0
+// unsentTCP adds to into the connections of a /proc/net/tcp table that
+// still have something to deliver, keyed by their addresses: queued
+// bytes not yet acknowledged (a FIN not yet acknowledged counts as one),
+// or a closing state still short of its peer's acknowledgement.
+func unsentTCP(r io.Reader, into map[string]uint64) {
 	sc := bufio.NewScanner(r)
 	sc.Scan() // the header
 	for sc.Scan() {
@@ -86,12 +101,11 @@ func unsentTCP(r io.Reader) int {
 		}
 		switch st {
 		case tcpFinWait1, tcpClosing, tcpLastAck:
-			n++
+			into[f[1]+">"+f[2]] = queued
 		case tcpEstablished, tcpCloseWait:
 			if queued > 0 {
-				n++
+				into[f[1]+">"+f[2]] = queued
 			}
 		}
 	}
-	return n
 }

@@ -30,8 +30,10 @@ func TestUnsentTCP(t *testing.T) {
    1: 0200D50A:9C41 0300D50A:1C84 09 00000000:00000000 01:00000014 00000000     0        0 0 1`, 2},
 		{"rubbish lines", "\n   0: x y zz\nshort", 0},
 	} {
-		if got := unsentTCP(strings.NewReader(header + strings.TrimPrefix(tc.rows, "\n"))); got != tc.want {
-			t.Errorf("%s: %d connections with something to send, want %d", tc.name, got, tc.want)
+		got := map[string]uint64{}
+		unsentTCP(strings.NewReader(header+strings.TrimPrefix(tc.rows, "\n")), got)
+		if len(got) != tc.want {
+			t.Errorf("%s: %d connections with something to send (%v), want %d", tc.name, len(got), got, tc.want)
 		}
 	}
 }

@@ -137,7 +137,8 @@ func (g *guest) run() error {
 					return err
 				}
 				if err := writeHosts(c.Hosts); err != nil {
-					return err
+					// The names still resolve through DNS.
+					fmt.Fprintf(console, "cohort init: %v\n", err)
 				}
 				break
 			}
