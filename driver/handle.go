@@ -24,6 +24,11 @@ type taskHandle struct {
 	assigned     chan struct{}
 	assignedOnce sync.Once
 
+	// sendMu keeps commands whole on the control connection: the
+	// assignment, the release, signals and the clock come from different
+	// goroutines.
+	sendMu sync.Mutex
+
 	mu        sync.Mutex
 	ctl       *vm.Ctl
 	startedAt time.Time
@@ -62,6 +67,8 @@ func (h *taskHandle) conn() (*vm.Ctl, error) {
 }
 
 func (h *taskHandle) send(v any) error {
+	h.sendMu.Lock()
+	defer h.sendMu.Unlock()
 	c, err := h.conn()
 	if err != nil {
 		return err
@@ -116,6 +123,9 @@ func (h *taskHandle) run() {
 		switch ev.Kind {
 		case proto.EvAssigned:
 			h.assignedOnce.Do(func() { close(h.assigned) })
+			// The assignment's time is as old as the VM took to read
+			// it; this one is read at once.
+			go h.send(&proto.Command{Kind: proto.CmdClock, UnixNano: time.Now().UnixNano()})
 		case proto.EvStarted:
 			h.mu.Lock()
 			h.started = true

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"time"
 	"unsafe"
 
 	"github.com/cohort-dev/cohort/driver/guest/proto"
@@ -287,6 +288,22 @@ func setClock(ns int64) error {
 	}
 	return nil
 }
+
+// correctClock steps the clock to the host's ns when the two differ by
+// more than 100 ms: less than that may be the command's own transit.
+func correctClock(ns int64) {
+	if ns <= 0 {
+		return
+	}
+	if d := time.Since(time.Unix(0, ns)); d > -clockSlack && d < clockSlack {
+		return
+	}
+	if err := setClock(ns); err != nil {
+		fmt.Fprintf(console, "cohort init: %v\n", err)
+	}
+}
+
+const clockSlack = 100 * time.Millisecond
 
 // writeHosts puts the gang's names into /etc/hosts, looked up before DNS
 // (/etc/nsswitch.conf says so: without it, glibc asks DNS first).

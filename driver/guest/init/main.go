@@ -132,6 +132,9 @@ func (g *guest) run() error {
 	}()
 	if a.Barrier {
 		for c := range cmds {
+			if c.Kind == proto.CmdClock {
+				correctClock(c.UnixNano)
+			}
 			if c.Kind == proto.CmdRelease {
 				if err := setClock(c.UnixNano); err != nil {
 					return err
@@ -176,8 +179,11 @@ func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-
 
 	go func() {
 		for c := range cmds {
-			if c.Kind == proto.CmdSignal && c.Signal > 0 {
+			switch {
+			case c.Kind == proto.CmdSignal && c.Signal > 0:
 				unix.Kill(-pid, unix.Signal(c.Signal))
+			case c.Kind == proto.CmdClock:
+				correctClock(c.UnixNano)
 			}
 		}
 	}()

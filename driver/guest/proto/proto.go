@@ -62,6 +62,11 @@ type Assignment struct {
 const (
 	CmdSignal  = "signal"
 	CmdRelease = "release"
+	// CmdClock carries the host's clock (UnixNano), sent when the guest
+	// says it took its assignment: the assignment's own time is as old as
+	// the VM took to read it. The guest steps its clock when it is off by
+	// more than the command's own transit could explain.
+	CmdClock = "clock"
 )
 
 // Command is a host request to the guest init.
@@ -71,10 +76,11 @@ type Command struct {
 	// Hosts, with CmdRelease, are the gang's workers by name: the init
 	// writes them into /etc/hosts before it starts the program.
 	Hosts []Host `json:"hosts,omitempty"`
-	// UnixNano, with CmdRelease, is the host's clock when it released
-	// the worker. The assignment's clock is as old as the time the VM
-	// took to read it (seconds, for 16 restores at once on 2 cores), and
-	// a worker waiting at the barrier reads this one at once.
+	// UnixNano, with CmdRelease and CmdClock, is the host's clock when it
+	// sent the command. The assignment's clock is as old as the time the
+	// VM took to read it (seconds, for 16 restores at once on 2 cores);
+	// a worker waiting at the barrier, or running, reads a command at
+	// once.
 	UnixNano int64 `json:"unix_nano,omitempty"`
 }
 

@@ -155,6 +155,32 @@ func Conformance(t *testing.T, b vm.Backend) {
 		}
 	})
 
+	// A program started from a stale assignment (a VM slow to read it)
+	// gets the host's clock as soon as the host's CmdClock arrives.
+	t.Run("ClockCorrected", func(t *testing.T) {
+		spec := Spec(t, a, accel)
+		m, ctx, events, ctl := Booted(t, b, spec)
+		as := Assignment("w0", "clock", "2")
+		as.UnixNano = time.Now().Add(-time.Hour).UnixNano()
+		ctl.Send(as)
+		if _, err := vm.WaitEvent(ctx, m, events, proto.EvAssigned); err != nil {
+			t.Fatal(err)
+		}
+		ctl.Send(proto.Command{Kind: proto.CmdClock, UnixNano: time.Now().UnixNano()})
+		if _, err := vm.WaitEvent(ctx, m, events, proto.EvExited); err != nil {
+			t.Fatal(err)
+		}
+		out := strings.TrimSpace(ReadFile(t, spec.Stdout))
+		lines := strings.Split(out, "\n")
+		var ns int64
+		if _, err := fmt.Sscanf(lines[len(lines)-1], "clock %d", &ns); err != nil {
+			t.Fatalf("stdout %q: %v", out, err)
+		}
+		if lag := time.Since(time.Unix(0, ns)); lag < 0 || lag > 30*time.Second {
+			t.Errorf("the program's clock is %s behind the host's after the correction:\n%s", lag, out)
+		}
+	})
+
 	t.Run("MissingProgramReported", func(t *testing.T) {
 		m, ctx, events, ctl := Booted(t, b, Spec(t, a, accel))
 		as := Assignment("w0")
