@@ -121,7 +121,8 @@ func (h *taskHandle) barrier(servers []string, gangTimeout time.Duration) {
 		backoff = 100 * time.Millisecond
 		switch v.Status {
 		case api.BarrierRelease:
-			if err := h.send(&proto.Command{Kind: proto.CmdRelease, Hosts: gangHosts(h.cfg.Env[jobspec.EnvPeers], v.Peers), UnixNano: time.Now().UnixNano()}); err != nil {
+			rel := &proto.Command{Kind: proto.CmdRelease, Hosts: gangHosts(h.cfg.Env[jobspec.EnvPeers], v.Peers)}
+			if err := h.sendStamped(rel, func() { rel.UnixNano = time.Now().UnixNano() }); err != nil {
 				h.abort("releasing the worker: " + err.Error())
 				return
 			}

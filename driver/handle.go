@@ -24,9 +24,8 @@ type taskHandle struct {
 	assigned     chan struct{}
 	assignedOnce sync.Once
 
-	// sendMu keeps commands whole on the control connection: the
-	// assignment, the release, signals and the clock come from different
-	// goroutines.
+	// sendMu keeps commands whole and in order on the control
+	// connection.
 	sendMu sync.Mutex
 
 	mu        sync.Mutex
@@ -49,12 +48,20 @@ func newTaskHandle(d *Driver, cfg *drivers.TaskConfig, m *vm.Machine, ls *lease)
 	return &taskHandle{d: d, cfg: cfg, m: m, lease: ls, done: make(chan struct{}), assigned: make(chan struct{})}
 }
 
-// conn returns the control connection, dialing it after a recovery.
+// conn returns the control connection, dialing it after a recovery. The
+// dial runs outside h.mu (it may take seconds, and status, kill and the
+// event loop take h.mu), and never once the plugin is shutting down: the
+// guest serves one connection at a time, and one made after detach would
+// hold the port against the next instance of the plugin.
 func (h *taskHandle) conn() (*vm.Ctl, error) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.ctl != nil {
-		return h.ctl, nil
+	c := h.ctl
+	h.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	if err := h.d.ctx.Err(); err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(h.d.ctx, 5*time.Second)
 	defer cancel()
@@ -62,16 +69,38 @@ func (h *taskHandle) conn() (*vm.Ctl, error) {
 	if err != nil {
 		return nil, err
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.d.ctx.Err() != nil || h.ctl != nil {
+		c.Close()
+		if h.ctl != nil {
+			return h.ctl, nil
+		}
+		return nil, h.d.ctx.Err()
+	}
 	h.ctl = c
 	return c, nil
 }
 
+// send writes v to the guest. Callers are serialised (sendMu): the
+// assignment, the release, signals and the clock come from different
+// goroutines.
 func (h *taskHandle) send(v any) error {
+	return h.sendStamped(v, nil)
+}
+
+// sendStamped is send, with stamp run just before the write: a command
+// that carries the host's clock takes it then, not before a wait for the
+// connection or for another sender.
+func (h *taskHandle) sendStamped(v any, stamp func()) error {
 	h.sendMu.Lock()
 	defer h.sendMu.Unlock()
 	c, err := h.conn()
 	if err != nil {
 		return err
+	}
+	if stamp != nil {
+		stamp()
 	}
 	if err := c.Send(v); err != nil {
 		// Drop a broken connection so the next call dials again.
@@ -84,6 +113,14 @@ func (h *taskHandle) send(v any) error {
 		return err
 	}
 	return nil
+}
+
+// sendClock sends the host's clock of the moment it is written.
+func (h *taskHandle) sendClock() {
+	c := &proto.Command{Kind: proto.CmdClock}
+	if err := h.sendStamped(c, func() { c.UnixNano = time.Now().UnixNano() }); err != nil {
+		h.d.log.Debug("sending the clock to a worker vm", "task", h.cfg.Name, "error", err)
+	}
 }
 
 // assign hands the guest its assignment and waits until the guest has
@@ -125,7 +162,7 @@ func (h *taskHandle) run() {
 			h.assignedOnce.Do(func() { close(h.assigned) })
 			// The assignment's time is as old as the VM took to read
 			// it; this one is read at once.
-			go h.send(&proto.Command{Kind: proto.CmdClock, UnixNano: time.Now().UnixNano()})
+			go h.sendClock()
 		case proto.EvStarted:
 			h.mu.Lock()
 			h.started = true

@@ -210,7 +210,10 @@ func deliver(ctx context.Context, g *sdk.Gang, to sdk.Worker, port int, write fu
 		c, err := g.Dial(dctx, to.Group, to.Rank, port)
 		cancel()
 		if err != nil && reached && ctx.Err() == nil {
-			if errors.Is(err, syscall.ECONNREFUSED) {
+			// Refused: the peer closed its listener. Unreachable: its
+			// VM is off, which happens only after its program exited.
+			// Either way it had ours, or failed without our help.
+			if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) {
 				return nil
 			}
 			continue // not reachable for another reason (DNS, a lost SYN): try on
@@ -219,10 +222,14 @@ func deliver(ctx context.Context, g *sdk.Gang, to sdk.Worker, port int, write fu
 			return err
 		}
 		reached = true
+		// A peer that stops reading without a reset would hold a write
+		// for as long as TCP retries; the job's deadline ends it.
+		stop := context.AfterFunc(ctx, func() { c.Close() })
 		err = write(c)
 		if err == nil {
 			err = awaitAck(c)
 		}
+		stop()
 		c.Close()
 		if err == nil {
 			return nil

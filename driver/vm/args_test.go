@@ -35,8 +35,14 @@ func TestPassthroughCommandLine(t *testing.T) {
 	if strings.Contains(argAfter(a, "-append")[0], "tsc_early_khz") {
 		t.Errorf("plain KVM cmdline = %s, want no tsc_early_khz", argAfter(a, "-append")[0])
 	}
+	if strings.Contains(argAfter(a, "-append")[0], "highres=off") {
+		t.Errorf("plain KVM cmdline = %s, want high-resolution timers", argAfter(a, "-append")[0])
+	}
 	tcg := *plain
 	tcg.Accel = "tcg"
+	if c := argAfter(q.Args(&tcg, ""), "-append")[0]; !strings.Contains(c, "highres=off") {
+		t.Errorf("plain TCG cmdline = %s, want highres=off", c)
+	}
 	if khz := hostTSCkHz(); khz > 0 && !strings.Contains(argAfter(q.Args(&tcg, ""), "-append")[0], "tsc_early_khz="+strconv.Itoa(khz)) {
 		t.Errorf("plain TCG cmdline = %s, want tsc_early_khz=%d", argAfter(q.Args(&tcg, ""), "-append")[0], khz)
 	}

@@ -23,8 +23,8 @@ import (
 //
 // The guest's TSC runs at the host's rate, under TCG and under KVM
 // without TSC scaling, so the host's rate is measured once, against the
-// host's clock over 200 ms, each end bracketed by two TSC reads (a rate
-// 1 µs off at either end is 10 ppm off). Under KVM a VM without
+// host's monotonic clock over 200 ms, each end bracketed by two TSC
+// reads (a rate 1 µs off at either end is 10 ppm off). Under KVM a VM without
 // passed-through devices is not told: it has kvm-clock, and KVM's own
 // TSC rate where it prefers the TSC. A restored VM keeps its template's
 // calibration; the value on a restore's command line does not reach it.

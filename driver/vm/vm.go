@@ -72,7 +72,7 @@ type Shape struct {
 
 // layout versions the VMM's device and backend layout (Args): a snapshot
 // made under another layout is never restored.
-const layout = "4" // 2: 9p mapped-xattr, append-only guest files; 3: templates boot verbose; 4: every guest told the TSC's rate
+const layout = "6" // 2: 9p mapped-xattr, append-only guest files; 3: templates boot verbose; 4: every guest told the TSC's rate; 5: TCG guests only; 6: TCG guests with highres=off
 
 // Key names the shape in file names.
 func (s Shape) Key() string {

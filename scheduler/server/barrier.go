@@ -144,7 +144,7 @@ func (s *Server) placeBoot(jobID string, w nomad.Worker, address, node string) *
 	})
 	_, n, err := net.ParseCIDR(within)
 	if err != nil || !n.Contains(ip) {
-		s.log.Debug("a boot report gave an address outside its node's worker subnet; the worker's name resolves through DNS only",
+		s.log.Warn("a boot report gave an address outside its node's worker subnet; the worker's name resolves through DNS only",
 			"alloc", w.Alloc, "node", node, "address", address, "subnet", within)
 		return b
 	}

@@ -289,13 +289,15 @@ func setClock(ns int64) error {
 	return nil
 }
 
-// correctClock steps the clock to the host's ns when the two differ by
-// more than 100 ms: less than that may be the command's own transit.
+// correctClock steps the clock forward to the host's ns when it is more
+// than 100 ms behind. Never back: a host time was taken before its
+// command travelled, so a guest ahead of it by less than the transit is
+// right, and the transit is not known.
 func correctClock(ns int64) {
 	if ns <= 0 {
 		return
 	}
-	if d := time.Since(time.Unix(0, ns)); d > -clockSlack && d < clockSlack {
+	if behind := time.Unix(0, ns).Sub(time.Now()); behind < clockSlack {
 		return
 	}
 	if err := setClock(ns); err != nil {

@@ -124,6 +124,15 @@ func (g *guest) run() error {
 		for {
 			var c proto.Command
 			if err := readJSON(in, &c, 50*time.Millisecond, false); err != nil {
+				// A line cut short (a host connection that broke mid-
+				// write) runs into the next one: skip what does not
+				// parse.
+				var se *json.SyntaxError
+				var te *json.UnmarshalTypeError
+				if errors.As(err, &se) || errors.As(err, &te) {
+					fmt.Fprintf(console, "cohort init: skipping a command that does not parse: %v\n", err)
+					continue
+				}
 				close(cmds)
 				return
 			}
@@ -131,20 +140,24 @@ func (g *guest) run() error {
 		}
 	}()
 	if a.Barrier {
+		released := false
 		for c := range cmds {
 			if c.Kind == proto.CmdClock {
 				correctClock(c.UnixNano)
 			}
 			if c.Kind == proto.CmdRelease {
-				if err := setClock(c.UnixNano); err != nil {
-					return err
-				}
+				correctClock(c.UnixNano)
 				if err := writeHosts(c.Hosts); err != nil {
 					// The names still resolve through DNS.
 					fmt.Fprintf(console, "cohort init: %v\n", err)
 				}
+				released = true
 				break
 			}
+		}
+		if !released {
+			// Never run a gang's worker that was not released.
+			return errors.New("the control port failed before the start barrier released this worker")
 		}
 	}
 	return g.runProgram(&a, ports, cmds)
