@@ -91,6 +91,13 @@ echo "==> cohort bill sort"
 "$cohort" bill sort | tail -4
 echo "  ..."
 
+# A verified sort whose workers did not all exit by themselves (the gang
+# ended at max_runtime, say) is a failure too.
+reason=$("$cohort" status -json sort 2>/dev/null | sed -n 's/^  "Reason": "\(.*\)",*$/\1/p')
+if [ "$reason" != "every worker exited" ]; then
+  echo "demo: the sort's gang ended with \"${reason:-?}\", not with every worker exiting" >&2
+  exit 1
+fi
 case "$verdict" in
   *VERIFIED*) echo; echo "demo: the sort was verified in $(( ended - running )) ms of running" ;;
   *) echo "demo: the sort was not verified: ${verdict:-no report from rank 0}" >&2; exit 1 ;;

@@ -26,7 +26,6 @@ import (
 	"os"
 	"sort"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/cohort-dev/cohort/sdk"
@@ -210,13 +209,16 @@ func deliver(ctx context.Context, g *sdk.Gang, to sdk.Worker, port int, write fu
 		c, err := g.Dial(dctx, to.Group, to.Rank, port)
 		cancel()
 		if err != nil && reached && ctx.Err() == nil {
-			// Refused: the peer closed its listener. Unreachable: its
-			// VM is off, which happens only after its program exited.
-			// Either way it had ours, or failed without our help.
-			if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) {
+			// Tried for ackWait and never connected: refused (the peer
+			// closed its listener), unreachable or silent (its VM is
+			// off, which happens only after its program exited). Either
+			// way it had ours, or failed without our help. Only a name
+			// that does not resolve yet is worth another round.
+			var dnsErr *net.DNSError
+			if !errors.As(err, &dnsErr) {
 				return nil
 			}
-			continue // not reachable for another reason (DNS, a lost SYN): try on
+			continue
 		}
 		if err != nil {
 			return err

@@ -34,11 +34,11 @@ func reapAll(limit time.Duration) {
 // are delivered after it exits: the kernel owns them. Here the VM powers
 // off right after the program, and would take them along; a worker that
 // sends its result to a peer and exits would lose the tail of it. A
-// connection whose queue has not shrunk for 2 s is not waited for: its
+// connection whose queue has not shrunk for 3 s is not waited for: its
 // peer is gone (another worker's VM that powered off answers nothing) or
 // not reading.
 func drainTCP(limit time.Duration) {
-	const stall = 2 * time.Second
+	const stall = 3 * time.Second
 	deadline := time.Now().Add(limit)
 	least := map[string]uint64{}
 	moved := map[string]time.Time{}

@@ -229,7 +229,7 @@ func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-
 	g.emit(ev)
 	// What the program sent before it exited still reaches its peers.
 	reapAll(time.Second)
-	drainTCP(3 * time.Second)
+	drainTCP(5 * time.Second)
 	return nil
 }
 

@@ -96,7 +96,7 @@ const (
 	EvWarmed   = "warmed"   // a warm-up was applied; still waiting
 	EvAssigned = "assigned" // identity applied; waiting at the barrier if any
 	EvStarted  = "started"  // the program is running
-	EvExited   = "exited"   // the program ended; the VM powers off once its TCP connections have delivered what they hold (about 4 s at most)
+	EvExited   = "exited"   // the program ended; the VM powers off once its TCP connections have delivered what they hold (about 6 s at most)
 	EvError    = "error"    // the init could not do its job; Message says why
 )
 
