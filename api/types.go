@@ -168,9 +168,11 @@ type Resources struct {
 	Devices  map[string]int `json:",omitempty"`
 }
 
-// Member is one cohort server's addresses.
+// Member is one cohort server's addresses, and the newest encoding of
+// the replicated log it reads (0: JSON only).
 type Member struct {
 	ID, RaftAddr, HTTPAddr string
+	Codec                  int `json:",omitempty"`
 }
 
 // MemberView is one row of GET /v1/members.

@@ -32,6 +32,7 @@ var (
 	jobs    = flag.Int("jobs", 4000, "gangs admitted per figure (fewer where the cluster would fill: failover is measured with room left)")
 	workers = flag.Int("workers", 8, "workers per gang")
 	clients = flag.Int("clients", 32, "concurrent submitters")
+	codec   = flag.Int("codec", state.CodecBinary, "the log encoding the servers say they read: 1 binary, 0 JSON (as servers before the binary codec)")
 	cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the Raft admissions at the largest size here")
 )
 
@@ -77,7 +78,7 @@ func run() error {
 		}
 		ns = append(ns, n)
 	}
-	fmt.Printf("sizes=%s\nworkers_per_gang=%d\nclients=%d\n", *sizes, *workers, *clients)
+	fmt.Printf("sizes=%s\nworkers_per_gang=%d\nclients=%d\ncodec=%d\n", *sizes, *workers, *clients, *codec)
 	// The disk's floor: one 4 KiB write and fsync where the replicas
 	// keep their logs. Each Raft entry costs the leader's and a
 	// follower's fsync, one after the other, plus the round trip and the
@@ -212,6 +213,14 @@ func runSize(n int, profile bool) (figures, error) {
 		}
 		dirs = nil
 	}()
+	// Each server records itself, as cohort servers do when they start:
+	// the leader writes the binary log once every member reads it.
+	for _, r := range reps {
+		m := state.Member{ID: r.ID, RaftAddr: r.Addr(), Codec: *codec}
+		if res, err := leader().Apply(&state.Command{Op: state.OpMember, At: time.Now(), Member: &m}, 5*time.Second); err != nil || res.Err != "" {
+			return f, fmt.Errorf("recording member %s: %v %s", r.ID, err, res.Err)
+		}
+	}
 	inv = placement.NewInventory(nodes)
 	var mu sync.Mutex
 	// Admissions are committed through the leader's batcher, as the

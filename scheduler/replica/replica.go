@@ -7,21 +7,17 @@ package replica
 import (
 	"bytes"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/state"
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
-	"go.etcd.io/bbolt"
 )
 
 // Config describes one replica.
@@ -48,6 +44,9 @@ type Config struct {
 	// is Bind, but no other server can reach it (a single server without
 	// TLS has no way to tell its peers from anyone else).
 	Local bool
+	// boltLog keeps the log in BoltDB, as servers before the WAL did:
+	// tests use it to make a data directory of that layout.
+	boltLog bool
 }
 
 // Timeouts are Raft's failure-detection and commit timeouts.
@@ -140,19 +139,10 @@ func Start(cfg Config) (*Replica, error) {
 		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 			return nil, err
 		}
-		// Every log write is still fsynced; the freelist is not written on
-		// each commit (bbolt rebuilds it when it opens the file), which
-		// saves a page write per commit, and the map freelist keeps the
-		// cost of finding free pages flat as the log grows.
-		store, err := raftboltdb.New(raftboltdb.Options{
-			Path:        filepath.Join(cfg.DataDir, "raft.db"),
-			BoltOptions: &bbolt.Options{Timeout: time.Second, NoFreelistSync: true, FreelistType: bbolt.FreelistMapType},
-		})
-		if err != nil {
-			return nil, fmt.Errorf("opening raft store: %w", err)
+		var err error
+		if logs, stable, closers, err = openLog(cfg.DataDir, cfg.boltLog, rc.Logger); err != nil {
+			return nil, err
 		}
-		closers = append(closers, store.Close)
-		logs, stable = store, store
 		if snaps, err = raft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 2, rc.Logger); err != nil {
 			closeAll()
 			return nil, err
@@ -321,7 +311,7 @@ func (r *Replica) Leader() (string, string) {
 // Apply replicates a command and returns its result once committed and
 // applied here. On a follower it fails with ErrNotLeader.
 func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, error) {
-	b, err := c.Encode()
+	b, err := c.EncodeAs(r.logCodec())
 	if err != nil {
 		return state.Result{}, err
 	}
@@ -333,6 +323,30 @@ func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, 
 		return state.Result{}, err
 	}
 	return f.Response().(state.Result), nil
+}
+
+// logCodec is the encoding the leader writes: binary once every server
+// in the configuration (non-voters receive the log too) has recorded
+// (OpMember) that it reads it, JSON while any has not, so that a group
+// upgraded one server at a time never hands a server an entry it cannot
+// read. A server of an older version cannot join a group after that; as
+// with Nomad, servers are upgraded, not downgraded.
+func (r *Replica) logCodec() int {
+	f := r.raft.GetConfiguration()
+	if f.Error() != nil {
+		return state.CodecJSON
+	}
+	servers := f.Configuration().Servers
+	if len(servers) == 0 {
+		return state.CodecJSON
+	}
+	codec := state.CodecBinary
+	r.fsm.mu.RLock()
+	defer r.fsm.mu.RUnlock()
+	for _, s := range servers {
+		codec = min(codec, r.fsm.st.Members[string(s.ID)].Codec)
+	}
+	return codec
 }
 
 // Barrier waits until everything committed before it is applied here, as a
@@ -399,13 +413,13 @@ func (f *fsm) notify() {
 }
 
 func (f *fsm) Apply(l *raft.Log) interface{} {
-	var c state.Command
-	if err := json.Unmarshal(l.Data, &c); err != nil {
+	c, err := state.DecodeCommand(l.Data)
+	if err != nil {
 		return state.Result{Err: "undecodable command: " + err.Error()}
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	res := f.st.Apply(&c)
+	res := f.st.Apply(c)
 	f.notify()
 	copyJobs(&res)
 	return res

@@ -24,12 +24,19 @@ type group struct {
 	live  map[string]*Replica
 	// tlsServer and tlsClient, when set, carry Raft over mutual TLS.
 	tlsServer, tlsClient *tls.Config
+	// bolt starts replicas on the BoltDB log of servers before the WAL.
+	bolt bool
 }
 
 func newGroup(t *testing.T, n int) *group { return newGroupTLS(t, n, nil, nil) }
 
 func newGroupTLS(t *testing.T, n int, server, client *tls.Config) *group {
-	g := &group{t: t, peers: map[string]string{}, dirs: map[string]string{}, live: map[string]*Replica{}, tlsServer: server, tlsClient: client}
+	return startGroup(t, n, &group{tlsServer: server, tlsClient: client})
+}
+
+// startGroup starts n replicas configured as g says.
+func startGroup(t *testing.T, n int, g *group) *group {
+	g.t, g.peers, g.dirs, g.live = t, map[string]string{}, map[string]string{}, map[string]*Replica{}
 	for i := 1; i <= n; i++ {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -54,7 +61,7 @@ func newGroupTLS(t *testing.T, n int, server, client *tls.Config) *group {
 }
 
 func (g *group) start(id string) {
-	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: true, TLSServer: g.tlsServer, TLSClient: g.tlsClient})
+	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: true, TLSServer: g.tlsServer, TLSClient: g.tlsClient, boltLog: g.bolt})
 	if err != nil {
 		g.t.Fatalf("starting %s: %v", id, err)
 	}

@@ -29,7 +29,7 @@ func (s *Server) Advertise(httpAddr string) {
 	if !strings.Contains(httpAddr, "://") {
 		httpAddr = s.scheme() + httpAddr
 	}
-	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/")}
+	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/"), Codec: state.CodecBinary}
 }
 
 // leaderURL is the leader's HTTP address, if the state knows it.

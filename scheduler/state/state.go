@@ -221,9 +221,6 @@ type Command struct {
 	Before time.Time `json:",omitempty"`
 }
 
-// Encode serialises a command for the log.
-func (c *Command) Encode() ([]byte, error) { return json.Marshal(c) }
-
 // Result is what Apply returns for a command: the job after it, or why
 // the command did not apply.
 type Result struct {
@@ -300,6 +297,10 @@ func (s *State) rebuild() {
 // Member is one cohort server.
 type Member struct {
 	ID, RaftAddr, HTTPAddr string
+	// Codec is the newest log encoding the server reads (CodecBinary);
+	// servers before it leave it out. The leader writes the binary
+	// encoding only once every server's record says it reads it.
+	Codec int `json:",omitempty"`
 }
 
 // New returns an empty state.
