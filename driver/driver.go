@@ -665,13 +665,19 @@ func (d *Driver) taskAccel(want string) (string, error) {
 	return want, nil
 }
 
-// assignment is the identity and program a task's VM receives.
-func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []string, ls *lease) *proto.Assignment {
+// entropySeed is fresh randomness for a guest's pool: VMs restored from
+// one snapshot would otherwise share the template's.
+func entropySeed() []byte {
 	seed := make([]byte, 64)
 	rand.Read(seed)
+	return seed
+}
+
+// assignment is the identity and program a task's VM receives.
+func (d *Driver) assignment(cfg *drivers.TaskConfig, program string, args []string, ls *lease) *proto.Assignment {
 	a := &proto.Assignment{
 		Hostname: hostname(cfg),
-		Entropy:  seed,
+		Entropy:  entropySeed(),
 		UnixNano: time.Now().UnixNano(),
 		Mounts:   proto.MountTags,
 		Program:  program,

@@ -341,9 +341,7 @@ func (p *pool) make(ctx context.Context, s vm.Shape) (_ *pooled, err error) {
 
 // warmup is what a pooled VM does before it has a task.
 func (d *Driver) warmup(ls *lease) *proto.Assignment {
-	seed := make([]byte, 64)
-	rand.Read(seed)
-	a := &proto.Assignment{Warm: true, Entropy: seed, Mounts: proto.MountTags}
+	a := &proto.Assignment{Warm: true, Entropy: entropySeed(), Mounts: proto.MountTags}
 	d.withLease(a, ls)
 	return a
 }

@@ -142,6 +142,11 @@ func (s *Server) placeBoot(jobID string, w nomad.Worker, address, node string) *
 			within = l.Subnet
 		}
 	})
+	if within == "" {
+		s.log.Warn("a boot report gave an address, but no worker range is leased to check it against; the worker's name resolves through DNS only",
+			"alloc", w.Alloc, "node", node, "address", address)
+		return b
+	}
 	_, n, err := net.ParseCIDR(within)
 	if err != nil || !n.Contains(ip) {
 		s.log.Warn("a boot report gave an address outside its node's worker subnet; the worker's name resolves through DNS only",

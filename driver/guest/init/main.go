@@ -136,17 +136,18 @@ func (g *guest) run() error {
 				close(cmds)
 				return
 			}
+			// Every command that carries the host's clock (the clock
+			// command, the release) steps ours forward when it is
+			// behind, before anything acts on the command; one without
+			// carries 0.
+			correctClock(c.UnixNano)
 			cmds <- c
 		}
 	}()
 	if a.Barrier {
 		released := false
 		for c := range cmds {
-			if c.Kind == proto.CmdClock {
-				correctClock(c.UnixNano)
-			}
 			if c.Kind == proto.CmdRelease {
-				correctClock(c.UnixNano)
 				if err := writeHosts(c.Hosts); err != nil {
 					// The names still resolve through DNS.
 					fmt.Fprintf(console, "cohort init: %v\n", err)
@@ -192,11 +193,8 @@ func (g *guest) runProgram(a *proto.Assignment, ports map[string]string, cmds <-
 
 	go func() {
 		for c := range cmds {
-			switch {
-			case c.Kind == proto.CmdSignal && c.Signal > 0:
+			if c.Kind == proto.CmdSignal && c.Signal > 0 {
 				unix.Kill(-pid, unix.Signal(c.Signal))
-			case c.Kind == proto.CmdClock:
-				correctClock(c.UnixNano)
 			}
 		}
 	}()
