@@ -197,6 +197,7 @@ type ServerAgent struct {
 	servers   []*http.Server
 	cancel    context.CancelFunc
 	done      chan struct{}
+	log       hclog.Logger
 }
 
 // StartServer starts a cohort server; Stop ends it.
@@ -254,7 +255,7 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("starting replica: %w", err)
 	}
-	a := &ServerAgent{r: r, done: make(chan struct{})}
+	a := &ServerAgent{r: r, done: make(chan struct{}), log: cfg.Logger}
 	fail := func(err error) (*ServerAgent, error) {
 		if a.Server != nil {
 			a.Server.Close()
@@ -353,6 +354,11 @@ func (a *ServerAgent) serve(ln net.Listener, h http.Handler) {
 func (a *ServerAgent) Stop() error {
 	a.cancel()
 	<-a.done
+	// A leader that stops hands over first: its followers would otherwise
+	// wait out their heartbeat timeout before electing another.
+	if err := a.r.TransferLeadership(5 * time.Second); err != nil {
+		a.log.Warn("stopping without handing over leadership; the others elect a leader when they notice", "error", err)
+	}
 	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for _, hs := range a.servers {

@@ -64,6 +64,7 @@ type figures struct {
 	perS, noraft     float64 // placements per second
 	p50, p99         float64 // admission latency, ms
 	failover         time.Duration
+	handover         time.Duration // a planned stop of the leader
 	cmdsPerEntry     float64
 	entryMs          float64 // wall time per Raft entry while admitting
 	inventoryKiB1000 float64
@@ -102,6 +103,7 @@ func run() error {
 		fmt.Printf("admit_p50_ms_%d=%.2f\n", n, f.p50)
 		fmt.Printf("admit_p99_ms_%d=%.2f\n", n, f.p99)
 		fmt.Printf("failover_ms_%d=%d\n", n, f.failover.Milliseconds())
+		fmt.Printf("handover_ms_%d=%d\n", n, f.handover.Milliseconds())
 		fmt.Printf("commands_per_entry_%d=%.1f\n", n, f.cmdsPerEntry)
 		fmt.Printf("raft_entry_ms_%d=%.2f\n", n, f.entryMs)
 		fmt.Printf("inventory_kib_per_1000_nodes_%d=%.0f\n", n, f.inventoryKiB1000)
@@ -316,24 +318,45 @@ feed:
 	}
 
 	// Failover: kill the leader, time the first admission by the next one.
+	// Then a planned stop of that one (as cohort server does on SIGTERM):
+	// it hands over before it stops.
+	seq := jobsN
+	if f.failover, err = afterLeader(admit, leader, &seq, func(r *replica.Replica) error {
+		r.Shutdown()
+		return nil
+	}); err != nil {
+		return f, fmt.Errorf("after killing the leader: %w", err)
+	}
+	if f.handover, err = afterLeader(admit, leader, &seq, func(r *replica.Replica) error {
+		return r.TransferLeadership(5 * time.Second)
+	}); err != nil {
+		return f, fmt.Errorf("after the leader handed over: %w", err)
+	}
+	return f, nil
+}
+
+// afterLeader does stop to the leader and times the first admission
+// committed by another.
+func afterLeader(admit func(*placement.Job) (time.Duration, error), leader func() *replica.Replica, next *int, stop func(*replica.Replica) error) (time.Duration, error) {
 	old := leader()
-	killed := time.Now()
-	old.Shutdown()
-	for i := jobsN; ; i++ {
+	t0 := time.Now()
+	if err := stop(old); err != nil {
+		return 0, err
+	}
+	for ; ; *next++ {
 		l := leader()
 		if l == nil || l == old {
 			time.Sleep(time.Millisecond)
 			continue
 		}
-		if _, err := admit(gang(i)); err == nil {
-			f.failover = time.Since(killed)
-			break
+		if _, err := admit(gang(*next)); err == nil {
+			*next++
+			return time.Since(t0), nil
 		}
-		if time.Since(killed) > 30*time.Second {
-			return f, fmt.Errorf("no admission within 30s of killing the leader")
+		if time.Since(t0) > 30*time.Second {
+			return 0, fmt.Errorf("no admission within 30s")
 		}
 	}
-	return f, nil
 }
 
 // group starts three replicas on loopback and returns a function that

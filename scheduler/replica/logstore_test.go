@@ -200,3 +200,41 @@ func (g *group) waitJobs(n int) {
 		}
 	}
 }
+
+// A leader that hands over before it stops leaves a leader behind it
+// that admits at once; a follower's or a lone server's hand-over is a
+// no-op.
+func TestTransferLeadership(t *testing.T) {
+	g := newGroup(t, 3)
+	old := g.waitLeader("")
+	for id, r := range g.live {
+		if r != old {
+			if err := r.TransferLeadership(time.Second); err != nil || !old.IsLeader() {
+				t.Fatalf("a follower (%s) handing over: %v; the leader still leads: %v", id, err, old.IsLeader())
+			}
+		}
+	}
+	if err := old.TransferLeadership(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if old.IsLeader() {
+		t.Fatal("the old leader still leads after handing over")
+	}
+	g.kill(old.ID)
+	next := g.waitLeader(old.ID)
+	if res, err := next.Apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(1)}, 2*time.Second); err != nil || res.Err != "" {
+		t.Fatalf("the new leader %s: %v %s", next.ID, err, res.Err)
+	}
+
+	solo, err := Start(Config{ID: "solo", InMemory: true, Fast: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer solo.Shutdown()
+	for !solo.IsLeader() {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := solo.TransferLeadership(time.Second); err != nil || !solo.IsLeader() {
+		t.Fatalf("a group of one handing over: %v, leads: %v", err, solo.IsLeader())
+	}
+}
