@@ -1,7 +1,6 @@
 package replica
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -13,8 +12,8 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	wal "github.com/hashicorp/raft-wal"
 	"github.com/hashicorp/raft-wal/metadb"
-	"github.com/hashicorp/raft-wal/migrate"
 	"go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 // The replica's log lives in a write-ahead log (raft-wal: append-only
@@ -25,39 +24,74 @@ import (
 // machine, and each Raft entry pays one on the leader and then one on a
 // follower before it commits. A data directory of the old layout is
 // moved to the WAL the first time a new server opens it; the BoltDB file
-// is kept, renamed, until the operator removes it.
+// is kept, renamed, until the operator removes it, and a directory takes
+// its name, so that an older server started on the directory fails
+// instead of starting on an empty log (which would forget its term and
+// vote, and break Raft's promises).
 const (
 	walDir      = "wal"
 	boltFile    = "raft.db"
 	boltMovedTo = "raft.db.migrated"
+	lockFile    = "LOCK"
 )
 
 // Raft's own keys in its stable store (unexported in hashicorp/raft).
 // The two stores encode integers differently, so a migration copies
 // each by its kind instead of byte for byte.
 var (
-	termKeys = [][]byte{[]byte("CurrentTerm"), []byte("LastVoteTerm")}
+	termKey  = []byte("CurrentTerm")
+	termKeys = [][]byte{termKey, []byte("LastVoteTerm")}
 	candKey  = []byte("LastVoteCand")
 )
 
-// openLog opens the replica's log and stable store in dir, moving an
-// old BoltDB log into the WAL first.
+// openLog locks dir for this process, then opens the replica's log and
+// stable store there, moving an old BoltDB log into the WAL first.
 func openLog(dir string, bolt bool, log hclog.Logger) (raft.LogStore, raft.StableStore, []func() error, error) {
-	if bolt {
-		s, err := openBolt(filepath.Join(dir, boltFile))
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		return s, s, []func() error{s.Close}, nil
-	}
-	if err := migrateBolt(dir, log); err != nil {
-		return nil, nil, nil, err
-	}
-	w, err := openWAL(filepath.Join(dir, walDir), log)
+	unlock, err := lockDir(dir)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return w, w, []func() error{w.Close}, nil
+	fail := func(err error) (raft.LogStore, raft.StableStore, []func() error, error) {
+		unlock()
+		return nil, nil, nil, err
+	}
+	if bolt {
+		s, err := openBolt(filepath.Join(dir, boltFile))
+		if err != nil {
+			return fail(err)
+		}
+		return s, s, []func() error{unlock, s.Close}, nil
+	}
+	if err := migrateBolt(dir, log); err != nil {
+		return fail(err)
+	}
+	w, err := openWAL(filepath.Join(dir, walDir), log)
+	if err != nil {
+		return fail(err)
+	}
+	return w, w, []func() error{unlock, w.Close}, nil
+}
+
+// lockDir takes an exclusive lock on dir: a second server on the same
+// data would otherwise wait for ever on the WAL's metadata file (opened
+// without a timeout), or, worse, share its files.
+func lockDir(dir string) (func() error, error) {
+	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(time.Second)
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return f.Close, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("data directory %s is in use by another server: %w", dir, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // walStore is the WAL with its metadata store, which the WAL's own
@@ -106,27 +140,41 @@ func openBolt(path string) (*raftboltdb.BoltStore, error) {
 	return s, nil
 }
 
+const placeholderNote = `This directory stands where cohort servers before the write-ahead log
+kept their Raft log (a BoltDB file). The log is now in ../wal; the old
+file, if this server had one, is ../raft.db.migrated. An older server
+started on this data directory fails on this directory instead of
+starting on an empty log.
+`
+
 // migrateBolt copies an old BoltDB log and Raft's stable keys (term and
 // vote) into a new WAL. The copy is built beside the final directory and
 // renamed into place, so a server that dies part way starts the copy
-// again; only then is the BoltDB file renamed away.
+// again; only then is the BoltDB file renamed away and the placeholder
+// made.
 func migrateBolt(dir string, log hclog.Logger) error {
 	old := filepath.Join(dir, boltFile)
 	final := filepath.Join(dir, walDir)
-	if _, err := os.Stat(old); errors.Is(err, os.ErrNotExist) {
-		return nil
-	} else if err != nil {
+	fi, err := os.Stat(old)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return placeholder(dir)
+	case err != nil:
 		return err
+	case fi.IsDir():
+		return nil // the placeholder
 	}
 	if _, err := os.Stat(final); err == nil {
-		// Moved already; the rename of the old file did not happen.
-		return os.Rename(old, filepath.Join(dir, boltMovedTo))
+		// A WAL and a BoltDB log: a move whose last rename did not
+		// happen (then the two agree), or a BoltDB log written since,
+		// by an older server or restored from a back-up.
+		return finishMove(dir, log)
 	}
 	tmp := final + ".migrating"
 	if err := os.RemoveAll(tmp); err != nil {
 		return err
 	}
-	if err := copyBolt(old, tmp, log); err != nil {
+	if err := copyBolt(dir, tmp, log); err != nil {
 		os.RemoveAll(tmp)
 		return fmt.Errorf("moving the raft log from %s to a WAL: %w", old, err)
 	}
@@ -136,44 +184,152 @@ func migrateBolt(dir string, log hclog.Logger) error {
 	if err := syncDir(dir); err != nil {
 		return err
 	}
-	if err := os.Rename(old, filepath.Join(dir, boltMovedTo)); err != nil {
-		return err
-	}
-	log.Info("moved the raft log from BoltDB to a write-ahead log; the old file is kept", "wal", final, "old", filepath.Join(dir, boltMovedTo))
-	return syncDir(dir)
+	return finishMove(dir, log)
 }
 
-func copyBolt(from, to string, log hclog.Logger) error {
-	src, err := openBolt(from)
+// finishMove renames the BoltDB log away once the WAL holds all of it,
+// and puts the placeholder in its place.
+func finishMove(dir string, log hclog.Logger) error {
+	old := filepath.Join(dir, boltFile)
+	moved := filepath.Join(dir, boltMovedTo)
+	if _, err := os.Stat(moved); err == nil {
+		return fmt.Errorf("%s holds a BoltDB raft log beside %s, which an earlier move kept: move one of them away (this server's log is in %s)", dir, boltMovedTo, walDir)
+	}
+	if err := sameLog(old, filepath.Join(dir, walDir), log); err != nil {
+		return err
+	}
+	if err := os.Rename(old, moved); err != nil {
+		return err
+	}
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	log.Info("moved the raft log from BoltDB to a write-ahead log; the old file is kept", "wal", filepath.Join(dir, walDir), "old", moved)
+	return placeholder(dir)
+}
+
+// sameLog refuses a BoltDB log that is ahead of the WAL, in entries or in
+// term: starting on the WAL would forget what it acknowledged or voted.
+func sameLog(boltPath, walPath string, log hclog.Logger) error {
+	b, err := openBolt(boltPath)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	w, err := openWAL(walPath, log)
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	bLast, err := b.LastIndex()
+	if err != nil {
+		return err
+	}
+	wLast, err := w.LastIndex()
+	if err != nil {
+		return err
+	}
+	bTerm, err := b.GetUint64(termKey)
+	if err != nil && !errors.Is(err, raftboltdb.ErrKeyNotFound) {
+		return err
+	}
+	wTerm, err := w.GetUint64(termKey)
+	if err != nil {
+		return err
+	}
+	if bLast > wLast || bTerm > wTerm {
+		return fmt.Errorf("%s is ahead of the write-ahead log (index %d, term %d against %d, %d): it was written after the move, by an older server or from a back-up; move it or the WAL away, knowingly", boltPath, bLast, bTerm, wLast, wTerm)
+	}
+	return nil
+}
+
+// placeholder makes the directory that stands at the BoltDB file's name.
+func placeholder(dir string) error {
+	p := filepath.Join(dir, boltFile)
+	if err := os.Mkdir(p, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return os.WriteFile(filepath.Join(p, "README"), []byte(placeholderNote), 0o600)
+}
+
+// copyBolt copies the BoltDB log of dir into a new WAL at to. Raft
+// leaves gaps in a BoltDB log (it is not a monotonic store to Raft):
+// entries older than a restored or installed snapshot stay until they
+// are compacted, below a gap. The WAL holds no gaps, so only the run of
+// entries that ends at the last one is copied, and only if the newest
+// snapshot covers everything before it.
+func copyBolt(dir, to string, log hclog.Logger) error {
+	src, err := openBolt(filepath.Join(dir, boltFile))
 	if err != nil {
 		return err
 	}
 	defer src.Close()
+	first, err := src.FirstIndex()
+	if err != nil {
+		return err
+	}
+	last, err := src.LastIndex()
+	if err != nil {
+		return err
+	}
+	start := last + 1
+	for i := last; i >= first && i > 0; i-- {
+		var l raft.Log
+		err := src.GetLog(i, &l)
+		if errors.Is(err, raft.ErrLogNotFound) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("reading entry %d: %w", i, err)
+		}
+		start = i
+	}
+	if start > first && last > 0 {
+		snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, log)
+		if err != nil {
+			return err
+		}
+		metas, err := snaps.List()
+		if err != nil {
+			return err
+		}
+		if len(metas) == 0 || metas[0].Index < start-1 {
+			return fmt.Errorf("the log has a gap before entry %d that no snapshot covers", start)
+		}
+		log.Info("moving the raft log: entries below a snapshot's gap are left behind", "from", start, "to", last, "snapshot", metas[0].Index)
+	}
 	dst, err := openWAL(to, log)
 	if err != nil {
 		return err
 	}
 	defer dst.Close()
-	if last, err := src.LastIndex(); err != nil {
-		return err
-	} else if last > 0 {
-		if err := migrate.CopyLogs(context.Background(), dst, src, 4<<20, nil); err != nil {
-			return err
+	var batch []*raft.Log
+	for i := start; i <= last; i++ {
+		l := new(raft.Log)
+		if err := src.GetLog(i, l); err != nil {
+			return fmt.Errorf("reading entry %d: %w", i, err)
+		}
+		if batch = append(batch, l); len(batch) == 1024 || i == last {
+			if err := dst.StoreLogs(batch); err != nil {
+				return err
+			}
+			batch = batch[:0]
 		}
 	}
 	for _, k := range termKeys {
 		v, err := src.GetUint64(k)
-		if err != nil && !isNotFound(err) {
+		if errors.Is(err, raftboltdb.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
 			return err
 		}
-		if err == nil {
-			if err := dst.SetUint64(k, v); err != nil {
-				return err
-			}
+		if err := dst.SetUint64(k, v); err != nil {
+			return err
 		}
 	}
 	v, err := src.Get(candKey)
-	if err != nil && !isNotFound(err) {
+	if err != nil && !errors.Is(err, raftboltdb.ErrKeyNotFound) {
 		return err
 	}
 	if err == nil && len(v) > 0 {
@@ -182,10 +338,6 @@ func copyBolt(from, to string, log hclog.Logger) error {
 		}
 	}
 	return dst.Close()
-}
-
-func isNotFound(err error) bool {
-	return errors.Is(err, raftboltdb.ErrKeyNotFound)
 }
 
 func syncDir(dir string) error {

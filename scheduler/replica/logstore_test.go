@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,11 +13,10 @@ import (
 	"github.com/hashicorp/raft"
 )
 
-// A data directory of the BoltDB layout moves into the WAL: every log
-// entry, and Raft's term and vote (which the two stores encode
-// differently), come across; a copy left half made by a crash is made
-// again; the old file is kept under another name.
-func TestMigrateBoltKeepsLogTermAndVote(t *testing.T) {
+// boltDir makes a data directory of the BoltDB layout holding entries
+// 1..300 of the given terms, less those in gap, with term 7 and a vote.
+func boltDir(t *testing.T, gap [2]uint64) (string, []*raft.Log) {
+	t.Helper()
 	dir := t.TempDir()
 	old, err := openBolt(filepath.Join(dir, boltFile))
 	if err != nil {
@@ -26,34 +26,53 @@ func TestMigrateBoltKeepsLogTermAndVote(t *testing.T) {
 	for i := uint64(1); i <= 300; i++ {
 		logs = append(logs, &raft.Log{Index: i, Term: 1 + i/100, Type: raft.LogCommand, Data: []byte(fmt.Sprintf(`{"Op":"submit","JobID":"j%d"}`, i))})
 	}
-	if err := old.StoreLogs(logs); err != nil {
-		t.Fatal(err)
-	}
+	must(t, old.StoreLogs(logs))
 	// Raft compacts the head of its log after a snapshot.
-	if err := old.DeleteRange(1, 20); err != nil {
-		t.Fatal(err)
+	must(t, old.DeleteRange(1, 20))
+	if gap[0] > 0 {
+		must(t, old.DeleteRange(gap[0], gap[1]))
 	}
 	must(t, old.SetUint64([]byte("CurrentTerm"), 7))
 	must(t, old.SetUint64([]byte("LastVoteTerm"), 6))
 	must(t, old.Set([]byte("LastVoteCand"), []byte("10.0.0.2:4649")))
 	must(t, old.Close())
-	// A crash during an earlier copy left this behind.
-	must(t, os.MkdirAll(filepath.Join(dir, walDir+".migrating"), 0o700))
-	must(t, os.WriteFile(filepath.Join(dir, walDir+".migrating", "junk"), []byte("x"), 0o600))
+	return dir, logs
+}
 
+// snapshotAt records a snapshot of index in dir, as Raft's file store does.
+func snapshotAt(t *testing.T, dir string, index uint64) {
+	t.Helper()
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, trans := raft.NewInmemTransport("")
+	sink, err := snaps.Create(raft.SnapshotVersionMax, index, 2, raft.Configuration{}, 1, trans)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.Write([]byte("{}"))
+	must(t, sink.Close())
+}
+
+// checkMoved opens dir as a server does and checks that the WAL holds
+// entries from..300 as written, with the term and vote, and that the old
+// file was kept and its name taken by the placeholder.
+func checkMoved(t *testing.T, dir string, logs []*raft.Log, from uint64) {
+	t.Helper()
 	logStore, stable, closers, err := openLog(dir, false, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() {
-		for _, c := range closers {
-			c()
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
 		}
 	}()
 	first, _ := logStore.FirstIndex()
 	last, _ := logStore.LastIndex()
-	if first != 21 || last != 300 {
-		t.Fatalf("the WAL holds %d..%d, want 21..300", first, last)
+	if first != from || last != 300 {
+		t.Fatalf("the WAL holds %d..%d, want %d..300", first, last, from)
 	}
 	for i := first; i <= last; i++ {
 		var l raft.Log
@@ -73,54 +92,127 @@ func TestMigrateBoltKeepsLogTermAndVote(t *testing.T) {
 	if v, err := stable.Get([]byte("LastVoteCand")); err != nil || string(v) != "10.0.0.2:4649" {
 		t.Fatalf("LastVoteCand = %q, %v", v, err)
 	}
-	for name, want := range map[string]bool{boltFile: false, boltMovedTo: true, walDir + ".migrating": false, walDir: true} {
+	for name, want := range map[string]bool{boltMovedTo: true, walDir + ".migrating": false, walDir: true} {
 		if _, err := os.Stat(filepath.Join(dir, name)); (err == nil) != want {
 			t.Errorf("%s exists = %v, want %v", name, err == nil, want)
 		}
 	}
+	// An older server would open this, and fail.
+	if fi, err := os.Stat(filepath.Join(dir, boltFile)); err != nil || !fi.IsDir() {
+		t.Errorf("%s is not the placeholder directory: %v", boltFile, err)
+	}
+	if _, err := openBolt(filepath.Join(dir, boltFile)); err == nil {
+		t.Error("BoltDB opened the placeholder")
+	}
 }
 
-// A server that died after the WAL was in place but before the old file
-// was renamed keeps the WAL it has and does not copy again.
-func TestMigrateBoltAfterCrashKeepsWAL(t *testing.T) {
-	dir := t.TempDir()
+// A data directory of the BoltDB layout moves into the WAL: every log
+// entry, and Raft's term and vote (which the two stores encode
+// differently), come across; a copy left half made by a crash is made
+// again; the old file is kept under another name.
+func TestMigrateBoltKeepsLogTermAndVote(t *testing.T) {
+	dir, logs := boltDir(t, [2]uint64{})
+	// A crash during an earlier copy left this behind.
+	must(t, os.MkdirAll(filepath.Join(dir, walDir+".migrating"), 0o700))
+	must(t, os.WriteFile(filepath.Join(dir, walDir+".migrating", "junk"), []byte("x"), 0o600))
+	checkMoved(t, dir, logs, 21)
+	// Started again, it keeps what it has.
+	checkMoved(t, dir, logs, 21)
+}
+
+// Raft leaves a gap in a BoltDB log below a restored or installed
+// snapshot; the WAL takes the entries above it, and only when a snapshot
+// covers the rest.
+func TestMigrateBoltAcrossAGap(t *testing.T) {
+	dir, logs := boltDir(t, [2]uint64{150, 160})
+	snapshotAt(t, dir, 160)
+	checkMoved(t, dir, logs, 161)
+
+	dir, _ = boltDir(t, [2]uint64{150, 160})
+	_, _, _, err := openLog(dir, false, hclog.NewNullLogger())
+	if err == nil || !strings.Contains(err.Error(), "gap before entry 161") {
+		t.Fatalf("a gap no snapshot covers: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, boltFile)); err != nil {
+		t.Fatal("the refused move lost the old log:", err)
+	}
+}
+
+// A BoltDB log beside a WAL: the last step of a move that a crash cut
+// short is finished; a BoltDB log ahead of the WAL, or a second one
+// beside the kept one, is refused rather than forgotten.
+func TestMigrateBoltBesideWAL(t *testing.T) {
+	// The crash came after the WAL was in place: the two agree.
+	dir, logs := boltDir(t, [2]uint64{})
 	w, err := openWAL(filepath.Join(dir, walDir), hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
-	must(t, w.StoreLogs([]*raft.Log{{Index: 1, Term: 3, Data: []byte("new")}}))
+	must(t, w.StoreLogs(logs[20:]))
+	must(t, w.SetUint64([]byte("CurrentTerm"), 7))
+	must(t, w.SetUint64([]byte("LastVoteTerm"), 6))
+	must(t, w.Set([]byte("LastVoteCand"), []byte("10.0.0.2:4649")))
 	must(t, w.Close())
+	checkMoved(t, dir, logs, 21)
+
+	// An older server wrote a BoltDB log after the move (and removed the
+	// placeholder): it is ahead.
+	must(t, os.RemoveAll(filepath.Join(dir, boltFile)))
+	must(t, os.Rename(filepath.Join(dir, boltMovedTo), filepath.Join(dir, "kept")))
 	old, err := openBolt(filepath.Join(dir, boltFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	must(t, old.StoreLogs([]*raft.Log{{Index: 1, Term: 1, Data: []byte("old")}, {Index: 2, Term: 1, Data: []byte("old")}}))
+	must(t, old.StoreLogs([]*raft.Log{{Index: 301, Term: 8, Data: []byte("newer")}}))
+	must(t, old.SetUint64([]byte("CurrentTerm"), 8))
 	must(t, old.Close())
-
-	logStore, _, closers, err := openLog(dir, false, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatal(err)
+	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "ahead of the write-ahead log") {
+		t.Fatalf("a BoltDB log ahead of the WAL: %v", err)
 	}
-	defer closers[0]()
-	var l raft.Log
-	if last, _ := logStore.LastIndex(); last != 1 {
-		t.Fatalf("last index %d: the old log was copied over the WAL", last)
-	}
-	if err := logStore.GetLog(1, &l); err != nil || string(l.Data) != "new" {
-		t.Fatalf("entry 1 = %q, %v", l.Data, err)
-	}
-	if _, err := os.Stat(filepath.Join(dir, boltMovedTo)); err != nil {
-		t.Fatal("the old file was not renamed:", err)
+	// And beside a kept one.
+	must(t, os.Rename(filepath.Join(dir, "kept"), filepath.Join(dir, boltMovedTo)))
+	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "move one of them away") {
+		t.Fatalf("a second BoltDB log: %v", err)
 	}
 }
 
-// A running group of servers of the BoltDB layout, restarted as servers
-// with the WAL, keeps every accepted job and goes on admitting.
+// Two servers on one data directory: the second is refused at once,
+// instead of waiting for ever on the WAL's files.
+func TestDataDirLocked(t *testing.T) {
+	dir := t.TempDir()
+	_, _, closers, err := openLog(dir, false, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a second open of the data directory: %v", err)
+	}
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+	_, _, closers, err = openLog(dir, false, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal("after the first closed:", err)
+	}
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+}
+
+// A running group of servers of the BoltDB layout, a restore behind it,
+// restarted as servers with the WAL, keeps every accepted job and goes on
+// admitting.
 func TestGroupMovesFromBoltToWAL(t *testing.T) {
 	g := startGroup(t, 3, &group{bolt: true})
 	for i := 0; i < 40; i++ {
 		if res, _ := g.apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(i)}); res.Err != "" {
 			t.Fatal(res.Err)
+		}
+		// A restore half way leaves a gap in every BoltDB log.
+		if i == 19 {
+			l := g.waitLeader("")
+			saved := marshalled(l)
+			must(t, l.Restore([]byte(saved), 10*time.Second))
 		}
 	}
 	for id := range g.peers {
@@ -168,8 +260,11 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 	if c := l.logCodec(); c != state.CodecJSON {
 		t.Fatalf("r3 reads only JSON, but the leader writes codec %d", c)
 	}
+	if b := lastEntry(t, g); b[0] != '{' {
+		t.Fatalf("an entry written while r3 reads only JSON: %q", b)
+	}
 	member("r3", state.CodecBinary) // upgraded
-	if c := l.logCodec(); c != state.CodecBinary {
+	if c := g.waitLeader("").logCodec(); c != state.CodecBinary {
 		t.Fatalf("every server reads binary, but the leader writes codec %d", c)
 	}
 	for i := range 20 {
@@ -177,7 +272,29 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 			t.Fatal(res.Err)
 		}
 	}
+	if b := lastEntry(t, g); b[0] != 0xc1 {
+		t.Fatalf("an entry written once every server reads binary: %q", b)
+	}
 	g.waitJobs(20)
+}
+
+// lastEntry is the data of the last command entry in the leader's log.
+func lastEntry(t *testing.T, g *group) []byte {
+	t.Helper()
+	l := g.waitLeader("")
+	last, err := l.logs.LastIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := last; i > 0; i-- {
+		var e raft.Log
+		must(t, l.logs.GetLog(i, &e))
+		if e.Type == raft.LogCommand {
+			return e.Data
+		}
+	}
+	t.Fatal("no command in the log")
+	return nil
 }
 
 // waitJobs waits until every live replica holds n jobs.

@@ -1,7 +1,7 @@
 // Package replica runs one member of the scheduler's Raft group: the
 // state machine from package state, replicated with hashicorp/raft over
-// TCP and stored in BoltDB, so nothing accepted is lost across leader
-// changes or restarts.
+// TCP and stored in a write-ahead log, so nothing accepted is lost across
+// leader changes or restarts.
 package replica
 
 import (
@@ -84,6 +84,7 @@ type Replica struct {
 	raft  *raft.Raft
 	fsm   *fsm
 	trans raft.Transport
+	logs  raft.LogStore // for tests that read what was written
 	// closers release the transport and the stores after Shutdown.
 	closers []func() error
 }
@@ -202,7 +203,7 @@ func Start(cfg Config) (*Replica, error) {
 		}
 	}
 	// Replication reads back the entries it sends; the newest ones come
-	// from memory instead of a BoltDB read transaction.
+	// from memory instead of the log's files.
 	cached, err := raft.NewLogCache(512, logs)
 	if err != nil {
 		closeAll()
@@ -213,7 +214,7 @@ func Start(cfg Config) (*Replica, error) {
 		closeAll()
 		return nil, err
 	}
-	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, closers: closers}, nil
+	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, logs: cached, closers: closers}, nil
 }
 
 // Bootstrap forms a new group of peers (ID -> Raft address). Every member
@@ -332,21 +333,26 @@ func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, 
 // read. A server of an older version cannot join a group after that; as
 // with Nomad, servers are upgraded, not downgraded.
 func (r *Replica) logCodec() int {
-	f := r.raft.GetConfiguration()
-	if f.Error() != nil {
+	ids, err := r.serverIDs()
+	if err != nil {
 		return state.CodecJSON
 	}
-	servers := f.Configuration().Servers
-	if len(servers) == 0 {
-		return state.CodecJSON
-	}
-	codec := state.CodecBinary
 	r.fsm.mu.RLock()
 	defer r.fsm.mu.RUnlock()
-	for _, s := range servers {
-		codec = min(codec, r.fsm.st.Members[string(s.ID)].Codec)
+	return r.fsm.st.LogCodec(ids)
+}
+
+// serverIDs are the servers of the latest configuration, committed or not.
+func (r *Replica) serverIDs() ([]string, error) {
+	f := r.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, err
 	}
-	return codec
+	var ids []string
+	for _, s := range f.Configuration().Servers {
+		ids = append(ids, string(s.ID))
+	}
+	return ids, nil
 }
 
 // Barrier waits until everything committed before it is applied here, as a
@@ -434,7 +440,13 @@ func (f *fsm) notify() {
 
 func (f *fsm) Apply(l *raft.Log) interface{} {
 	c, err := state.DecodeCommand(l.Data)
+	if errors.Is(err, state.ErrUnknownEncoding) {
+		// Every other replica may read it: skipping it here would leave
+		// this one's state behind theirs without a word. Stop instead.
+		panic(fmt.Sprintf("raft log entry %d: %v: this server is older than the one that wrote it; upgrade it", l.Index, err))
+	}
 	if err != nil {
+		// Undecodable alike on every replica: they all skip it.
 		return state.Result{Err: "undecodable command: " + err.Error()}
 	}
 	f.mu.Lock()

@@ -261,3 +261,28 @@ func TestLeasesAreTheNodes(t *testing.T) {
 		t.Errorf("a node giving its lease up: %d %s", rec.Code, rec.Body)
 	}
 }
+
+// Once the group writes its log in the binary encoding, a server that
+// reads only JSON is refused before it is added: it would skip every
+// entry it cannot read and fall silently behind.
+func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
+	p := newTestPKI(t)
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server })
+	if err := h.srv.registerSelf(); err != nil {
+		t.Fatal(err)
+	}
+	if c := h.srv.groupCodec(); c != state.CodecBinary {
+		t.Fatalf("a group of one new server writes codec %d", c)
+	}
+	before := h.snapshotState()
+	rec := h.serve(request("POST", "/v1/members/join", `{"ID":"old","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9"}`, p.serverLeaf, ""))
+	if rec.Code != 400 || !strings.Contains(rec.Body.String(), "reads only the JSON log") {
+		t.Fatalf("an old server's join: %d %s", rec.Code, rec.Body)
+	}
+	if h.snapshotState() != before {
+		t.Error("the refused join changed the state")
+	}
+	if ms, _ := h.r.Members(); len(ms) != 1 {
+		t.Errorf("members after the refused join: %+v", ms)
+	}
+}

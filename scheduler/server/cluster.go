@@ -169,16 +169,38 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	if err := s.r.AddVoter(m.ID, m.RaftAddr, 5*time.Second); err != nil {
-		writeErr(w, http.StatusInternalServerError, fmt.Errorf("adding %s: %w", m.ID, err))
+	if m.Codec < state.CodecBinary && s.groupCodec() >= state.CodecBinary {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it to this version before it joins", m.ID))
 		return
 	}
+	// The record first: from the moment the server is in the
+	// configuration, the leader chooses the log's encoding by it.
 	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
+	if err := s.r.AddVoter(m.ID, m.RaftAddr, 5*time.Second); err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("adding %s: %w", m.ID, err))
+		return
+	}
 	s.log.Info("server joined", "id", m.ID, "raft", m.RaftAddr, "http", m.HTTPAddr)
 	writeJSON(w, http.StatusOK, m)
+}
+
+// groupCodec is the log encoding the group's servers all read, which
+// the leader writes.
+func (s *Server) groupCodec() int {
+	ms, err := s.r.Members()
+	if err != nil {
+		return state.CodecJSON
+	}
+	ids := make([]string, len(ms))
+	for i, m := range ms {
+		ids[i] = m.ID
+	}
+	codec := state.CodecJSON
+	s.r.Read(func(st *state.State) { codec = st.LogCodec(ids) })
+	return codec
 }
 
 // handleRegister records a member's addresses (leader only).
@@ -228,6 +250,15 @@ func (s *Server) registerSelf() error {
 	s.r.Read(func(st *state.State) { have = st.Members[s.self.ID] })
 	if have == s.self {
 		return nil
+	}
+	// A leader of the version before drops the Codec it does not know:
+	// ask it again now and then, not every second, until a leader that
+	// keeps it takes over.
+	if onlyCodec := have.ID == s.self.ID && have.RaftAddr == s.self.RaftAddr && have.HTTPAddr == s.self.HTTPAddr; onlyCodec {
+		if last := s.codecAsked.Load(); last != 0 && time.Since(time.Unix(0, last)) < time.Minute && !s.r.IsLeader() {
+			return nil
+		}
+		s.codecAsked.Store(time.Now().UnixNano())
 	}
 	if s.r.IsLeader() {
 		_, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &s.self})

@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/internal/tlsutil"
@@ -136,6 +137,10 @@ type Server struct {
 	workerPrefix int
 	// lastRegister rate-limits a follower's requests to record itself.
 	lastRegister time.Time
+	// codecAsked (Unix ns) rate-limits asking again when only the
+	// recorded log codec differs, as it does under a leader of the
+	// version before.
+	codecAsked atomic.Int64
 	// schedMu serialises placing gangs: the leader loop's passes and
 	// admissions that place a gang on arrival. It guards inflight: the
 	// admissions placed whose commit has not returned yet.

@@ -49,15 +49,25 @@ func (c *Command) EncodeAs(codec int) ([]byte, error) {
 	e := encoder{buf: make([]byte, 0, 256)}
 	e.buf = append(e.buf, binaryMarker, binaryVersion)
 	e.command(c)
+	if e.err != nil {
+		return nil, e.err
+	}
 	return e.buf, nil
 }
+
+// ErrUnknownEncoding is a log entry in an encoding this version cannot
+// read: one written by a newer server.
+var ErrUnknownEncoding = errors.New("log entry in an unknown encoding")
 
 // DecodeCommand reads a command in either encoding.
 func DecodeCommand(b []byte) (*Command, error) {
 	var c Command
 	if len(b) > 0 && b[0] == binaryMarker {
-		if len(b) < 2 || b[1] != binaryVersion {
-			return nil, errors.New("command in an unknown binary encoding version")
+		if len(b) < 2 {
+			return nil, errors.New("binary command cut short")
+		}
+		if b[1] != binaryVersion {
+			return nil, fmt.Errorf("%w (binary, version %d)", ErrUnknownEncoding, b[1])
 		}
 		d := decoder{buf: b[2:]}
 		d.command(&c, 0)
@@ -75,7 +85,13 @@ func DecodeCommand(b []byte) (*Command, error) {
 	return &c, nil
 }
 
-type encoder struct{ buf []byte }
+// encoder refuses what JSON would refuse (a Nomad job that is not JSON,
+// a time outside years 0-9999): the state is saved as JSON in snapshots,
+// and an entry that cannot be would break every snapshot after it.
+type encoder struct {
+	buf []byte
+	err error
+}
 
 func (e *encoder) uint(v uint64) { e.buf = binary.AppendUvarint(e.buf, v) }
 func (e *encoder) int(v int64)   { e.buf = binary.AppendVarint(e.buf, v) }
@@ -106,6 +122,9 @@ func (e *encoder) bytes(b []byte) {
 }
 
 func (e *encoder) time(t time.Time) {
+	if y := t.Year(); (y < 0 || y > 9999) && e.err == nil {
+		e.err = fmt.Errorf("time %v is outside years 0-9999", t)
+	}
 	if t.IsZero() {
 		e.buf = append(e.buf, 0)
 		return
@@ -148,6 +167,9 @@ func (e *encoder) command(c *Command) {
 	e.bool(c.Job != nil)
 	if c.Job != nil {
 		e.job(c.Job)
+	}
+	if c.Nomad != nil && !json.Valid(c.Nomad) && e.err == nil {
+		e.err = errors.New("the command's Nomad job is not valid JSON")
 	}
 	e.bytes(c.Nomad)
 	e.bool(c.Decision != nil)

@@ -303,6 +303,19 @@ type Member struct {
 	Codec int `json:",omitempty"`
 }
 
+// LogCodec is the log encoding every one of the servers (by ID) has
+// recorded that it reads: JSON unless each of them reads binary.
+func (s *State) LogCodec(servers []string) int {
+	if len(servers) == 0 {
+		return CodecJSON
+	}
+	codec := CodecBinary
+	for _, id := range servers {
+		codec = min(codec, s.Members[id].Codec)
+	}
+	return codec
+}
+
 // New returns an empty state.
 func New() *State {
 	s := &State{Jobs: map[string]*Job{}, Members: map[string]Member{}}
