@@ -195,7 +195,7 @@ func finishMove(dir string, log hclog.Logger) error {
 	if _, err := os.Stat(moved); err == nil {
 		return fmt.Errorf("%s holds a BoltDB raft log beside %s, which an earlier move kept: move one of them away (this server's log is in %s)", dir, boltMovedTo, walDir)
 	}
-	if err := sameLog(old, filepath.Join(dir, walDir), log); err != nil {
+	if err := sameLog(dir, log); err != nil {
 		return err
 	}
 	if err := os.Rename(old, moved); err != nil {
@@ -208,9 +208,14 @@ func finishMove(dir string, log hclog.Logger) error {
 	return placeholder(dir)
 }
 
-// sameLog refuses a BoltDB log that is ahead of the WAL, in entries or in
-// term: starting on the WAL would forget what it acknowledged or voted.
-func sameLog(boltPath, walPath string, log hclog.Logger) error {
+// sameLog refuses a BoltDB log that differs from the WAL: the only
+// legitimate way to find both is a move cut short between its two
+// renames, when Raft has not run and the two hold the same last entry,
+// term and vote. Anything else was written since (by an older server, or
+// from a back-up), and starting on the WAL would forget what it
+// acknowledged or voted.
+func sameLog(dir string, log hclog.Logger) error {
+	boltPath, walPath := filepath.Join(dir, boltFile), filepath.Join(dir, walDir)
 	b, err := openBolt(boltPath)
 	if err != nil {
 		return err
@@ -221,26 +226,73 @@ func sameLog(boltPath, walPath string, log hclog.Logger) error {
 		return err
 	}
 	defer w.Close()
-	bLast, err := b.LastIndex()
+	bs, err := logSummary(b)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", boltPath, err)
 	}
-	wLast, err := w.LastIndex()
+	ws, err := logSummary(w)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", walPath, err)
 	}
-	bTerm, err := b.GetUint64(termKey)
-	if err != nil && !errors.Is(err, raftboltdb.ErrKeyNotFound) {
-		return err
+	if ws.last == 0 && bs.last > 0 {
+		// The move copied no entries when a snapshot covered them all.
+		snap, err := newestSnapshot(dir, log)
+		if err != nil {
+			return err
+		}
+		if snap >= bs.last {
+			bs.last, bs.lastTerm = 0, 0
+		}
 	}
-	wTerm, err := w.GetUint64(termKey)
-	if err != nil {
-		return err
-	}
-	if bLast > wLast || bTerm > wTerm {
-		return fmt.Errorf("%s is ahead of the write-ahead log (index %d, term %d against %d, %d): it was written after the move, by an older server or from a back-up; move it or the WAL away, knowingly", boltPath, bLast, bTerm, wLast, wTerm)
+	if bs != ws {
+		return fmt.Errorf("%s differs from the write-ahead log (%s against %s): it was written after the move, by an older server or from a back-up; move it or the WAL away, knowingly", boltPath, bs, ws)
 	}
 	return nil
+}
+
+// summary is what sameLog compares: the last entry and Raft's term and
+// vote.
+type summary struct {
+	last, lastTerm, term, voteTerm uint64
+	vote                           string
+}
+
+func (s summary) String() string {
+	return fmt.Sprintf("last entry %d of term %d, term %d, vote %q in term %d", s.last, s.lastTerm, s.term, s.vote, s.voteTerm)
+}
+
+type logAndStable interface {
+	raft.LogStore
+	raft.StableStore
+}
+
+func logSummary(s logAndStable) (summary, error) {
+	var sum summary
+	var err error
+	if sum.last, err = s.LastIndex(); err != nil {
+		return sum, err
+	}
+	if sum.last > 0 {
+		var l raft.Log
+		if err := s.GetLog(sum.last, &l); err != nil {
+			return sum, err
+		}
+		sum.lastTerm = l.Term
+	}
+	get := func(k []byte) uint64 {
+		v, e := s.GetUint64(k)
+		if e != nil && !errors.Is(e, raftboltdb.ErrKeyNotFound) && err == nil {
+			err = e
+		}
+		return v
+	}
+	sum.term, sum.voteTerm = get(termKeys[0]), get(termKeys[1])
+	v, e := s.Get(candKey)
+	if e != nil && !errors.Is(e, raftboltdb.ErrKeyNotFound) && err == nil {
+		err = e
+	}
+	sum.vote = string(v)
+	return sum, err
 }
 
 // placeholder makes the directory that stands at the BoltDB file's name.
@@ -284,19 +336,20 @@ func copyBolt(dir, to string, log hclog.Logger) error {
 		}
 		start = i
 	}
-	if start > first && last > 0 {
-		snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, log)
-		if err != nil {
-			return err
-		}
-		metas, err := snaps.List()
-		if err != nil {
-			return err
-		}
-		if len(metas) == 0 || metas[0].Index < start-1 {
-			return fmt.Errorf("the log has a gap before entry %d that no snapshot covers", start)
-		}
-		log.Info("moving the raft log: entries below a snapshot's gap are left behind", "from", start, "to", last, "snapshot", metas[0].Index)
+	snapshot, err := newestSnapshot(dir, log)
+	if err != nil {
+		return err
+	}
+	switch {
+	case snapshot >= last:
+		// A snapshot installed or restored past the log's end: Raft
+		// starts after it, and the WAL, which takes only the next index
+		// once it holds entries, must start empty.
+		start = last + 1
+	case start > first && last > 0 && snapshot < start-1:
+		return fmt.Errorf("the log has a gap before entry %d that no snapshot covers", start)
+	case start > first && last > 0:
+		log.Info("moving the raft log: entries below a snapshot's gap are left behind", "from", start, "to", last, "snapshot", snapshot)
 	}
 	dst, err := openWAL(to, log)
 	if err != nil {
@@ -338,6 +391,19 @@ func copyBolt(dir, to string, log hclog.Logger) error {
 		}
 	}
 	return dst.Close()
+}
+
+// newestSnapshot is the index of the newest snapshot in dir, 0 if none.
+func newestSnapshot(dir string, log hclog.Logger) (uint64, error) {
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, log)
+	if err != nil {
+		return 0, err
+	}
+	metas, err := snaps.List()
+	if err != nil || len(metas) == 0 {
+		return 0, err
+	}
+	return metas[0].Index, nil
 }
 
 func syncDir(dir string) error {

@@ -112,9 +112,18 @@ func checkMoved(t *testing.T, dir string, logs []*raft.Log, from uint64) {
 // again; the old file is kept under another name.
 func TestMigrateBoltKeepsLogTermAndVote(t *testing.T) {
 	dir, logs := boltDir(t, [2]uint64{})
-	// A crash during an earlier copy left this behind.
-	must(t, os.MkdirAll(filepath.Join(dir, walDir+".migrating"), 0o700))
-	must(t, os.WriteFile(filepath.Join(dir, walDir+".migrating", "junk"), []byte("x"), 0o600))
+	// A crash during an earlier copy left a partial WAL behind, of other
+	// entries than the log's.
+	w, err := openWAL(filepath.Join(dir, walDir+".migrating"), hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var partial []*raft.Log
+	for i := uint64(21); i <= 50; i++ {
+		partial = append(partial, &raft.Log{Index: i, Term: 9, Data: []byte("partial")})
+	}
+	must(t, w.StoreLogs(partial))
+	must(t, w.Close())
 	checkMoved(t, dir, logs, 21)
 	// Started again, it keeps what it has.
 	checkMoved(t, dir, logs, 21)
@@ -135,6 +144,51 @@ func TestMigrateBoltAcrossAGap(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, boltFile)); err != nil {
 		t.Fatal("the refused move lost the old log:", err)
+	}
+}
+
+// A snapshot past the BoltDB log's end (installed on a follower that
+// lagged, or restored): Raft goes on after the snapshot, so the WAL
+// starts empty and takes the entry after it; a move cut short there is
+// finished, not refused.
+func TestMigrateBoltBelowSnapshot(t *testing.T) {
+	dir, _ := boltDir(t, [2]uint64{})
+	snapshotAt(t, dir, 310)
+	logStore, stable, closers, err := openLog(dir, false, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last, _ := logStore.LastIndex(); last != 0 {
+		t.Fatalf("the WAL holds entries up to %d below the snapshot", last)
+	}
+	if v, _ := stable.GetUint64([]byte("CurrentTerm")); v != 7 {
+		t.Fatalf("CurrentTerm = %d", v)
+	}
+	if err := logStore.StoreLogs([]*raft.Log{{Index: 311, Term: 7, Data: []byte("next")}}); err != nil {
+		t.Fatal("the entry after the snapshot:", err)
+	}
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+
+	// The crash window: both renames undone but the WAL in place.
+	dir, _ = boltDir(t, [2]uint64{})
+	snapshotAt(t, dir, 310)
+	_, _, closers, err = openLog(dir, false, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
+	must(t, os.RemoveAll(filepath.Join(dir, boltFile)))
+	must(t, os.Rename(filepath.Join(dir, boltMovedTo), filepath.Join(dir, boltFile)))
+	_, _, closers, err = openLog(dir, false, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal("finishing a move cut short:", err)
+	}
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
 	}
 }
 
@@ -166,8 +220,21 @@ func TestMigrateBoltBesideWAL(t *testing.T) {
 	must(t, old.StoreLogs([]*raft.Log{{Index: 301, Term: 8, Data: []byte("newer")}}))
 	must(t, old.SetUint64([]byte("CurrentTerm"), 8))
 	must(t, old.Close())
-	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "ahead of the write-ahead log") {
+	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "differs from the write-ahead log") {
 		t.Fatalf("a BoltDB log ahead of the WAL: %v", err)
+	}
+	// Not ahead, but not the same: a vote the WAL does not hold.
+	old, err = openBolt(filepath.Join(dir, boltFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, old.DeleteRange(301, 301))
+	must(t, old.SetUint64([]byte("CurrentTerm"), 7))
+	must(t, old.SetUint64([]byte("LastVoteTerm"), 7))
+	must(t, old.Set([]byte("LastVoteCand"), []byte("10.0.0.3:4649")))
+	must(t, old.Close())
+	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "differs from the write-ahead log") {
+		t.Fatalf("a BoltDB log with another vote: %v", err)
 	}
 	// And beside a kept one.
 	must(t, os.Rename(filepath.Join(dir, "kept"), filepath.Join(dir, boltMovedTo)))
@@ -260,6 +327,10 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 	if c := l.logCodec(); c != state.CodecJSON {
 		t.Fatalf("r3 reads only JSON, but the leader writes codec %d", c)
 	}
+	// An entry encoded now, with r3's record in place.
+	if res, _ := g.apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(99)}); res.Err != "" {
+		t.Fatal(res.Err)
+	}
 	if b := lastEntry(t, g); b[0] != '{' {
 		t.Fatalf("an entry written while r3 reads only JSON: %q", b)
 	}
@@ -275,7 +346,7 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 	if b := lastEntry(t, g); b[0] != 0xc1 {
 		t.Fatalf("an entry written once every server reads binary: %q", b)
 	}
-	g.waitJobs(20)
+	g.waitJobs(21)
 }
 
 // lastEntry is the data of the last command entry in the leader's log.
@@ -339,6 +410,31 @@ func TestTransferLeadership(t *testing.T) {
 	}
 	g.kill(old.ID)
 	next := g.waitLeader(old.ID)
+
+	// The hand-over of a leader whose followers are one stopped and one
+	// live: Raft may pick the stopped one (they are equally far along);
+	// the live one takes over all the same.
+	g.start(old.ID)
+	next = g.waitLeader("")
+	if res, _ := g.apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(0)}); res.Err != "" {
+		t.Fatal(res.Err)
+	}
+	g.waitJobs(1)
+	var stopped string
+	for id, r := range g.live {
+		if r != next {
+			stopped = id
+			break
+		}
+	}
+	g.kill(stopped)
+	if err := next.TransferLeadership(5 * time.Second); err != nil {
+		t.Fatalf("with %s stopped: %v", stopped, err)
+	}
+	if next.IsLeader() {
+		t.Fatal("still leading after handing over")
+	}
+	next = g.waitLeader(next.ID)
 	if res, err := next.Apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(1)}, 2*time.Second); err != nil || res.Err != "" {
 		t.Fatalf("the new leader %s: %v %s", next.ID, err, res.Err)
 	}

@@ -403,10 +403,25 @@ func (r *Replica) TransferLeadership(timeout time.Duration) error {
 	if !r.IsLeader() {
 		return nil
 	}
-	if m, err := r.Members(); err != nil || len(m) < 2 {
+	members, err := r.Members()
+	if err != nil || len(members) < 2 {
 		return err
 	}
-	if err := wait(r.raft.LeadershipTransfer(), timeout); err != nil {
+	// Raft picks the follower furthest along, which may be one that has
+	// stopped since (servers stopped one after another): then each
+	// other voter in turn, within the time given.
+	deadline := time.Now().Add(timeout)
+	err = wait(r.raft.LeadershipTransfer(), timeout)
+	for _, m := range members {
+		left := time.Until(deadline)
+		if err == nil || !r.IsLeader() || left <= 0 {
+			break
+		}
+		if m.ID != r.ID && m.Voter {
+			err = wait(r.raft.LeadershipTransferToServer(raft.ServerID(m.ID), raft.ServerAddress(m.Address)), left)
+		}
+	}
+	if err != nil && r.IsLeader() {
 		return fmt.Errorf("handing over leadership: %w", err)
 	}
 	return nil

@@ -285,4 +285,14 @@ func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
 	if ms, _ := h.r.Members(); len(ms) != 1 {
 		t.Errorf("members after the refused join: %+v", ms)
 	}
+	// Nor may a member's record say it reads only JSON: that would take
+	// the group back to JSON with such a server already following.
+	rec = h.serve(request("POST", "/v1/members/register", `{"ID":"s1","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9"}`, p.serverLeaf, ""))
+	if rec.Code != 400 || !strings.Contains(rec.Body.String(), "reads only the JSON log") || h.snapshotState() != before {
+		t.Fatalf("an old server's registration: %d %s", rec.Code, rec.Body)
+	}
+	rec = h.serve(request("POST", "/v1/members/register", `{"ID":"s1","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9","Codec":1}`, p.serverLeaf, ""))
+	if rec.Code != 200 {
+		t.Fatalf("a new server's registration: %d %s", rec.Code, rec.Body)
+	}
 }

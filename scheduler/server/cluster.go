@@ -77,7 +77,7 @@ func (s *Server) leaderOnly(h http.HandlerFunc) http.HandlerFunc {
 			}
 		}
 		if target == "" || r.Header.Get(forwardedHeader) != "" {
-			s.notLeader(w)
+			s.writeNotLeader(w)
 			return
 		}
 		u, err := url.Parse(target)
@@ -221,6 +221,14 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
+	// Only a server of an older version, put back on a member's address,
+	// says this in a group that writes binary: it cannot follow the log,
+	// and its record must not quietly take the group back to JSON.
+	if m.Codec < state.CodecBinary && s.groupCodec() >= state.CodecBinary {
+		s.log.Error("a server that reads only the JSON log is in this group, which writes the binary encoding: stop it, remove it (cohort operator raft remove-peer) and upgrade it", "id", m.ID, "raft", m.RaftAddr)
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it", m.ID))
+		return
+	}
 	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
@@ -254,11 +262,9 @@ func (s *Server) registerSelf() error {
 	// A leader of the version before drops the Codec it does not know:
 	// ask it again now and then, not every second, until a leader that
 	// keeps it takes over.
-	if onlyCodec := have.ID == s.self.ID && have.RaftAddr == s.self.RaftAddr && have.HTTPAddr == s.self.HTTPAddr; onlyCodec {
-		if last := s.codecAsked.Load(); last != 0 && time.Since(time.Unix(0, last)) < time.Minute && !s.r.IsLeader() {
-			return nil
-		}
-		s.codecAsked.Store(time.Now().UnixNano())
+	onlyCodec := have.ID == s.self.ID && have.RaftAddr == s.self.RaftAddr && have.HTTPAddr == s.self.HTTPAddr
+	if last := s.codecAsked.Load(); onlyCodec && last != 0 && time.Since(time.Unix(0, last)) < time.Minute && !s.r.IsLeader() {
+		return nil
 	}
 	if s.r.IsLeader() {
 		_, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &s.self})
@@ -268,7 +274,13 @@ func (s *Server) registerSelf() error {
 	if target == "" {
 		return nil // the leader registers itself first
 	}
-	return s.peer(target, "").RegisterMember(api.Member(s.self))
+	if err := s.peer(target, "").RegisterMember(api.Member(s.self)); err != nil {
+		return err
+	}
+	if onlyCodec {
+		s.codecAsked.Store(time.Now().UnixNano())
+	}
+	return nil
 }
 
 // Join makes this server a member of a group: it asks the servers at

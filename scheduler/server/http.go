@@ -171,9 +171,17 @@ func (s *Server) notLeader(w http.ResponseWriter) bool {
 	if s.r.IsLeader() {
 		return false
 	}
+	s.writeNotLeader(w)
+	return true
+}
+
+// writeNotLeader answers 503 with where the leader is, as far as this
+// server knows. A command refused as not the leader's is answered so
+// even while this server still says it leads: it is handing leadership
+// over, or has just lost it, and the caller should retry.
+func (s *Server) writeNotLeader(w http.ResponseWriter) {
 	addr, id := s.r.Leader()
 	writeJSON(w, http.StatusServiceUnavailable, api.ErrorBody{Error: "not the leader", LeaderID: id, LeaderAddress: addr})
-	return true
 }
 
 func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
@@ -200,7 +208,7 @@ func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, ErrRejected):
 		writeErr(w, http.StatusBadRequest, err)
 	case errors.Is(err, replica.ErrNotLeader):
-		s.notLeader(w)
+		s.writeNotLeader(w)
 	case err != nil:
 		writeErr(w, http.StatusInternalServerError, err)
 	default:

@@ -3,14 +3,18 @@ package server
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
 )
 
@@ -154,5 +158,30 @@ func TestNomadProxy(t *testing.T) {
 	resp.Body.Close()
 	if j := h.job("viaproxy"); resp.StatusCode != 200 || j.Status != state.Finished || j.Reason != "stopped by request" {
 		t.Errorf("nomad job stop through the endpoint: %d %+v", resp.StatusCode, j)
+	}
+}
+
+// handingOver is a leader in the middle of handing over: it still says it
+// leads, and Raft refuses its commands.
+type handingOver struct{ *replica.Replica }
+
+func (handingOver) Apply(*state.Command, time.Duration) (state.Result, error) {
+	return state.Result{}, fmt.Errorf("%w: leadership transfer in progress", replica.ErrNotLeader)
+}
+
+// A submission the leader's Raft refuses while it hands over is answered
+// 503 with where the leader is, for the caller to retry; not an empty 200.
+func TestSubmitDuringHandOverIsRetryable(t *testing.T) {
+	h := newHarness(t)
+	srv, err := New(handingOver{h.r}, h.nomad, Config{Prices: billing.DefaultPrices, Now: h.clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	job, _ := json.Marshal(api.SubmitRequest{Job: gang("g", jobspec.DriverMicroVM, 1)})
+	rec := httptest.NewRecorder()
+	srv.Handler().ServeHTTP(rec, httptest.NewRequest("POST", "/v1/jobs", strings.NewReader(string(job))))
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), "not the leader") {
+		t.Fatalf("a submission during a hand-over: %d %q", rec.Code, rec.Body)
 	}
 }

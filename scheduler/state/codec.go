@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
 )
@@ -79,10 +81,20 @@ func DecodeCommand(b []byte) (*Command, error) {
 		}
 		return &c, nil
 	}
+	if len(b) > 0 && !isJSONStart(b[0]) {
+		// Neither encoding this version knows: a newer one.
+		return nil, fmt.Errorf("%w (first byte %#x)", ErrUnknownEncoding, b[0])
+	}
 	if err := json.Unmarshal(b, &c); err != nil {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// isJSONStart says whether a command's first byte can begin the JSON
+// object every JSON entry is.
+func isJSONStart(b byte) bool {
+	return b == '{' || b == ' ' || b == '\t' || b == '\n' || b == '\r'
 }
 
 // encoder refuses what JSON would refuse (a Nomad job that is not JSON,
@@ -96,8 +108,28 @@ type encoder struct {
 func (e *encoder) uint(v uint64) { e.buf = binary.AppendUvarint(e.buf, v) }
 func (e *encoder) int(v int64)   { e.buf = binary.AppendVarint(e.buf, v) }
 func (e *encoder) str(s string) {
+	if !utf8.ValidString(s) {
+		s = asJSON(s)
+	}
 	e.uint(uint64(len(s)))
 	e.buf = append(e.buf, s...)
+}
+
+// asJSON replaces each byte that is not UTF-8 with U+FFFD, as JSON's
+// encoding does: replicas that applied the log and replicas restored
+// from a (JSON) snapshot must hold the same strings.
+func asJSON(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && n == 1 {
+			b.WriteRune(utf8.RuneError)
+		} else {
+			b.WriteString(s[i : i+n])
+		}
+		i += n
+	}
+	return b.String()
 }
 func (e *encoder) bool(v bool) {
 	if v {

@@ -218,6 +218,37 @@ func TestDecodeUnknownVersion(t *testing.T) {
 	if _, err := DecodeCommand([]byte{binaryMarker}); err == nil || errors.Is(err, ErrUnknownEncoding) {
 		t.Fatalf("an entry cut short: %v", err)
 	}
+	if _, err := DecodeCommand([]byte{0xc2, 1, 0}); !errors.Is(err, ErrUnknownEncoding) {
+		t.Fatalf("an entry of another marker: %v", err)
+	}
+	if _, err := DecodeCommand([]byte(` {"Op":"submit"}`)); err != nil {
+		t.Fatalf("JSON after a space: %v", err)
+	}
+	if _, err := DecodeCommand([]byte(`{"Op":`)); err == nil || errors.Is(err, ErrUnknownEncoding) {
+		t.Fatalf("JSON cut short: %v", err)
+	}
+}
+
+// Bytes that are not UTF-8 come back as JSON would give them back (each
+// as U+FFFD), so a replica that applied the log and one restored from a
+// snapshot agree.
+func TestCodecStringsAsJSON(t *testing.T) {
+	bad := "ok\xff\xfe\xc3é"
+	c := &Command{Op: OpFail, Reason: bad, Allocs: []string{bad}, Job: &placement.Job{ID: "j", Groups: []placement.Group{{Name: bad, Devices: map[string]int{bad: 1}}}}}
+	viaJSON, _ := c.EncodeAs(CodecJSON)
+	fromJSON, _ := DecodeCommand(viaJSON)
+	bin, err := c.EncodeAs(CodecBinary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromBin, err := DecodeCommand(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fromBin.Reason != fromJSON.Reason || fromBin.Allocs[0] != fromJSON.Allocs[0] || fromBin.Job.Groups[0].Name != fromJSON.Job.Groups[0].Name || !reflect.DeepEqual(fromBin.Job.Groups[0].Devices, fromJSON.Job.Groups[0].Devices) {
+		t.Fatalf("binary %q %q %q %v, JSON %q %q %q %v", fromBin.Reason, fromBin.Allocs[0], fromBin.Job.Groups[0].Name, fromBin.Job.Groups[0].Devices,
+			fromJSON.Reason, fromJSON.Allocs[0], fromJSON.Job.Groups[0].Name, fromJSON.Job.Groups[0].Devices)
+	}
 }
 
 // Entries written before the binary codec, JSON, still decode.
