@@ -39,9 +39,9 @@ const (
 // The two stores encode integers differently, so a migration copies
 // each by its kind instead of byte for byte.
 var (
-	termKey  = []byte("CurrentTerm")
-	termKeys = [][]byte{termKey, []byte("LastVoteTerm")}
-	candKey  = []byte("LastVoteCand")
+	termKey     = []byte("CurrentTerm")
+	voteTermKey = []byte("LastVoteTerm")
+	candKey     = []byte("LastVoteCand")
 )
 
 // openLog locks dir for this process, then opens the replica's log and
@@ -286,7 +286,7 @@ func logSummary(s logAndStable) (summary, error) {
 		}
 		return v
 	}
-	sum.term, sum.voteTerm = get(termKeys[0]), get(termKeys[1])
+	sum.term, sum.voteTerm = get(termKey), get(voteTermKey)
 	v, e := s.Get(candKey)
 	if e != nil && !errors.Is(e, raftboltdb.ErrKeyNotFound) && err == nil {
 		err = e
@@ -324,8 +324,16 @@ func copyBolt(dir, to string, log hclog.Logger) error {
 	if err != nil {
 		return err
 	}
+	snapshot, err := newestSnapshot(dir, log)
+	if err != nil {
+		return err
+	}
+	// A snapshot installed or restored past the log's end: Raft starts
+	// after it, and the WAL, which takes only the next index once it
+	// holds entries, must start empty. Otherwise find where the run of
+	// entries that ends at the last one starts.
 	start := last + 1
-	for i := last; i >= first && i > 0; i-- {
+	for i := last; snapshot < last && i >= first && i > 0; i-- {
 		var l raft.Log
 		err := src.GetLog(i, &l)
 		if errors.Is(err, raft.ErrLogNotFound) {
@@ -336,19 +344,10 @@ func copyBolt(dir, to string, log hclog.Logger) error {
 		}
 		start = i
 	}
-	snapshot, err := newestSnapshot(dir, log)
-	if err != nil {
-		return err
-	}
-	switch {
-	case snapshot >= last:
-		// A snapshot installed or restored past the log's end: Raft
-		// starts after it, and the WAL, which takes only the next index
-		// once it holds entries, must start empty.
-		start = last + 1
-	case start > first && last > 0 && snapshot < start-1:
-		return fmt.Errorf("the log has a gap before entry %d that no snapshot covers", start)
-	case start > first && last > 0:
+	if snapshot < last && start > first {
+		if snapshot < start-1 {
+			return fmt.Errorf("the log has a gap before entry %d that no snapshot covers", start)
+		}
 		log.Info("moving the raft log: entries below a snapshot's gap are left behind", "from", start, "to", last, "snapshot", snapshot)
 	}
 	dst, err := openWAL(to, log)
@@ -369,24 +368,24 @@ func copyBolt(dir, to string, log hclog.Logger) error {
 			batch = batch[:0]
 		}
 	}
-	for _, k := range termKeys {
-		v, err := src.GetUint64(k)
-		if errors.Is(err, raftboltdb.ErrKeyNotFound) {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if err := dst.SetUint64(k, v); err != nil {
-			return err
-		}
-	}
-	v, err := src.Get(candKey)
-	if err != nil && !errors.Is(err, raftboltdb.ErrKeyNotFound) {
+	// Raft's term and vote, each key only if the old log had it set.
+	sum, err := logSummary(src)
+	if err != nil {
 		return err
 	}
-	if err == nil && len(v) > 0 {
-		if err := dst.Set(candKey, v); err != nil {
+	for _, kv := range []struct {
+		key []byte
+		v   uint64
+	}{{termKey, sum.term}, {voteTermKey, sum.voteTerm}} {
+		if kv.v == 0 {
+			continue
+		}
+		if err := dst.SetUint64(kv.key, kv.v); err != nil {
+			return err
+		}
+	}
+	if sum.vote != "" {
+		if err := dst.Set(candKey, []byte(sum.vote)); err != nil {
 			return err
 		}
 	}

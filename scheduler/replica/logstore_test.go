@@ -64,11 +64,7 @@ func checkMoved(t *testing.T, dir string, logs []*raft.Log, from uint64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		for i := len(closers) - 1; i >= 0; i-- {
-			closers[i]()
-		}
-	}()
+	defer closeInReverse(closers)
 	first, _ := logStore.FirstIndex()
 	last, _ := logStore.LastIndex()
 	if first != from || last != 300 {
@@ -167,9 +163,7 @@ func TestMigrateBoltBelowSnapshot(t *testing.T) {
 	if err := logStore.StoreLogs([]*raft.Log{{Index: 311, Term: 7, Data: []byte("next")}}); err != nil {
 		t.Fatal("the entry after the snapshot:", err)
 	}
-	for i := len(closers) - 1; i >= 0; i-- {
-		closers[i]()
-	}
+	closeInReverse(closers)
 
 	// The crash window: both renames undone but the WAL in place.
 	dir, _ = boltDir(t, [2]uint64{})
@@ -178,18 +172,14 @@ func TestMigrateBoltBelowSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := len(closers) - 1; i >= 0; i-- {
-		closers[i]()
-	}
+	closeInReverse(closers)
 	must(t, os.RemoveAll(filepath.Join(dir, boltFile)))
 	must(t, os.Rename(filepath.Join(dir, boltMovedTo), filepath.Join(dir, boltFile)))
 	_, _, closers, err = openLog(dir, false, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal("finishing a move cut short:", err)
 	}
-	for i := len(closers) - 1; i >= 0; i-- {
-		closers[i]()
-	}
+	closeInReverse(closers)
 }
 
 // A BoltDB log beside a WAL: the last step of a move that a crash cut
@@ -254,16 +244,12 @@ func TestDataDirLocked(t *testing.T) {
 	if _, _, _, err := openLog(dir, false, hclog.NewNullLogger()); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("a second open of the data directory: %v", err)
 	}
-	for i := len(closers) - 1; i >= 0; i-- {
-		closers[i]()
-	}
+	closeInReverse(closers)
 	_, _, closers, err = openLog(dir, false, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal("after the first closed:", err)
 	}
-	for i := len(closers) - 1; i >= 0; i-- {
-		closers[i]()
-	}
+	closeInReverse(closers)
 }
 
 // A running group of servers of the BoltDB layout, a restore behind it,
@@ -318,13 +304,13 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 			t.Fatal(res.Err)
 		}
 	}
-	if c := l.logCodec(); c != state.CodecJSON {
+	if c := l.LogCodec(); c != state.CodecJSON {
 		t.Fatalf("no server recorded: codec %d", c)
 	}
 	member("r1", state.CodecBinary)
 	member("r2", state.CodecBinary)
 	member("r3", state.CodecJSON) // a server of the version before
-	if c := l.logCodec(); c != state.CodecJSON {
+	if c := l.LogCodec(); c != state.CodecJSON {
 		t.Fatalf("r3 reads only JSON, but the leader writes codec %d", c)
 	}
 	// An entry encoded now, with r3's record in place.
@@ -335,7 +321,7 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 		t.Fatalf("an entry written while r3 reads only JSON: %q", b)
 	}
 	member("r3", state.CodecBinary) // upgraded
-	if c := g.waitLeader("").logCodec(); c != state.CodecBinary {
+	if c := g.waitLeader("").LogCodec(); c != state.CodecBinary {
 		t.Fatalf("every server reads binary, but the leader writes codec %d", c)
 	}
 	for i := range 20 {

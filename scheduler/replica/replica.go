@@ -125,11 +125,7 @@ func Start(cfg Config) (*Replica, error) {
 		trans   raft.Transport
 		closers []func() error
 	)
-	closeAll := func() {
-		for i := len(closers) - 1; i >= 0; i-- {
-			closers[i]()
-		}
-	}
+	closeAll := func() { closeInReverse(closers) }
 	if cfg.InMemory {
 		store := raft.NewInmemStore()
 		logs, stable, snaps = store, store, raft.NewInmemSnapshotStore()
@@ -312,7 +308,7 @@ func (r *Replica) Leader() (string, string) {
 // Apply replicates a command and returns its result once committed and
 // applied here. On a follower it fails with ErrNotLeader.
 func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, error) {
-	b, err := c.EncodeAs(r.logCodec())
+	b, err := c.EncodeAs(r.LogCodec())
 	if err != nil {
 		return state.Result{}, err
 	}
@@ -326,33 +322,24 @@ func (r *Replica) Apply(c *state.Command, timeout time.Duration) (state.Result, 
 	return f.Response().(state.Result), nil
 }
 
-// logCodec is the encoding the leader writes: binary once every server
+// LogCodec is the encoding the leader writes: binary once every server
 // in the configuration (non-voters receive the log too) has recorded
 // (OpMember) that it reads it, JSON while any has not, so that a group
 // upgraded one server at a time never hands a server an entry it cannot
 // read. A server of an older version cannot join a group after that; as
 // with Nomad, servers are upgraded, not downgraded.
-func (r *Replica) logCodec() int {
-	ids, err := r.serverIDs()
+func (r *Replica) LogCodec() int {
+	members, err := r.Members()
 	if err != nil {
 		return state.CodecJSON
+	}
+	ids := make([]string, len(members))
+	for i, m := range members {
+		ids[i] = m.ID
 	}
 	r.fsm.mu.RLock()
 	defer r.fsm.mu.RUnlock()
 	return r.fsm.st.LogCodec(ids)
-}
-
-// serverIDs are the servers of the latest configuration, committed or not.
-func (r *Replica) serverIDs() ([]string, error) {
-	f := r.raft.GetConfiguration()
-	if err := f.Error(); err != nil {
-		return nil, err
-	}
-	var ids []string
-	for _, s := range f.Configuration().Servers {
-		ids = append(ids, string(s.ID))
-	}
-	return ids, nil
 }
 
 // Barrier waits until everything committed before it is applied here, as a
@@ -432,10 +419,17 @@ func (r *Replica) TransferLeadership(timeout time.Duration) error {
 // first for a planned stop.
 func (r *Replica) Shutdown() error {
 	err := r.raft.Shutdown().Error()
-	for i := len(r.closers) - 1; i >= 0; i-- {
-		r.closers[i]()
-	}
+	closeInReverse(r.closers)
 	return err
+}
+
+// closeInReverse closes what was opened, the last opened first (the
+// transport before the stores, the stores before the data directory's
+// lock).
+func closeInReverse(closers []func() error) {
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
 }
 
 // fsm adapts state.State to raft.FSM. Apply, Snapshot and Restore are

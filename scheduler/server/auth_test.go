@@ -271,7 +271,7 @@ func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
 	if err := h.srv.registerSelf(); err != nil {
 		t.Fatal(err)
 	}
-	if c := h.srv.groupCodec(); c != state.CodecBinary {
+	if c := h.r.LogCodec(); c != state.CodecBinary {
 		t.Fatalf("a group of one new server writes codec %d", c)
 	}
 	before := h.snapshotState()

@@ -169,8 +169,8 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	if m.Codec < state.CodecBinary && s.groupCodec() >= state.CodecBinary {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it to this version before it joins", m.ID))
+	if err := s.readsLog(m); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	// The record first: from the moment the server is in the
@@ -187,20 +187,15 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, m)
 }
 
-// groupCodec is the log encoding the group's servers all read, which
-// the leader writes.
-func (s *Server) groupCodec() int {
-	ms, err := s.r.Members()
-	if err != nil {
-		return state.CodecJSON
+// readsLog refuses a server that reads only the JSON log when the group
+// writes the binary encoding: it would skip every entry it cannot read
+// and fall behind without a word, and its record would take the group
+// back to JSON.
+func (s *Server) readsLog(m state.Member) error {
+	if m.Codec < state.CodecBinary && s.r.LogCodec() >= state.CodecBinary {
+		return fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it to this version", m.ID)
 	}
-	ids := make([]string, len(ms))
-	for i, m := range ms {
-		ids[i] = m.ID
-	}
-	codec := state.CodecJSON
-	s.r.Read(func(st *state.State) { codec = st.LogCodec(ids) })
-	return codec
+	return nil
 }
 
 // handleRegister records a member's addresses (leader only).
@@ -222,11 +217,10 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Only a server of an older version, put back on a member's address,
-	// says this in a group that writes binary: it cannot follow the log,
-	// and its record must not quietly take the group back to JSON.
-	if m.Codec < state.CodecBinary && s.groupCodec() >= state.CodecBinary {
+	// is refused here: it is in the group already.
+	if err := s.readsLog(m); err != nil {
 		s.log.Error("a server that reads only the JSON log is in this group, which writes the binary encoding: stop it, remove it (cohort operator raft remove-peer) and upgrade it", "id", m.ID, "raft", m.RaftAddr)
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it", m.ID))
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	if _, err := s.apply(&state.Command{Op: state.OpMember, At: s.now(), Member: &m}); err != nil {

@@ -50,6 +50,8 @@ type Replica interface {
 	Read(fn func(*state.State))
 	Changed() <-chan struct{}
 	AppliedIndex() uint64
+	// LogCodec is the log encoding every server of the group reads.
+	LogCodec() int
 }
 
 // Nomad is what the server needs of a Nomad cluster; *nomad.Client is
