@@ -396,16 +396,23 @@ func (r *Replica) TransferLeadership(timeout time.Duration) error {
 	}
 	// Raft picks the follower furthest along, which may be one that has
 	// stopped since (servers stopped one after another): then each
-	// other voter in turn, within the time given.
+	// other voter in turn, round after round, within the time given. A
+	// live one can fail once too: the first call on a pooled connection
+	// to a server that restarted meets its end (EOF).
 	deadline := time.Now().Add(timeout)
 	err = wait(r.raft.LeadershipTransfer(), timeout)
-	for _, m := range members {
-		left := time.Until(deadline)
-		if err == nil || !r.IsLeader() || left <= 0 {
-			break
+	for err != nil && r.IsLeader() && time.Until(deadline) > 0 {
+		for _, m := range members {
+			left := time.Until(deadline)
+			if err == nil || !r.IsLeader() || left <= 0 {
+				break
+			}
+			if m.ID != r.ID && m.Voter {
+				err = wait(r.raft.LeadershipTransferToServer(raft.ServerID(m.ID), raft.ServerAddress(m.Address)), left)
+			}
 		}
-		if m.ID != r.ID && m.Voter {
-			err = wait(r.raft.LeadershipTransferToServer(raft.ServerID(m.ID), raft.ServerAddress(m.Address)), left)
+		if err != nil {
+			time.Sleep(20 * time.Millisecond)
 		}
 	}
 	if err != nil && r.IsLeader() {
