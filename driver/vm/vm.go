@@ -157,10 +157,22 @@ func ReadRecord(runDir string) (*Machine, error) {
 // ErrGone means the VMM process no longer exists.
 var ErrGone = errors.New("vm process is gone")
 
-// Alive reports whether the VMM process still runs (a zombie does not).
+// Alive reports whether the VMM process still runs. A zombie does not, and
+// neither does a process being reaped: its parent's wait has marked it dead
+// ("X") while /proc still lists it, a window that follows every exit of a
+// VMM this program started, since a goroutine reaps it at once.
 func (m *Machine) Alive() bool {
 	st, state, err := procStat(m.PID)
-	return err == nil && st == m.StartTime && state != "Z"
+	return err == nil && st == m.StartTime && running(state)
+}
+
+// running reads the state field of /proc/<pid>/stat.
+func running(state string) bool {
+	switch state {
+	case "Z", "X", "x":
+		return false
+	}
+	return true
 }
 
 // Wait blocks until the VMM process exits or ctx ends. It works for a
