@@ -10,9 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -87,6 +87,13 @@ type Replica struct {
 	logs  raft.LogStore // for tests that read what was written
 	// closers release the transport and the stores after Shutdown.
 	closers []func() error
+	log     hclog.Logger
+	// stop ends watchLeader, which watching waits for.
+	stop     chan struct{}
+	stopOnce sync.Once
+	watching sync.WaitGroup
+	// checks counts leaderMaybeGone's runs, for tests.
+	checks atomic.Int64
 }
 
 // ErrNotLeader is returned for writes on a follower; Leader says where to
@@ -124,6 +131,7 @@ func Start(cfg Config) (*Replica, error) {
 		snaps   raft.SnapshotStore
 		trans   raft.Transport
 		closers []func() error
+		streamL *stream
 	)
 	closeAll := func() { closeInReverse(closers) }
 	if cfg.InMemory {
@@ -149,27 +157,21 @@ func Start(cfg Config) (*Replica, error) {
 			_, it := raft.NewInmemTransport(raft.ServerAddress(cfg.Bind))
 			trans = it
 			closers = append(closers, it.Close)
-		case cfg.TLSServer != nil || cfg.TLSClient != nil:
-			st, err := newTLSStream(cfg.Bind, cfg.TLSServer, cfg.TLSClient)
+		default:
+			var st *stream
+			var err error
+			if cfg.TLSServer != nil || cfg.TLSClient != nil {
+				st, err = newTLSStream(cfg.Bind, cfg.TLSServer, cfg.TLSClient)
+			} else {
+				st, err = newStream(cfg.Bind, nil, nil)
+			}
 			if err != nil {
 				closeAll()
 				return nil, err
 			}
 			nt := raft.NewNetworkTransportWithLogger(st, 8, 2*time.Second, rc.Logger)
 			trans = nt
-			closers = append(closers, nt.Close)
-		default:
-			addr, err := net.ResolveTCPAddr("tcp", cfg.Bind)
-			if err != nil {
-				closeAll()
-				return nil, err
-			}
-			nt, err := raft.NewTCPTransportWithLogger(cfg.Bind, addr, 8, 2*time.Second, rc.Logger)
-			if err != nil {
-				closeAll()
-				return nil, fmt.Errorf("raft transport: %w", err)
-			}
-			trans = nt
+			streamL = st
 			closers = append(closers, nt.Close)
 		}
 	}
@@ -210,7 +212,12 @@ func Start(cfg Config) (*Replica, error) {
 		closeAll()
 		return nil, err
 	}
-	return &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, logs: cached, closers: closers}, nil
+	rep := &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, logs: cached, closers: closers, stop: make(chan struct{}), log: cfg.Logger}
+	if streamL != nil {
+		rep.watching.Add(1)
+		go rep.watchLeader(streamL.peerGone)
+	}
+	return rep, nil
 }
 
 // Bootstrap forms a new group of peers (ID -> Raft address). Every member
@@ -425,8 +432,12 @@ func (r *Replica) TransferLeadership(timeout time.Duration) error {
 // the rest of the group it looks like a crash: call TransferLeadership
 // first for a planned stop.
 func (r *Replica) Shutdown() error {
+	r.stopOnce.Do(func() { close(r.stop) })
 	err := r.raft.Shutdown().Error()
 	closeInReverse(r.closers)
+	// After the transport, so a watcher in the middle of an RPC sees its
+	// connection close instead of waiting out the RPC's timeout.
+	r.watching.Wait()
 	return err
 }
 
