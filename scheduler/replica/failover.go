@@ -53,34 +53,40 @@ func (r *Replica) watchLeader(gone <-chan struct{}) {
 // leaderMaybeGone runs when a connection to this server ended from the
 // other side.
 func (r *Replica) leaderMaybeGone() {
-	r.checks.Add(1)
 	if r.raft.State() != raft.Follower {
 		return
 	}
-	addr, id := r.raft.LeaderWithID()
-	if addr == "" || string(id) == r.ID || !refuses(string(addr)) {
+	_, id := r.raft.LeaderWithID()
+	if id == "" || string(id) == r.ID {
 		return
 	}
 	f := r.raft.GetConfiguration()
 	if f.Error() != nil {
 		return
 	}
-	delay, ok := standDelay(f.Configuration().Servers, string(id), r.ID)
-	if !ok {
+	servers := f.Configuration().Servers
+	// The address the group dials, not the one the leader says it has:
+	// behind NAT, or on a host of several addresses, the second may be
+	// one this server cannot reach, where a refusal means nothing.
+	addr := ""
+	for _, s := range servers {
+		if s.ID == id {
+			addr = string(s.Address)
+		}
+	}
+	rank, ok := standOrder(servers, string(id), r.ID)
+	if addr == "" || !ok {
+		return
+	}
+	if !r.refusedWhileLeading(id, addr) {
 		return
 	}
 	select {
 	case <-r.stop:
 		return
-	case <-time.After(delay):
+	case <-time.After(standGrace + time.Duration(rank)*standStep):
 	}
-	// Stand only while the dead leader is still the last one known: a
-	// new one that has made itself known, or an election under way,
-	// wins without this server's help.
-	if r.raft.State() != raft.Follower {
-		return
-	}
-	if _, cur := r.raft.LeaderWithID(); cur != "" && cur != id {
+	if !r.mayStand(id, rank) {
 		return
 	}
 	r.log.Info("the leader's Raft port refuses connections; standing for election", "leader", string(id))
@@ -93,14 +99,69 @@ func (r *Replica) leaderMaybeGone() {
 		Addr:            r.trans.EncodePeer(raft.ServerID(r.ID), self),
 	}}
 	if err := r.trans.TimeoutNow(raft.ServerID(r.ID), self, req, &raft.TimeoutNowResponse{}); err != nil {
-		r.log.Warn("could not start an election; the heartbeat timeout will", "error", err)
+		select {
+		case <-r.stop:
+		default:
+			r.log.Warn("could not start an election; the heartbeat timeout will", "error", err)
+		}
 	}
 }
 
-// standDelay says how long a follower waits before it stands for
-// election once the leader dead is gone: ok is false for a server that
-// has no vote.
-func standDelay(servers []raft.Server, dead, self string) (time.Duration, bool) {
+// refusedWhileLeading probes the leader's port until it refuses, for as
+// long as this server still follows that leader, a few times over a
+// third of a second: a stopping leader may close some connections before
+// its listener (Raft ends its replication first), and a dying process's
+// sockets close one after another.
+func (r *Replica) refusedWhileLeading(id raft.ServerID, addr string) bool {
+	for _, wait := range probeBackoff {
+		select {
+		case <-r.stop:
+			return false
+		case <-time.After(wait):
+		}
+		if r.raft.State() != raft.Follower {
+			return false
+		}
+		if _, cur := r.raft.LeaderWithID(); cur != id {
+			return false
+		}
+		gone := refuses(addr)
+		r.probes.Add(1)
+		if gone {
+			return true
+		}
+	}
+	return false
+}
+
+// probeBackoff are the waits before each probe.
+var probeBackoff = []time.Duration{0, 20 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond}
+
+// mayStand says whether this follower, rank-th in the order of those
+// left, may still stand for election in place of the dead leader. A
+// TimeoutNow makes its candidate skip the pre-vote and ask for votes that
+// a voter gives even while it follows a leader, so standing beside a
+// leader the group already has would depose it. What this server knows
+// of the leader tells it enough: a new leader's first message names it,
+// and a vote request of a newer term clears the leader it knew.
+//   - The dead leader still known: no election has begun; stand.
+//   - None known: an election has begun. The first in the order leaves it
+//     alone (after a planned hand-over it is the successor's, and the
+//     successor may simply not have been heard from yet). A later one
+//     stands, since a full step has passed without a leader: commonly the
+//     one before it stood with a log that was behind, and lost.
+func (r *Replica) mayStand(dead raft.ServerID, rank int) bool {
+	if r.raft.State() != raft.Follower {
+		return false
+	}
+	_, cur := r.raft.LeaderWithID()
+	return cur == dead || (cur == "" && rank > 0)
+}
+
+// standOrder says where a follower stands in the order of those that
+// may replace the dead leader: ok is false for a server that has no
+// vote.
+func standOrder(servers []raft.Server, dead, self string) (rank int, ok bool) {
 	var voters []string
 	for _, s := range servers {
 		if s.Suffrage == raft.Voter && string(s.ID) != dead {
@@ -108,11 +169,8 @@ func standDelay(servers []raft.Server, dead, self string) (time.Duration, bool) 
 		}
 	}
 	slices.Sort(voters)
-	rank := slices.Index(voters, self)
-	if rank < 0 {
-		return 0, false
-	}
-	return standGrace + time.Duration(rank)*standStep, true
+	rank = slices.Index(voters, self)
+	return rank, rank >= 0
 }
 
 // refuses reports whether nothing listens at addr any more: the host

@@ -92,8 +92,8 @@ type Replica struct {
 	stop     chan struct{}
 	stopOnce sync.Once
 	watching sync.WaitGroup
-	// checks counts leaderMaybeGone's runs, for tests.
-	checks atomic.Int64
+	// probes counts leaderMaybeGone's probes of a leader, for tests.
+	probes atomic.Int64
 }
 
 // ErrNotLeader is returned for writes on a follower; Leader says where to
@@ -435,8 +435,8 @@ func (r *Replica) Shutdown() error {
 	r.stopOnce.Do(func() { close(r.stop) })
 	err := r.raft.Shutdown().Error()
 	closeInReverse(r.closers)
-	// After the transport, so a watcher in the middle of an RPC sees its
-	// connection close instead of waiting out the RPC's timeout.
+	// Raft has closed the transport (a watcher in the middle of an RPC
+	// sees its connection close instead of waiting out its timeout).
 	r.watching.Wait()
 	return err
 }

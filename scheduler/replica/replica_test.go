@@ -26,8 +26,6 @@ type group struct {
 	tlsServer, tlsClient *tls.Config
 	// bolt starts replicas on the BoltDB log of servers before the WAL.
 	bolt bool
-	// timeouts, when set, replace LANTimeouts.
-	timeouts Timeouts
 }
 
 func newGroup(t *testing.T, n int) *group { return newGroupTLS(t, n, nil, nil) }
@@ -63,7 +61,7 @@ func startGroup(t *testing.T, n int, g *group) *group {
 }
 
 func (g *group) start(id string) {
-	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: g.timeouts == (Timeouts{}), Timeouts: g.timeouts, TLSServer: g.tlsServer, TLSClient: g.tlsClient, boltLog: g.bolt})
+	r, err := Start(Config{ID: id, Bind: g.peers[id], DataDir: g.dirs[id], Peers: g.peers, Fast: true, TLSServer: g.tlsServer, TLSClient: g.tlsClient, boltLog: g.bolt})
 	if err != nil {
 		g.t.Fatalf("starting %s: %v", id, err)
 	}

@@ -74,6 +74,9 @@ func (s *stream) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn,
 func (s *stream) Addr() net.Addr { return s.advertise }
 
 func (s *stream) Close() error {
+	// The listener first: a peer that sees its connection end and asks
+	// whether the port still listens must hear that it does not.
+	err := s.ln.Close()
 	s.mu.Lock()
 	s.closed = true
 	conns := s.conns
@@ -81,9 +84,16 @@ func (s *stream) Close() error {
 	s.mu.Unlock()
 	for c := range conns {
 		c.closing.Store(true)
-		c.Conn.Close()
+		// The socket itself, as a process's end would: closing a TLS
+		// connection first writes its close alert, which a peer that
+		// does not read could hold up for seconds.
+		if tc, ok := c.Conn.(interface{ NetConn() net.Conn }); ok {
+			tc.NetConn().Close()
+		} else {
+			c.Conn.Close()
+		}
 	}
-	return s.ln.Close()
+	return err
 }
 
 func (s *stream) track(c net.Conn, accepted bool) (net.Conn, error) {

@@ -7,6 +7,7 @@ package replica
 import (
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
 	"sync"
 	"time"
@@ -51,6 +52,12 @@ func (h *handshaking) Read(b []byte) (int, error) {
 	})
 	if h.err != nil {
 		h.Conn.Close()
+		// A peer that connected and left without a word (a follower
+		// asking whether this port still listens) is an end of stream,
+		// which Raft does not log as an error.
+		if errors.Is(h.err, io.EOF) {
+			return 0, io.EOF
+		}
 		return 0, h.err
 	}
 	return h.Conn.Read(b)
