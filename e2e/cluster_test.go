@@ -59,8 +59,8 @@ func logsOf(t *testing.T, c *devcluster.Cluster, job string) map[string]string {
 
 // TestPeersByNameAcrossHosts: a gang of three workers, one on each of
 // three hosts, finds every peer's name in the hosts file its release
-// wrote, resolves each from inside its VM and exchanges a greeting with
-// each; then, from inside a worker on every
+// wrote, resolves each (and its own hostname, to its own address) from
+// inside its VM and exchanges a greeting with each; then, from inside a worker on every
 // host, every cluster host's Nomad, Consul, cohort and ssh ports are
 // closed while a host outside the cluster is reached (egress through
 // NAT).
@@ -79,7 +79,7 @@ func TestPeersByNameAcrossHosts(t *testing.T) {
 	for node, l := range logs {
 		// The names come from the hosts file the release wrote (and
 		// the greetings show they are the right addresses).
-		if strings.Count(l, "resolved w") != 3 || strings.Count(l, "hosts file: w") != 3 || strings.Count(l, `got "hello from w`) != 2 {
+		if strings.Count(l, "resolved w") != 3 || strings.Count(l, "hosts file: w") != 3 || strings.Count(l, "own hostname ") != 1 || strings.Count(l, `got "hello from w`) != 2 {
 			t.Errorf("the worker on %s:\n%s", node, l)
 		}
 	}

@@ -39,6 +39,11 @@ func warm(a *proto.Assignment, p *prepared) error {
 	if err := network(a, p); err != nil {
 		return err
 	}
+	if err := writeHosts(a, nil); err != nil {
+		// Names then resolve through DNS alone: worth a word, not a
+		// failed start.
+		fmt.Fprintf(console, "cohort init: %v\n", err)
+	}
 	for _, tag := range a.Mounts {
 		if err := mountShare(tag, p); err != nil {
 			return err
@@ -307,15 +312,15 @@ func correctClock(ns int64) {
 
 const clockSlack = 100 * time.Millisecond
 
-// writeHosts puts the gang's names into /etc/hosts, looked up before DNS
-// (/etc/nsswitch.conf says so: without it, glibc asks DNS first).
-// Names and addresses that are not well formed are left out.
-func writeHosts(hosts []proto.Host) error {
-	if len(hosts) == 0 {
-		return nil
-	}
+// writeHosts writes /etc/hosts: localhost, the VM's own hostname (at its
+// address, so a program that looks up its own name, as MPI launchers and
+// the JVM do, gets the address its peers dial), and the gang's names,
+// which are looked up before DNS (/etc/nsswitch.conf says so: without
+// it, glibc asks DNS first). apply writes it without the gang; the start
+// barrier's release writes it again with it.
+func writeHosts(a *proto.Assignment, gang []proto.Host) error {
 	os.MkdirAll("/etc", 0o755)
-	if err := os.WriteFile("/etc/hosts", hostsFile(hosts), 0o644); err != nil {
+	if err := os.WriteFile("/etc/hosts", hostsFile(a, gang), 0o644); err != nil {
 		return fmt.Errorf("writing /etc/hosts: %w", err)
 	}
 	if err := os.WriteFile("/etc/nsswitch.conf", []byte("hosts: files dns\n"), 0o644); err != nil {
@@ -324,10 +329,20 @@ func writeHosts(hosts []proto.Host) error {
 	return nil
 }
 
-func hostsFile(hosts []proto.Host) []byte {
+// hostsFile is /etc/hosts' text. A VM without a network has its name on
+// 127.0.1.1, as Debian does. Names and addresses that are not well
+// formed are left out.
+func hostsFile(a *proto.Assignment, gang []proto.Host) []byte {
 	var b strings.Builder
-	b.WriteString("127.0.0.1\tlocalhost\n")
-	for _, h := range hosts {
+	b.WriteString("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+	if hostName(a.Hostname) {
+		self := "127.0.1.1"
+		if ip, _, err := net.ParseCIDR(a.Address); err == nil {
+			self = ip.String()
+		}
+		fmt.Fprintf(&b, "%s\t%s\n", self, a.Hostname)
+	}
+	for _, h := range gang {
 		ip := net.ParseIP(h.Address)
 		if ip == nil || !hostName(h.Name) {
 			continue

@@ -39,15 +39,29 @@ func TestUnsentTCP(t *testing.T) {
 }
 
 func TestHostsFile(t *testing.T) {
-	got := string(hostsFile([]proto.Host{
+	gang := []proto.Host{
 		{Name: "w0.sort-sort.service.consul", Address: "10.213.1.2"},
 		{Name: "w1.sort-sort.service.consul", Address: "10.213.2.2"},
 		{Name: "evil\n0.0.0.0 consul", Address: "10.213.2.3"},
 		{Name: "w2.sort-sort.service.consul", Address: "10.213.2.3 extra"},
 		{Name: "w3..consul", Address: "10.213.2.4"},
-	}))
-	want := "127.0.0.1\tlocalhost\n10.213.1.2\tw0.sort-sort.service.consul\n10.213.2.2\tw1.sort-sort.service.consul\n"
-	if got != want {
-		t.Errorf("hosts file:\n%s\nwant:\n%s", got, want)
+	}
+	const local = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+	for _, tc := range []struct {
+		name string
+		a    proto.Assignment
+		gang []proto.Host
+		want string
+	}{
+		{"gang", proto.Assignment{Hostname: "sort-1", Address: "10.213.1.2/24"}, gang,
+			local + "10.213.1.2\tsort-1\n10.213.1.2\tw0.sort-sort.service.consul\n10.213.2.2\tw1.sort-sort.service.consul\n"},
+		{"before the release", proto.Assignment{Hostname: "sort-1", Address: "10.213.1.2/24"}, nil,
+			local + "10.213.1.2\tsort-1\n"},
+		{"no network", proto.Assignment{Hostname: "hello-0"}, nil, local + "127.0.1.1\thello-0\n"},
+		{"bad hostname", proto.Assignment{Hostname: "a b\n1.2.3.4 x", Address: "10.0.0.2/24"}, nil, local},
+	} {
+		if got := string(hostsFile(&tc.a, tc.gang)); got != tc.want {
+			t.Errorf("%s: hosts file:\n%s\nwant:\n%s", tc.name, got, tc.want)
+		}
 	}
 }

@@ -148,7 +148,7 @@ func (g *guest) run() error {
 		released := false
 		for c := range cmds {
 			if c.Kind == proto.CmdRelease {
-				if err := writeHosts(c.Hosts); err != nil {
+				if err := writeHosts(&a, c.Hosts); err != nil {
 					// The names still resolve through DNS.
 					fmt.Fprintf(console, "cohort init: %v\n", err)
 				}

@@ -341,6 +341,14 @@ func peers(port int) error {
 		}
 		fmt.Printf("resolved %s %v\n", w.Name, addrs)
 	}
+	// Its own hostname, as MPI launchers and the JVM look it up: the
+	// address its peers dial.
+	self, _ := os.Hostname()
+	addrs, err := net.LookupHost(self)
+	if err != nil || len(addrs) == 0 || addrs[0] != os.Getenv("COHORT_IP") {
+		return fmt.Errorf("own hostname %q resolves to %v (%v), want COHORT_IP %s", self, addrs, err, os.Getenv("COHORT_IP"))
+	}
+	fmt.Printf("own hostname %s %v\n", self, addrs)
 	l, err := g.Listen(port)
 	if err != nil {
 		return err
