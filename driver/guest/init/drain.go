@@ -38,10 +38,8 @@ func reapAll(limit time.Duration) {
 // peer is gone (another worker's VM that powered off answers nothing) or
 // not reading.
 func drainTCP(limit time.Duration) {
-	const stall = 3 * time.Second
 	deadline := time.Now().Add(limit)
-	least := map[string]uint64{}
-	moved := map[string]time.Time{}
+	d := newDrain(3 * time.Second)
 	wait := time.Millisecond
 	for {
 		now := time.Now()
@@ -52,21 +50,39 @@ func drainTCP(limit time.Duration) {
 				f.Close()
 			}
 		}
-		waiting := 0
-		for k, q := range cur {
-			if l, ok := least[k]; !ok || q < l {
-				least[k], moved[k] = q, now
-			}
-			if now.Sub(moved[k]) < stall {
-				waiting++
-			}
-		}
-		if waiting == 0 || now.After(deadline) {
+		if d.waiting(now, cur) == 0 || now.After(deadline) {
 			return
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 50*time.Millisecond)
 	}
+}
+
+// drain follows connections' queues from one look to the next.
+type drain struct {
+	stall time.Duration
+	least map[string]uint64    // the smallest queue seen
+	moved map[string]time.Time // when it last got smaller (or was first seen)
+}
+
+func newDrain(stall time.Duration) *drain {
+	return &drain{stall: stall, least: map[string]uint64{}, moved: map[string]time.Time{}}
+}
+
+// waiting counts the connections in cur (address -> queued bytes) still
+// worth waiting for at now: those whose queue got smaller, or appeared,
+// less than stall ago.
+func (d *drain) waiting(now time.Time, cur map[string]uint64) int {
+	n := 0
+	for k, q := range cur {
+		if l, ok := d.least[k]; !ok || q < l {
+			d.least[k], d.moved[k] = q, now
+		}
+		if now.Sub(d.moved[k]) < d.stall {
+			n++
+		}
+	}
+	return n
 }
 
 // TCP states in /proc/net/tcp (include/net/tcp_states.h).

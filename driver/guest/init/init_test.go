@@ -3,6 +3,7 @@ package main
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/driver/guest/proto"
 )
@@ -62,6 +63,41 @@ func TestHostsFile(t *testing.T) {
 	} {
 		if got := string(hostsFile(&tc.a, tc.gang)); got != tc.want {
 			t.Errorf("%s: hosts file:\n%s\nwant:\n%s", tc.name, got, tc.want)
+		}
+	}
+}
+
+// A connection is waited for while its queue shrinks, and given up on
+// once it has not shrunk for the stall time (its peer powered off, or
+// does not read); one that appears later is waited for from then.
+func TestDrainWaitsWhileQueuesShrink(t *testing.T) {
+	d := newDrain(3 * time.Second)
+	t0 := time.Unix(1000, 0)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	for _, step := range []struct {
+		at   float64
+		cur  map[string]uint64
+		want int
+	}{
+		{0, map[string]uint64{"a": 900, "b": 50}, 2},
+		{1, map[string]uint64{"a": 600, "b": 50}, 2},
+		{2.9, map[string]uint64{"a": 300, "b": 50}, 2},
+		// b has not moved for 3 s; a shrank at 2.9.
+		{3, map[string]uint64{"a": 300, "b": 50}, 1},
+		// Progress is a queue below its smallest yet: one that grew
+		// back and shrank again, still above it, is not (the programs
+		// have exited; nothing writes into these sockets any more).
+		{5, map[string]uint64{"a": 700, "b": 50}, 1},
+		{5.9, map[string]uint64{"a": 400, "b": 50}, 0},
+		{8.8, map[string]uint64{"a": 400, "b": 50, "c": 10}, 1},
+		{10, map[string]uint64{"a": 400, "b": 50, "c": 9}, 1},
+		{12.9, map[string]uint64{"a": 400, "b": 50, "c": 9}, 1},
+		{13, map[string]uint64{"a": 400, "b": 50, "c": 9}, 0},
+		// Delivered connections drop out of the table.
+		{14, map[string]uint64{}, 0},
+	} {
+		if got := d.waiting(at(step.at), step.cur); got != step.want {
+			t.Errorf("at %.1fs: waiting for %d connections, want %d", step.at, got, step.want)
 		}
 	}
 }
