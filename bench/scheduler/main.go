@@ -19,9 +19,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
+	nomadapi "github.com/hashicorp/nomad/api"
 )
 
 // dirs are the replicas' data directories, removed at exit.
@@ -68,6 +70,7 @@ type figures struct {
 	cmdsPerEntry     float64
 	entryMs          float64 // wall time per Raft entry while admitting
 	inventoryKiB1000 float64
+	serverInvMs      float64 // the server's inventory work for one admission
 }
 
 func run() error {
@@ -107,6 +110,7 @@ func run() error {
 		fmt.Printf("commands_per_entry_%d=%.1f\n", n, f.cmdsPerEntry)
 		fmt.Printf("raft_entry_ms_%d=%.2f\n", n, f.entryMs)
 		fmt.Printf("inventory_kib_per_1000_nodes_%d=%.0f\n", n, f.inventoryKiB1000)
+		fmt.Printf("server_admit_inventory_ms_%d=%.2f\n", n, f.serverInvMs)
 	}
 	goal := func(name string, ok bool) {
 		v := "missed"
@@ -119,6 +123,9 @@ func run() error {
 		r := b.noraft / a.noraft
 		fmt.Printf("scale_5k_to_50k=%.2f\n", r)
 		goal("scale_5k_to_50k_ge_0.5", r >= 0.5)
+	}
+	if a, b := byN[5000], byN[50000]; a.serverInvMs > 0 && b.serverInvMs > 0 {
+		fmt.Printf("server_admit_inventory_5k_to_50k=%.1fx\n", b.serverInvMs/a.serverInvMs)
 	}
 	if f, ok := byN[20000]; ok {
 		goal("placements_ge_100000_per_s_20k", f.perS >= 100000)
@@ -170,6 +177,7 @@ func runSize(n int, profile bool) (figures, error) {
 	inv := placement.NewInventory(nodes)
 	runtime.ReadMemStats(&after)
 	f.inventoryKiB1000 = float64(after.TotalAlloc-before.TotalAlloc) / 1024 / (float64(n) / 1000)
+	f.serverInvMs = serverInventoryMs(n)
 
 	// Without Raft: placement alone, one gang after another, until the
 	// cluster is three quarters full; then every gang is released. The
@@ -407,4 +415,42 @@ func group() ([]*replica.Replica, func() *replica.Replica, error) {
 		}
 		return l
 	}, nil
+}
+
+// serverInventoryMs is the median time, over a few admissions, of the
+// inventory work cohort server does for each admission today: the free
+// nodes computed from its copy of Nomad's node and allocation lists
+// (here 4 allocations per node), what gangs hold subtracted, and one
+// placement over the result. It grows with the cluster: the placements
+// above measure the replicated state machine and the indexed inventory,
+// which the server's admission path does not use yet.
+func serverInventoryMs(n int) float64 {
+	nodes := make([]*nomadapi.NodeListStub, n)
+	for i := range nodes {
+		nodes[i] = &nomadapi.NodeListStub{
+			ID: fmt.Sprintf("node-%06d", i), Datacenter: "dc1", NodePool: "default", Status: "ready", SchedulingEligibility: "eligible",
+			NodeResources: &nomadapi.NodeResources{Cpu: nomadapi.NodeCpuResources{CpuShares: 32000}, Memory: nomadapi.NodeMemoryResources{MemoryMB: 131072}},
+		}
+	}
+	allocs := make([]*nomadapi.AllocationListStub, 4*n)
+	for i := range allocs {
+		allocs[i] = &nomadapi.AllocationListStub{
+			ID: fmt.Sprintf("alloc-%07d", i), JobID: fmt.Sprintf("job-%d", i/8), NodeID: nodes[i%n].ID,
+			ClientStatus: "running", DesiredStatus: "run",
+			AllocatedResources: &nomadapi.AllocatedResources{Tasks: map[string]*nomadapi.AllocatedTaskResources{
+				"t": {Cpu: nomadapi.AllocatedCpuResources{CpuShares: 1000}, Memory: nomadapi.AllocatedMemoryResources{MemoryMB: 2048}},
+			}},
+		}
+	}
+	var ms []float64
+	for i := range 5 {
+		t0 := time.Now()
+		free := nomad.FreeNodes(nodes, allocs, map[string]bool{})
+		if _, ok := placement.Place(placement.Subtract(free, nil), gang(i)); !ok {
+			return 0
+		}
+		ms = append(ms, float64(time.Since(t0).Microseconds())/1000)
+	}
+	sort.Float64s(ms)
+	return ms[len(ms)/2]
 }
