@@ -707,9 +707,18 @@ func hostname(cfg *drivers.TaskConfig) string {
 	}
 	if idx != "" {
 		h := strings.Trim(runDirName.ReplaceAllString(strings.ToLower(group), "-"), "-")
+		// A name that starts with a letter, so glibc and the JVM do not
+		// read it as an IPv4 address; one DNS label (63 bytes), so it
+		// resolves from the hosts file.
+		if h == "" || h[0] < 'a' || h[0] > 'z' {
+			h = "w" + h
+		}
+		h = strings.TrimRight(h[:min(len(h), max(1, 62-len(idx)))], "-")
 		return h + "-" + idx
 	}
-	return cfg.AllocID[:8]
+	// An allocation ID's first 8 hex digits are all decimal one time in
+	// 43: "alloc-" keeps the name a name.
+	return "alloc-" + cfg.AllocID[:8]
 }
 
 // guestEnv is the task's environment with the task directories at their

@@ -264,3 +264,33 @@ func TestGangHosts(t *testing.T) {
 		t.Errorf("hosts from a bad COHORT_PEERS: %+v", h)
 	}
 }
+
+// A worker's hostname is one DNS label that starts with a letter: the
+// hosts file only takes such names, and glibc reads an all-digit name as
+// an IPv4 address.
+func TestHostname(t *testing.T) {
+	long := strings.Repeat("x", 80)
+	for _, tc := range []struct {
+		group, rank, alloc string
+		want               string
+	}{
+		{"sort", "3", "", "sort-3"},
+		{"My_Group.A", "0", "", "my-group-a-0"},
+		{"7zip", "1", "", "w7zip-1"},
+		{"--", "2", "", "w-2"},
+		{long, "12", "", strings.Repeat("x", 60) + "-12"},
+		{"", "", "12345678-aaaa-bbbb", "alloc-12345678"},
+	} {
+		cfg := &drivers.TaskConfig{AllocID: tc.alloc, Env: map[string]string{}}
+		if tc.rank != "" {
+			cfg.Env[jobspec.EnvGroup], cfg.Env[jobspec.EnvRank] = tc.group, tc.rank
+		}
+		got := hostname(cfg)
+		if got != tc.want {
+			t.Errorf("hostname(group %q, rank %q) = %q, want %q", tc.group, tc.rank, got, tc.want)
+		}
+		if len(got) > 63 || got[0] < 'a' || got[0] > 'z' {
+			t.Errorf("hostname %q is not one label starting with a letter", got)
+		}
+	}
+}

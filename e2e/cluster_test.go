@@ -79,7 +79,7 @@ func TestPeersByNameAcrossHosts(t *testing.T) {
 	for node, l := range logs {
 		// The names come from the hosts file the release wrote (and
 		// the greetings show they are the right addresses).
-		if strings.Count(l, "resolved w") != 3 || strings.Count(l, "hosts file: w") != 3 || strings.Count(l, "own hostname ") != 1 || strings.Count(l, `got "hello from w`) != 2 {
+		if strings.Count(l, "resolved w") != 3 || strings.Count(l, "hosts file: w") != 3 || strings.Count(l, "own hostname w-") != 1 || strings.Count(l, `got "hello from w`) != 2 {
 			t.Errorf("the worker on %s:\n%s", node, l)
 		}
 	}

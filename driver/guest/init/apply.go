@@ -39,11 +39,6 @@ func warm(a *proto.Assignment, p *prepared) error {
 	if err := network(a, p); err != nil {
 		return err
 	}
-	if err := writeHosts(a, nil); err != nil {
-		// Names then resolve through DNS alone: worth a word, not a
-		// failed start.
-		fmt.Fprintf(console, "cohort init: %v\n", err)
-	}
 	for _, tag := range a.Mounts {
 		if err := mountShare(tag, p); err != nil {
 			return err
@@ -74,6 +69,11 @@ func apply(a *proto.Assignment, p *prepared) error {
 	}
 	if err := network(a, p); err != nil {
 		return err
+	}
+	if err := writeHosts(a, nil); err != nil {
+		// Names then resolve through DNS alone: worth a word, not a
+		// failed start.
+		fmt.Fprintf(console, "cohort init: %v\n", err)
 	}
 	for _, tag := range a.Mounts {
 		dst := "/" + tag

@@ -57,6 +57,21 @@ func Conformance(t *testing.T, b vm.Backend) {
 		}
 	})
 
+	// A program that looks up its own hostname finds it in the hosts
+	// file written at assignment, without a barrier or a network
+	// (127.0.1.1, as Debian gives it).
+	t.Run("OwnHostnameResolves", func(t *testing.T) {
+		spec := Spec(t, a, accel)
+		m, err := b.Boot(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		Run(t, m, Assignment("w0", "released", "w0"))
+		if out := ReadFile(t, spec.Stdout); !strings.Contains(out, "resolved w0 [127.0.1.1] <nil>") {
+			t.Errorf("the program did not find its own hostname:\n%s", out)
+		}
+	})
+
 	for _, reconnect := range []bool{false, true} {
 		// A new control connection, as after a restart of the driver
 		// plugin, still reaches the guest.
