@@ -14,6 +14,7 @@ package replica
 // one election, not an entry.
 
 import (
+	"context"
 	"errors"
 	"net"
 	"slices"
@@ -36,6 +37,10 @@ const (
 	// one stands at a time; the next stands only if the one before it
 	// has not won (its log was behind, or it is down too).
 	standStep = 100 * time.Millisecond
+	// standPatience bounds how long a later follower waits for an
+	// election under way to produce a leader or go quiet; after it, the
+	// heartbeat timeout decides.
+	standPatience = time.Second
 )
 
 func (r *Replica) watchLeader(gone <-chan struct{}) {
@@ -91,7 +96,10 @@ func (r *Replica) leaderMaybeGone() {
 	}
 	r.log.Info("the leader's Raft port refuses connections; standing for election", "leader", string(id))
 	// Raft starts an election at once when told to by a TimeoutNow; the
-	// follower sends it to itself, through its own transport.
+	// follower sends it to itself, through its own transport. Raft acts
+	// on it in whatever state it reads it in: the checks above run just
+	// before, so what could change in between is what a self-dial's few
+	// milliseconds allow.
 	self := r.trans.LocalAddr()
 	req := &raft.TimeoutNowRequest{RPCHeader: raft.RPCHeader{
 		ProtocolVersion: raft.ProtocolVersionMax,
@@ -125,7 +133,7 @@ func (r *Replica) refusedWhileLeading(id raft.ServerID, addr string) bool {
 		if _, cur := r.raft.LeaderWithID(); cur != id {
 			return false
 		}
-		gone := refuses(addr)
+		gone := r.refuses(addr)
 		r.probes.Add(1)
 		if gone {
 			return true
@@ -145,17 +153,38 @@ var probeBackoff = []time.Duration{0, 20 * time.Millisecond, 50 * time.Milliseco
 // of the leader tells it enough: a new leader's first message names it,
 // and a vote request of a newer term clears the leader it knew.
 //   - The dead leader still known: no election has begun; stand.
+//   - Another leader known: it won; leave it.
 //   - None known: an election has begun. The first in the order leaves it
 //     alone (after a planned hand-over it is the successor's, and the
 //     successor may simply not have been heard from yet). A later one
-//     stands, since a full step has passed without a leader: commonly the
-//     one before it stood with a log that was behind, and lost.
+//     waits until nobody has contacted it for a full step: Raft counts a
+//     vote this server granted as contact, and a leader's messages, but
+//     not a vote it refused. So it stands when the one before it stood
+//     with a log behind and lost (this server refused it), and not while
+//     the candidate it voted for is still making itself known.
 func (r *Replica) mayStand(dead raft.ServerID, rank int) bool {
-	if r.raft.State() != raft.Follower {
-		return false
+	deadline := time.Now().Add(standPatience)
+	for {
+		if r.raft.State() != raft.Follower {
+			return false
+		}
+		_, cur := r.raft.LeaderWithID()
+		switch {
+		case cur == dead:
+			return true
+		case cur != "" || rank == 0:
+			return false
+		case time.Since(r.raft.LastContact()) >= standStep:
+			return true
+		case time.Now().After(deadline):
+			return false
+		}
+		select {
+		case <-r.stop:
+			return false
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
-	_, cur := r.raft.LeaderWithID()
-	return cur == dead || (cur == "" && rank > 0)
 }
 
 // standOrder says where a follower stands in the order of those that
@@ -175,8 +204,12 @@ func standOrder(servers []raft.Server, dead, self string) (rank int, ok bool) {
 
 // refuses reports whether nothing listens at addr any more: the host
 // answered, and refused.
-func refuses(addr string) bool {
-	c, err := net.DialTimeout("tcp", addr, probeTimeout)
+func (r *Replica) refuses(addr string) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+	defer cancel()
+	stop := context.AfterFunc(r.stopCtx, cancel)
+	defer stop()
+	c, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	if err == nil {
 		c.Close()
 		return false

@@ -3,6 +3,7 @@ package replica
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -84,14 +85,7 @@ func (s *stream) Close() error {
 	s.mu.Unlock()
 	for c := range conns {
 		c.closing.Store(true)
-		// The socket itself, as a process's end would: closing a TLS
-		// connection first writes its close alert, which a peer that
-		// does not read could hold up for seconds.
-		if tc, ok := c.Conn.(interface{ NetConn() net.Conn }); ok {
-			tc.NetConn().Close()
-		} else {
-			c.Conn.Close()
-		}
+		closeSocket(c.Conn)
 	}
 	return err
 }
@@ -99,13 +93,28 @@ func (s *stream) Close() error {
 func (s *stream) track(c net.Conn, accepted bool) (net.Conn, error) {
 	w := &watchedConn{Conn: c, s: s, accepted: accepted}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		c.Close()
+	closed := s.closed
+	if !closed {
+		s.conns[w] = struct{}{}
+	}
+	s.mu.Unlock()
+	if closed {
+		w.closing.Store(true)
+		closeSocket(c)
 		return nil, net.ErrClosed
 	}
-	s.conns[w] = struct{}{}
 	return w, nil
+}
+
+// closeSocket closes a connection's socket, as a process's end would:
+// closing a TLS connection first writes its close alert, which a peer
+// that does not read could hold up for seconds.
+func closeSocket(c net.Conn) {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		tc.NetConn().Close()
+		return
+	}
+	c.Close()
 }
 
 func (s *stream) forget(w *watchedConn) {
@@ -133,7 +142,12 @@ func (w *watchedConn) Read(b []byte) (int, error) {
 	if n > 0 {
 		w.carried.Store(true)
 	}
-	if err != nil && w.accepted && w.carried.Load() && !w.closing.Load() && !errors.Is(err, net.ErrClosed) && !isTimeout(err) {
+	if err != nil && w.closing.Load() {
+		// Closed here: the end of the stream, which Raft's transport
+		// does not log as an error.
+		return n, io.EOF
+	}
+	if err != nil && w.accepted && w.carried.Load() && !errors.Is(err, net.ErrClosed) && !isTimeout(err) {
 		w.once.Do(func() {
 			select {
 			case w.s.peerGone <- struct{}{}:
