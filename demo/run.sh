@@ -91,14 +91,25 @@ echo "==> cohort bill sort"
 "$cohort" bill sort | tail -4
 echo "  ..."
 
+# explain prints what each worker said on stderr, for a sort that failed:
+# a worker that waits for a peer says for whom every 30 s.
+explain() {
+  echo "==> the workers' stderr (last lines)" >&2
+  for id in $("$nomad" job allocs -t '{{range .}}{{.ID}} {{end}}' sort); do
+    echo "  -- allocation $id" >&2
+    "$nomad" alloc logs -stderr "$id" worker 2>&1 | tail -n 15 | sed 's/^/  /' >&2
+  done
+}
+
 # A verified sort whose workers did not all exit by themselves (the gang
 # ended at max_runtime, say) is a failure too.
 reason=$("$cohort" status -json sort 2>/dev/null | sed -n 's/^  "Reason": "\(.*\)",*$/\1/p')
 if [ "$reason" != "every worker exited" ]; then
+  explain
   echo "demo: the sort's gang ended with \"${reason:-?}\", not with every worker exiting" >&2
   exit 1
 fi
 case "$verdict" in
   *VERIFIED*) echo; echo "demo: the sort was verified in $(( ended - running )) ms of running" ;;
-  *) echo "demo: the sort was not verified: ${verdict:-no report from rank 0}" >&2; exit 1 ;;
+  *) explain; echo "demo: the sort was not verified: ${verdict:-no report from rank 0}" >&2; exit 1 ;;
 esac

@@ -34,6 +34,9 @@ import (
 const (
 	recordSize = 100
 	keySize    = 10
+	// progressEvery spaces the words on stderr of a worker that waits
+	// for a peer.
+	progressEvery = 30 * time.Second
 )
 
 var (
@@ -202,12 +205,20 @@ func sendReport(ctx context.Context, g *sdk.Gang, rep report) error {
 func deliver(ctx context.Context, g *sdk.Gang, to sdk.Worker, port int, write func(net.Conn) error) error {
 	reached := false
 	for {
-		dctx, cancel := ctx, context.CancelFunc(func() {})
+		// Until the peer is first reached, each round of dialling ends
+		// after progressEvery with a word on stderr, so a sort that
+		// hangs here says where.
+		wait := progressEvery
 		if reached {
-			dctx, cancel = context.WithTimeout(ctx, *ackWait)
+			wait = *ackWait
 		}
+		dctx, cancel := context.WithTimeout(ctx, wait)
 		c, err := g.Dial(dctx, to.Group, to.Rank, port)
 		cancel()
+		if err != nil && !reached && ctx.Err() == nil {
+			fmt.Fprintf(os.Stderr, "sort: %s not reached in %s (%v); still trying\n", to.Name, wait, err)
+			continue
+		}
 		if err != nil && reached && ctx.Err() == nil {
 			// Tried for ackWait and never connected: refused (the peer
 			// closed its listener), unreachable or silent (its VM is
@@ -273,10 +284,22 @@ func verify(ctx context.Context, g *sdk.Gang, w int, own report, start time.Time
 		}
 	})
 	byRank := map[int]report{0: own}
+	// A report that does not come is said on stderr, with who is
+	// missing, so a sort that hangs here says where.
+	waiting := time.NewTicker(progressEvery)
+	defer waiting.Stop()
 	for len(byRank) < w {
 		select {
 		case r := <-arrived:
 			byRank[r.Rank] = r
+		case <-waiting.C:
+			var missing []int
+			for r := 1; r < w; r++ {
+				if _, ok := byRank[r]; !ok {
+					missing = append(missing, r)
+				}
+			}
+			fmt.Fprintf(os.Stderr, "sort: waiting for the reports of ranks %v\n", missing)
 		case <-ctx.Done():
 			return fmt.Errorf("collecting reports: %d of %d: %w", len(byRank), w, ctx.Err())
 		}
