@@ -383,8 +383,15 @@ func splitmix(s *uint64) uint64 {
 func serveEach(l net.Listener, handle func(net.Conn)) {
 	for {
 		c, err := l.Accept()
-		if err != nil {
+		if errors.Is(err, net.ErrClosed) {
 			return
+		}
+		if err != nil {
+			// Out of descriptors or buffers, for a while: the senders
+			// wait for us, so keep accepting, and say why.
+			fmt.Fprintf(os.Stderr, "sort: accepting a connection: %v\n", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
 		}
 		go func() {
 			defer c.Close()
