@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -39,6 +40,17 @@ type cluster struct {
 	// allocations.
 	jobIndex map[string]uint64
 
+	// onNode is every allocation of the copy by node and ID, and jobNodes
+	// counts each job's allocations by node: one node's free capacity is
+	// computed from its own allocations, and a job's by where it has any.
+	onNode   map[string]map[string]*api.AllocationListStub
+	jobNodes map[string]map[string]int
+
+	// gen names this copy, and changed lists the nodes changed in it
+	// (their node or one of their allocations), in order, for Changed.
+	gen     uint64
+	changed []string
+
 	nodeList  []*api.NodeListStub
 	allocList []*api.AllocationListStub
 	stale     bool
@@ -48,18 +60,167 @@ type cluster struct {
 	unsure bool
 }
 
+// gens numbers copies and their restarted change logs, so that a cursor
+// into one is never taken for a cursor into another.
+var gens atomic.Uint64
+
 func newCluster(nodes []*api.NodeListStub, allocs []*api.AllocationListStub) *cluster {
 	c := &cluster{nodes: make(map[string]*api.NodeListStub, len(nodes)), allocs: make(map[string]*api.AllocationListStub, len(allocs)),
-		jobIndex: map[string]uint64{}, nodeList: nodes, allocList: allocs}
+		jobIndex: map[string]uint64{}, onNode: make(map[string]map[string]*api.AllocationListStub, len(nodes)),
+		jobNodes: map[string]map[string]int{}, gen: gens.Add(1), nodeList: nodes, allocList: allocs}
 	for _, n := range nodes {
 		c.nodes[n.ID] = n
 	}
 	for _, a := range allocs {
 		c.allocs[a.ID] = a
+		c.file(a)
 		k := placement.Key(a.Namespace, a.JobID)
 		c.jobIndex[k] = max(c.jobIndex[k], a.ModifyIndex)
 	}
 	return c
+}
+
+// file adds a new allocation to the by-node indexes.
+func (c *cluster) file(a *api.AllocationListStub) {
+	m := c.onNode[a.NodeID]
+	if m == nil {
+		m = map[string]*api.AllocationListStub{}
+		c.onNode[a.NodeID] = m
+	}
+	m[a.ID] = a
+	k := placement.Key(a.Namespace, a.JobID)
+	jn := c.jobNodes[k]
+	if jn == nil {
+		jn = map[string]int{}
+		c.jobNodes[k] = jn
+	}
+	jn[a.NodeID]++
+}
+
+// unfile takes an allocation out of the by-node indexes.
+func (c *cluster) unfile(a *api.AllocationListStub) {
+	if m := c.onNode[a.NodeID]; m != nil {
+		delete(m, a.ID)
+		if len(m) == 0 {
+			delete(c.onNode, a.NodeID)
+		}
+	}
+	k := placement.Key(a.Namespace, a.JobID)
+	if jn := c.jobNodes[k]; jn != nil {
+		if jn[a.NodeID]--; jn[a.NodeID] <= 0 {
+			delete(jn, a.NodeID)
+		}
+		if len(jn) == 0 {
+			delete(c.jobNodes, k)
+		}
+	}
+}
+
+// touch logs a node as changed. A log grown past the cluster's size is
+// restarted under a new generation: a reader that far behind reads the
+// whole inventory again, which costs what reading the log would.
+func (c *cluster) touch(node string) {
+	if len(c.changed) >= 1024+len(c.nodes) {
+		c.gen, c.changed = gens.Add(1), c.changed[:0]
+	}
+	c.changed = append(c.changed, node)
+}
+
+// Cursor is a reader's place in the copy's change log (see Changed); the
+// zero Cursor is before any copy.
+type Cursor struct{ Gen, Seq uint64 }
+
+// changes lists the nodes changed since the cursor, with duplicates; all
+// says the cursor is not into this copy's current log.
+func (c *cluster) changes(since Cursor) ([]string, Cursor, bool) {
+	now := Cursor{Gen: c.gen, Seq: uint64(len(c.changed))}
+	if since.Gen != c.gen || since.Seq > now.Seq {
+		return nil, now, true
+	}
+	return c.changed[since.Seq:], now, false
+}
+
+// changedFree is Client.Changed on this copy.
+func (c *cluster) changedFree(since Cursor, nodes, jobs []string, skip func(key string) bool) (map[string]placement.Node, Cursor, bool) {
+	changed, next, all := c.changes(since)
+	if all {
+		return nil, next, true
+	}
+	free := map[string]placement.Node{}
+	add := func(id string) {
+		if _, done := free[id]; done {
+			return
+		}
+		pn, _ := c.free(id, skip) // the zero Node when unusable
+		free[id] = pn
+	}
+	for _, l := range [][]string{changed, nodes} {
+		for _, id := range l {
+			add(id)
+		}
+	}
+	for _, k := range jobs {
+		for id := range c.jobNodes[k] {
+			add(id)
+		}
+	}
+	return free, next, false
+}
+
+// Copy is a copy of Nomad's nodes and allocations kept by their events, as
+// the watcher keeps one, for replaying events without a Nomad (the
+// scheduler bench does).
+type Copy struct {
+	mu sync.Mutex
+	c  *cluster
+}
+
+// NewCopy starts a copy from the node and allocation lists.
+func NewCopy(nodes []*api.NodeListStub, allocs []*api.AllocationListStub) *Copy {
+	return &Copy{c: newCluster(nodes, allocs)}
+}
+
+// Apply applies one event of the Node or Allocation topic.
+func (c *Copy) Apply(e *api.Event) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, err := c.c.apply(e)
+	return err
+}
+
+// Inventory is Client.Inventory on the copy.
+func (c *Copy) Inventory(skip map[string]bool) ([]placement.Node, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, a := c.c.lists()
+	return FreeNodes(n, a, skip), nil
+}
+
+// Changed is Client.Changed on the copy.
+func (c *Copy) Changed(since Cursor, nodes, jobs []string, skip func(key string) bool) (map[string]placement.Node, Cursor, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.c.changedFree(since, nodes, jobs, skip)
+}
+
+// free is one node's free capacity, as FreeNodes computes it, without the
+// allocations of the jobs skip names; false if the node is gone or
+// placement may not use it.
+func (c *cluster) free(id string, skip func(key string) bool) (placement.Node, bool) {
+	n := c.nodes[id]
+	if n == nil {
+		return placement.Node{}, false
+	}
+	pn, ok := nodeCapacity(n)
+	if !ok {
+		return pn, false
+	}
+	for _, a := range c.onNode[id] {
+		if skip == nil || !skip(placement.Key(a.Namespace, a.JobID)) {
+			takeAlloc(&pn, a)
+		}
+	}
+	return pn, true
 }
 
 // lists are the node and allocation lists as Nomad's list endpoints would
@@ -99,6 +260,7 @@ func (c *cluster) apply(e *api.Event) (bool, error) {
 		} else {
 			c.nodes[n.ID] = nodeStub(n)
 		}
+		c.touch(n.ID)
 	case api.TopicAllocation:
 		var a *api.Allocation
 		if err := payload(e, "Allocation", &a); err != nil || a == nil {
@@ -121,7 +283,15 @@ func (c *cluster) apply(e *api.Event) (bool, error) {
 		} else if s.AllocatedResources == nil && !terminal(s) {
 			c.unsure = true
 		}
+		if ok {
+			c.unfile(old)
+			if old.NodeID != s.NodeID {
+				c.touch(old.NodeID)
+			}
+		}
 		c.allocs[a.ID] = s
+		c.file(s)
+		c.touch(s.NodeID)
 		k := placement.Key(a.Namespace, a.JobID)
 		c.jobIndex[k] = max(c.jobIndex[k], a.ModifyIndex)
 	default:

@@ -3,6 +3,7 @@ package nomad
 import (
 	"encoding/json"
 	"fmt"
+	"math/rand"
 	"reflect"
 	"sort"
 	"testing"
@@ -190,4 +191,151 @@ func BenchmarkChange(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestChangedFollowsTheCopy applies random node and allocation events to
+// a copy and checks, after each, what a reader kept by Changed relies on:
+// every node whose free capacity moved is in the change log since the
+// reader's cursor, and one node's free capacity computed from its own
+// allocations, with any set of jobs left out, is what FreeNodes computes
+// from both lists whole.
+func TestChangedFollowsTheCopy(t *testing.T) {
+	r := rand.New(rand.NewSource(5))
+	for iter := 0; iter < 30; iter++ {
+		var ns []*api.NodeListStub
+		for i := 0; i < 1+r.Intn(6); i++ {
+			ns = append(ns, stubNode(fmt.Sprintf("n%d", i), "ready", 4000, 8192))
+		}
+		c := newCluster(ns, nil)
+		byID := func(skip map[string]bool) map[string]string {
+			nl, al := c.lists()
+			out := map[string]string{}
+			for _, f := range FreeNodes(nl, al, skip) {
+				out[f.ID] = fmt.Sprintf("%+v", f)
+			}
+			return out
+		}
+		_, cur, _ := c.changes(Cursor{})
+		index := uint64(100)
+		allocs := map[string]*api.AllocationListStub{}
+		for step := 0; step < 60; step++ {
+			before := byID(nil)
+			index++
+			node := fmt.Sprintf("n%d", r.Intn(8))
+			switch op := r.Intn(6); {
+			case op == 0:
+				n := stubNode(node, []string{"ready", "ready", "down"}[r.Intn(3)], int64(2000*(1+r.Intn(3))), 8192)
+				n.ModifyIndex = index
+				typ := "NodeRegistration"
+				if r.Intn(4) == 0 {
+					typ = "NodeDeregistration"
+				}
+				if _, err := c.apply(event(t, typ, index, fullNode(n))); err != nil {
+					t.Fatal(err)
+				}
+			case op < 4 || len(allocs) == 0:
+				a := stubAlloc(fmt.Sprintf("job%d", r.Intn(4)), node, "running", "run", 500, 512)
+				a.ID, a.ModifyIndex = fmt.Sprintf("a%d", step), index
+				allocs[a.ID] = a
+				if _, err := c.apply(event(t, "AllocationUpdated", index, fullAlloc(a))); err != nil {
+					t.Fatal(err)
+				}
+			default:
+				var a *api.AllocationListStub
+				for _, x := range allocs {
+					a = x
+					break
+				}
+				ended := *a
+				ended.ClientStatus, ended.DesiredStatus, ended.ModifyIndex = []string{"complete", "running", "failed"}[r.Intn(3)], "stop", index
+				if _, err := c.apply(event(t, "AllocationUpdated", index, fullAlloc(&ended))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			after := byID(nil)
+			changed, next, all := c.changes(cur)
+			if all {
+				t.Fatalf("iter %d step %d: the log restarted under a reader one event behind", iter, step)
+			}
+			in := map[string]bool{}
+			for _, id := range changed {
+				in[id] = true
+			}
+			for id := range mergeKeys(before, after) {
+				if before[id] != after[id] && !in[id] {
+					t.Fatalf("iter %d step %d: node %s changed (%s → %s) but is not in the log %v", iter, step, id, before[id], after[id], changed)
+				}
+			}
+			cur = next
+			skip := map[string]bool{}
+			for j := 0; j < 4; j++ {
+				if r.Intn(2) == 0 {
+					skip[fmt.Sprintf("job%d", j)] = true
+				}
+			}
+			whole := byID(skip)
+			for i := 0; i < 8; i++ {
+				id := fmt.Sprintf("n%d", i)
+				pn, ok := c.free(id, func(k string) bool { return skip[k] })
+				got := ""
+				if ok {
+					got = fmt.Sprintf("%+v", pn)
+				}
+				if got != whole[id] {
+					t.Fatalf("iter %d step %d: node %s alone %q, from the lists %q", iter, step, id, got, whole[id])
+				}
+			}
+			for j := 0; j < 4; j++ {
+				k := fmt.Sprintf("job%d", j)
+				want := map[string]bool{}
+				for _, a := range c.allocs {
+					if a.JobID == k {
+						want[a.NodeID] = true
+					}
+				}
+				got := map[string]bool{}
+				for id := range c.jobNodes[k] {
+					got[id] = true
+				}
+				if !reflect.DeepEqual(got, want) && len(got)+len(want) > 0 {
+					t.Fatalf("iter %d step %d: job %s on %v, its allocations on %v", iter, step, k, got, want)
+				}
+			}
+		}
+	}
+}
+
+func mergeKeys(a, b map[string]string) map[string]bool {
+	out := map[string]bool{}
+	for k := range a {
+		out[k] = true
+	}
+	for k := range b {
+		out[k] = true
+	}
+	return out
+}
+
+// TestChangeLogRestarts: a log grown past the cluster's size starts over
+// under a new generation, and a reader behind it is told to read all.
+func TestChangeLogRestarts(t *testing.T) {
+	c := newCluster([]*api.NodeListStub{stubNode("n1", "ready", 4000, 8192)}, nil)
+	_, cur, _ := c.changes(Cursor{})
+	for i := 0; i < 2000; i++ {
+		n := stubNode("n1", "ready", int64(4000+i), 8192)
+		n.ModifyIndex = uint64(i + 1)
+		if _, err := c.apply(event(t, "NodeUpdate", n.ModifyIndex, fullNode(n))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, all := c.changes(cur); !all {
+		t.Fatal("a reader 2,000 changes behind on a one-node cluster was not told to read all")
+	}
+	if len(c.changed) > 1025 {
+		t.Fatalf("the log holds %d entries for one node", len(c.changed))
+	}
+	_, now, _ := c.changes(Cursor{})
+	if got, _, all := c.changes(now); all || len(got) != 0 {
+		t.Fatalf("a current reader: %v, all %v", got, all)
+	}
 }

@@ -267,6 +267,27 @@ func (c *Client) Inventory(skip map[string]bool) ([]placement.Node, error) {
 	return FreeNodes(nodes, allocs, skip), nil
 }
 
+// Changed is the incremental form of Inventory: the free capacity of
+// every node changed since the cursor, of the nodes named, and of every
+// node where a job named has allocations, computed without the
+// allocations of the jobs skip names; a node that is gone, or that
+// placement may not use, maps to the zero Node. It returns the cursor to
+// ask from next. all says the caller must read the whole Inventory again
+// (the cursor is from another copy, or no watcher keeps one): the cursor
+// returned is then the one to ask from after that read.
+//
+// It computes under the copy's lock, which the event stream's reader
+// waits for: a gang of many workers costs one node's allocations per
+// worker there, which is short next to decoding the events themselves.
+func (c *Client) Changed(since Cursor, nodes, jobs []string, skip func(key string) bool) (free map[string]placement.Node, next Cursor, all bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.watching || c.cluster == nil {
+		return nil, Cursor{}, true
+	}
+	return c.cluster.changedFree(since, nodes, jobs, skip)
+}
+
 // Capacity lists ready, eligible nodes as if no allocation ran on them:
 // what a job can at most ever get.
 func (c *Client) Capacity() ([]placement.Node, error) {
@@ -284,62 +305,81 @@ func FreeNodes(nodes []*api.NodeListStub, allocs []*api.AllocationListStub, skip
 	idx := map[string]int{}
 	var out []placement.Node
 	for _, n := range nodes {
-		if n.Status != "ready" || n.Drain || n.SchedulingEligibility != "eligible" {
+		pn, ok := nodeCapacity(n)
+		if !ok {
 			continue
-		}
-		pn := placement.Node{ID: n.ID, Datacenter: n.Datacenter, Pool: n.NodePool, Devices: map[string]int{}}
-		if r := n.NodeResources; r != nil {
-			pn.CPU = int(r.Cpu.CpuShares)
-			pn.MemoryMB = int(r.Memory.MemoryMB)
-			for _, d := range r.Devices {
-				healthy := 0
-				for _, inst := range d.Instances {
-					if inst.Healthy {
-						healthy++
-					}
-				}
-				kind := deviceKind(d.Vendor, d.Type, d.Name)
-				pn.Devices[kind] += healthy
-				if len(d.Attributes) > 0 {
-					if pn.DeviceAttrs == nil {
-						pn.DeviceAttrs = map[string]map[string]*psstructs.Attribute{}
-					}
-					attrs := make(map[string]*psstructs.Attribute, len(d.Attributes))
-					for k, a := range d.Attributes {
-						if a != nil {
-							attrs[k] = &psstructs.Attribute{Float: a.FloatVal, Int: a.IntVal, String: a.StringVal, Bool: a.BoolVal, Unit: a.Unit}
-						}
-					}
-					pn.DeviceAttrs[kind] = attrs
-				}
-			}
-		}
-		if r := n.ReservedResources; r != nil {
-			pn.CPU -= int(r.Cpu.CpuShares)
-			pn.MemoryMB -= int(r.Memory.MemoryMB)
 		}
 		idx[n.ID] = len(out)
 		out = append(out, pn)
 	}
 	for _, a := range allocs {
 		i, ok := idx[a.NodeID]
-		if !ok || skip[placement.Key(a.Namespace, a.JobID)] || a.AllocatedResources == nil || terminal(a) {
+		if !ok || skip[placement.Key(a.Namespace, a.JobID)] {
 			continue
 		}
-		pn := &out[i]
-		// The list does not say which tasks are prestart ones, which
-		// Nomad counts as the larger of them and the main tasks; summing
-		// every task overstates what other jobs hold, never understates.
-		for _, t := range a.AllocatedResources.Tasks {
-			pn.CPU -= int(t.Cpu.CpuShares)
-			pn.MemoryMB -= int(t.Memory.MemoryMB)
-			for _, d := range t.Devices {
-				pn.Devices[deviceKind(d.Vendor, d.Type, d.Name)] -= len(d.DeviceIDs)
-			}
-		}
+		takeAlloc(&out[i], a)
 	}
 	sort.Slice(out, func(a, b int) bool { return out[a].ID < out[b].ID })
 	return out
+}
+
+// nodeCapacity is what a node offers with nothing running on it, less its
+// reserved share; false if placement may not use it (not ready, draining,
+// ineligible).
+func nodeCapacity(n *api.NodeListStub) (placement.Node, bool) {
+	if n.Status != "ready" || n.Drain || n.SchedulingEligibility != "eligible" {
+		return placement.Node{}, false
+	}
+	pn := placement.Node{ID: n.ID, Datacenter: n.Datacenter, Pool: n.NodePool, Devices: map[string]int{}}
+	if r := n.NodeResources; r != nil {
+		pn.CPU = int(r.Cpu.CpuShares)
+		pn.MemoryMB = int(r.Memory.MemoryMB)
+		for _, d := range r.Devices {
+			healthy := 0
+			for _, inst := range d.Instances {
+				if inst.Healthy {
+					healthy++
+				}
+			}
+			kind := deviceKind(d.Vendor, d.Type, d.Name)
+			pn.Devices[kind] += healthy
+			if len(d.Attributes) > 0 {
+				if pn.DeviceAttrs == nil {
+					pn.DeviceAttrs = map[string]map[string]*psstructs.Attribute{}
+				}
+				attrs := make(map[string]*psstructs.Attribute, len(d.Attributes))
+				for k, a := range d.Attributes {
+					if a != nil {
+						attrs[k] = &psstructs.Attribute{Float: a.FloatVal, Int: a.IntVal, String: a.StringVal, Bool: a.BoolVal, Unit: a.Unit}
+					}
+				}
+				pn.DeviceAttrs[kind] = attrs
+			}
+		}
+	}
+	if r := n.ReservedResources; r != nil {
+		pn.CPU -= int(r.Cpu.CpuShares)
+		pn.MemoryMB -= int(r.Memory.MemoryMB)
+	}
+	return pn, true
+}
+
+// takeAlloc takes what a live allocation holds from its node's free
+// capacity.
+func takeAlloc(pn *placement.Node, a *api.AllocationListStub) {
+	if a.AllocatedResources == nil || terminal(a) {
+		return
+	}
+	// The list does not say which tasks are prestart ones, which Nomad
+	// counts as the larger of them and the main tasks; summing every task
+	// overstates what other jobs hold, never understates.
+	for _, t := range a.AllocatedResources.Tasks {
+		pn.CPU -= int(t.Cpu.CpuShares)
+		pn.MemoryMB -= int(t.Memory.MemoryMB)
+		for _, d := range t.Devices {
+			pn.Devices[deviceKind(d.Vendor, d.Type, d.Name)] -= len(d.DeviceIDs)
+		}
+	}
 }
 
 // terminal says whether an allocation no longer holds its resources.

@@ -31,6 +31,37 @@ type treap struct {
 	right  []int32
 	pri    []uint32
 	maxCPU []int
+	// seed draws the priorities of nodes added later.
+	seed uint32
+}
+
+// nextPri draws a priority (xorshift): priorities need only be
+// independent of the keys.
+func (t *treap) nextPri() uint32 {
+	t.seed ^= t.seed << 13
+	t.seed ^= t.seed >> 17
+	t.seed ^= t.seed << 5
+	return t.seed
+}
+
+// part is the part of datacenter dc and pool, made if new.
+func (t *treap) part(dc, pool string) *part {
+	k := dc + "\x00" + pool
+	p := t.parts[k]
+	if p == nil {
+		p = &part{dc: dc, pool: pool, root: nilNode}
+		t.parts[k] = p
+	}
+	return p
+}
+
+// grow makes room for one more node, not yet in any part.
+func (t *treap) grow() {
+	t.partOf = append(t.partOf, nil)
+	t.left = append(t.left, nilNode)
+	t.right = append(t.right, nilNode)
+	t.pri = append(t.pri, t.nextPri())
+	t.maxCPU = append(t.maxCPU, 0)
 }
 
 // tighter is the fit order: less free memory first, then less free CPU,
@@ -57,27 +88,19 @@ func (inv *inventory) buildIndex() {
 		pri:    make([]uint32, n),
 		maxCPU: make([]int, n),
 	}
-	seed := uint32(2463534242)
+	t.seed = 2463534242
 	for i := range inv.nodes {
-		nd := &inv.nodes[i]
-		k := nd.Datacenter + "\x00" + nd.Pool
-		p := t.parts[k]
-		if p == nil {
-			p = &part{dc: nd.Datacenter, pool: nd.Pool, root: nilNode}
-			t.parts[k] = p
+		t.pri[i] = t.nextPri()
+		t.left[i], t.right[i] = nilNode, nilNode
+		if nd := &inv.nodes[i]; nd.ID != "" {
+			t.partOf[i] = t.part(nd.Datacenter, nd.Pool)
 		}
-		t.partOf[i] = p
-		// xorshift: priorities need only be independent of the keys.
-		seed ^= seed << 13
-		seed ^= seed >> 17
-		seed ^= seed << 5
-		t.pri[i] = seed
 	}
 	inv.idx = t
 	for i := range inv.nodes {
-		t.left[i], t.right[i] = nilNode, nilNode
-		p := t.partOf[i]
-		p.root = inv.insert(p.root, int32(i))
+		if p := t.partOf[i]; p != nil {
+			p.root = inv.insert(p.root, int32(i))
+		}
 	}
 }
 
@@ -91,6 +114,7 @@ func (t *treap) clone() *treap {
 		right:  append([]int32(nil), t.right...),
 		pri:    append([]uint32(nil), t.pri...),
 		maxCPU: append([]int(nil), t.maxCPU...),
+		seed:   t.seed,
 	}
 	same := make(map[*part]*part, len(t.parts))
 	for k, p := range t.parts {

@@ -112,8 +112,90 @@ func checkIndex(t *testing.T, inv *inventory) {
 		}
 		walk(p.root)
 	}
-	if seen != len(inv.nodes) {
-		t.Fatalf("index holds %d of %d nodes", seen, len(inv.nodes))
+	if seen != len(inv.index) {
+		t.Fatalf("index holds %d of %d nodes", seen, len(inv.index))
+	}
+}
+
+// TestSetNodeDecidesAsRebuilt keeps an indexed inventory by deltas (nodes
+// added, changed, moved between datacenters and pools, removed, gangs
+// placed and released) and checks it against inventories built afresh
+// from the same nodes, indexed and scanned: every decision the same, and
+// the index in order after every step.
+func TestSetNodeDecidesAsRebuilt(t *testing.T) {
+	r := rand.New(rand.NewSource(7))
+	randomNode := func(id string) Node {
+		n := node(id, 1000*(1+r.Intn(4)), 1024*(1+r.Intn(4)))
+		n.Datacenter = []string{"dc1", "dc1", "dc2"}[r.Intn(3)]
+		n.Pool = []string{"default", "gpu"}[r.Intn(2)]
+		if r.Intn(6) == 0 {
+			n.Devices["nvidia/gpu/H100"] = 1 + r.Intn(4)
+		}
+		return n
+	}
+	for iter := 0; iter < 100; iter++ {
+		var nodes []Node
+		for i := 0; i < r.Intn(40); i++ {
+			nodes = append(nodes, randomNode(fmt.Sprintf("n%03d", i)))
+		}
+		kept := NewInventory(nodes)
+		type placed struct {
+			j *Job
+			d Decision
+		}
+		var live []placed
+		for step := 0; step < 200; step++ {
+			switch op := r.Intn(10); {
+			case op < 3:
+				kept.SetNode(randomNode(fmt.Sprintf("n%03d", r.Intn(60))))
+			case op < 5:
+				kept.RemoveNode(fmt.Sprintf("n%03d", r.Intn(60)))
+			case op < 6 && len(live) > 0:
+				k := r.Intn(len(live))
+				kept.Release(live[k].j, live[k].d)
+				live = append(live[:k], live[k+1:]...)
+			default:
+				j := &Job{ID: fmt.Sprintf("j%d", step), Pool: []string{"", "gpu"}[r.Intn(2)]}
+				if r.Intn(2) == 0 {
+					j.Datacenters = []string{"dc2"}
+				}
+				grp := Group{Name: "w", Count: 1 + r.Intn(6), CPU: 250 * (1 + r.Intn(4)), MemoryMB: 256 * (1 + r.Intn(8)), DistinctHosts: r.Intn(4) == 0}
+				if r.Intn(5) == 0 {
+					grp.Devices = map[string]int{"gpu": 1}
+				}
+				j.Groups = []Group{grp}
+				now := kept.Nodes()
+				dk, okk := kept.Place(j)
+				di, oki := NewInventory(now).Place(j)
+				ds, oks := newInventory(now).place(j)
+				if okk != oki || okk != oks || !reflect.DeepEqual(dk, di) || !reflect.DeepEqual(dk, ds) {
+					t.Fatalf("iter %d step %d: kept placed %v %+v, rebuilt %v %+v, scanned %v %+v", iter, step, okk, dk, oki, di, oks, ds)
+				}
+				if okk {
+					live = append(live, placed{j, dk})
+				}
+			}
+			checkIndex(t, kept)
+			if kept.Len() != len(kept.Nodes()) {
+				t.Fatalf("iter %d step %d: Len %d, %d nodes", iter, step, kept.Len(), len(kept.Nodes()))
+			}
+		}
+	}
+}
+
+// BenchmarkSetNode re-indexes one changed node of an inventory of 50,000.
+func BenchmarkSetNode(b *testing.B) {
+	nodes := make([]Node, 50000)
+	for i := range nodes {
+		nodes[i] = node(fmt.Sprintf("n%05d", i), 32000, 131072)
+	}
+	inv := NewInventory(nodes)
+	i := 0
+	for b.Loop() {
+		n := nodes[i%len(nodes)]
+		n.MemoryMB -= 1024 * (i % 7)
+		inv.SetNode(n)
+		i++
 	}
 }
 

@@ -138,7 +138,79 @@ func (inv *inventory) Place(j *Job) (Decision, bool) { return inv.place(j) }
 
 // Nodes is a copy of what is free on each node now.
 func (inv *inventory) Nodes() []Node {
-	return newInventory(inv.nodes).nodes
+	out := make([]Node, 0, len(inv.nodes)-len(inv.holes))
+	for i := range inv.nodes {
+		if inv.nodes[i].ID != "" {
+			out = append(out, copyNode(&inv.nodes[i]))
+		}
+	}
+	return out
+}
+
+// Node is what is free on one node now.
+func (inv *inventory) Node(id string) (Node, bool) {
+	i, ok := inv.index[id]
+	if !ok {
+		return Node{}, false
+	}
+	return copyNode(&inv.nodes[i]), true
+}
+
+// Len is the number of nodes.
+func (inv *inventory) Len() int { return len(inv.index) }
+
+// SetNode puts n into the inventory, or replaces the node of its ID, and
+// indexes it: an inventory kept current by deltas re-indexes the nodes
+// that changed, O(log n) each, instead of being built again.
+func (inv *inventory) SetNode(n Node) {
+	if n.ID == "" {
+		return
+	}
+	i, ok := inv.index[n.ID]
+	switch {
+	case ok:
+		inv.unindex(i)
+	case len(inv.holes) > 0:
+		i = inv.holes[len(inv.holes)-1]
+		inv.holes = inv.holes[:len(inv.holes)-1]
+	default:
+		i = len(inv.nodes)
+		inv.nodes = append(inv.nodes, Node{})
+		if inv.idx != nil {
+			inv.idx.grow()
+		}
+	}
+	inv.nodes[i] = copyNode(&n)
+	inv.index[n.ID] = i
+	if inv.idx != nil {
+		p := inv.idx.part(n.Datacenter, n.Pool)
+		inv.idx.partOf[i] = p
+		p.root = inv.insert(p.root, int32(i))
+	}
+}
+
+// RemoveNode takes the node of that ID out of the inventory, if it is
+// there. Its slot is reused by the next node set.
+func (inv *inventory) RemoveNode(id string) {
+	i, ok := inv.index[id]
+	if !ok {
+		return
+	}
+	inv.unindex(i)
+	delete(inv.index, id)
+	inv.nodes[i] = Node{}
+	inv.holes = append(inv.holes, i)
+}
+
+// unindex takes node i out of the index, before its key changes.
+func (inv *inventory) unindex(i int) {
+	if inv.idx == nil {
+		return
+	}
+	if p := inv.idx.partOf[i]; p != nil {
+		p.root = inv.remove(p.root, int32(i))
+		inv.idx.partOf[i] = nil
+	}
 }
 
 // Release gives a placed job's resources back.
@@ -151,24 +223,35 @@ type inventory struct {
 	nodes []Node
 	index map[string]int
 	idx   *treap
+	// holes are the slots of removed nodes (ID ""), for reuse.
+	holes []int
 }
 
 func newInventory(nodes []Node) *inventory {
 	inv := &inventory{nodes: make([]Node, len(nodes)), index: make(map[string]int, len(nodes))}
-	for i, n := range nodes {
-		c := n
-		c.Devices = make(map[string]int, len(n.Devices))
-		for k, v := range n.Devices {
-			c.Devices[k] = v
+	for i := range nodes {
+		inv.nodes[i] = copyNode(&nodes[i])
+		if nodes[i].ID != "" {
+			inv.index[nodes[i].ID] = i
 		}
-		inv.nodes[i] = c
-		inv.index[n.ID] = i
 	}
 	return inv
 }
 
+// copyNode copies a node with its own device counts (attributes are never
+// changed, so they are shared).
+func copyNode(n *Node) Node {
+	c := *n
+	c.Devices = make(map[string]int, len(n.Devices))
+	for k, v := range n.Devices {
+		c.Devices[k] = v
+	}
+	return c
+}
+
 func (inv *inventory) clone() *inventory {
 	c := newInventory(inv.nodes)
+	c.holes = append([]int(nil), inv.holes...)
 	if inv.idx != nil {
 		c.idx = inv.idx.clone()
 	}
@@ -298,7 +381,7 @@ func (inv *inventory) bestLinear(j *Job, g *Group, ok func(int) bool) int {
 	best := -1
 	for i := range inv.nodes {
 		n := &inv.nodes[i]
-		if n.CPU < g.CPU || n.MemoryMB < g.MemoryMB || !eligible(n, j) {
+		if n.ID == "" || n.CPU < g.CPU || n.MemoryMB < g.MemoryMB || !eligible(n, j) {
 			continue
 		}
 		if (best < 0 || tighter(n, &inv.nodes[best])) && ok(i) {

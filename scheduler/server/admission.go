@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/inventory"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/state"
@@ -108,9 +109,9 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 	s.restoreMu.RLock()
 	s.schedMu.Lock()
 	if placeNow {
-		if d, ok := s.placeNow(now, spec); ok {
-			c.Op, c.Decision = state.OpAdmit, &d
-			s.inflight[key] = inflight{run: placement.Running{Job: spec, Decision: d, Ends: now.Add(spec.MaxRuntime)}}
+		if d := s.placeNow(now, spec); d != nil {
+			c.Op, c.Decision = state.OpAdmit, d
+			s.inflight[key] = inflight{run: placement.Running{Job: spec, Decision: *d, Ends: now.Add(spec.MaxRuntime)}, d: d}
 		}
 	}
 	s.schedMu.Unlock()
@@ -120,9 +121,11 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 		if err != nil {
 			// A Raft timeout may still commit: the room stays held as
 			// in flight until the state shows the gang, or for a while.
-			s.inflight[key] = inflight{run: s.inflight[key].run, until: now.Add(inflightHold)}
+			f := s.inflight[key]
+			f.until = now.Add(inflightHold)
+			s.inflight[key] = f
 		} else {
-			delete(s.inflight, key) // committed: now held in the state
+			s.dropInflight(key) // committed: now held in the state
 		}
 		s.schedMu.Unlock()
 	}
@@ -147,12 +150,17 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 // placeNow places a new gang at once when nothing queued goes before it
 // and it fits beside what runs and what is being admitted. The caller
 // holds schedMu.
-func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decision, bool) {
+//
+// It places on the leader's inventory kept by deltas (see
+// scheduler/inventory), so its cost follows what changed since the last
+// admission and the gangs that hold room, not the number of nodes.
+func (s *Server) placeNow(now time.Time, spec *placement.Job) *placement.Decision {
 	if _, ok := s.inflight[spec.Key()]; ok || !s.r.IsLeader() {
-		return placement.Decision{}, false // a concurrent retry
+		return nil // a concurrent retry
 	}
-	var ahead bool
-	var holding []placement.Running
+	var ahead, complete bool
+	var held []inventory.Held
+	inState := map[string]bool{}
 	s.r.Read(func(st *state.State) {
 		if j, ok := st.Jobs[spec.Key()]; ok && !j.Ended() {
 			ahead = true // a retry: the job is known already
@@ -164,22 +172,68 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) (placement.Decisio
 				return
 			}
 		}
-		holding = st.Holding(now)
+		// What gangs hold, as far as it changed since the last admission:
+		// the state's log of changed holdings, and every admission in
+		// flight or just ended.
+		touched := map[string]bool{}
+		var all bool
+		if s.heldCur, all = st.HeldSince(s.heldCur, func(key string) { touched[key] = true }); all {
+			complete = true
+			st.EachHeld(func(key string, _ *placement.Job, _ *placement.Decision) { touched[key] = true })
+		}
+		for key := range s.inflight {
+			touched[key] = true
+		}
+		for key := range s.inflightGone {
+			touched[key] = true
+		}
+		for key := range touched {
+			h := inventory.Held{Key: key}
+			if js, d, ok := st.Holds(key); ok {
+				inState[key] = true
+				h.Decision = d
+				if !s.view.Knows(key, d) {
+					c := *js
+					h.Job = &c
+				}
+			}
+			held = append(held, h)
+		}
 	})
 	if ahead {
-		return placement.Decision{}, false
+		return nil
 	}
-	free, err := s.free(s.withInflight(holding))
+	// An admission in flight holds room where the state does not hold
+	// its gang yet.
+	inflightNow := map[string]inflight{}
+	s.eachInflight(func(key string) bool { return inState[key] }, func(key string, f inflight) { inflightNow[key] = f })
+	s.inflightGone = map[string]bool{}
+	for i := range held {
+		if f, ok := inflightNow[held[i].Key]; ok && held[i].Decision == nil {
+			held[i].Job, held[i].Decision = f.run.Job, f.d
+		}
+	}
+	inv, err := s.view.Sync(held, complete)
 	if err != nil {
-		return placement.Decision{}, false
+		s.heldCur = state.HeldCursor{} // read every holding next time
+		s.log.Warn("reading the inventory for an admission failed; the gang is queued", "job", spec.Key(), "error", err)
+		return nil
 	}
-	return placement.Place(free, spec)
+	d, ok := inv.Place(spec)
+	if !ok {
+		return nil
+	}
+	// Held as in flight from now on; the View knows it by this pointer.
+	s.view.Placed(spec.Key(), spec, &d)
+	return &d
 }
 
 // inflight is an admission placed whose commit has not returned, or
-// returned an error but may still commit (until is then set).
+// returned an error but may still commit (until is then set). d is the
+// decision as placed: the inventory tells holdings apart by it.
 type inflight struct {
 	run   placement.Running
+	d     *placement.Decision
 	until time.Time
 }
 
@@ -194,20 +248,37 @@ func (s *Server) withInflight(holding []placement.Running) []placement.Running {
 	for _, h := range holding {
 		held[h.Job.Key()] = true
 	}
+	s.eachInflight(func(key string) bool { return held[key] }, func(_ string, f inflight) {
+		holding = append(holding, f.run)
+	})
+	return holding
+}
+
+// dropInflight forgets an admission in flight; the inventory hears of it
+// at the next admission. The caller holds schedMu.
+func (s *Server) dropInflight(key string) {
+	delete(s.inflight, key)
+	s.inflightGone[key] = true
+}
+
+// eachInflight calls fn for each admission in flight that holds room
+// beside the state's gangs (inState says which gangs the state holds),
+// and forgets those that committed after all or never will. The caller
+// holds schedMu.
+func (s *Server) eachInflight(inState func(key string) bool, fn func(key string, f inflight)) {
 	now := s.now()
 	for key, f := range s.inflight {
 		switch {
-		case held[key]:
+		case inState(key):
 			if !f.until.IsZero() {
-				delete(s.inflight, key) // it committed after all
+				s.dropInflight(key) // it committed after all
 			}
 		case !f.until.IsZero() && now.After(f.until):
-			delete(s.inflight, key) // it never committed
+			s.dropInflight(key) // it never committed
 		default:
-			holding = append(holding, f.run)
+			fn(key, f)
 		}
 	}
-	return holding
 }
 
 // free is what placement may use now: what Nomad reports free with

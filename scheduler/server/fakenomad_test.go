@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 	"time"
@@ -134,6 +135,30 @@ func (f *fakeNomad) Inventory(skip map[string]bool) ([]placement.Node, error) {
 	out := make([]placement.Node, len(f.nodes))
 	copy(out, f.nodes)
 	return out, nil
+}
+
+// Changed follows Inventory: the fake's nodes never change and carry no
+// allocations, so after a whole read it reports only the nodes asked
+// for. An unreachable Nomad asks for a whole read, which then fails.
+func (f *fakeNomad) Changed(since nomad.Cursor, nodes, jobs []string, _ func(string) bool) (map[string]placement.Node, nomad.Cursor, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	cur := nomad.Cursor{Gen: 1}
+	if f.unreachable || since != cur {
+		return nil, cur, true
+	}
+	out := map[string]placement.Node{}
+	for _, id := range nodes {
+		out[id] = placement.Node{}
+		for _, n := range f.nodes {
+			if n.ID == id {
+				c := n
+				c.Devices = maps.Clone(n.Devices)
+				out[id] = c
+			}
+		}
+	}
+	return out, cur, false
 }
 
 func (f *fakeNomad) Capacity() ([]placement.Node, error) { return f.Inventory(nil) }

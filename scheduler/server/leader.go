@@ -148,6 +148,9 @@ func (s *Server) pruneIfDue() error {
 func (s *Server) resetLeaderState() {
 	s.schedMu.Lock()
 	s.seen = nil
+	// The inventory's memory goes; what it knows gangs hold stays, as it
+	// matches heldCur and inflightGone, which go on being kept.
+	s.view.Reset()
 	s.schedMu.Unlock()
 	s.loopMu.Lock()
 	s.retry, s.direct = map[string]time.Time{}, map[string]uint64{}
@@ -160,6 +163,8 @@ func (s *Server) resetLeaderState() {
 func (s *Server) resetLeaderStateLocked() {
 	s.seen = nil
 	s.inflight = map[string]inflight{}
+	s.view.Reset()
+	s.heldCur, s.inflightGone = state.HeldCursor{}, map[string]bool{}
 	s.loopMu.Lock()
 	s.retry, s.direct = map[string]time.Time{}, map[string]uint64{}
 	s.loopMu.Unlock()

@@ -746,11 +746,11 @@ func TestCommittedAdmissionWithoutRegistration(t *testing.T) {
 	}
 	g, _ := jobspec.GangFromNomad(norm)
 	spec := gangSpec(norm, g)
-	d, ok := h.srv.placeNow(t0, spec)
-	if !ok {
+	d := h.srv.placeNow(t0, spec)
+	if d == nil {
 		t.Fatal("does not fit")
 	}
-	if _, err := h.srv.apply(&state.Command{Op: state.OpAdmit, At: t0, Job: spec, Nomad: mustJSON(norm), Decision: &d}); err != nil {
+	if _, err := h.srv.apply(&state.Command{Op: state.OpAdmit, At: t0, Job: spec, Nomad: mustJSON(norm), Decision: d}); err != nil {
 		t.Fatal(err)
 	}
 	if h.nomad.latest("orphan") != nil {
@@ -879,5 +879,30 @@ func TestPlaceBoot(t *testing.T) {
 		if b == nil || b.Group != "map" || b.Rank != 2 || b.Address != tc.want {
 			t.Errorf("node %q address %s: %+v, want address %q", tc.node, tc.address, b, tc.want)
 		}
+	}
+}
+
+// TestAdmissionFollowsHoldings: admissions place on the leader's kept
+// inventory, which must learn of every gang that comes to hold room and
+// of every one that stops: a gang that fills the cluster is placed on
+// arrival, the next waits, and once the first is stopped a gang of the
+// same size is placed on arrival in the room it left, through the
+// state's log of changed holdings alone.
+func TestAdmissionFollowsHoldings(t *testing.T) {
+	h := newHarness(t)
+	if j := h.submit(gang("a", "microvm", 16)); j.Status != state.Reserved {
+		t.Fatalf("a gang that fits the empty cluster is %s on arrival", j.Status)
+	}
+	if _, err := h.srv.Stop("a"); err != nil {
+		t.Fatal(err)
+	}
+	if j := h.submit(gang("b", "microvm", 16)); j.Status != state.Reserved {
+		t.Fatalf("a gang that fits the room a stopped gang left is %s on arrival: %s", j.Status, j.Reason)
+	}
+	if j := h.submit(gang("c", "microvm", 1)); j.Status != state.Queued {
+		t.Fatalf("a gang beside a gang that fills the cluster is %s on arrival", j.Status)
+	}
+	if h.srv.view.Rebuilds != 1 {
+		t.Errorf("the kept inventory was read whole %d times over three admissions", h.srv.view.Rebuilds)
 	}
 }

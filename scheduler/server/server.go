@@ -24,6 +24,7 @@ import (
 
 	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/scheduler/billing"
+	"github.com/cohort-dev/cohort/scheduler/inventory"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/replica"
@@ -61,6 +62,9 @@ type Nomad interface {
 	// ends.
 	Watch(ctx context.Context, log hclog.Logger)
 	Inventory(skip map[string]bool) ([]placement.Node, error)
+	// Changed is Inventory's incremental form, for the inventory the
+	// leader keeps (see scheduler/inventory).
+	Changed(since nomad.Cursor, nodes, jobs []string, skip func(key string) bool) (map[string]placement.Node, nomad.Cursor, bool)
 	Capacity() ([]placement.Node, error)
 	GangJobs() []nomad.GangJob
 	Validate(job *api.Job) error
@@ -148,6 +152,13 @@ type Server struct {
 	// admissions placed whose commit has not returned yet.
 	schedMu  sync.Mutex
 	inflight map[string]inflight
+	// view is the free inventory admissions place on, kept by deltas;
+	// heldCur is its place in the state's log of changed holdings, and
+	// inflightGone the admissions in flight forgotten since it last read
+	// them (all under schedMu).
+	view         *inventory.View
+	heldCur      state.HeldCursor
+	inflightGone map[string]bool
 	// restoreMu keeps a restore of the state apart from admissions: they
 	// hold it shared from placement to commit, a restore exclusively.
 	restoreMu sync.RWMutex
@@ -201,7 +212,7 @@ func New(r Replica, n Nomad, cfg Config) (*Server, error) {
 		now = time.Now
 	}
 	s := &Server{r: r, nomad: n, log: log, now: now, prices: cfg.Prices,
-		inflight: map[string]inflight{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
+		inflight: map[string]inflight{}, view: inventory.New(n), inflightGone: map[string]bool{}, batch: replica.NewBatcher(r), kick: make(chan struct{}, 1),
 		retry: map[string]time.Time{}, direct: map[string]uint64{},
 		workerRange: cfg.WorkerRange, workerPrefix: cfg.WorkerPrefix, tls: cfg.TLS, verifyIncoming: cfg.VerifyIncoming && cfg.TLS != nil,
 		retention: cfg.Retention}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"maps"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -256,6 +257,47 @@ type State struct {
 	// costs what is live, not every job ever kept. Derived from Jobs:
 	// never encoded, rebuilt on decode and copy.
 	live map[Status]map[string]*Job
+	// heldLog lists, in apply order, the keys of jobs whose holding may
+	// have changed (they entered, left or changed while reserved or
+	// running), for a reader that keeps what gangs hold by deltas (the
+	// leader's inventory). Derived like live; heldGen names the log, and
+	// a new one starts whenever live is rebuilt or the log outgrows what
+	// is live, so a reader behind it reads every holding again.
+	heldGen uint64
+	heldLog []string
+}
+
+// heldGens numbers held logs across states.
+var heldGens atomic.Uint64
+
+// HeldCursor is a reader's place in the log of changed holdings.
+type HeldCursor struct{ Gen, Seq uint64 }
+
+// HeldSince calls fn with the key of each job whose holding may have
+// changed since the cursor (a key may come more than once) and returns
+// the cursor to read from next. all says the cursor is not into this
+// log (fn is not called): the reader reads every holding with EachHeld.
+func (s *State) HeldSince(c HeldCursor, fn func(key string)) (next HeldCursor, all bool) {
+	if s.live == nil {
+		return HeldCursor{}, true
+	}
+	next = HeldCursor{Gen: s.heldGen, Seq: uint64(len(s.heldLog))}
+	if c.Gen != s.heldGen || c.Seq > next.Seq {
+		return next, true
+	}
+	for _, key := range s.heldLog[c.Seq:] {
+		fn(key)
+	}
+	return next, false
+}
+
+// Holds is the reservation key's job holds now, if it holds one.
+func (s *State) Holds(key string) (*placement.Job, *placement.Decision, bool) {
+	j, ok := s.Jobs[key]
+	if !ok || (j.Status != Reserved && j.Status != Running) || j.Decision == nil {
+		return nil, nil, false
+	}
+	return &j.Spec, j.Decision, true
 }
 
 // unclean is live's bucket for ended runs whose Nomad job is still
@@ -268,10 +310,18 @@ func (s *State) reindex(key string) {
 		s.rebuild()
 		return
 	}
+	_, wasReserved := s.live[Reserved][key]
+	_, wasRunning := s.live[Running][key]
 	for _, m := range s.live {
 		delete(m, key)
 	}
 	j, ok := s.Jobs[key]
+	if wasReserved || wasRunning || (ok && (j.Status == Reserved || j.Status == Running)) {
+		if len(s.heldLog) >= 4096+len(s.live[Reserved])+len(s.live[Running]) {
+			s.heldGen, s.heldLog = heldGens.Add(1), nil
+		}
+		s.heldLog = append(s.heldLog, key)
+	}
 	if !ok {
 		return
 	}
@@ -289,6 +339,7 @@ func (s *State) reindex(key string) {
 
 func (s *State) rebuild() {
 	s.live = map[Status]map[string]*Job{Queued: {}, Reserved: {}, Running: {}, unclean: {}}
+	s.heldGen, s.heldLog = heldGens.Add(1), nil
 	for key := range s.Jobs {
 		s.reindex(key)
 	}
@@ -669,6 +720,30 @@ func (s *State) Holding(now time.Time) []placement.Running {
 		}
 	}
 	return out
+}
+
+// EachHeld calls fn for every reserved or running gang that holds a
+// reservation, in no order, with its key, spec and decision, without
+// copying them: fn must copy what it keeps past the state's lock. A new
+// reservation is always a new Decision (commands replace one, never
+// edit it), so the pointer tells a reader whether a holding changed.
+func (s *State) EachHeld(fn func(key string, spec *placement.Job, d *placement.Decision)) {
+	held := func(key string, j *Job) {
+		if (j.Status == Reserved || j.Status == Running) && j.Decision != nil {
+			fn(key, &j.Spec, j.Decision)
+		}
+	}
+	if s.live == nil {
+		for key, j := range s.Jobs {
+			held(key, j)
+		}
+		return
+	}
+	for _, st := range []Status{Reserved, Running} {
+		for key, j := range s.live[st] {
+			held(key, j)
+		}
+	}
 }
 
 // Clone copies the state deeply enough that later commands do not change

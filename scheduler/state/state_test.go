@@ -1,6 +1,8 @@
 package state
 
 import (
+	"fmt"
+	"math/rand"
 	"reflect"
 	"strings"
 	"testing"
@@ -84,6 +86,8 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	if err := r.Unmarshal(b); err != nil {
 		t.Fatal(err)
 	}
+	// The log of changed holdings is derived, and each copy names its own.
+	s.heldGen, s.heldLog, r.heldGen, r.heldLog = 0, nil, 0, nil
 	if !reflect.DeepEqual(s, r) {
 		t.Errorf("restored state differs:\n%+v\n%+v", s, r)
 	}
@@ -253,5 +257,45 @@ func TestRefuse(t *testing.T) {
 	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("d", 1)})
 	if r := s.Apply(&Command{Op: OpRefuse, At: t0, Job: spec("d", 1), Reason: "again"}); r.Err == "" || s.Jobs["d"].Status != Queued {
 		t.Errorf("a refusal replaced a live run: %+v", s.Jobs["d"])
+	}
+}
+
+// TestHeldSinceFollowsHoldings applies random lifecycle commands to a few
+// jobs and keeps, as the leader's inventory does, what each gang holds
+// from the log of changed holdings alone (reading every holding only when
+// the log says so): after every command it must equal what EachHeld
+// lists, reservation for reservation.
+func TestHeldSinceFollowsHoldings(t *testing.T) {
+	r := rand.New(rand.NewSource(9))
+	s := New()
+	kept := map[string]*placement.Decision{}
+	var cur HeldCursor
+	at := t0
+	ops := []Op{OpSubmit, OpAdmit, OpReserve, OpStart, OpFinish, OpRequeue, OpFail, OpCleaned, OpPrune}
+	for step := 0; step < 3000; step++ {
+		at = at.Add(time.Second)
+		id := fmt.Sprint("j", r.Intn(5))
+		c := &Command{Op: ops[r.Intn(len(ops))], At: at, JobID: id, Job: spec(id, 2), Decision: decision(id, 2), Reason: "test", Before: at}
+		s.Apply(c)
+		if r.Intn(200) == 0 {
+			s = s.Clone() // a restore: a new log
+		}
+		var all bool
+		touched := map[string]bool{}
+		if cur, all = s.HeldSince(cur, func(key string) { touched[key] = true }); all {
+			kept = map[string]*placement.Decision{}
+			s.EachHeld(func(key string, _ *placement.Job, _ *placement.Decision) { touched[key] = true })
+		}
+		for key := range touched {
+			delete(kept, key)
+			if _, d, ok := s.Holds(key); ok {
+				kept[key] = d
+			}
+		}
+		want := map[string]*placement.Decision{}
+		s.EachHeld(func(key string, _ *placement.Job, d *placement.Decision) { want[key] = d })
+		if !reflect.DeepEqual(kept, want) {
+			t.Fatalf("step %d (%s %s): kept %v, holding %v", step, c.Op, id, kept, want)
+		}
 	}
 }
