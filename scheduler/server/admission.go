@@ -158,9 +158,7 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) *placement.Decisio
 	if _, ok := s.inflight[spec.Key()]; ok || !s.r.IsLeader() {
 		return nil // a concurrent retry
 	}
-	var ahead, complete bool
-	var held []inventory.Held
-	inState := map[string]bool{}
+	var ahead bool
 	s.r.Read(func(st *state.State) {
 		if j, ok := st.Jobs[spec.Key()]; ok && !j.Ended() {
 			ahead = true // a retry: the job is known already
@@ -172,9 +170,40 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) *placement.Decisio
 				return
 			}
 		}
-		// What gangs hold, as far as it changed since the last admission:
-		// the state's log of changed holdings, and every admission in
-		// flight or just ended.
+	})
+	if ahead {
+		return nil
+	}
+	inv, err := s.keptInventory(now, nil)
+	if err != nil {
+		s.log.Warn("reading the inventory for an admission failed; the gang is queued", "job", spec.Key(), "error", err)
+		return nil
+	}
+	d, ok := inv.Place(spec)
+	if !ok {
+		return nil
+	}
+	// Held as in flight from now on; the View knows it by this pointer.
+	s.view.Placed(spec.Key(), spec, &d)
+	return &d
+}
+
+// keptInventory is the leader's free inventory, brought up to date with
+// what changed since it was last read: in Nomad (see
+// scheduler/inventory), in the state's log of changed holdings, and among
+// the admissions in flight. The caller holds schedMu, and records with
+// s.view.Placed what it places into the inventory. With running, it also
+// returns what holds room as the scheduling pass needs it (with each
+// holding's latest end, as of now), from the same read of the state as
+// the inventory, so the two always agree.
+func (s *Server) keptInventory(now time.Time, running *[]placement.Running) (*placement.Inventory, error) {
+	var complete bool
+	var held []inventory.Held
+	inState := map[string]bool{}
+	s.r.Read(func(st *state.State) {
+		if running != nil {
+			*running = st.Holding(now)
+		}
 		touched := map[string]bool{}
 		var all bool
 		if s.heldCur, all = st.HeldSince(s.heldCur, func(key string) { touched[key] = true }); all {
@@ -200,13 +229,15 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) *placement.Decisio
 			held = append(held, h)
 		}
 	})
-	if ahead {
-		return nil
-	}
 	// An admission in flight holds room where the state does not hold
 	// its gang yet.
 	inflightNow := map[string]inflight{}
-	s.eachInflight(func(key string) bool { return inState[key] }, func(key string, f inflight) { inflightNow[key] = f })
+	s.eachInflight(func(key string) bool { return inState[key] }, func(key string, f inflight) {
+		inflightNow[key] = f
+		if running != nil {
+			*running = append(*running, f.run)
+		}
+	})
 	s.inflightGone = map[string]bool{}
 	for i := range held {
 		if f, ok := inflightNow[held[i].Key]; ok && held[i].Decision == nil {
@@ -216,16 +247,9 @@ func (s *Server) placeNow(now time.Time, spec *placement.Job) *placement.Decisio
 	inv, err := s.view.Sync(held, complete)
 	if err != nil {
 		s.heldCur = state.HeldCursor{} // read every holding next time
-		s.log.Warn("reading the inventory for an admission failed; the gang is queued", "job", spec.Key(), "error", err)
-		return nil
+		return nil, err
 	}
-	d, ok := inv.Place(spec)
-	if !ok {
-		return nil
-	}
-	// Held as in flight from now on; the View knows it by this pointer.
-	s.view.Placed(spec.Key(), spec, &d)
-	return &d
+	return inv, nil
 }
 
 // inflight is an admission placed whose commit has not returned, or
@@ -240,19 +264,6 @@ type inflight struct {
 // inflightHold is how long the room of an admission whose commit failed
 // stays held: longer than Raft takes to commit or drop a command.
 const inflightHold = 15 * time.Second
-
-// withInflight adds the admissions placed but not yet committed to what
-// the state's gangs hold. The caller holds schedMu.
-func (s *Server) withInflight(holding []placement.Running) []placement.Running {
-	held := make(map[string]bool, len(holding))
-	for _, h := range holding {
-		held[h.Job.Key()] = true
-	}
-	s.eachInflight(func(key string) bool { return held[key] }, func(_ string, f inflight) {
-		holding = append(holding, f.run)
-	})
-	return holding
-}
 
 // dropInflight forgets an admission in flight; the inventory hears of it
 // at the next admission. The caller holds schedMu.

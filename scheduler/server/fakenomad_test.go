@@ -23,9 +23,11 @@ import (
 type fakeNomad struct {
 	mu    sync.Mutex
 	nodes []placement.Node
-	jobs  map[string]*fakeJob // by placement key
-	index uint64
-	seq   int
+	// inventoryReads counts whole reads of the inventory.
+	inventoryReads int
+	jobs           map[string]*fakeJob // by placement key
+	index          uint64
+	seq            int
 
 	// refuse, when set, makes Register answer as Nomad refusing the job;
 	// unreachable makes every call fail as if Nomad were down.
@@ -129,6 +131,7 @@ func (f *fakeNomad) Watch(ctx context.Context, _ hclog.Logger) { <-ctx.Done() }
 func (f *fakeNomad) Inventory(skip map[string]bool) ([]placement.Node, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.inventoryReads++
 	if f.unreachable {
 		return nil, errDown
 	}

@@ -194,7 +194,6 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 	var waiting, reserved, running, unclean []state.Job
 	gangs := s.nomad.GangJobs()
 	known := map[string]*state.Job{}
-	var holding []placement.Running
 	s.r.Read(func(st *state.State) {
 		for _, j := range st.ByStatus(state.Queued) {
 			waiting = append(waiting, j.Clone())
@@ -219,7 +218,6 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 				known[gj.Key()] = &c
 			}
 		}
-		holding = st.Holding(now)
 	})
 
 	// Forget the allocations of gangs no longer watched: one that comes
@@ -254,7 +252,7 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 	direct := s.reconcile(now, gangs, known)
 
 	if len(queued) > 0 {
-		if err := s.place(now, queued, holding); err != nil {
+		if err := s.place(now, queued); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -269,11 +267,12 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 			continue // placed by this pass
 		}
 		if free == nil {
-			var err error
-			if free, err = s.free(s.withInflight(holding)); err != nil {
+			inv, err := s.keptInventory(now, nil)
+			if err != nil {
 				errs = append(errs, err)
 				break
 			}
+			free = inv.Nodes()
 		}
 		why := fmt.Sprintf("not placed within its gang timeout of %s: %s", j.Spec.GangTimeout, placement.Shortfall(free, &j.Spec))
 		if j.Reason != "" && j.Attempts > 0 {
@@ -289,13 +288,23 @@ func (s *Server) pass() ([]nomad.GangJob, error) {
 }
 
 // place reserves queued gangs that fit and registers them with Nomad.
-func (s *Server) place(now time.Time, queued []*placement.Job, holding []placement.Running) error {
-	holding = s.withInflight(holding)
-	free, err := s.free(holding)
+func (s *Server) place(now time.Time, queued []*placement.Job) error {
+	// What holds room is read with the inventory: gangs may have ended
+	// earlier in this pass, and backfill must not count them twice
+	// (gone from the inventory, still releasing room at their deadline).
+	var running []placement.Running
+	inv, err := s.keptInventory(now, &running)
 	if err != nil {
 		return err
 	}
-	plan := placement.Schedule(now, free, holding, queued)
+	// A scheduling pass decides only gangs that fit now: where none does,
+	// it would decide nothing, at the cost of building an inventory of
+	// every node, every tick while gangs wait. Trying each on the kept
+	// inventory costs O(log n) a worker.
+	if !anyFits(inv, queued) {
+		return nil
+	}
+	plan := placement.Schedule(now, inv.Nodes(), running, queued)
 	for _, d := range plan.Decisions {
 		d := d
 		if _, err := s.apply(&state.Command{Op: state.OpReserve, At: now, JobID: d.Job, Decision: &d}); err != nil {
@@ -304,6 +313,18 @@ func (s *Server) place(now time.Time, queued []*placement.Job, holding []placeme
 		s.ensureRegistered(d.Job)
 	}
 	return nil
+}
+
+// anyFits says whether any of the gangs fits the inventory now, leaving
+// it as it was.
+func anyFits(inv *placement.Inventory, gangs []*placement.Job) bool {
+	for _, j := range gangs {
+		if d, ok := inv.Place(j); ok {
+			inv.Release(j, d)
+			return true
+		}
+	}
+	return false
 }
 
 // ensureRegistered registers a reserved gang's current attempt with Nomad,

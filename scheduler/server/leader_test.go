@@ -906,3 +906,68 @@ func TestAdmissionFollowsHoldings(t *testing.T) {
 		t.Errorf("the kept inventory was read whole %d times over three admissions", h.srv.view.Rebuilds)
 	}
 }
+
+// TestPassesWhileNothingFits: while the queue's gangs wait for room, the
+// leader's passes find that none fits on the kept inventory and read
+// nothing whole; once room frees, a pass places the head without a whole
+// read either.
+func TestPassesWhileNothingFits(t *testing.T) {
+	h := newHarness(t)
+	h.submit(gang("a", "microvm", 16))
+	if j := h.submit(gang("b", "microvm", 4)); j.Status != state.Queued {
+		t.Fatalf("b is %s beside a gang that fills the cluster", j.Status)
+	}
+	reads := h.nomad.inventoryReads
+	for i := 0; i < 5; i++ {
+		h.pass()
+	}
+	if got := h.nomad.inventoryReads - reads; got != 0 {
+		t.Errorf("5 passes with nothing that fits read the inventory whole %d times", got)
+	}
+	if _, err := h.srv.Stop("a"); err != nil {
+		t.Fatal(err)
+	}
+	h.pass()
+	if j := h.job("b"); j.Status != state.Reserved {
+		t.Fatalf("b is %s after the gang that filled the cluster stopped: %s", j.Status, j.Reason)
+	}
+	if got := h.nomad.inventoryReads - reads; got != 0 {
+		t.Errorf("placing the head read the inventory whole %d times", got)
+	}
+}
+
+// TestBackfillSeesGangsEndedInThePass: a gang that ends in a pass gives
+// its room back once, not twice. One node of 16 slots: x holds 12 and
+// ends (its workers exit) in the pass that schedules; y holds 4 for an
+// hour; the head needs 14, so it starts when y ends; b needs 4 for three
+// hours, which would leave the head 12 at y's end: b must wait. Counting
+// x's room both as free now and as released at x's deadline would let b
+// in and delay the head by hours.
+func TestBackfillSeesGangsEndedInThePass(t *testing.T) {
+	h := newHarness(t, node("n1", 8000, 8192))
+	withRuntime := func(job *nomadapi.Job, runtime string, priority int) *nomadapi.Job {
+		job.Meta[jobspec.MetaMaxRuntime] = runtime
+		job.Priority = &priority
+		return job
+	}
+	x := h.started(gang("x", jobspec.DriverMicroVM, 12))
+	h.advance(10 * time.Second)
+	h.started(withRuntime(gang("y", jobspec.DriverMicroVM, 4), "1h", 50))
+	if j := h.submit(withRuntime(gang("head", jobspec.DriverMicroVM, 14), "1h", 80)); j.Status != state.Queued {
+		t.Fatalf("head is %s on a full node", j.Status)
+	}
+	if j := h.submit(withRuntime(gang("b", jobspec.DriverMicroVM, 4), "3h", 50)); j.Status != state.Queued {
+		t.Fatalf("b is %s on a full node", j.Status)
+	}
+	for _, a := range h.nomad.live(x) {
+		h.nomad.set(a, "complete", 0, h.clock())
+	}
+	h.advance(50 * time.Millisecond)
+	h.pass()
+	if j := h.job(x); j.Status != state.Finished {
+		t.Fatalf("x is %s after its workers exited", j.Status)
+	}
+	if j := h.job("b"); j.Status != state.Queued {
+		t.Fatalf("b is %s: backfilled past the head's start, which it delays", j.Status)
+	}
+}
