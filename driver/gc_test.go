@@ -129,3 +129,32 @@ func TestCollectSparesRecoveredTaskThroughSymlink(t *testing.T) {
 		t.Error("the recovered task's run directory was removed")
 	}
 }
+
+// TestGuestThatNeverPowersOff: a worker whose program exited but whose
+// guest stays up is stopped after the grace period, and the task ends
+// with the program's exit status, not as killed.
+func TestGuestThatNeverPowersOff(t *testing.T) {
+	defer func(g time.Duration) { powerOffGrace = g }(powerOffGrace)
+	powerOffGrace = 200 * time.Millisecond
+	d := New(hclog.NewNullLogger())
+	defer d.Shutdown()
+	m, gone := fakeVM(t, filepath.Join(t.TempDir(), "a1b2c3d4-worker"))
+	if err := os.WriteFile(m.EventsLog(), []byte(`{"kind":"started","pid":1}`+"\n"+`{"kind":"exited","exit_code":3}`+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := newTaskHandle(d, &drivers.TaskConfig{ID: "t", Name: "worker", AllocID: "a1b2c3d4"}, m, nil)
+	go h.run()
+	select {
+	case <-h.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the task did not end while its guest stayed up after the program exited")
+	}
+	select {
+	case <-gone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the vm still runs after its task ended")
+	}
+	if r := h.exitResult(); r == nil || r.ExitCode != 3 || r.Signal != 0 || r.Err != nil {
+		t.Fatalf("exit result %+v, want the program's status 3", r)
+	}
+}

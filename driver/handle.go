@@ -144,6 +144,11 @@ func (h *taskHandle) assign(a *proto.Assignment, timeout time.Duration) error {
 	}
 }
 
+// powerOffGrace is how long a guest has to power off once its program
+// exited: it first lets its TCP connections deliver what they hold, for
+// about 6 s at most.
+var powerOffGrace = 15 * time.Second
+
 // run follows the VM's events until it powers off, then records the
 // result. A VM that ends without reporting its program's exit (a kernel
 // panic, a VMM crash) fails the task with its console's last lines.
@@ -155,6 +160,12 @@ func (h *taskHandle) run() {
 		h.killFor(why)
 	})
 	var exited, failed *proto.Event
+	var powerOff *time.Timer
+	defer func() {
+		if powerOff != nil {
+			powerOff.Stop()
+		}
+	}()
 	for ev := range h.m.Events(h.d.ctx) {
 		ev := ev
 		switch ev.Kind {
@@ -171,6 +182,21 @@ func (h *taskHandle) run() {
 		case proto.EvExited:
 			h.assignedOnce.Do(func() { close(h.assigned) })
 			exited = &ev
+			// The task ends when the VM does, and Nomad (and the bill)
+			// counts it running until then: a guest that never powers
+			// off after its program ended is stopped here, its exit
+			// status kept.
+			if powerOff == nil {
+				grace := powerOffGrace
+				powerOff = time.AfterFunc(grace, func() {
+					if h.d.ctx.Err() != nil {
+						return // shutting down: the VM stays for recovery
+					}
+					h.d.log.Warn("worker vm did not power off after its program exited; stopping it",
+						"task", h.cfg.Name, "alloc", h.cfg.AllocID, "after", grace)
+					h.m.Kill()
+				})
+			}
 		case proto.EvError:
 			failed = &ev
 		}
