@@ -37,6 +37,7 @@ var (
 	clients = flag.Int("clients", 32, "concurrent submitters")
 	codec   = flag.Int("codec", state.CodecBinary, "the log encoding the servers say they read: 1 binary, 0 JSON (as servers before the binary codec)")
 	cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the Raft admissions at the largest size here")
+	memprof = flag.String("memprofile", "", "write a profile of what the Raft admissions at the largest size allocate here")
 )
 
 func main() {
@@ -96,7 +97,7 @@ func run() error {
 	fmt.Printf("fsync_p50_ms=%.2f\n", fs)
 	byN := map[int]figures{}
 	for i, n := range ns {
-		f, err := runSize(n, *cpuprof != "" && i == len(ns)-1)
+		f, err := runSize(n, (*cpuprof != "" || *memprof != "") && i == len(ns)-1)
 		if err != nil {
 			return fmt.Errorf("%d nodes: %w", n, err)
 		}
@@ -280,7 +281,17 @@ func runSize(n int, profile bool) (figures, error) {
 		}
 		return time.Since(start), nil
 	}
-	if profile {
+	if profile && *memprof != "" {
+		// Every allocation sampled, from here: the admissions' own.
+		runtime.MemProfileRate = 1
+		defer func() {
+			if pf, err := os.Create(*memprof); err == nil {
+				pprof.Lookup("allocs").WriteTo(pf, 0)
+				pf.Close()
+			}
+		}()
+	}
+	if profile && *cpuprof != "" {
 		pf, err := os.Create(*cpuprof)
 		if err != nil {
 			return f, err
