@@ -42,6 +42,9 @@ var (
 
 func main() {
 	flag.Parse()
+	if *memprof != "" {
+		runtime.MemProfileRate = 0 // nothing sampled before the admissions
+	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-scheduler:", err)
 		os.Exit(1)
