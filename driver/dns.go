@@ -5,6 +5,12 @@ package driver
 // w<rank>.<address>.service.consul resolves in every worker, on every
 // node), other names to the host's own resolvers when egress is on, and
 // are refused when it is off. Workers cannot reach Consul itself.
+//
+// Nothing about the cluster goes upstream: .consul names never do, and
+// reverse lookups of private addresses (workers look up their peers'
+// addresses) are answered here, with no such name, as RFC 6303 asks of
+// resolvers, instead of telling the host's resolvers (often a provider's)
+// which private addresses the workers talk to.
 
 import (
 	"fmt"
@@ -73,8 +79,23 @@ func (f *dnsForwarder) Close() {
 }
 
 func (f *dnsForwarder) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
+	if len(req.Question) != 1 {
+		// Not a query any resolver sends; its names could go anywhere.
+		m := new(dns.Msg)
+		m.SetRcode(req, dns.RcodeFormatError)
+		w.WriteMsg(m)
+		return
+	}
+	name := strings.ToLower(req.Question[0].Name)
+	if privateReverse(name) {
+		m := new(dns.Msg)
+		m.SetRcode(req, dns.RcodeNameError)
+		m.Authoritative = true
+		w.WriteMsg(m)
+		return
+	}
 	var targets []string
-	if len(req.Question) == 1 && strings.HasSuffix(strings.ToLower(req.Question[0].Name), ".consul.") {
+	if strings.HasSuffix(name, ".consul.") || name == "consul." {
 		targets = []string{f.consul}
 	} else if f.egress {
 		targets = f.upstream
@@ -100,6 +121,35 @@ func (f *dnsForwarder) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	m := new(dns.Msg)
 	m.SetRcode(req, dns.RcodeServerFailure)
 	w.WriteMsg(m)
+}
+
+// privateZones are the reverse zones of private and local addresses that
+// RFC 6303 says resolvers answer themselves.
+var privateZones = func() []string {
+	z := []string{"10.in-addr.arpa.", "168.192.in-addr.arpa.", "254.169.in-addr.arpa.", "127.in-addr.arpa.",
+		"0.in-addr.arpa.", "d.f.ip6.arpa.", "8.e.f.ip6.arpa.", "9.e.f.ip6.arpa.", "a.e.f.ip6.arpa.", "b.e.f.ip6.arpa.",
+		"1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa."}
+	for i := 16; i < 32; i++ {
+		z = append(z, fmt.Sprintf("%d.172.in-addr.arpa.", i))
+	}
+	for i := 64; i < 128; i++ {
+		z = append(z, fmt.Sprintf("%d.100.in-addr.arpa.", i)) // shared address space (RFC 6598)
+	}
+	return z
+}()
+
+// privateReverse says whether a (lower-case, fully qualified) name is in
+// a private reverse zone.
+func privateReverse(name string) bool {
+	if !strings.HasSuffix(name, ".arpa.") {
+		return false
+	}
+	for _, z := range privateZones {
+		if name == z || strings.HasSuffix(name, "."+z) {
+			return true
+		}
+	}
+	return false
 }
 
 // hostResolvers are the nameservers of the host's /etc/resolv.conf.

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -116,9 +117,15 @@ func ours(t *testing.T) string {
 }
 
 // The workers' resolver sends *.consul to Consul, other names upstream
-// only with egress, and refuses them without.
+// only with egress, and refuses them without; reverse lookups of private
+// addresses and queries of several questions never leave it.
 func TestDNSForwarder(t *testing.T) {
+	var mu sync.Mutex
+	var asked []string // what the stand-in for Consul and upstream heard
 	consul := &dns.Server{Addr: "127.0.0.1:0", Net: "udp", Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		mu.Lock()
+		asked = append(asked, r.Question[0].Name)
+		mu.Unlock()
 		m := new(dns.Msg)
 		m.SetReply(r)
 		rr, _ := dns.NewRR(r.Question[0].Name + " 0 IN A 10.213.1.2")
@@ -145,15 +152,60 @@ func TestDNSForwarder(t *testing.T) {
 		for _, q := range []struct {
 			name string
 			want int
-		}{{"w0.sort.service.consul.", dns.RcodeSuccess}, {"example.com.", map[bool]int{false: dns.RcodeRefused, true: dns.RcodeSuccess}[egress]}} {
+		}{
+			{"w0.sort.service.consul.", dns.RcodeSuccess},
+			{"example.com.", map[bool]int{false: dns.RcodeRefused, true: dns.RcodeSuccess}[egress]},
+			{"4.1.213.10.in-addr.arpa.", dns.RcodeNameError},
+			{"9.0.20.172.IN-ADDR.ARPA.", dns.RcodeNameError},
+			{"1.0.168.192.in-addr.arpa.", dns.RcodeNameError},
+		} {
 			m := new(dns.Msg)
-			m.SetQuestion(q.name, dns.TypeA)
+			m.SetQuestion(q.name, dns.TypePTR)
 			r, _, err := c.Exchange(m, addr)
 			if err != nil || r.Rcode != q.want {
 				t.Errorf("egress %v: %s: %v rcode %v, want %v", egress, q.name, err, r, q.want)
 			}
 		}
+		m := new(dns.Msg)
+		m.SetQuestion("w0.sort.service.consul.", dns.TypeA)
+		m.Question = append(m.Question, dns.Question{Name: "leak.example.com.", Qtype: dns.TypeA, Qclass: dns.ClassINET})
+		if r, _, err := c.Exchange(m, addr); err != nil || r.Rcode != dns.RcodeFormatError {
+			t.Errorf("egress %v: a query of two questions: %v %v", egress, err, r)
+		}
 		f.Close()
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, n := range asked {
+		if strings.HasSuffix(strings.ToLower(n), ".arpa.") || n == "leak.example.com." {
+			t.Errorf("%s went past the workers' resolver", n)
+		}
+	}
+	if len(asked) != 3 { // the .consul name twice, example.com with egress
+		t.Errorf("the resolver passed on %v", asked)
+	}
+}
+
+// TestPrivateReverse covers the zones' edges.
+func TestPrivateReverse(t *testing.T) {
+	for name, want := range map[string]bool{
+		"10.in-addr.arpa.":                          true,
+		"1.2.3.10.in-addr.arpa.":                    true,
+		"1.2.15.172.in-addr.arpa.":                  false,
+		"1.2.16.172.in-addr.arpa.":                  true,
+		"1.2.31.172.in-addr.arpa.":                  true,
+		"1.2.32.172.in-addr.arpa.":                  false,
+		"1.2.64.100.in-addr.arpa.":                  true,
+		"8.8.8.8.in-addr.arpa.":                     false,
+		"4.4.8.8.in-addr.arpa.":                     false,
+		"110.in-addr.arpa.":                         false,
+		"example.com.":                              false,
+		"1.0.0.0.d.f.ip6.arpa.":                     true,
+		"1.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.": false,
+	} {
+		if got := privateReverse(name); got != want {
+			t.Errorf("%s: %v, want %v", name, got, want)
+		}
 	}
 }
 
