@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -88,11 +89,15 @@ Options:
                             watches gangs with it. Default: $NOMAD_TOKEN.
   -nomad-ca-cert=<path>     CA certificate verifying Nomad's HTTPS.
                             Default: $NOMAD_CACERT.
+  -nomad-ca-path=<dir>      Directory of CA certificates, where no
+                            -nomad-ca-cert is given. Default: $NOMAD_CAPATH.
   -nomad-client-cert=<path> Client certificate and key for a Nomad that
   -nomad-client-key=<path>  verifies its HTTPS clients. Default:
                             $NOMAD_CLIENT_CERT, $NOMAD_CLIENT_KEY.
   -nomad-tls-server-name=<name>  Name to verify Nomad's certificate
                             against. Default: $NOMAD_TLS_SERVER_NAME.
+  -nomad-skip-verify        Trust any certificate Nomad presents: for
+                            tests only. Default: $NOMAD_SKIP_VERIFY.
 
   Callers of cohort carry a Nomad token (X-Nomad-Token) and may do what
   Nomad's ACLs let it do: submitting or stopping a gang needs submit-job on
@@ -214,6 +219,9 @@ func StartServer(cfg ServerConfig) (*ServerAgent, error) {
 	nomadTLS, err := nc.TLS()
 	if err != nil {
 		return nil, err
+	}
+	if nc.SkipVerify {
+		cfg.Logger.Warn("nomad's certificate is not verified (-nomad-skip-verify): anyone on the path can read cohort's nomad token")
 	}
 	group := cfg.BootstrapExpect > 1 || len(cfg.Join) > 0
 	var bundle *tlsutil.Bundle
@@ -406,6 +414,9 @@ func (c *ServerCommand) Run(args []string) int {
 	fs.StringVar(&cfg.Nomad.ClientCert, "nomad-client-cert", os.Getenv("NOMAD_CLIENT_CERT"), "")
 	fs.StringVar(&cfg.Nomad.ClientKey, "nomad-client-key", os.Getenv("NOMAD_CLIENT_KEY"), "")
 	fs.StringVar(&cfg.Nomad.TLSServerName, "nomad-tls-server-name", os.Getenv("NOMAD_TLS_SERVER_NAME"), "")
+	fs.StringVar(&cfg.Nomad.CAPath, "nomad-ca-path", os.Getenv("NOMAD_CAPATH"), "")
+	skip, _ := strconv.ParseBool(os.Getenv("NOMAD_SKIP_VERIFY"))
+	fs.BoolVar(&cfg.Nomad.SkipVerify, "nomad-skip-verify", skip, "")
 	fs.StringVar(&cfg.TLS.CAFile, "ca-file", "", "")
 	fs.StringVar(&cfg.TLS.CertFile, "cert-file", "", "")
 	fs.StringVar(&cfg.TLS.KeyFile, "key-file", "", "")

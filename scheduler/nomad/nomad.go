@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/go-rootcerts"
 
-	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
@@ -45,10 +45,18 @@ type Client struct {
 type Config struct {
 	Address string // "" means $NOMAD_ADDR or the default
 	Token   string // cohort's own ACL token
-	// CACert verifies Nomad's certificate; ClientCert and ClientKey are
-	// cohort's when Nomad verifies its HTTPS clients; TLSServerName is
-	// the name to verify Nomad's certificate against.
-	CACert, ClientCert, ClientKey, TLSServerName string
+	// CACert verifies Nomad's certificate (CAPath: a directory of CA
+	// certificates does); ClientCert and ClientKey are cohort's when
+	// Nomad verifies its HTTPS clients; TLSServerName is the name to
+	// verify Nomad's certificate against. SkipVerify trusts any
+	// certificate, as NOMAD_SKIP_VERIFY does: for tests only.
+	CACert, CAPath, ClientCert, ClientKey, TLSServerName string
+	SkipVerify                                           bool
+}
+
+// tlsSet says whether any TLS setting is given.
+func (cfg Config) tlsSet() bool {
+	return cfg.CACert != "" || cfg.CAPath != "" || cfg.ClientCert != "" || cfg.TLSServerName != "" || cfg.SkipVerify
 }
 
 // apiConfig is the Nomad API client's configuration for token.
@@ -58,8 +66,9 @@ func (cfg Config) apiConfig(token string) *api.Config {
 		c.Address = cfg.Address
 	}
 	c.SecretID = token
-	if cfg.CACert != "" || cfg.ClientCert != "" || cfg.TLSServerName != "" {
-		c.TLSConfig = &api.TLSConfig{CACert: cfg.CACert, ClientCert: cfg.ClientCert, ClientKey: cfg.ClientKey, TLSServerName: cfg.TLSServerName}
+	if cfg.tlsSet() {
+		c.TLSConfig = &api.TLSConfig{CACert: cfg.CACert, CAPath: cfg.CAPath, ClientCert: cfg.ClientCert, ClientKey: cfg.ClientKey,
+			TLSServerName: cfg.TLSServerName, Insecure: cfg.SkipVerify}
 	}
 	return c
 }
@@ -67,16 +76,18 @@ func (cfg Config) apiConfig(token string) *api.Config {
 // TLS is the TLS configuration for talking to Nomad directly (the
 // Nomad-compatible endpoint's proxy), nil for plain HTTP.
 func (cfg Config) TLS() (*tls.Config, error) {
-	if cfg.CACert == "" && cfg.ClientCert == "" && cfg.TLSServerName == "" {
+	if !cfg.tlsSet() {
 		return nil, nil
 	}
-	tc := &tls.Config{ServerName: cfg.TLSServerName, MinVersion: tls.VersionTLS12}
-	if cfg.CACert != "" {
-		b, err := tlsutil.Load(tlsutil.Files{CAFile: cfg.CACert})
+	tc := &tls.Config{ServerName: cfg.TLSServerName, MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.SkipVerify}
+	if cfg.CACert != "" || cfg.CAPath != "" {
+		// As Nomad's CLI: the file if given, else every certificate in
+		// the directory.
+		pool, err := rootcerts.LoadCACerts(&rootcerts.Config{CAFile: cfg.CACert, CAPath: cfg.CAPath})
 		if err != nil {
-			return nil, fmt.Errorf("nomad's CA certificate: %w", err)
+			return nil, fmt.Errorf("nomad's CA certificates: %w", err)
 		}
-		tc.RootCAs = b.Pool
+		tc.RootCAs = pool
 	}
 	if cfg.ClientCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.ClientCert, cfg.ClientKey)

@@ -1,9 +1,18 @@
 package nomad
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -140,4 +149,63 @@ func TestRefusedOnlyFor4xx(t *testing.T) {
 		}
 		srv.Close()
 	}
+}
+
+// Nomad's TLS settings as its CLI reads them: a directory of CA
+// certificates verifies Nomad's certificate as one file does, skipping
+// verification trusts any, and neither trusts one signed by another CA.
+func TestNomadTLSSettings(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
+	defer srv.Close()
+	dir := t.TempDir()
+	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	if err := os.WriteFile(filepath.Join(dir, "nomad-ca.pem"), pemBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	get := func(cfg Config) error {
+		tc, err := cfg.TLS()
+		if err != nil {
+			return err
+		}
+		c := &http.Client{Transport: &http.Transport{TLSClientConfig: tc}, Timeout: 5 * time.Second}
+		resp, err := c.Get(srv.URL)
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err
+	}
+	if err := get(Config{CAPath: dir}); err != nil {
+		t.Errorf("a CA directory holding Nomad's CA: %v", err)
+	}
+	if err := get(Config{CACert: filepath.Join(dir, "nomad-ca.pem")}); err != nil {
+		t.Errorf("Nomad's CA file: %v", err)
+	}
+	if err := get(Config{SkipVerify: true}); err != nil {
+		t.Errorf("verification skipped: %v", err)
+	}
+	other := t.TempDir()
+	os.WriteFile(filepath.Join(other, "ca.pem"), testCAPEM(t), 0o600)
+	if err := get(Config{CAPath: other}); err == nil {
+		t.Error("a certificate of another CA was trusted")
+	}
+	ac := Config{CAPath: dir, SkipVerify: true}.apiConfig("")
+	if ac.TLSConfig == nil || ac.TLSConfig.CAPath != dir || !ac.TLSConfig.Insecure {
+		t.Errorf("the API client's TLS settings: %+v", ac.TLSConfig)
+	}
+}
+
+// testCAPEM is a self-signed CA certificate of its own.
+func testCAPEM(t *testing.T) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "other CA"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
