@@ -165,7 +165,7 @@ func Start(cfg Config) (*Replica, error) {
 			var st *stream
 			var err error
 			if cfg.TLSServer != nil || cfg.TLSClient != nil {
-				st, err = newTLSStream(cfg.Bind, cfg.TLSServer, cfg.TLSClient)
+				st, err = newTLSStream(cfg.Bind, cfg.TLSServer, cfg.TLSClient, cfg.Logger.Named("raft"))
 			} else {
 				st, err = newStream(cfg.Bind, nil, nil)
 			}

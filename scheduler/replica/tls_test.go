@@ -3,8 +3,11 @@ package replica
 import (
 	"crypto/tls"
 	"errors"
+	"github.com/hashicorp/go-hclog"
 	"io"
 	"net"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -87,3 +90,63 @@ func foreignServer(t *testing.T) *tlsutil.Bundle {
 	}
 	return b
 }
+
+// TestRefusedHandshakesLoggedOnce: connections the Raft port refuses
+// reach Raft as an end of stream (which it does not log) and are logged
+// here once, as a warning, however many come.
+func TestRefusedHandshakesLoggedOnce(t *testing.T) {
+	ca, err := tlsutil.NewCA("raft test", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ca.IssueBundle(t.TempDir(), "server", tlsutil.ServerCert(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, cc, err := server.RaftConfigs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var out strings.Builder
+	log := hclog.New(&hclog.LoggerOptions{Output: writerFunc(func(b []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return out.Write(b)
+	}), Level: hclog.Debug})
+	st, err := newTLSStream("127.0.0.1:0", sc, cc, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	reads := make(chan error, 3)
+	go func() {
+		for {
+			c, err := st.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, err := c.Read(make([]byte, 1)); reads <- err }()
+		}
+	}()
+	for i := 0; i < 3; i++ {
+		cfg := foreignServer(t).ClientConfig()
+		cfg.InsecureSkipVerify = true
+		if c, err := tls.Dial("tcp", st.Addr().String(), cfg); err == nil {
+			c.Read(make([]byte, 1))
+			c.Close()
+		}
+		if err := <-reads; err != io.EOF {
+			t.Errorf("Raft read %v from a refused connection, want the end of stream", err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := strings.Count(out.String(), "refused a connection to the raft port"); n != 1 || !strings.Contains(out.String(), "[WARN]") {
+		t.Errorf("3 refusals logged %d times:\n%s", n, out.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
