@@ -47,7 +47,7 @@ func (r *Replica) watchLeader(gone <-chan struct{}) {
 	defer r.watching.Done()
 	for {
 		select {
-		case <-r.stop:
+		case <-r.stopCtx.Done():
 			return
 		case <-gone:
 		}
@@ -87,7 +87,7 @@ func (r *Replica) leaderMaybeGone() {
 		return
 	}
 	select {
-	case <-r.stop:
+	case <-r.stopCtx.Done():
 		return
 	case <-time.After(standGrace + time.Duration(rank)*standStep):
 	}
@@ -108,7 +108,7 @@ func (r *Replica) leaderMaybeGone() {
 	}}
 	if err := r.trans.TimeoutNow(raft.ServerID(r.ID), self, req, &raft.TimeoutNowResponse{}); err != nil {
 		select {
-		case <-r.stop:
+		case <-r.stopCtx.Done():
 		default:
 			r.log.Warn("could not start an election; the heartbeat timeout will", "error", err)
 		}
@@ -123,7 +123,7 @@ func (r *Replica) leaderMaybeGone() {
 func (r *Replica) refusedWhileLeading(id raft.ServerID, addr string) bool {
 	for _, wait := range probeBackoff {
 		select {
-		case <-r.stop:
+		case <-r.stopCtx.Done():
 			return false
 		case <-time.After(wait):
 		}
@@ -180,7 +180,7 @@ func (r *Replica) mayStand(dead raft.ServerID, rank int) bool {
 			return false
 		}
 		select {
-		case <-r.stop:
+		case <-r.stopCtx.Done():
 			return false
 		case <-time.After(20 * time.Millisecond):
 		}

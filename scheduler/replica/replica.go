@@ -89,12 +89,10 @@ type Replica struct {
 	// closers release the transport and the stores after Shutdown.
 	closers []func() error
 	log     hclog.Logger
-	// stop ends watchLeader, which watching waits for; stopCtx is done
-	// with it.
-	stop     chan struct{}
+	// stopCtx ends watchLeader, which watching waits for, and its
+	// probes; cancel ends it.
 	stopCtx  context.Context
 	cancel   context.CancelFunc
-	stopOnce sync.Once
 	watching sync.WaitGroup
 	// probes counts leaderMaybeGone's probes of a leader, for tests.
 	probes atomic.Int64
@@ -216,7 +214,7 @@ func Start(cfg Config) (*Replica, error) {
 		closeAll()
 		return nil, err
 	}
-	rep := &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, logs: cached, closers: closers, stop: make(chan struct{}), log: cfg.Logger}
+	rep := &Replica{ID: cfg.ID, raft: r, fsm: f, trans: trans, logs: cached, closers: closers, log: cfg.Logger}
 	rep.stopCtx, rep.cancel = context.WithCancel(context.Background())
 	if streamL != nil {
 		rep.watching.Add(1)
@@ -437,7 +435,7 @@ func (r *Replica) TransferLeadership(timeout time.Duration) error {
 // the rest of the group it looks like a crash: call TransferLeadership
 // first for a planned stop.
 func (r *Replica) Shutdown() error {
-	r.stopOnce.Do(func() { close(r.stop); r.cancel() })
+	r.cancel()
 	err := r.raft.Shutdown().Error()
 	closeInReverse(r.closers)
 	// Raft has closed the transport (a watcher in the middle of an RPC
