@@ -75,6 +75,10 @@ func apply(a *proto.Assignment, p *prepared) error {
 		// failed start.
 		fmt.Fprintf(console, "cohort init: %v\n", err)
 	}
+	// /etc/hosts before DNS: without this, glibc asks DNS first.
+	if err := os.WriteFile("/etc/nsswitch.conf", []byte("hosts: files dns\n"), 0o644); err != nil {
+		fmt.Fprintf(console, "cohort init: writing /etc/nsswitch.conf: %v\n", err)
+	}
 	for _, tag := range a.Mounts {
 		dst := "/" + tag
 		os.MkdirAll(dst, 0o755)
@@ -315,16 +319,17 @@ const clockSlack = 100 * time.Millisecond
 // writeHosts writes /etc/hosts: localhost, the VM's own hostname (at its
 // address, so a program that looks up its own name, as MPI launchers and
 // the JVM do, gets the address its peers dial), and the gang's names,
-// which are looked up before DNS (/etc/nsswitch.conf says so: without
-// it, glibc asks DNS first). apply writes it without the gang; the start
-// barrier's release writes it again with it.
+// which are looked up before DNS (apply writes /etc/nsswitch.conf to say
+// so). apply writes it without the gang; the start barrier's release
+// writes it again with it, whole or not at all (renamed into place), as
+// a program may already be reading it.
 func writeHosts(a *proto.Assignment, gang []proto.Host) error {
 	os.MkdirAll("/etc", 0o755)
-	if err := os.WriteFile("/etc/hosts", hostsFile(a, gang), 0o644); err != nil {
+	if err := os.WriteFile("/etc/hosts.new", hostsFile(a, gang), 0o644); err != nil {
 		return fmt.Errorf("writing /etc/hosts: %w", err)
 	}
-	if err := os.WriteFile("/etc/nsswitch.conf", []byte("hosts: files dns\n"), 0o644); err != nil {
-		return fmt.Errorf("writing /etc/nsswitch.conf: %w", err)
+	if err := os.Rename("/etc/hosts.new", "/etc/hosts"); err != nil {
+		return fmt.Errorf("writing /etc/hosts: %w", err)
 	}
 	return nil
 }
