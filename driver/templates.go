@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,8 +49,37 @@ type template struct {
 }
 
 func newTemplates(ctx context.Context, dir string, backend vm.Backend, log hclog.Logger) *templates {
-	return &templates{dir: dir, runRoot: filepath.Join(dir, "run"), backend: backend, log: log, ctx: ctx,
+	t := &templates{dir: dir, runRoot: filepath.Join(dir, "run"), backend: backend, log: log, ctx: ctx,
 		live: &sync.Map{}, retry: retryAfter, state: map[string]*template{}}
+	t.pruneStale()
+	return t
+}
+
+// pruneStale removes the templates of other versions of the backend (the
+// VMM was upgraded): none can be restored by this one, and each holds a
+// snapshot and a RAM file of its shape's size on the node's disk for
+// good otherwise.
+func (t *templates) pruneStale() {
+	version := t.backend.Version()
+	if version == "" {
+		return // the VMM cannot say: nothing is known to be stale
+	}
+	current := "-" + t.backend.Name() + version + ".snap"
+	snaps, _ := filepath.Glob(filepath.Join(t.dir, "snapshots", "*.snap"))
+	removed := 0
+	for _, snap := range snaps {
+		if strings.HasSuffix(snap, current) {
+			continue
+		}
+		files, _ := filepath.Glob(snap + "*")
+		for _, f := range files {
+			os.Remove(f)
+		}
+		removed++
+	}
+	if removed > 0 {
+		t.log.Info("removed the templates of another version of the vmm", "templates", removed, "vmm", t.backend.Name()+" "+version)
+	}
 }
 
 // retryAfter backs off from 10 s, doubling to at most 10 minutes: a node

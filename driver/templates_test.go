@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -116,6 +117,32 @@ func TestTemplateRetriedUntilReady(t *testing.T) {
 	for f, want := range map[int]time.Duration{1: 10 * time.Second, 2: 20 * time.Second, 4: 80 * time.Second, 9: 10 * time.Minute, 50: 10 * time.Minute} {
 		if got := retryAfter(f); got != want {
 			t.Errorf("retryAfter(%d) = %s, want %s", f, got, want)
+		}
+	}
+}
+
+// Templates of another version of the VMM are removed when the driver
+// starts (none can be restored by this one); this version's stay.
+func TestStaleTemplatesPruned(t *testing.T) {
+	dir := t.TempDir()
+	snaps := filepath.Join(dir, "snapshots")
+	os.MkdirAll(snaps, 0o700)
+	keep := []string{"c1-m512-fake1.snap", "c1-m512-fake1.snap.ram", "c2-m1024-fake1.snap"}
+	drop := []string{"c1-m512-fake0.9.snap", "c1-m512-fake0.9.snap.ram", "c1-m512-fake0.9.snap.console.log", "c1-m512-fake0.9.snap.lock"}
+	for _, f := range append(append([]string(nil), keep...), drop...) {
+		if err := os.WriteFile(filepath.Join(snaps, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newTemplates(context.Background(), dir, &fakeBackend{}, hclog.NewNullLogger())
+	for _, f := range keep {
+		if _, err := os.Stat(filepath.Join(snaps, f)); err != nil {
+			t.Errorf("this version's %s: %v", f, err)
+		}
+	}
+	for _, f := range drop {
+		if _, err := os.Stat(filepath.Join(snaps, f)); err == nil {
+			t.Errorf("another version's %s is still there", f)
 		}
 	}
 }
