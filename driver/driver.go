@@ -222,7 +222,7 @@ func (d *Driver) setup(cfg *Config) error {
 		}
 		d.cohortTLS = b.ClientConfig()
 	}
-	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.log)
+	d.templates = newTemplates(d.ctx, cfg.StateDir, d.backend, d.shape(DefaultMemoryMB, 1, d.accel).Build(), d.log)
 	d.templates.live = &d.live
 	if cfg.Network.enabled() {
 		d.net = newNetwork(cfg.Network, cfg.CohortServers, cfg.StateDir, d.log.Named("network"))

@@ -48,37 +48,43 @@ type template struct {
 	took     time.Duration
 }
 
-func newTemplates(ctx context.Context, dir string, backend vm.Backend, log hclog.Logger) *templates {
+func newTemplates(ctx context.Context, dir string, backend vm.Backend, build string, log hclog.Logger) *templates {
 	t := &templates{dir: dir, runRoot: filepath.Join(dir, "run"), backend: backend, log: log, ctx: ctx,
 		live: &sync.Map{}, retry: retryAfter, state: map[string]*template{}}
-	t.pruneStale()
+	t.pruneStale(build)
 	return t
 }
 
-// pruneStale removes the templates of other versions of the backend (the
-// VMM was upgraded): none can be restored by this one, and each holds a
-// snapshot and a RAM file of its shape's size on the node's disk for
-// good otherwise.
-func (t *templates) pruneStale() {
+// pruneStale removes what templates of another guest build (build: see
+// vm.Shape.Build; cohort upgraded) or another version of the backend
+// (the VMM upgraded) left in the snapshots directory: none can be
+// restored now, and each holds a snapshot and a RAM file of its shape's
+// size on the node's disk for good otherwise. Files are told apart by
+// name: a shape's key, ".snap", and what follows (the RAM file, a lock,
+// a failed build's console and leftovers).
+func (t *templates) pruneStale(build string) {
 	version := t.backend.Version()
-	if version == "" {
-		return // the VMM cannot say: nothing is known to be stale
+	if version == "" || build == "" {
+		return // what is current cannot be told
 	}
-	current := "-" + t.backend.Name() + version + ".snap"
-	snaps, _ := filepath.Glob(filepath.Join(t.dir, "snapshots", "*.snap"))
+	dir := filepath.Join(t.dir, "snapshots")
+	entries, _ := os.ReadDir(dir)
 	removed := 0
-	for _, snap := range snaps {
-		if strings.HasSuffix(snap, current) {
+	for _, e := range entries {
+		i := strings.Index(e.Name(), ".snap")
+		if i < 0 {
+			continue // not a template's
+		}
+		key := e.Name()[:i]
+		if strings.HasPrefix(key, build+"-") && strings.HasSuffix(key, "-"+t.backend.Name()+version) {
 			continue
 		}
-		files, _ := filepath.Glob(snap + "*")
-		for _, f := range files {
-			os.Remove(f)
+		if os.RemoveAll(filepath.Join(dir, e.Name())) == nil {
+			removed++
 		}
-		removed++
 	}
 	if removed > 0 {
-		t.log.Info("removed the templates of another version of the vmm", "templates", removed, "vmm", t.backend.Name()+" "+version)
+		t.log.Info("removed the files of templates no longer usable (another guest build or vmm version)", "files", removed, "vmm", t.backend.Name()+" "+version)
 	}
 }
 

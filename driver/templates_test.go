@@ -63,8 +63,8 @@ func TestTemplateBuiltOncePerHost(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	fb := &fakeBackend{}
-	a := newTemplates(ctx, dir, fb, hclog.NewNullLogger())
-	b := newTemplates(ctx, dir, fb, hclog.NewNullLogger())
+	a := newTemplates(ctx, dir, fb, "", hclog.NewNullLogger())
+	b := newTemplates(ctx, dir, fb, "", hclog.NewNullLogger())
 	shape := vm.Shape{Kernel: "/k", Initrd: "/i", MemoryMB: 128, VCPUs: 1, Accel: "tcg"}
 	if a.get(shape) != "" || b.get(shape) != "" {
 		t.Fatal("a template was ready before any build")
@@ -96,7 +96,7 @@ func TestTemplateRetriedUntilReady(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	fb := &fakeBackend{fails: 4}
-	ts := newTemplates(ctx, t.TempDir(), fb, hclog.NewNullLogger())
+	ts := newTemplates(ctx, t.TempDir(), fb, "", hclog.NewNullLogger())
 	ts.retry = func(int) time.Duration { return 20 * time.Millisecond }
 	shape := vm.Shape{Kernel: "/k", Initrd: "/i", MemoryMB: 128, VCPUs: 1, Accel: "tcg"}
 	ts.get(shape)
@@ -121,28 +121,35 @@ func TestTemplateRetriedUntilReady(t *testing.T) {
 	}
 }
 
-// Templates of another version of the VMM are removed when the driver
-// starts (none can be restored by this one); this version's stay.
+// What templates of another guest build or another version of the VMM
+// left is removed when the driver starts (none can be restored now),
+// failed builds' leftovers included; this build's templates stay, and
+// files that are no template's.
 func TestStaleTemplatesPruned(t *testing.T) {
 	dir := t.TempDir()
 	snaps := filepath.Join(dir, "snapshots")
 	os.MkdirAll(snaps, 0o700)
-	keep := []string{"c1-m512-fake1.snap", "c1-m512-fake1.snap.ram", "c2-m1024-fake1.snap"}
-	drop := []string{"c1-m512-fake0.9.snap", "c1-m512-fake0.9.snap.ram", "c1-m512-fake0.9.snap.console.log", "c1-m512-fake0.9.snap.lock"}
+	keep := []string{"b1-m512-c1-tcg-fake1.snap", "b1-m512-c1-tcg-fake1.snap.ram", "b1-m1024-c2-tcg-fake1.snap",
+		"b1-m512-c1-tcg-fake1.snap.lock", "notes.txt"}
+	drop := []string{
+		"b1-m512-c1-tcg-fake0.9.snap", "b1-m512-c1-tcg-fake0.9.snap.ram", "b1-m512-c1-tcg-fake0.9.snap.console.log",
+		"b1-m512-c1-tcg-fake0.9.snap.lock", "b1-m512-c1-tcg-fake0.9.snap.ram.123-456.tmp",
+		"b0-m512-c1-tcg-fake1.snap", "b0-m512-c1-tcg-fake1.snap.ram", "b0-m512-c1-tcg-fake1.snap.ram.9-9.tmp",
+	}
 	for _, f := range append(append([]string(nil), keep...), drop...) {
 		if err := os.WriteFile(filepath.Join(snaps, f), []byte("x"), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
-	newTemplates(context.Background(), dir, &fakeBackend{}, hclog.NewNullLogger())
+	newTemplates(context.Background(), dir, &fakeBackend{}, "b1", hclog.NewNullLogger())
 	for _, f := range keep {
 		if _, err := os.Stat(filepath.Join(snaps, f)); err != nil {
-			t.Errorf("this version's %s: %v", f, err)
+			t.Errorf("%s: %v", f, err)
 		}
 	}
 	for _, f := range drop {
 		if _, err := os.Stat(filepath.Join(snaps, f)); err == nil {
-			t.Errorf("another version's %s is still there", f)
+			t.Errorf("%s is still there", f)
 		}
 	}
 }

@@ -74,10 +74,14 @@ type Shape struct {
 // made under another layout is never restored.
 const layout = "6" // 2: 9p mapped-xattr, append-only guest files; 3: templates boot verbose; 4: every guest told the TSC's rate; 5: TCG guests only; 6: TCG guests with highres=off
 
-// Key names the shape in file names.
+// Key names the shape in file names. It begins with Build.
 func (s Shape) Key() string {
-	return fmt.Sprintf("%s-m%d-c%d-%s", shortHash(s.Kernel+"\x00"+s.Initrd+"\x00"+layout), s.MemoryMB, s.VCPUs, s.Accel)
+	return fmt.Sprintf("%s-m%d-c%d-%s", s.Build(), s.MemoryMB, s.VCPUs, s.Accel)
 }
+
+// Build names what every shape of one guest build shares: its kernel, its
+// initrd and how cohort lays a VM out.
+func (s Shape) Build() string { return shortHash(s.Kernel + "\x00" + s.Initrd + "\x00" + layout) }
 
 // Spec is one VM to start.
 type Spec struct {
