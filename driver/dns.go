@@ -6,16 +6,18 @@ package driver
 // node), other names to the host's own resolvers when egress is on, and
 // are refused when it is off. Workers cannot reach Consul itself.
 //
-// Nothing about the cluster goes upstream: .consul names never do, and
-// reverse lookups of private addresses (workers look up their peers'
-// addresses) are answered here, with no such name, as RFC 6303 asks of
-// resolvers, instead of telling the host's resolvers (often a provider's)
-// which private addresses the workers talk to.
+// Nothing about the workers goes upstream: .consul names never do, and
+// reverse lookups of workers' addresses (programs look up their peers')
+// are answered here, with no such name, instead of telling the host's
+// resolvers (often a provider's) which workers talk to which. Reverse
+// lookups of other private addresses go upstream with egress, as before:
+// a provider's or a company's resolver may know those names.
 
 import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -25,6 +27,8 @@ import (
 )
 
 type dnsForwarder struct {
+	// workers is the cluster's worker range.
+	workers  *net.IPNet
 	consul   string
 	upstream []string
 	egress   bool
@@ -44,11 +48,11 @@ func consulDNS(cfg NetworkConfig) string {
 }
 
 // startDNS serves DNS on addr (UDP and TCP).
-func startDNS(addr, consul string, egress bool, log hclog.Logger) (*dnsForwarder, error) {
+func startDNS(addr, consul string, workers *net.IPNet, egress bool, log hclog.Logger) (*dnsForwarder, error) {
 	if consul == "" {
 		consul = consulDNS(NetworkConfig{})
 	}
-	f := &dnsForwarder{consul: consul, upstream: hostResolvers(), egress: egress, log: log,
+	f := &dnsForwarder{workers: workers, consul: consul, upstream: hostResolvers(), egress: egress, log: log,
 		client: &dns.Client{Net: "udp", Timeout: 2 * time.Second},
 		tcp:    &dns.Client{Net: "tcp", Timeout: 2 * time.Second}}
 	pc, err := net.ListenPacket("udp", addr)
@@ -87,7 +91,7 @@ func (f *dnsForwarder) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		return
 	}
 	name := strings.ToLower(req.Question[0].Name)
-	if privateReverse(name) {
+	if reverseIn(name, f.workers) {
 		m := new(dns.Msg)
 		m.SetRcode(req, dns.RcodeNameError)
 		m.Authoritative = true
@@ -123,33 +127,27 @@ func (f *dnsForwarder) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	w.WriteMsg(m)
 }
 
-// privateZones are the reverse zones of private and local addresses that
-// RFC 6303 says resolvers answer themselves.
-var privateZones = func() []string {
-	z := []string{"10.in-addr.arpa.", "168.192.in-addr.arpa.", "254.169.in-addr.arpa.", "127.in-addr.arpa.",
-		"0.in-addr.arpa.", "d.f.ip6.arpa.", "8.e.f.ip6.arpa.", "9.e.f.ip6.arpa.", "a.e.f.ip6.arpa.", "b.e.f.ip6.arpa.",
-		"1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa."}
-	for i := 16; i < 32; i++ {
-		z = append(z, fmt.Sprintf("%d.172.in-addr.arpa.", i))
-	}
-	for i := 64; i < 128; i++ {
-		z = append(z, fmt.Sprintf("%d.100.in-addr.arpa.", i)) // shared address space (RFC 6598)
-	}
-	return z
-}()
-
-// privateReverse says whether a (lower-case, fully qualified) name is in
-// a private reverse zone.
-func privateReverse(name string) bool {
-	if !strings.HasSuffix(name, ".arpa.") {
+// reverseIn says whether a (lower-case, fully qualified) name is the
+// reverse name of an IPv4 address in rng, or of a part of rng.
+func reverseIn(name string, rng *net.IPNet) bool {
+	rest, ok := strings.CutSuffix(name, ".in-addr.arpa.")
+	if !ok || rng == nil || rng.IP.To4() == nil {
 		return false
 	}
-	for _, z := range privateZones {
-		if name == z || strings.HasSuffix(name, "."+z) {
-			return true
-		}
+	labels := strings.Split(rest, ".")
+	if len(labels) > 4 {
+		return false
 	}
-	return false
+	ip := make(net.IP, 4)
+	for i, l := range labels {
+		v, err := strconv.Atoi(l)
+		if err != nil || v < 0 || v > 255 || (len(l) > 1 && l[0] == '0') {
+			return false
+		}
+		ip[len(labels)-1-i] = byte(v)
+	}
+	ones, _ := rng.Mask.Size()
+	return 8*len(labels) >= ones && rng.Contains(ip)
 }
 
 // hostResolvers are the nameservers of the host's /etc/resolv.conf.

@@ -176,7 +176,7 @@ func (n *network) up(subnet, rng *net.IPNet) error {
 		n.subnet = nil
 		return err
 	}
-	d, err := startDNS(net.JoinHostPort(gw.String(), "53"), n.cfg.ConsulDNS, n.cfg.Egress, n.log.Named("dns"))
+	d, err := startDNS(net.JoinHostPort(gw.String(), "53"), n.cfg.ConsulDNS, rng, n.cfg.Egress, n.log.Named("dns"))
 	if err != nil {
 		n.subnet = nil
 		return err

@@ -117,8 +117,8 @@ func ours(t *testing.T) string {
 }
 
 // The workers' resolver sends *.consul to Consul, other names upstream
-// only with egress, and refuses them without; reverse lookups of private
-// addresses and queries of several questions never leave it.
+// only with egress, and refuses them without; reverse lookups of the
+// workers' addresses and queries of several questions never leave it.
 func TestDNSForwarder(t *testing.T) {
 	var mu sync.Mutex
 	var asked []string // what the stand-in for Consul and upstream heard
@@ -143,7 +143,8 @@ func TestDNSForwarder(t *testing.T) {
 		l, _ := net.ListenPacket("udp", "127.0.0.1:0")
 		addr := l.LocalAddr().String()
 		l.Close()
-		f, err := startDNS(addr, caddr, egress, hclog.NewNullLogger())
+		_, workers, _ := net.ParseCIDR("10.213.0.0/16")
+		f, err := startDNS(addr, caddr, workers, egress, hclog.NewNullLogger())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -156,8 +157,8 @@ func TestDNSForwarder(t *testing.T) {
 			{"w0.sort.service.consul.", dns.RcodeSuccess},
 			{"example.com.", map[bool]int{false: dns.RcodeRefused, true: dns.RcodeSuccess}[egress]},
 			{"4.1.213.10.in-addr.arpa.", dns.RcodeNameError},
-			{"9.0.20.172.IN-ADDR.ARPA.", dns.RcodeNameError},
-			{"1.0.168.192.in-addr.arpa.", dns.RcodeNameError},
+			{"1.213.10.IN-ADDR.ARPA.", dns.RcodeNameError},
+			{"9.0.20.172.in-addr.arpa.", map[bool]int{false: dns.RcodeRefused, true: dns.RcodeSuccess}[egress]},
 		} {
 			m := new(dns.Msg)
 			m.SetQuestion(q.name, dns.TypePTR)
@@ -177,35 +178,39 @@ func TestDNSForwarder(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	for _, n := range asked {
-		if strings.HasSuffix(strings.ToLower(n), ".arpa.") || n == "leak.example.com." {
+		if strings.HasSuffix(strings.ToLower(n), ".213.10.in-addr.arpa.") || n == "leak.example.com." {
 			t.Errorf("%s went past the workers' resolver", n)
 		}
 	}
-	if len(asked) != 3 { // the .consul name twice, example.com with egress
+	if len(asked) != 4 { // the .consul name twice; with egress, example.com and 172.20.0.9
 		t.Errorf("the resolver passed on %v", asked)
 	}
 }
 
-// TestPrivateReverse covers the zones' edges.
-func TestPrivateReverse(t *testing.T) {
+// TestReverseIn: the reverse names of the workers' range, whole
+// addresses or parts of it, and nothing else.
+func TestReverseIn(t *testing.T) {
+	_, rng, _ := net.ParseCIDR("10.213.0.0/16")
 	for name, want := range map[string]bool{
-		"10.in-addr.arpa.":                          true,
-		"1.2.3.10.in-addr.arpa.":                    true,
-		"1.2.15.172.in-addr.arpa.":                  false,
-		"1.2.16.172.in-addr.arpa.":                  true,
-		"1.2.31.172.in-addr.arpa.":                  true,
-		"1.2.32.172.in-addr.arpa.":                  false,
-		"1.2.64.100.in-addr.arpa.":                  true,
-		"8.8.8.8.in-addr.arpa.":                     false,
-		"4.4.8.8.in-addr.arpa.":                     false,
-		"110.in-addr.arpa.":                         false,
-		"example.com.":                              false,
-		"1.0.0.0.d.f.ip6.arpa.":                     true,
-		"1.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.": false,
+		"4.1.213.10.in-addr.arpa.":   true,
+		"1.213.10.in-addr.arpa.":     true,
+		"213.10.in-addr.arpa.":       true,
+		"10.in-addr.arpa.":           false, // wider than the range
+		"4.1.214.10.in-addr.arpa.":   false,
+		"4.1.213.11.in-addr.arpa.":   false,
+		"04.1.213.10.in-addr.arpa.":  false,
+		"256.1.213.10.in-addr.arpa.": false,
+		"x.1.213.10.in-addr.arpa.":   false,
+		"5.4.1.213.10.in-addr.arpa.": false,
+		"example.com.":               false,
+		"1.0.0.0.d.f.ip6.arpa.":      false,
 	} {
-		if got := privateReverse(name); got != want {
+		if got := reverseIn(name, rng); got != want {
 			t.Errorf("%s: %v, want %v", name, got, want)
 		}
+	}
+	if reverseIn("4.1.213.10.in-addr.arpa.", nil) {
+		t.Error("no range holds every address")
 	}
 }
 
