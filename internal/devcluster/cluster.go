@@ -108,8 +108,6 @@ type Cluster struct {
 	nomad   *agent
 	nodes   []*Node
 	outside string // the outside host's namespace, if any
-	// lock keeps another cluster off this one's network (see lockTag).
-	lock    *os.File
 	once    sync.Once
 	stopped chan struct{}
 	tls     *TLSFiles
@@ -192,11 +190,6 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		c.Stop()
 		return nil, err
 	}
-	lock, err := lockTag(cfg.Ports.NomadHTTP)
-	if err != nil {
-		return nil, err
-	}
-	c.lock = lock
 	if err := c.net.up(); err != nil {
 		return fail(err)
 	}
@@ -483,9 +476,6 @@ func (c *Cluster) Stop() error {
 		}
 		for _, n := range c.nodes {
 			os.RemoveAll(n.StateDir)
-		}
-		if c.lock != nil {
-			c.lock.Close() // last: the network is down
 		}
 	})
 	return errors.Join(errs...)

@@ -8,6 +8,7 @@ package devcluster
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 )
@@ -18,6 +19,34 @@ type devNet struct {
 	tag    int
 	bridge string
 	prefix string // the /24's first three octets
+	// locks keep other dev networks off this one's tag and subnet while
+	// it is up (see lockNet).
+	locks []*os.File
+}
+
+// lock takes the network's locks, unless it holds them.
+func (d *devNet) lock() error {
+	if d.locks != nil {
+		return nil
+	}
+	tag, err := lockNet(fmt.Sprintf("port-%d", d.tag), fmt.Sprintf("ports (%d)", d.tag))
+	if err != nil {
+		return err
+	}
+	subnet, err := lockNet("net-"+d.prefix, "network ("+d.prefix+".0/24)")
+	if err != nil {
+		tag.Close()
+		return err
+	}
+	d.locks = []*os.File{tag, subnet}
+	return nil
+}
+
+func (d *devNet) unlock() {
+	for _, f := range d.locks {
+		f.Close()
+	}
+	d.locks = nil
 }
 
 func newDevNet(tag int) *devNet {
@@ -49,7 +78,10 @@ func run(args ...string) error {
 
 // up creates the bridge with the servers' address.
 func (d *devNet) up() error {
-	d.down() // a cluster of the same tag that crashed
+	if err := d.lock(); err != nil {
+		return err
+	}
+	d.teardown() // a cluster of the same tag that crashed
 	for _, args := range [][]string{
 		{"ip", "link", "add", d.bridge, "type", "bridge"},
 		{"ip", "addr", "add", d.ServerIP() + "/24", "dev", d.bridge},
@@ -89,7 +121,17 @@ func (d *devNet) addHost(name, ip string) (string, error) {
 // down removes every host and the bridge; removing a namespace removes
 // all it held (its end of the veth, the workers' bridge and taps, its
 // routes and firewall).
+// down removes the network, if this one holds it, and lets go of it.
 func (d *devNet) down() error {
+	if d.locks == nil {
+		return nil // never up, or another's: nothing of it is this one's
+	}
+	defer d.unlock()
+	return d.teardown()
+}
+
+// teardown removes the bridge and the namespaces of the network's tag.
+func (d *devNet) teardown() error {
 	var errs []string
 	out, _ := exec.Command("ip", "netns", "list").Output()
 	for _, line := range strings.Split(string(out), "\n") {
