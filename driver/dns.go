@@ -136,7 +136,9 @@ func reverseIn(name string, rng *net.IPNet) bool {
 	}
 	labels := strings.Split(rest, ".")
 	if len(labels) > 4 {
-		return false
+		// Names below an address (DNS-SD's b._dns-sd._udp.<address>)
+		// tell as much about it.
+		labels = labels[len(labels)-4:]
 	}
 	ip := make(net.IP, 4)
 	for i, l := range labels {

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -80,6 +81,7 @@ type Driver struct {
 	// config; the defaults without one).
 	ptKernel, ptInitrd string
 	kernelVer          string
+	kernelDigest       string // the kernel's contents, for template keys
 	templates          *templates
 	pool               *pool // nil without a pool
 	net                *network
@@ -175,6 +177,9 @@ func (d *Driver) setup(cfg *Config) error {
 		return fmt.Errorf("guest kernel: %w", err)
 	}
 	d.kernel = kernel
+	if d.kernelDigest, err = fileDigest(kernel); err != nil {
+		return fmt.Errorf("guest kernel: %w", err)
+	}
 	if d.kernelVer, err = vm.KernelVersion(kernel); err != nil {
 		return fmt.Errorf("guest kernel %s: %w", kernel, err)
 	}
@@ -252,12 +257,27 @@ func (d *Driver) cohortClient(server string) *api.Client {
 	return c.(*api.Client)
 }
 
+// fileDigest names a file's contents (the first 16 hex digits of its
+// SHA-256).
+func fileDigest(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("reading %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
 // DefaultMemoryMB is the shape warmed at start-up, matching the job spec's
 // default worker memory.
 const DefaultMemoryMB = 128
 
 func (d *Driver) shape(memMB, vcpus int, accel string) vm.Shape {
-	return vm.Shape{Kernel: d.kernel, Initrd: d.initrd, MemoryMB: memMB, VCPUs: vcpus, Accel: accel}
+	return vm.Shape{Kernel: d.kernel, KernelDigest: d.kernelDigest, Initrd: d.initrd, MemoryMB: memMB, VCPUs: vcpus, Accel: accel}
 }
 
 // buildInitrd packs the init, and kernel modules for the init to load in

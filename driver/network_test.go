@@ -192,18 +192,19 @@ func TestDNSForwarder(t *testing.T) {
 func TestReverseIn(t *testing.T) {
 	_, rng, _ := net.ParseCIDR("10.213.0.0/16")
 	for name, want := range map[string]bool{
-		"4.1.213.10.in-addr.arpa.":   true,
-		"1.213.10.in-addr.arpa.":     true,
-		"213.10.in-addr.arpa.":       true,
-		"10.in-addr.arpa.":           false, // wider than the range
-		"4.1.214.10.in-addr.arpa.":   false,
-		"4.1.213.11.in-addr.arpa.":   false,
-		"04.1.213.10.in-addr.arpa.":  false,
-		"256.1.213.10.in-addr.arpa.": false,
-		"x.1.213.10.in-addr.arpa.":   false,
-		"5.4.1.213.10.in-addr.arpa.": false,
-		"example.com.":               false,
-		"1.0.0.0.d.f.ip6.arpa.":      false,
+		"4.1.213.10.in-addr.arpa.":                true,
+		"1.213.10.in-addr.arpa.":                  true,
+		"213.10.in-addr.arpa.":                    true,
+		"10.in-addr.arpa.":                        false, // wider than the range
+		"4.1.214.10.in-addr.arpa.":                false,
+		"4.1.213.11.in-addr.arpa.":                false,
+		"04.1.213.10.in-addr.arpa.":               false,
+		"256.1.213.10.in-addr.arpa.":              false,
+		"x.1.213.10.in-addr.arpa.":                false,
+		"5.4.1.213.10.in-addr.arpa.":              true, // below an address of the range
+		"b._dns-sd._udp.0.1.213.10.in-addr.arpa.": true,
+		"example.com.":                            false,
+		"1.0.0.0.d.f.ip6.arpa.":                   false,
 	} {
 		if got := reverseIn(name, rng); got != want {
 			t.Errorf("%s: %v, want %v", name, got, want)

@@ -63,11 +63,14 @@ type Backend interface {
 // Shape is what a snapshot depends on: VMs of one shape can be restored
 // from one snapshot.
 type Shape struct {
-	Kernel   string
-	Initrd   string
-	MemoryMB int
-	VCPUs    int
-	Accel    string
+	Kernel string
+	// KernelDigest names the kernel's contents, where the path alone
+	// would not (an install replaces the kernel at the same path).
+	KernelDigest string
+	Initrd       string
+	MemoryMB     int
+	VCPUs        int
+	Accel        string
 }
 
 // layout versions the VMM's device and backend layout (Args): a snapshot
@@ -81,7 +84,9 @@ func (s Shape) Key() string {
 
 // Build names what every shape of one guest build shares: its kernel, its
 // initrd and how cohort lays a VM out.
-func (s Shape) Build() string { return shortHash(s.Kernel + "\x00" + s.Initrd + "\x00" + layout) }
+func (s Shape) Build() string {
+	return shortHash(s.Kernel + "\x00" + s.KernelDigest + "\x00" + s.Initrd + "\x00" + layout)
+}
 
 // Spec is one VM to start.
 type Spec struct {

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,5 +60,22 @@ func TestAliveThroughExit(t *testing.T) {
 	}
 	if m.Alive() {
 		t.Error("a reaped process is alive")
+	}
+}
+
+// A shape's build follows the kernel's contents, not only its path (an
+// install replaces the kernel in place), and a template's key begins
+// with it.
+func TestShapeBuild(t *testing.T) {
+	a := Shape{Kernel: "/opt/cohort/vmlinux", KernelDigest: "aaaa", Initrd: "/s/initrd-1.gz", MemoryMB: 128, VCPUs: 1, Accel: "tcg"}
+	b := a
+	b.KernelDigest = "bbbb"
+	if a.Build() == b.Build() {
+		t.Error("a kernel replaced at the same path kept the build")
+	}
+	c := a
+	c.MemoryMB = 256
+	if a.Build() != c.Build() || !strings.HasPrefix(c.Key(), c.Build()+"-") || a.Key() == c.Key() {
+		t.Errorf("shapes of one build: %s %s", a.Key(), c.Key())
 	}
 }

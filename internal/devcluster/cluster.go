@@ -186,6 +186,11 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	c := &Cluster{cfg: cfg, log: cfg.Logger, net: newDevNet(cfg.Ports.NomadHTTP), stopped: make(chan struct{}),
 		agents: &agents{dir: cfg.DataDir, log: cfg.Logger}, http: &http.Client{Timeout: 5 * time.Second}}
+	// Refused before anything is made: a cluster already on this
+	// network must lose nothing to this one's clean-up.
+	if err := c.net.lock(); err != nil {
+		return nil, err
+	}
 	fail := func(err error) (*Cluster, error) {
 		c.Stop()
 		return nil, err

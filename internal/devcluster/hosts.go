@@ -76,7 +76,8 @@ func run(args ...string) error {
 	return nil
 }
 
-// up creates the bridge with the servers' address.
+// up creates the bridge with the servers' address. A network that
+// cannot come up takes down what it made and lets go of its locks.
 func (d *devNet) up() error {
 	if err := d.lock(); err != nil {
 		return err
@@ -88,6 +89,7 @@ func (d *devNet) up() error {
 		{"ip", "link", "set", d.bridge, "up"},
 	} {
 		if err := run(args...); err != nil {
+			d.down()
 			return fmt.Errorf("the dev network: %w", err)
 		}
 	}
@@ -118,10 +120,9 @@ func (d *devNet) addHost(name, ip string) (string, error) {
 	return ns, nil
 }
 
-// down removes every host and the bridge; removing a namespace removes
-// all it held (its end of the veth, the workers' bridge and taps, its
-// routes and firewall).
-// down removes the network, if this one holds it, and lets go of it.
+// down removes every host and the bridge, if this network holds them,
+// and lets go of its locks; removing a namespace removes all it held (its
+// end of the veth, the workers' bridge and taps, its routes and firewall).
 func (d *devNet) down() error {
 	if d.locks == nil {
 		return nil // never up, or another's: nothing of it is this one's
