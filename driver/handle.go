@@ -194,6 +194,7 @@ func (h *taskHandle) run() {
 					}
 					h.d.log.Warn("worker vm did not power off after its program exited; stopping it",
 						"task", h.cfg.Name, "alloc", h.cfg.AllocID, "after", grace)
+					h.event(fmt.Sprintf("Stopped: the VM did not power off within %s of its program's exit", grace))
 					h.m.Kill()
 				})
 			}

@@ -631,7 +631,9 @@ func Shortfall(nodes []Node, j *Job) string {
 			continue
 		}
 		eligibleNodes++
-		if best == nil || n.MemoryMB+n.CPU > best.MemoryMB+best.CPU {
+		// Ties go to the lower ID, so the message does not depend on the
+		// nodes' order.
+		if best == nil || n.MemoryMB+n.CPU > best.MemoryMB+best.CPU || (n.MemoryMB+n.CPU == best.MemoryMB+best.CPU && n.ID < best.ID) {
 			best = n
 		}
 	}
