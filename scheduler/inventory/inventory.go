@@ -16,6 +16,7 @@ package inventory
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -60,9 +61,13 @@ type View struct {
 	// pendingNodes and pendingJobs are what Placed leaves for the next
 	// Sync to read again.
 	pendingNodes, pendingJobs []string
-	// Rebuilds counts whole reads of the inventory.
-	Rebuilds int
+	// reads counts whole reads of the inventory (read by metrics,
+	// without the caller's lock).
+	reads atomic.Int64
 }
+
+// FullReads is how many times the inventory was read whole.
+func (v *View) FullReads() int64 { return v.reads.Load() }
 
 type held struct {
 	job  placement.Job
@@ -186,7 +191,7 @@ func (v *View) rebuild() (*placement.Inventory, error) {
 		return nil, err
 	}
 	v.inv, v.cur = placement.NewInventory(placement.Subtract(nodes, run)), cur
-	v.Rebuilds++
+	v.reads.Add(1)
 	return v.inv, nil
 }
 

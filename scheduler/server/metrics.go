@@ -60,6 +60,8 @@ var (
 	workersDesc = prometheus.NewDesc("cohort_workers", "Workers of cluster jobs by job status.", []string{"status"}, nil)
 	leaderDesc  = prometheus.NewDesc("cohort_leader", "1 when this replica leads.", nil, nil)
 	appliedDesc = prometheus.NewDesc("cohort_raft_applied_index", "Last Raft index applied here.", nil, nil)
+	readsDesc   = prometheus.NewDesc("cohort_inventory_full_reads_total",
+		"Times the leader read its free inventory whole (at its first admission, after Nomad's lists were read afresh, after a restore) instead of applying what changed.", nil, nil)
 )
 
 func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -67,6 +69,7 @@ func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- workersDesc
 	ch <- leaderDesc
 	ch <- appliedDesc
+	ch <- readsDesc
 }
 
 func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -88,6 +91,7 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(leaderDesc, prometheus.GaugeValue, leader)
 	ch <- prometheus.MustNewConstMetric(appliedDesc, prometheus.GaugeValue, float64(c.s.r.AppliedIndex()))
+	ch <- prometheus.MustNewConstMetric(readsDesc, prometheus.CounterValue, float64(c.s.view.FullReads()))
 }
 
 // seconds is d in seconds, never negative (clocks of different servers).

@@ -42,6 +42,7 @@ func TestMetricsHistograms(t *testing.T) {
 		"cohort_deadline_lateness_seconds_sum":         0.025,
 		`cohort_jobs{status="finished"}`:               1,
 		"cohort_leader":                                1,
+		"cohort_inventory_full_reads_total":            1, // the first admission's
 	} {
 		if got, ok := metricValue(out, name); !ok || math.Abs(got-want) > 1e-9 {
 			t.Errorf("%s = %v (found %t), want %v", name, got, ok, want)
