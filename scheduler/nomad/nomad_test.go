@@ -1,14 +1,8 @@
 package nomad
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
-	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cohort-dev/cohort/internal/tlsutil"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/hashicorp/nomad/api"
 )
@@ -184,7 +179,11 @@ func TestNomadTLSSettings(t *testing.T) {
 		t.Errorf("verification skipped: %v", err)
 	}
 	other := t.TempDir()
-	os.WriteFile(filepath.Join(other, "ca.pem"), testCAPEM(t), 0o600)
+	otherCA, err := tlsutil.NewCA("other CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(other, "ca.pem"), otherCA.CertPEM, 0o600)
 	if err := get(Config{CAPath: other}); err == nil {
 		t.Error("a certificate of another CA was trusted")
 	}
@@ -192,20 +191,4 @@ func TestNomadTLSSettings(t *testing.T) {
 	if ac.TLSConfig == nil || ac.TLSConfig.CAPath != dir || !ac.TLSConfig.Insecure {
 		t.Errorf("the API client's TLS settings: %+v", ac.TLSConfig)
 	}
-}
-
-// testCAPEM is a self-signed CA certificate of its own.
-func testCAPEM(t *testing.T) []byte {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "other CA"}, NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }

@@ -95,18 +95,7 @@ func foreignServer(t *testing.T) *tlsutil.Bundle {
 // reach Raft as an end of stream (which it does not log) and are logged
 // here once, as a warning, however many come.
 func TestRefusedHandshakesLoggedOnce(t *testing.T) {
-	ca, err := tlsutil.NewCA("raft test", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := ca.IssueBundle(t.TempDir(), "server", tlsutil.ServerCert(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, cc, err := server.RaftConfigs()
-	if err != nil {
-		t.Fatal(err)
-	}
+	sc, cc := raftTLS(t)
 	var mu sync.Mutex
 	var out strings.Builder
 	log := hclog.New(&hclog.LoggerOptions{Output: writerFunc(func(b []byte) (int, error) {
