@@ -103,9 +103,7 @@ func (v *View) Sync(hs []Held, complete bool) (*placement.Inventory, error) {
 		old := v.held[h.Key]
 		if h.Decision == nil {
 			if old != nil {
-				nodes = v.unplace(h.Key, old, nodes)
-				delete(v.held, h.Key)
-				jobs = append(jobs, h.Key) // its allocations count again
+				nodes, jobs = v.letGo(h.Key, old, nodes, jobs)
 			}
 			continue
 		}
@@ -130,9 +128,7 @@ func (v *View) Sync(hs []Held, complete bool) (*placement.Inventory, error) {
 	if complete {
 		for key, old := range v.held {
 			if old.mark != v.mark {
-				nodes = v.unplace(key, old, nodes)
-				delete(v.held, key)
-				jobs = append(jobs, key)
+				nodes, jobs = v.letGo(key, old, nodes, jobs)
 			}
 		}
 	}
@@ -168,6 +164,14 @@ func (v *View) Placed(key string, job *placement.Job, d *placement.Decision) {
 	v.held[key] = h
 	v.place(key, h, nil)
 	v.pendingJobs = append(v.pendingJobs, key)
+}
+
+// letGo forgets a gang's holding: its nodes are read again, and its
+// allocations in Nomad count again.
+func (v *View) letGo(key string, old *held, nodes, jobs []string) ([]string, []string) {
+	nodes = v.unplace(key, old, nodes)
+	delete(v.held, key)
+	return nodes, append(jobs, key)
 }
 
 // holds says whether a gang holds room by reservation: its allocations

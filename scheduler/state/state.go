@@ -294,10 +294,17 @@ func (s *State) HeldSince(c HeldCursor, fn func(key string)) (next HeldCursor, a
 // Holds is the reservation key's job holds now, if it holds one.
 func (s *State) Holds(key string) (*placement.Job, *placement.Decision, bool) {
 	j, ok := s.Jobs[key]
-	if !ok || (j.Status != Reserved && j.Status != Running) || j.Decision == nil {
+	if !ok || !j.holdsRoom() {
 		return nil, nil, false
 	}
 	return &j.Spec, j.Decision, true
+}
+
+// holdsRoom says whether the job holds a reservation: reserved or
+// running, with a decision (an adopted gang has none: Nomad accounts for
+// its allocations).
+func (j *Job) holdsRoom() bool {
+	return (j.Status == Reserved || j.Status == Running) && j.Decision != nil
 }
 
 // unclean is live's bucket for ended runs whose Nomad job is still
@@ -729,7 +736,7 @@ func (s *State) Holding(now time.Time) []placement.Running {
 // edit it), so the pointer tells a reader whether a holding changed.
 func (s *State) EachHeld(fn func(key string, spec *placement.Job, d *placement.Decision)) {
 	held := func(key string, j *Job) {
-		if (j.Status == Reserved || j.Status == Running) && j.Decision != nil {
+		if j.holdsRoom() {
 			fn(key, &j.Spec, j.Decision)
 		}
 	}
