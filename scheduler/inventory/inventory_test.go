@@ -279,8 +279,8 @@ func TestViewNeedsNewSpecs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := inv.Node("n0"); n.CPU != 3000 || n.MemoryMB != 7168 || l.reads != 2 {
-		t.Fatalf("after the refused holding: n0 %+v, %d whole reads", n, l.reads)
+	if ns := inv.Nodes(); len(ns) != 1 || ns[0].CPU != 3000 || ns[0].MemoryMB != 7168 || l.reads != 2 {
+		t.Fatalf("after the refused holding: %+v, %d whole reads", ns, l.reads)
 	}
 }
 

@@ -176,8 +176,8 @@ func TestSetNodeDecidesAsRebuilt(t *testing.T) {
 				}
 			}
 			checkIndex(t, kept)
-			if kept.Len() != len(kept.Nodes()) {
-				t.Fatalf("iter %d step %d: Len %d, %d nodes", iter, step, kept.Len(), len(kept.Nodes()))
+			if len(kept.index) != len(kept.Nodes()) {
+				t.Fatalf("iter %d step %d: %d indexed, %d nodes", iter, step, len(kept.index), len(kept.Nodes()))
 			}
 		}
 	}

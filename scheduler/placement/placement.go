@@ -147,18 +147,6 @@ func (inv *inventory) Nodes() []Node {
 	return out
 }
 
-// Node is what is free on one node now.
-func (inv *inventory) Node(id string) (Node, bool) {
-	i, ok := inv.index[id]
-	if !ok {
-		return Node{}, false
-	}
-	return copyNode(&inv.nodes[i]), true
-}
-
-// Len is the number of nodes.
-func (inv *inventory) Len() int { return len(inv.index) }
-
 // SetNode puts n into the inventory, or replaces the node of its ID, and
 // indexes it: an inventory kept current by deltas re-indexes the nodes
 // that changed, O(log n) each, instead of being built again.
