@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -177,10 +176,7 @@ func (d *Driver) setup(cfg *Config) error {
 		return fmt.Errorf("guest kernel: %w", err)
 	}
 	d.kernel = kernel
-	if d.kernelDigest, err = fileDigest(kernel); err != nil {
-		return fmt.Errorf("guest kernel: %w", err)
-	}
-	if d.kernelVer, err = vm.KernelVersion(kernel); err != nil {
+	if d.kernelVer, d.kernelDigest, err = vm.KernelInfo(kernel); err != nil {
 		return fmt.Errorf("guest kernel %s: %w", kernel, err)
 	}
 	if err := d.backend.Check(); err != nil {
@@ -255,21 +251,6 @@ func (d *Driver) cohortClient(server string) *api.Client {
 	}
 	c, _ := d.clients.LoadOrStore(server, api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: d.cohortTLS}))
 	return c.(*api.Client)
-}
-
-// fileDigest names a file's contents (the first 16 hex digits of its
-// SHA-256).
-func fileDigest(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("reading %s: %w", path, err)
-	}
-	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
 // DefaultMemoryMB is the shape warmed at start-up, matching the job spec's

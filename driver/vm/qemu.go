@@ -2,6 +2,8 @@ package vm
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -425,12 +427,22 @@ func DetectAccel() (string, string) {
 	return "kvm", "hardware virtualization available"
 }
 
-// KernelVersion finds the "Linux version" banner in a kernel image.
-func KernelVersion(path string) (string, error) {
+// KernelInfo reads a kernel image once for its "Linux version" banner and
+// a digest of its contents (the first 16 hex digits of its SHA-256),
+// which names it where its path would not: an install replaces the kernel
+// at the same path.
+func KernelInfo(path string) (version, digest string, err error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
+	sum := sha256.Sum256(b)
+	version, err = kernelVersion(b)
+	return version, hex.EncodeToString(sum[:])[:16], err
+}
+
+// kernelVersion finds the "Linux version" banner in a kernel image.
+func kernelVersion(b []byte) (string, error) {
 	const marker = "Linux version "
 	for off := 0; ; {
 		i := strings.Index(string(b[off:]), marker)
