@@ -373,18 +373,28 @@ func (b *bench) explain(id string) {
 				fmt.Fprintf(os.Stderr, "   %s %s: %s\n", time.Unix(0, e.Time).Format("15:04:05.000"), e.Type, e.DisplayMessage)
 			}
 		}
-		a, _, err := b.nomad.Allocations().Info(stub.ID, nil)
-		if err != nil {
-			continue
-		}
 		for _, f := range []string{"stdout", "stderr"} {
-			if r, err := b.nomad.AllocFS().Cat(a, "alloc/logs/worker."+f+".0", nil); err == nil {
-				out, _ := io.ReadAll(io.LimitReader(r, 4096))
-				r.Close()
+			if out, err := b.cat(stub.ID, "alloc/logs/worker."+f+".0"); err == nil {
 				fmt.Fprintf(os.Stderr, "   %s: %q\n", f, out)
 			}
 		}
 	}
+}
+
+// cat reads the first MiB of a file in an allocation's directory
+// through the Nomad server, over the bench's one HTTP client. The api's
+// AllocFS reads from the client node directly over a new transport per
+// call, whose idle connection then lingers: the bench polls logs every
+// 100 ms, and so held hundreds of connections until Nomad's limit per
+// address (100) refused the rest with 429.
+func (b *bench) cat(allocID, path string) (string, error) {
+	r, err := b.nomad.Raw().Response("/v1/client/fs/cat/"+allocID, &api.QueryOptions{Params: map[string]string{"path": path}})
+	if err != nil {
+		return "", err
+	}
+	defer r.Close()
+	out, err := io.ReadAll(io.LimitReader(r, 1<<20))
+	return string(out), err
 }
 
 // logs is every allocation's stdout of a job.
@@ -395,25 +405,11 @@ func (b *bench) logs(id string) ([]string, error) {
 	}
 	var out []string
 	for _, stub := range allocs {
-		a, _, err := b.nomad.Allocations().Info(stub.ID, nil)
-		if err != nil {
-			return nil, err
-		}
-		r, err := b.nomad.AllocFS().Cat(a, "alloc/logs/worker.stdout.0", nil)
+		o, err := b.cat(stub.ID, "alloc/logs/worker.stdout.0")
 		if err != nil {
 			continue
 		}
-		var sb strings.Builder
-		buf := make([]byte, 4096)
-		for {
-			n, err := r.Read(buf)
-			sb.Write(buf[:n])
-			if err != nil {
-				break
-			}
-		}
-		r.Close()
-		out = append(out, sb.String())
+		out = append(out, o)
 	}
 	return out, nil
 }
