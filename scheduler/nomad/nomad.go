@@ -393,6 +393,27 @@ func takeAlloc(pn *placement.Node, a *api.AllocationListStub) {
 	}
 }
 
+// allocDevices counts the devices an allocation was given, by kind; nil
+// when it has none or its resources are not known.
+func allocDevices(a *api.AllocationListStub) map[string]int {
+	if a.AllocatedResources == nil {
+		return nil
+	}
+	var out map[string]int
+	for _, t := range a.AllocatedResources.Tasks {
+		for _, d := range t.Devices {
+			if len(d.DeviceIDs) == 0 {
+				continue
+			}
+			if out == nil {
+				out = map[string]int{}
+			}
+			out[deviceKind(d.Vendor, d.Type, d.Name)] += len(d.DeviceIDs)
+		}
+	}
+	return out
+}
+
 // terminal says whether an allocation no longer holds its resources.
 func terminal(a *api.AllocationListStub) bool {
 	switch a.DesiredStatus {
@@ -528,6 +549,10 @@ type Worker struct {
 	// FinishedAt is when the allocation's last task finished, once it
 	// has.
 	FinishedAt time.Time `json:",omitempty"`
+	// Devices counts the devices Nomad gave the allocation, by kind,
+	// where its resources are known (Client.Allocs takes them from the
+	// event-fed copy: a job's allocation list does not carry them).
+	Devices map[string]int `json:",omitempty"`
 }
 
 // ErrNoJob means Nomad does not know the job.
@@ -580,7 +605,31 @@ func (c *Client) Allocs(namespace, id string, version uint64) (Allocs, error) {
 	if err != nil {
 		return a, fmt.Errorf("listing the allocations of %s: %w", id, err)
 	}
-	return CountAllocs(a, version, stubs), nil
+	return CountAllocs(a, version, c.withResources(stubs)), nil
+}
+
+// withResources gives the stubs of a job's allocation list, which never
+// carry their resources, those of the event-fed copy where it has them:
+// the devices an adopted gang's workers hold are known only from there.
+// The copy's resources are never edited in place (an event replaces a
+// stub whole), so they can be shared.
+func (c *Client) withResources(stubs []*api.AllocationListStub) []*api.AllocationListStub {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.watching || c.cluster == nil {
+		return stubs
+	}
+	for i, s := range stubs {
+		if s.AllocatedResources != nil {
+			continue
+		}
+		if have := c.cluster.allocs[s.ID]; have != nil && have.AllocatedResources != nil {
+			cp := *s
+			cp.AllocatedResources = have.AllocatedResources
+			stubs[i] = &cp
+		}
+	}
+	return stubs
 }
 
 // CountAllocs adds the allocations of one job version to a.
@@ -592,7 +641,7 @@ func CountAllocs(a Allocs, version uint64, stubs []*api.AllocationListStub) Allo
 		if s.JobVersion != version {
 			continue
 		}
-		w := Worker{Alloc: s.ID, Name: s.Name, TaskGroup: s.TaskGroup, Node: s.NodeID, NodeName: s.NodeName, Status: s.ClientStatus}
+		w := Worker{Alloc: s.ID, Name: s.Name, TaskGroup: s.TaskGroup, Node: s.NodeID, NodeName: s.NodeName, Status: s.ClientStatus, Devices: allocDevices(s)}
 		finished := true
 		for task, ts := range s.TaskStates {
 			if ts.FinishedAt.IsZero() {

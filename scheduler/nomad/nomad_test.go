@@ -1,6 +1,7 @@
 package nomad
 
 import (
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"net/http"
@@ -120,6 +121,53 @@ func TestCountAllocs(t *testing.T) {
 	}
 	if !a.Workers[1].FinishedAt.IsZero() {
 		t.Errorf("a running worker has a finish time: %+v", a.Workers[1])
+	}
+}
+
+// A job's allocation list carries no resources, so the devices each
+// worker holds come from the event-fed copy: an adopted gang's decision
+// is built from them.
+func TestAllocsKnowWorkersDevices(t *testing.T) {
+	// As Nomad lists a job's allocations: no resources.
+	listed := []*api.AllocationListStub{
+		{ID: "a1", Name: "j.w[0]", TaskGroup: "w", JobID: "j", NodeID: "n1", JobVersion: 0, ClientStatus: "running", DesiredStatus: "run"},
+		{ID: "a2", Name: "j.w[1]", TaskGroup: "w", JobID: "j", NodeID: "n1", JobVersion: 0, ClientStatus: "running", DesiredStatus: "run"},
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/job/j":
+			json.NewEncoder(w).Encode(api.Job{ID: ptr("j"), JobModifyIndex: ptr(uint64(7))})
+		case "/v1/job/j/allocations":
+			json.NewEncoder(w).Encode(listed)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	c, err := New(Config{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := c.Allocs("", "j", 0)
+	if err != nil || len(a.Workers) != 2 || a.Workers[0].Devices != nil {
+		t.Fatalf("without a copy: %v %+v", err, a.Workers)
+	}
+
+	// The copy knows a1 with two GPUs and a2 without its resources yet.
+	withGPUs := stubAlloc("j", "n1", "running", "run", 500, 512, "GPU-0", "GPU-1")
+	withGPUs.ID = "a1"
+	bare := &api.AllocationListStub{ID: "a2", JobID: "j", NodeID: "n1", ClientStatus: "running", DesiredStatus: "run"}
+	c.cluster = newCluster([]*api.NodeListStub{stubNode("n1", "ready", 4000, 8192, gpus("nvidia", "A100", 2, 0))}, []*api.AllocationListStub{withGPUs, bare})
+	c.watching = true
+	a, err = c.Allocs("", "j", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := a.Workers[0].Devices; !reflect.DeepEqual(got, map[string]int{"nvidia/gpu/A100": 2}) {
+		t.Errorf("a1's devices: %v", got)
+	}
+	if got := a.Workers[1].Devices; got != nil {
+		t.Errorf("a2's devices, unknown to the copy: %v", got)
 	}
 }
 

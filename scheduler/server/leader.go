@@ -687,7 +687,9 @@ func describeFailed(j *state.Job, a nomad.Allocs) string {
 }
 
 // adoptedDecision records where Nomad placed an adopted gang's live
-// workers, as if cohort had placed them.
+// workers, as if cohort had placed them, with the devices Nomad gave
+// each: the running gang's decision stands for its allocations in the
+// inventory, so a device it leaves out would look free to the next gang.
 func adoptedDecision(j *state.Job, a nomad.Allocs) *placement.Decision {
 	d := &placement.Decision{Job: j.Key()}
 	for _, w := range a.Workers {
@@ -698,7 +700,7 @@ func adoptedDecision(j *state.Job, a nomad.Allocs) *placement.Decision {
 		if !ok {
 			continue
 		}
-		d.Workers = append(d.Workers, placement.Worker{Group: group, Index: idx, Node: w.Node})
+		d.Workers = append(d.Workers, placement.Worker{Group: group, Index: idx, Node: w.Node, Devices: w.Devices})
 	}
 	return d
 }

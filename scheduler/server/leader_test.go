@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http/httptest"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -597,6 +598,63 @@ func TestRegisteredPinnedToReservation(t *testing.T) {
 		if v.State != "running" || v.Alloc == "" {
 			t.Errorf("worker view %+v", v)
 		}
+	}
+}
+
+// gpuGang is gang with every worker asking for one NVIDIA GPU.
+func gpuGang(id string, count int) *nomadapi.Job {
+	spec := &jobspec.Job{Name: id, Priority: 50, Datacenters: []string{"*"}, NodePool: "default",
+		MaxRuntime: time.Minute, GangTimeout: 10 * time.Second,
+		Groups: []*jobspec.Group{{Name: "a", Count: count, Address: id + "-a", Driver: jobspec.DriverMicroVM,
+			Resources: jobspec.Resources{CPU: 500, MemoryMB: 512, Devices: []jobspec.Device{{Name: "nvidia/gpu", Count: 1}}},
+			Program:   jobspec.Program{Path: "/bin/true"}}}}
+	return jobspec.ToNomad(spec)
+}
+
+// An adopted gang's decision carries the devices Nomad gave its workers.
+// The decision stands for the gang's allocations in the inventory, so a
+// GPU it left out looked free, and the next GPU gang was placed on it
+// (Nomad would then leave that gang pending until its gang timeout).
+func TestAdoptedGangHoldsItsDevices(t *testing.T) {
+	n1 := node("n1", 4000, 4096)
+	n1.Devices = map[string]int{"nvidia/gpu/H100": 2}
+	h := newHarness(t, n1)
+	h.nomad.adopt(gpuGang("direct", 2))
+	h.nomad.set2(func() {
+		for i, a := range h.nomad.jobs["direct"].allocs {
+			a.NodeID = "n1"
+			a.AllocatedResources = &nomadapi.AllocatedResources{Tasks: map[string]*nomadapi.AllocatedTaskResources{
+				"worker": {Devices: []*nomadapi.AllocatedDeviceResource{{Vendor: "nvidia", Type: "gpu", Name: "H100", DeviceIDs: []string{"GPU-" + strconv.Itoa(i)}}}}}}
+		}
+	})
+	h.pass() // the watcher's list shows it
+	h.runAll("direct")
+	h.bootAll("direct")
+	h.pass()
+	j := h.job("direct")
+	if j.Status != state.Running || !j.Adopted || j.Decision == nil || len(j.Decision.Workers) != 2 {
+		t.Fatalf("%+v", j)
+	}
+	for _, w := range j.Decision.Workers {
+		if w.Node != "n1" || w.Devices["nvidia/gpu/H100"] != 1 {
+			t.Fatalf("adopted worker %+v: want node n1 holding one nvidia/gpu/H100", w)
+		}
+	}
+	// Both GPUs are taken: a gang that wants one waits, though the CPU
+	// and memory it asks for are free.
+	h.submit(gpuGang("next", 1))
+	h.pass()
+	if j := h.job("next"); j.Status != state.Queued {
+		t.Fatalf("a gang wanting a GPU while an adopted gang holds both: %s, want queued", j.Status)
+	}
+	// Once the adopted gang ends, its GPUs are free again.
+	for _, a := range h.nomad.live("direct") {
+		h.nomad.set(a, "complete", 0, h.clock())
+	}
+	h.pass()
+	h.pass()
+	if j := h.job("next"); j.Status != state.Reserved {
+		t.Fatalf("after the adopted gang ended: %s, want reserved", j.Status)
 	}
 }
 
