@@ -1,7 +1,7 @@
 // Package deploy holds what installs cohort on hosts: install.sh (the
 // binaries and systemd units), server.sh (a Consul, Nomad and cohort
-// server) and node.sh (a Nomad client with cohort's plugins beside a
-// Consul agent). The install guide, the Vagrant cluster and `cohort dev`
+// server), node.sh (a Nomad client with cohort's plugins beside a
+// Consul agent) and the Nomad ACL policy of cohort's servers. The install guide, the Vagrant cluster and `cohort dev`
 // all set hosts up with these same scripts; they are embedded so that a
 // cohort binary carries the ones it was built with.
 package deploy
@@ -14,7 +14,7 @@ import (
 	"path/filepath"
 )
 
-//go:embed host/*.sh systemd/*.service
+//go:embed host/*.sh systemd/*.service nomad/*.hcl
 var files embed.FS
 
 // Script paths, relative to the directory WriteTo writes into.
@@ -23,6 +23,21 @@ const (
 	Server  = "host/server.sh"
 	Node    = "host/node.sh"
 )
+
+// ServerPolicyName is the name the install guide and the dev cluster give
+// ServerPolicy in Nomad.
+const ServerPolicyName = "cohort-server"
+
+// ServerPolicy is the Nomad ACL policy of cohort's servers
+// (nomad/cohort-server.policy.hcl): the secured dev cluster runs its
+// servers with a token of it, so the e2e tests show it is enough.
+func ServerPolicy() string {
+	b, err := files.ReadFile("nomad/cohort-server.policy.hcl")
+	if err != nil {
+		panic(err) // embedded at build time
+	}
+	return string(b)
+}
 
 // WriteTo writes the scripts and units into dir, keeping their layout
 // (install.sh finds the units beside it), and returns dir.

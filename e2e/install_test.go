@@ -237,9 +237,10 @@ func TestInstallGuide(t *testing.T) {
 	server.start(t, "consul", &procs)
 	server.start(t, "nomad", &procs)
 
-	// Step 4: Nomad's ACLs bootstrapped; cohort's server gets the token.
+	// Step 4: Nomad's ACLs bootstrapped; cohort's server gets a token of
+	// its policy.
 	nomadEnv := []string{"NOMAD_ADDR=https://" + server.ip + ":4646", "NOMAD_CACERT=" + pem("nomad-agent-ca.pem")}
-	var token string
+	var token, serverToken string
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		cmd := exec.Command(nomad, "acl", "bootstrap", "-json")
@@ -255,8 +256,28 @@ func TestInstallGuide(t *testing.T) {
 		}
 		time.Sleep(time.Second)
 	}
+	// The servers' own token, of the policy the guide ships.
+	policy := filepath.Join(filepath.Dir(scripts), "nomad", "cohort-server.policy.hcl")
+	for _, args := range [][]string{
+		{"acl", "policy", "apply", "-description", "cohort servers", "cohort-server", policy},
+		{"acl", "token", "create", "-name", "cohort-server", "-policy", "cohort-server", "-json"},
+	} {
+		cmd := exec.Command(nomad, args...)
+		cmd.Env = append(os.Environ(), append(nomadEnv, "NOMAD_TOKEN="+token)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("nomad %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		if args[1] == "token" {
+			var tok struct{ SecretID string }
+			if err := json.Unmarshal(out, &tok); err != nil || tok.SecretID == "" {
+				t.Fatalf("nomad acl token create: %v\n%s", err, out)
+			}
+			serverToken = tok.SecretID
+		}
+	}
 	tokenFile := server.path("etc/cohort/nomad-token")
-	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(tokenFile, []byte(serverToken+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	serverEnv["NOMAD_TOKEN_FILE"] = tokenFile

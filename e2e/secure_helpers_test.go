@@ -60,7 +60,7 @@ func serverTLSArgs(c *devcluster.Cluster) []string {
 		return nil
 	}
 	args := []string{"-ca-file", t.CA, "-cert-file", t.Server.CertFile, "-key-file", t.Server.KeyFile}
-	if tok := c.NomadToken(); tok != "" {
+	if tok := c.ServerNomadToken(); tok != "" {
 		args = append(args, "-nomad-token", tok, "-nomad-ca-cert", t.CA)
 	}
 	return args

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -8,8 +9,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cohort-dev/cohort/internal/devcluster"
+	nomadapi "github.com/hashicorp/nomad/api"
 )
 
 // secureGang is a microvm gang of two workers on one node that print
@@ -36,25 +39,16 @@ func secureGang(name string) string {
 // nomadToken makes an ACL policy from rules and a client token holding it.
 func nomadToken(t *testing.T, c *devcluster.Cluster, name, rules string) string {
 	t.Helper()
-	body, _ := json.Marshal(map[string]string{"Name": name, "Rules": rules})
-	resp, err := c.NomadDo("PUT", "/v1/acl/policy/"+name, body)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("creating policy %s: %v %v", name, err, resp)
+	tok, err := c.NomadPolicyToken(name, rules)
+	if err != nil {
+		t.Fatal(err)
 	}
-	resp.Body.Close()
-	body, _ = json.Marshal(map[string]any{"Name": name, "Type": "client", "Policies": []string{name}})
-	resp, err = c.NomadDo("PUT", "/v1/acl/token", body)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("creating token %s: %v %v", name, err, resp)
-	}
-	defer resp.Body.Close()
-	var tok struct{ SecretID string }
-	json.NewDecoder(resp.Body).Decode(&tok)
-	return tok.SecretID
+	return tok
 }
 
 // TestSecureCluster: Nomad with TLS and ACLs bootstrapped, cohort's server
-// with TLS and its own Nomad token, the microvm driver with its node's
+// with TLS and its own Nomad token (of the policy the install guide gives
+// it), the microvm driver with its node's
 // certificate. A token with submit-job on "default" runs a gang with
 // `cohort run` and with `nomad job run` through the Nomad-compatible
 // endpoint, and reads its logs with `nomad alloc logs` there; an
@@ -67,6 +61,38 @@ func TestSecureCluster(t *testing.T) {
 	secure(t, c, "")
 	api := cohortServerAt(t, c, opts.servers[0], "-nomad-listen", nomadListen)
 	endpoint := "https://" + nomadListen
+
+	// The server holds a client token of the install guide's policy
+	// (deploy/nomad/cohort-server.policy.hcl), not the management token:
+	// all this test runs is done with it, and Nomad refuses it the rest.
+	nomadBin, _ := devcluster.FindBinary("nomad")
+	asServer := exec.Command(nomadBin, "acl", "token", "list")
+	asServer.Env = append(append(os.Environ(), c.NomadEnv()...), "NOMAD_TOKEN="+c.ServerNomadToken())
+	if out, err := asServer.CombinedOutput(); err == nil || !strings.Contains(string(out), "403") {
+		t.Errorf("nomad acl token list with cohort's server token: %v\n%s", err, out)
+	}
+	// The event stream the servers' inventory follows is allowed to it: a
+	// refusal would leave them on whole reads of the lists, with nothing
+	// failing but a warning in their log.
+	nc, err := nomadapi.NewClient(&nomadapi.Config{Address: c.NomadAddr(), SecretID: c.ServerNomadToken(), TLSConfig: &nomadapi.TLSConfig{CACert: c.TLS().CA}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	events, err := nc.EventStream().Stream(ctx, map[nomadapi.Topic][]string{nomadapi.TopicNode: {"*"}, nomadapi.TopicAllocation: {"*"}}, 0, &nomadapi.QueryOptions{Namespace: "*"})
+	if err == nil {
+		select {
+		case ev := <-events:
+			if ev != nil {
+				err = ev.Err
+			}
+		case <-ctx.Done():
+		}
+	}
+	cancel()
+	if err != nil {
+		t.Errorf("the event stream with cohort's server token: %v", err)
+	}
 
 	submit := nomadToken(t, c, "submit", `
 namespace "default" {

@@ -29,9 +29,9 @@
 #                      and ACLs (then give cohort NOMAD_TOKEN, below)
 #   NOMAD_TLS_SERVER_NAME  the name cohort checks on Nomad's certificate
 #                      (server.global.nomad: every Nomad server's names it)
-#   NOMAD_TOKEN_FILE   file holding the Nomad token cohort's server uses
-#                      (a management token, or one that may read nodes and
-#                      submit jobs in the namespaces cohort serves)
+#   NOMAD_TOKEN_FILE   file holding the Nomad token cohort's server uses:
+#                      a client token of deploy/nomad/cohort-server.policy.hcl
+#                      (reads nodes; submits and reads jobs in every namespace)
 #   NOMAD_HTTP_PORT (4646) NOMAD_RPC_PORT (4647) NOMAD_SERF_PORT (4648)
 #   CONSUL_SERF_LAN_PORT (8301)
 #   COHORT_HTTP_PORT (4747) COHORT_RAFT_PORT (4748)

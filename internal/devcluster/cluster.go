@@ -114,8 +114,10 @@ type Cluster struct {
 	// scripts is where cohort's host scripts were written for this
 	// cluster: its hosts are set up with node.sh.
 	scripts string
-	token   string       // Nomad's management token, with NomadSecure
-	http    *http.Client // to Nomad and Consul
+	token   string // Nomad's management token, with NomadSecure
+	// serverToken is cohort's servers' own, of deploy.ServerPolicy.
+	serverToken string
+	http        *http.Client // to Nomad and Consul
 }
 
 // NomadAddr is the Nomad HTTP API (and UI) address.
@@ -318,6 +320,9 @@ func (c *Cluster) startNomad(ctx context.Context) error {
 	c.nomad = a
 	if c.cfg.NomadSecure {
 		if err := a.waitFor(ctx, "nomad's ACL bootstrap", c.bootstrapACL); err != nil {
+			return err
+		}
+		if err := c.makeServerToken(); err != nil {
 			return err
 		}
 	}

@@ -9,12 +9,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/cohort-dev/cohort/deploy"
 	"github.com/cohort-dev/cohort/internal/tlsutil"
 )
 
@@ -140,6 +142,54 @@ func (c *Cluster) bootstrapACL() (bool, error) {
 	}
 	c.token = tok.SecretID
 	return c.token != "", nil
+}
+
+// ServerNomadToken is the token cohort's servers reach the Nomad of a
+// cluster with ACLs (NomadSecure) with: a client token of the policy the
+// install guide gives them (deploy.ServerPolicy), never the management
+// token, so the tests show the policy is enough. "" without ACLs.
+func (c *Cluster) ServerNomadToken() string { return c.serverToken }
+
+// makeServerToken gives cohort's servers their token.
+func (c *Cluster) makeServerToken() (err error) {
+	c.serverToken, err = c.NomadPolicyToken(deploy.ServerPolicyName, deploy.ServerPolicy())
+	return err
+}
+
+// NomadPolicyToken applies an ACL policy to the cluster's Nomad under
+// name and makes a client token of it, named alike.
+func (c *Cluster) NomadPolicyToken(name, rules string) (string, error) {
+	policy, _ := json.Marshal(map[string]string{"Name": name, "Rules": rules})
+	if err := c.nomadWrite("PUT", "/v1/acl/policy/"+name, policy, nil); err != nil {
+		return "", fmt.Errorf("applying ACL policy %s: %w", name, err)
+	}
+	req, _ := json.Marshal(map[string]any{"Name": name, "Type": "client", "Policies": []string{name}})
+	var tok struct{ SecretID string }
+	if err := c.nomadWrite("POST", "/v1/acl/token", req, &tok); err != nil {
+		return "", fmt.Errorf("making a token of ACL policy %s: %w", name, err)
+	}
+	if tok.SecretID == "" {
+		return "", fmt.Errorf("making a token of ACL policy %s: nomad answered without one", name)
+	}
+	return tok.SecretID, nil
+}
+
+// nomadWrite sends one write to Nomad's API as the cluster's operator and
+// decodes its answer into out, if not nil.
+func (c *Cluster) nomadWrite(method, path string, body []byte, out any) error {
+	resp, err := c.NomadDo(method, path, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(b))
+	}
+	if out == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
 }
 
 // NomadDo sends one request to Nomad's API as the cluster's operator.
