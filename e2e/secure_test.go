@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cohort-dev/cohort/internal/devcluster"
+	"github.com/cohort-dev/cohort/jobspec"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
 
@@ -194,6 +195,48 @@ namespace "default" {
 	if out, err := nomadAs("", "alloc", "logs", allocs[0].ID, "worker"); err == nil {
 		t.Errorf("nomad alloc logs without a token: %s", out)
 	}
+
+	// A raw_exec gang, held by cohort's barrier task: the task reads its
+	// run's barrier token from its own Nomad variable, which its workload
+	// identity may read, so the job, which a read-only token reads, does
+	// not hold the token, and that token may not read the variable.
+	rawSpec := writeTemp(t, dir, "raw.hcl", rawGang("rawsecure", 2, "90s", "/bin/sh", "-c", "sleep 5"))
+	if out, err := cohortAs(submit, "run", "-detach", "-address", api, rawSpec); err != nil {
+		t.Fatalf("cohort run of a raw_exec gang: %v\n%s", err, out)
+	}
+	nomadDirect := func(token string, args ...string) (string, error) {
+		cmd := exec.Command(nomad, args...)
+		cmd.Env = append(append(os.Environ(), c.NomadEnv()...), "NOMAD_TOKEN="+token)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	const tokenVar = "nomad/jobs/rawsecure/w/cohort-barrier"
+	waitFor(t, "the raw_exec gang's token variable", func() bool {
+		_, err := nomadDirect(c.NomadToken(), "var", "get", tokenVar)
+		return err == nil
+	})
+	// Nomad answers a token that may not read a variable as if it did not
+	// exist; the operator's read just after shows that it does.
+	if out, err := nomadDirect(reader, "var", "get", tokenVar); err == nil {
+		t.Errorf("nomad var get of the barrier token with a read-only token:\n%s", out)
+	}
+	if out, err := nomadDirect(c.NomadToken(), "var", "get", tokenVar); err != nil {
+		t.Errorf("the token variable went before the gang ended: %v\n%s", err, out)
+	}
+	out, err = nomadDirect(reader, "job", "inspect", "rawsecure")
+	if err != nil || strings.Contains(out, `"`+jobspec.EnvBarrierToken+`"`) || !strings.Contains(out, "nomadVar") {
+		t.Errorf("the raw_exec gang's job, read with a read-only token, should read its token from a variable: %v\n%s", err, out)
+	}
+	sec.token = submit
+	v = waitStatus(t, api, "rawsecure", "finished", "failed")
+	sec.token = ""
+	if v.Status != "finished" || v.Reason != "every worker exited" {
+		t.Fatalf("the raw_exec gang: %+v", v)
+	}
+	waitFor(t, "the ended gang's token variable deleted", func() bool {
+		out, err := nomadDirect(c.NomadToken(), "var", "get", tokenVar)
+		return err != nil && strings.Contains(strings.ToLower(out), "not found")
+	})
 }
 
 func writeTemp(t *testing.T, dir, name, content string) string {

@@ -65,6 +65,33 @@ type BarrierTask struct {
 	// Token authenticates the task's reports for this one job; CAPEM is
 	// the servers' CA certificate when they speak TLS.
 	Token, CAPEM string
+	// TokenInVariable delivers the token in a Nomad variable instead of
+	// the task's environment, where every holder of read-job on the
+	// namespace could read it: the server writes the variable at
+	// BarrierTokenPath (see there) and the task's template reads it with
+	// its workload identity. Token then rides in the environment only for
+	// groups whose path Nomad cannot hold.
+	TokenInVariable bool
+}
+
+// BarrierTokenItem is the item of the barrier token's variable that holds
+// the token.
+const BarrierTokenItem = "token"
+
+// barrierTokenPathChars is what Nomad 1.6 accepts in a variable path.
+var barrierTokenPathChars = regexp.MustCompile(`^[a-zA-Z0-9_~/-]{1,128}$`)
+
+// BarrierTokenPath is the Nomad variable that holds the barrier token of a
+// group's barrier task: under the task's own path, which its workload
+// identity may read and nothing else of the job may. ok is false when
+// Nomad cannot hold that path (a job ID or group name with a dot, or a
+// path past 128 bytes).
+func BarrierTokenPath(jobID, group string) (path string, ok bool) {
+	path = "nomad/jobs/" + jobID + "/" + group + "/" + BarrierTaskName
+	if strings.Count(path, "/") != 4 || !barrierTokenPathChars.MatchString(path) {
+		return "", false
+	}
+	return path, true
 }
 
 // MaxJobIDLength bounds gang job IDs: they travel in URLs, Consul names
@@ -244,7 +271,7 @@ func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, peers string,
 		if barrier == nil || barrier.Source == "" || len(barrier.Servers) == 0 {
 			return fmt.Errorf("group %q runs on the %s driver, whose workers cohort holds with its barrier task, and this cohort server has no barrier task to add (start it with -barrier-task, or use the microvm driver)", name, worker.Driver)
 		}
-		tasks = append([]*api.Task{barrierTask(worker.Driver, barrier, job.Meta[MetaGangTimeout])}, tasks...)
+		tasks = append([]*api.Task{barrierTask(worker.Driver, barrier, job.Meta[MetaGangTimeout], deref(job.ID), name)}, tasks...)
 	}
 	tg.Tasks = tasks
 	return nil
@@ -289,7 +316,7 @@ func normalizeService(tg *api.TaskGroup, t *api.Task, address string, note func(
 // barrierTask is the prestart task that holds a group's worker at the
 // start barrier. It runs under exec for exec groups (its program is
 // static) and raw_exec for every other driver.
-func barrierTask(workerDriver string, b *BarrierTask, gangTimeout string) *api.Task {
+func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID, group string) *api.Task {
 	driver := DriverRawExec
 	if workerDriver == DriverExec {
 		driver = DriverExec
@@ -299,12 +326,26 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout string) *api.T
 	}
 	servers := append([]string(nil), b.Servers...)
 	sort.Strings(servers)
+	token := b.Token
+	var templates []*api.Template
+	if path, ok := BarrierTokenPath(jobID, group); ok && b.TokenInVariable {
+		token = ""
+		// nomadVar waits for the variable: a task that starts before
+		// the server has written it waits for it there.
+		templates = []*api.Template{{
+			EmbeddedTmpl: ptr(fmt.Sprintf("{{ with nomadVar %q }}%s={{ .%s }}{{ end }}\n", path, EnvBarrierToken, BarrierTokenItem)),
+			DestPath:     ptr("secrets/cohort-barrier.env"),
+			Envvars:      ptr(true),
+			ChangeMode:   ptr("noop"),
+		}}
+	}
 	return &api.Task{
 		Name:      BarrierTaskName,
 		Driver:    driver,
 		Lifecycle: &api.TaskLifecycle{Hook: api.TaskLifecycleHookPrestart, Sidecar: false},
 		Config:    map[string]any{"command": BarrierProgram},
-		Env:       barrierEnv(servers, gangTimeout, b),
+		Env:       barrierEnv(servers, gangTimeout, token, b.CAPEM),
+		Templates: templates,
 		Artifacts: []*api.TaskArtifact{{
 			GetterSource:  ptr(b.Source),
 			GetterOptions: map[string]string{"checksum": b.Checksum},
@@ -316,16 +357,16 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout string) *api.T
 	}
 }
 
-func barrierEnv(servers []string, gangTimeout string, b *BarrierTask) map[string]string {
+func barrierEnv(servers []string, gangTimeout, token, caPEM string) map[string]string {
 	env := map[string]string{
 		EnvServers:     strings.Join(servers, ","),
 		EnvGangTimeout: gangTimeout,
 	}
-	if b.Token != "" {
-		env[EnvBarrierToken] = b.Token
+	if token != "" {
+		env[EnvBarrierToken] = token
 	}
-	if b.CAPEM != "" {
-		env[EnvCAPEM] = b.CAPEM
+	if caPEM != "" {
+		env[EnvCAPEM] = caPEM
 	}
 	return env
 }

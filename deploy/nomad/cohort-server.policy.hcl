@@ -9,8 +9,16 @@
 
 # Register, read and stop the Nomad jobs of gangs, in every namespace the
 # servers serve, and read their allocations (the Allocation event topic).
+# Write each run's barrier token where only that gang's barrier tasks read
+# it (nomad/jobs/<job>/<group>/cohort-barrier), and delete it after.
 namespace "*" {
   capabilities = ["list-jobs", "read-job", "submit-job"]
+
+  variables {
+    path "nomad/jobs/*" {
+      capabilities = ["write", "list", "destroy"]
+    }
+  }
 }
 
 # The inventory: nodes with their resources (the Node event topic).

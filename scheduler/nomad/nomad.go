@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -693,6 +694,35 @@ func (c *Client) Stop(namespace, id string) error {
 		return fmt.Errorf("stopping %s: %w", id, refused(err))
 	}
 	return nil
+}
+
+// PutVariable writes a Nomad variable, replacing what it held.
+func (c *Client) PutVariable(namespace, path string, items map[string]string) error {
+	v := &api.Variable{Namespace: ns(namespace), Path: path, Items: items}
+	if _, _, err := c.api.Variables().Create(v, &api.WriteOptions{Namespace: ns(namespace)}); err != nil {
+		return fmt.Errorf("writing nomad variable %s: %w", path, refused(err))
+	}
+	return nil
+}
+
+// DropBarrierTokens deletes the variables that held a job's barrier
+// tokens (jobspec.BarrierTokenPath), once its run has ended.
+func (c *Client) DropBarrierTokens(namespace, id string) error {
+	q := &api.QueryOptions{Namespace: ns(namespace)}
+	vars, _, err := c.api.Variables().PrefixList("nomad/jobs/"+id+"/", q)
+	if err != nil {
+		return fmt.Errorf("listing the barrier tokens of %s: %w", id, refused(err))
+	}
+	var errs []error
+	for _, v := range vars {
+		if strings.Count(v.Path, "/") != 4 || !strings.HasSuffix(v.Path, "/"+jobspec.BarrierTaskName) {
+			continue
+		}
+		if _, err := c.api.Variables().Delete(v.Path, &api.WriteOptions{Namespace: ns(namespace)}); err != nil {
+			errs = append(errs, fmt.Errorf("deleting %s: %w", v.Path, refused(err)))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func deref[T any](p *T) T {

@@ -349,10 +349,11 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 
 // barrierTaskFor is the barrier task the leader adds to gangs on drivers
 // without their own start barrier: its program from this server, its
-// reports to every server of the group. With TLS, it carries the job's
-// barrier token and the CA, and its program comes over plain HTTP from
-// the same port: Nomad's artifact fetcher trusts only the system's CAs,
-// and the checksum pins the program anyway.
+// reports to every server of the group. With TLS, it carries the CA and
+// reads the job's barrier token from a Nomad variable the leader writes
+// before registering the run (publishBarrierTokens), and its program
+// comes over plain HTTP from the same port: Nomad's artifact fetcher
+// trusts only the system's CAs, and the checksum pins the program anyway.
 func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 	if s.barrierTask == nil || s.self.HTTPAddr == "" {
 		return nil, nil
@@ -372,6 +373,7 @@ func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 	if s.tls != nil {
 		bt.Source = "http://" + strings.TrimPrefix(bt.Source, "https://")
 		bt.CAPEM = string(s.tls.CAPEM)
+		bt.TokenInVariable = true
 		sec, err := s.secret()
 		switch {
 		case err == nil:
@@ -385,6 +387,42 @@ func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 		// token does not matter there.
 	}
 	return bt, nil
+}
+
+// publishBarrierTokens writes the barrier token of a gang's run where each
+// group's barrier task reads it (jobspec.BarrierTokenPath). The variable
+// is the task's own: workload identities let only that task read it, and
+// a token of read-job on the namespace, which reads the job and so once
+// read the token from the task's environment, cannot. A group whose path
+// Nomad cannot hold carries the token in its environment instead.
+func (s *Server) publishBarrierTokens(job *api.Job, key string, run int) error {
+	if s.tls == nil {
+		return nil
+	}
+	sec, err := s.secret()
+	if err != nil {
+		return fmt.Errorf("making the job's barrier token: %w", err)
+	}
+	token := barrierToken(sec, key, run)
+	for _, tg := range job.TaskGroups {
+		path, ok := jobspec.BarrierTokenPath(deref(job.ID), deref(tg.Name))
+		if !ok || !hasBarrierTask(tg) {
+			continue
+		}
+		if err := s.nomad.PutVariable(deref(job.Namespace), path, map[string]string{jobspec.BarrierTokenItem: token}); err != nil {
+			return fmt.Errorf("handing group %q its barrier token: %w", deref(tg.Name), err)
+		}
+	}
+	return nil
+}
+
+func hasBarrierTask(tg *api.TaskGroup) bool {
+	for _, t := range tg.Tasks {
+		if t.Name == jobspec.BarrierTaskName {
+			return true
+		}
+	}
+	return false
 }
 
 // deviceConstraints are a group's device constraints, by request name.

@@ -181,17 +181,29 @@ func TestBarrierReportsAreAuthentic(t *testing.T) {
 	if len(live) != 2 {
 		t.Fatalf("%d live allocations", len(live))
 	}
-	// The barrier task of the job as registered carries the token and the
-	// CA, and fetches its program over plain HTTP.
+	// The barrier task of the job as registered carries the CA, fetches
+	// its program over plain HTTP, and reads the token from its own Nomad
+	// variable, written before the job was registered: the job itself,
+	// which read-job holders read, does not hold it.
 	reg := h.nomad.latest(key)
-	var token, source string
+	var source string
 	for _, tk := range reg.TaskGroups[0].Tasks {
 		if tk.Name == jobspec.BarrierTaskName {
-			token, source = tk.Env[jobspec.EnvBarrierToken], *tk.Artifacts[0].GetterSource
+			source = *tk.Artifacts[0].GetterSource
 			if !strings.Contains(tk.Env[jobspec.EnvCAPEM], "BEGIN CERTIFICATE") {
 				t.Errorf("barrier task env without the CA: %v", tk.Env)
 			}
+			if tok, ok := tk.Env[jobspec.EnvBarrierToken]; ok {
+				t.Errorf("the barrier token %q is in the job's environment", tok)
+			}
+			if len(tk.Templates) != 1 || !strings.Contains(*tk.Templates[0].EmbeddedTmpl, `nomadVar "nomad/jobs/rx/a/cohort-barrier"`) || !*tk.Templates[0].Envvars {
+				t.Errorf("barrier task templates: %+v", tk.Templates)
+			}
 		}
+	}
+	token := h.nomad.variable(deref(reg.Namespace), "nomad/jobs/rx/a/cohort-barrier")[jobspec.BarrierTokenItem]
+	if put, reg := callIndex(h.nomad, "put variable"), callIndex(h.nomad, "register"); put < 0 || put > reg {
+		t.Errorf("the token's variable written at call %d, the job registered at call %d: %v", put, reg, h.nomad.calls)
 	}
 	if token == "" || !strings.HasPrefix(source, "http://") {
 		t.Fatalf("barrier task: token %q, source %q", token, source)
@@ -237,6 +249,56 @@ func TestBarrierReportsAreAuthentic(t *testing.T) {
 	rec := h2.serve(request("POST", "/v1/barrier/elsewhere", body(a.ID, ""), p.n1, ""))
 	if !strings.Contains(rec.Body.String(), "runs on node name-n2, not on name-n1") {
 		t.Errorf("a node reporting another node's allocation: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// callIndex is the index of the first call the fake recorded that starts
+// with prefix; -1 if none did.
+func callIndex(f *fakeNomad, prefix string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, c := range f.calls {
+		if strings.HasPrefix(c, prefix) {
+			return i
+		}
+	}
+	return -1
+}
+
+// A group whose barrier token Nomad cannot hold in a variable (a job ID
+// with a dot) carries it in its environment, and still passes its
+// barrier; a gang's token variables go once its run ends.
+func TestBarrierTokenDelivery(t *testing.T) {
+	p := newTestPKI(t)
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server })
+	dotted := h.submit(gang("my.job", jobspec.DriverRawExec, 1)).Key()
+	plain := h.submit(gang("plain", jobspec.DriverRawExec, 1)).Key()
+	h.pass()
+	var envToken string
+	for _, tk := range h.nomad.latest(dotted).TaskGroups[0].Tasks {
+		if tk.Name == jobspec.BarrierTaskName {
+			envToken = tk.Env[jobspec.EnvBarrierToken]
+			if len(tk.Templates) != 0 {
+				t.Errorf("a template for a path Nomad refuses: %+v", tk.Templates)
+			}
+		}
+	}
+	a := h.nomad.live(dotted)[0]
+	b, _ := json.Marshal(api.BarrierRequest{Alloc: a.ID, Instance: "i", Token: envToken})
+	if rec := h.serve(request("POST", "/v1/barrier/my.job", string(b), nil, "")); rec.Code != 200 || !strings.Contains(rec.Body.String(), `"wait"`) {
+		t.Errorf("the dotted job's report with its environment's token: %d %s", rec.Code, rec.Body)
+	}
+
+	path := "nomad/jobs/plain/a/cohort-barrier"
+	ns := deref(h.nomad.latest(plain).Namespace)
+	if h.nomad.variable(ns, path)[jobspec.BarrierTokenItem] == "" {
+		t.Fatalf("no token variable at %s", path)
+	}
+	if _, err := h.srv.Stop(plain); err != nil {
+		t.Fatal(err)
+	}
+	if v := h.nomad.variable(ns, path); v != nil {
+		t.Errorf("the token variable of an ended gang is still there: %v", v)
 	}
 }
 

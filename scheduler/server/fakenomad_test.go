@@ -39,6 +39,9 @@ type fakeNomad struct {
 
 	calls []string // "register ns/id", "stop ns/id", ...
 
+	// vars are the Nomad variables written, by namespace and path.
+	vars map[string]map[string]string
+
 	// acl, when set, is the ACL system: tokens and what each may do.
 	// Without it ACLs are off.
 	acl map[string]fakeToken
@@ -308,6 +311,42 @@ func (f *fakeNomad) Allocs(ns, id string, version uint64) (nomad.Allocs, error) 
 }
 
 func (f *fakeNomad) AllocIndex(ns, id string) uint64 { return 0 }
+
+func (f *fakeNomad) PutVariable(ns, path string, items map[string]string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("put variable %s %s", ns, path)
+	if f.unreachable {
+		return errDown
+	}
+	if f.vars == nil {
+		f.vars = map[string]map[string]string{}
+	}
+	f.vars[ns+" "+path] = maps.Clone(items)
+	return nil
+}
+
+func (f *fakeNomad) DropBarrierTokens(ns, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("drop barrier tokens %s %s", ns, id)
+	if f.unreachable {
+		return errDown
+	}
+	for k := range f.vars {
+		if strings.HasPrefix(k, ns+" nomad/jobs/"+id+"/") {
+			delete(f.vars, k)
+		}
+	}
+	return nil
+}
+
+// variable is one variable's items as last written.
+func (f *fakeNomad) variable(ns, path string) map[string]string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.vars[ns+" "+path])
+}
 
 func (f *fakeNomad) Stop(ns, id string) error {
 	f.mu.Lock()

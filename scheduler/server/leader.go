@@ -390,6 +390,9 @@ func (s *Server) registerAttempt(j *state.Job) (nomad.Registration, error) {
 		pinned.Meta = map[string]string{}
 	}
 	pinned.Meta[jobspec.MetaRun] = strconv.Itoa(j.Run)
+	if err := s.publishBarrierTokens(pinned, j.Key(), j.Run); err != nil {
+		return nomad.Registration{}, err
+	}
 	return s.nomad.Register(pinned)
 }
 
@@ -586,6 +589,13 @@ func (s *Server) cleanupLocked(now time.Time, key string) {
 	}
 	if _, err := s.apply(&state.Command{Op: state.OpCleaned, At: now, JobID: key, Run: j.Run}); err != nil {
 		s.log.Warn("recording a deregistration", "job", key, "error", err)
+	}
+	if s.tls != nil {
+		// A token left behind opens nothing (it names an ended run);
+		// this only tidies.
+		if err := s.nomad.DropBarrierTokens(j.Spec.Namespace, j.Spec.ID); err != nil {
+			s.log.Warn("deleting the barrier tokens of an ended gang", "job", key, "error", err)
+		}
 	}
 }
 

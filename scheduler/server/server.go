@@ -73,6 +73,10 @@ type Nomad interface {
 	Allocs(ns, id string, version uint64) (nomad.Allocs, error)
 	AllocIndex(ns, id string) uint64
 	Stop(ns, id string) error
+	// PutVariable and DropBarrierTokens keep barrier tokens in Nomad
+	// variables, where only the barrier tasks read them.
+	PutVariable(ns, path string, items map[string]string) error
+	DropBarrierTokens(ns, id string) error
 
 	// What a caller's token may do, asked of Nomad with that token (see
 	// nomad/acl.go): nil, an error wrapping nomad.ErrDenied, or one
