@@ -197,23 +197,27 @@ namespace "default" {
 	}
 
 	// A raw_exec gang, held by cohort's barrier task: the task reads its
-	// run's barrier token from its own Nomad variable, which its workload
-	// identity may read, so the job, which a read-only token reads, does
-	// not hold the token, and that token may not read the variable.
-	rawSpec := writeTemp(t, dir, "raw.hcl", rawGang("rawsecure", 2, "90s", "/bin/sh", "-c", "sleep 5"))
-	if out, err := cohortAs(submit, "run", "-detach", "-address", api, rawSpec); err != nil {
-		t.Fatalf("cohort run of a raw_exec gang: %v\n%s", err, out)
-	}
+	// run's barrier token from the job's Nomad variable, which its
+	// workload identity may read, so the job, which a read-only token
+	// reads, does not hold the token, and that token may not read the
+	// variable. The job's own items in the variable stay.
 	nomadDirect := func(token string, args ...string) (string, error) {
 		cmd := exec.Command(nomad, args...)
 		cmd.Env = append(append(os.Environ(), c.NomadEnv()...), "NOMAD_TOKEN="+token)
 		out, err := cmd.CombinedOutput()
 		return string(out), err
 	}
-	const tokenVar = "nomad/jobs/rawsecure/w/cohort-barrier"
-	waitFor(t, "the raw_exec gang's token variable", func() bool {
-		_, err := nomadDirect(c.NomadToken(), "var", "get", tokenVar)
-		return err == nil
+	const tokenVar = "nomad/jobs/rawsecure"
+	if out, err := nomadDirect(c.NomadToken(), "var", "put", tokenVar, "theirs=kept"); err != nil {
+		t.Fatalf("nomad var put: %v\n%s", err, out)
+	}
+	rawSpec := writeTemp(t, dir, "raw.hcl", rawGang("rawsecure", 2, "90s", "/bin/sh", "-c", "sleep 5"))
+	if out, err := cohortAs(submit, "run", "-detach", "-address", api, rawSpec); err != nil {
+		t.Fatalf("cohort run of a raw_exec gang: %v\n%s", err, out)
+	}
+	waitFor(t, "the raw_exec gang's barrier token in its variable", func() bool {
+		out, err := nomadDirect(c.NomadToken(), "var", "get", "-item", jobspec.BarrierTokenItem, tokenVar)
+		return err == nil && strings.TrimSpace(out) != ""
 	})
 	// Nomad answers a token that may not read a variable as if it did not
 	// exist; the operator's read just after shows that it does.
@@ -233,9 +237,9 @@ namespace "default" {
 	if v.Status != "finished" || v.Reason != "every worker exited" {
 		t.Fatalf("the raw_exec gang: %+v", v)
 	}
-	waitFor(t, "the ended gang's token variable deleted", func() bool {
-		out, err := nomadDirect(c.NomadToken(), "var", "get", tokenVar)
-		return err != nil && strings.Contains(strings.ToLower(out), "not found")
+	waitFor(t, "the ended gang's token out of the job's variable, its own item kept", func() bool {
+		out, err := nomadDirect(c.NomadToken(), "var", "get", "-out", "json", tokenVar)
+		return err == nil && !strings.Contains(out, jobspec.BarrierTokenItem) && strings.Contains(out, `"theirs": "kept"`)
 	})
 }
 

@@ -67,28 +67,29 @@ type BarrierTask struct {
 	Token, CAPEM string
 	// TokenInVariable delivers the token in a Nomad variable instead of
 	// the task's environment, where every holder of read-job on the
-	// namespace could read it: the server writes the variable at
-	// BarrierTokenPath (see there) and the task's template reads it with
-	// its workload identity. Token then rides in the environment only for
-	// groups whose path Nomad cannot hold.
+	// namespace could read it: the server sets the item BarrierTokenItem
+	// of the job's variable (BarrierTokenPath) and the task's template
+	// reads it with its workload identity. Token then rides in the
+	// environment only for jobs whose ID Nomad cannot name a variable by.
 	TokenInVariable bool
 }
 
-// BarrierTokenItem is the item of the barrier token's variable that holds
-// the token.
-const BarrierTokenItem = "token"
+// BarrierTokenItem is the item of the job's variable that holds its
+// barrier token; the server leaves the variable's other items alone.
+const BarrierTokenItem = "cohort_barrier_token"
 
 // barrierTokenPathChars is what Nomad 1.6 accepts in a variable path.
 var barrierTokenPathChars = regexp.MustCompile(`^[a-zA-Z0-9_~/-]{1,128}$`)
 
-// BarrierTokenPath is the Nomad variable that holds the barrier token of a
-// group's barrier task: under the task's own path, which its workload
-// identity may read and nothing else of the job may. ok is false when
-// Nomad cannot hold that path (a job ID or group name with a dot, or a
-// path past 128 bytes).
-func BarrierTokenPath(jobID, group string) (path string, ok bool) {
-	path = "nomad/jobs/" + jobID + "/" + group + "/" + BarrierTaskName
-	if strings.Count(path, "/") != 4 || !barrierTokenPathChars.MatchString(path) {
+// BarrierTokenPath is the Nomad variable that holds a job's barrier token:
+// the job's own, which the workload identity of every task of the job may
+// read, including the one-worker groups a gang's uneven placement splits
+// it into (whose names, "g[0]", no variable path can hold). ok is false
+// when Nomad cannot hold the path (a job ID with a dot, say, or one past
+// 117 bytes).
+func BarrierTokenPath(jobID string) (path string, ok bool) {
+	path = "nomad/jobs/" + jobID
+	if strings.Count(path, "/") != 2 || !barrierTokenPathChars.MatchString(path) {
 		return "", false
 	}
 	return path, true
@@ -271,7 +272,7 @@ func normalizeGroup(job *api.Job, tg *api.TaskGroup, gg GangGroup, peers string,
 		if barrier == nil || barrier.Source == "" || len(barrier.Servers) == 0 {
 			return fmt.Errorf("group %q runs on the %s driver, whose workers cohort holds with its barrier task, and this cohort server has no barrier task to add (start it with -barrier-task, or use the microvm driver)", name, worker.Driver)
 		}
-		tasks = append([]*api.Task{barrierTask(worker.Driver, barrier, job.Meta[MetaGangTimeout], deref(job.ID), name)}, tasks...)
+		tasks = append([]*api.Task{barrierTask(worker.Driver, barrier, job.Meta[MetaGangTimeout], deref(job.ID))}, tasks...)
 	}
 	tg.Tasks = tasks
 	return nil
@@ -316,7 +317,7 @@ func normalizeService(tg *api.TaskGroup, t *api.Task, address string, note func(
 // barrierTask is the prestart task that holds a group's worker at the
 // start barrier. It runs under exec for exec groups (its program is
 // static) and raw_exec for every other driver.
-func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID, group string) *api.Task {
+func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID string) *api.Task {
 	driver := DriverRawExec
 	if workerDriver == DriverExec {
 		driver = DriverExec
@@ -328,12 +329,12 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID, group 
 	sort.Strings(servers)
 	token := b.Token
 	var templates []*api.Template
-	if path, ok := BarrierTokenPath(jobID, group); ok && b.TokenInVariable {
+	if path, ok := BarrierTokenPath(jobID); ok && b.TokenInVariable {
 		token = ""
 		// nomadVar waits for the variable: a task that starts before
 		// the server has written it waits for it there.
 		templates = []*api.Template{{
-			EmbeddedTmpl: ptr(fmt.Sprintf("{{ with nomadVar %q }}%s={{ .%s }}{{ end }}\n", path, EnvBarrierToken, BarrierTokenItem)),
+			EmbeddedTmpl: ptr(fmt.Sprintf("{{ with nomadVar %q }}{{ with .%s }}%s={{ . }}{{ end }}{{ end }}\n", path, BarrierTokenItem, EnvBarrierToken)),
 			DestPath:     ptr("secrets/cohort-barrier.env"),
 			Envvars:      ptr(true),
 			ChangeMode:   ptr("noop"),

@@ -173,23 +173,20 @@ func FuzzNormalize(f *testing.F) {
 	})
 }
 
-// A barrier token's variable path is the barrier task's own, and only
-// where Nomad can hold it.
+// A barrier token's variable is the job's own, where Nomad can hold it.
 func TestBarrierTokenPath(t *testing.T) {
-	for _, c := range []struct {
-		job, group, want string
-	}{
-		{"sort", "w", "nomad/jobs/sort/w/cohort-barrier"},
-		{"a-b_c~1", "G-2", "nomad/jobs/a-b_c~1/G-2/cohort-barrier"},
-		{"my.job", "w", ""},                 // Nomad refuses dots
-		{"sort", "w x", ""},                 // and spaces
-		{"a/b", "w", ""},                    // a slash would name another job's path
-		{strings.Repeat("j", 101), "w", ""}, // past 128 bytes
-		{strings.Repeat("j", 100), "w", "nomad/jobs/" + strings.Repeat("j", 100) + "/w/cohort-barrier"}, // 128
+	for _, c := range []struct{ job, want string }{
+		{"sort", "nomad/jobs/sort"},
+		{"a-b_c~1", "nomad/jobs/a-b_c~1"},
+		{"my.job", ""},                 // Nomad refuses dots
+		{"a b", ""},                    // and spaces
+		{"a/b", ""},                    // a slash would name a group's path
+		{strings.Repeat("j", 118), ""}, // past 128 bytes
+		{strings.Repeat("j", 117), "nomad/jobs/" + strings.Repeat("j", 117)}, // 128
 	} {
-		got, ok := BarrierTokenPath(c.job, c.group)
+		got, ok := BarrierTokenPath(c.job)
 		if got != c.want || ok != (c.want != "") {
-			t.Errorf("BarrierTokenPath(%q, %q) = %q, %t; want %q", c.job, c.group, got, ok, c.want)
+			t.Errorf("BarrierTokenPath(%q) = %q, %t; want %q", c.job, got, ok, c.want)
 		}
 	}
 }

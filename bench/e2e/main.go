@@ -375,7 +375,7 @@ func (b *bench) explain(id string) {
 		}
 		for _, f := range []string{"stdout", "stderr"} {
 			if out, err := b.cat(stub.ID, "alloc/logs/worker."+f+".0"); err == nil {
-				fmt.Fprintf(os.Stderr, "   %s: %q\n", f, out)
+				fmt.Fprintf(os.Stderr, "   %s: %q\n", f, out[max(0, len(out)-4096):])
 			}
 		}
 	}

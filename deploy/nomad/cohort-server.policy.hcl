@@ -9,16 +9,26 @@
 
 # Register, read and stop the Nomad jobs of gangs, in every namespace the
 # servers serve, and read their allocations (the Allocation event topic).
-# Write each run's barrier token where only that gang's barrier tasks read
-# it (nomad/jobs/<job>/<group>/cohort-barrier), and delete it after.
+# Registering a job that mounts host or CSI volumes needs the mount
+# capabilities too: cohort registers it with this token, after asking
+# Nomad whether the caller's own token may submit it.
 namespace "*" {
-  capabilities = ["list-jobs", "read-job", "submit-job"]
+  capabilities = ["list-jobs", "read-job", "submit-job", "csi-mount-volume"]
 
+  # Each run's barrier token goes into the item cohort_barrier_token of the
+  # job's own variable, nomad/jobs/<job>, which the job's tasks read with
+  # their workload identities and a read-job token cannot; cohort leaves
+  # the variable's other items alone and takes its item out when the run
+  # ends.
   variables {
     path "nomad/jobs/*" {
-      capabilities = ["write", "list", "destroy"]
+      capabilities = ["read", "write", "destroy"]
     }
   }
+}
+
+host_volume "*" {
+  policy = "write"
 }
 
 # The inventory: nodes with their resources (the Node event topic).

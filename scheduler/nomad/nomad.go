@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -609,6 +608,16 @@ func (c *Client) Allocs(namespace, id string, version uint64) (Allocs, error) {
 	return CountAllocs(a, version, c.withResources(stubs)), nil
 }
 
+// AllocDevices is the devices Nomad gave one allocation, by kind, read
+// from Nomad itself.
+func (c *Client) AllocDevices(namespace, id string) (map[string]int, error) {
+	a, _, err := c.api.Allocations().Info(id, &api.QueryOptions{Namespace: ns(namespace)})
+	if err != nil {
+		return nil, fmt.Errorf("reading allocation %s: %w", id, refused(err))
+	}
+	return allocDevices(&api.AllocationListStub{AllocatedResources: a.AllocatedResources}), nil
+}
+
 // withResources gives the stubs of a job's allocation list, which never
 // carry their resources, those of the event-fed copy where it has them:
 // the devices an adopted gang's workers hold are known only from there.
@@ -696,33 +705,74 @@ func (c *Client) Stop(namespace, id string) error {
 	return nil
 }
 
-// PutVariable writes a Nomad variable, replacing what it held.
-func (c *Client) PutVariable(namespace, path string, items map[string]string) error {
-	v := &api.Variable{Namespace: ns(namespace), Path: path, Items: items}
-	if _, _, err := c.api.Variables().Create(v, &api.WriteOptions{Namespace: ns(namespace)}); err != nil {
-		return fmt.Errorf("writing nomad variable %s: %w", path, refused(err))
-	}
-	return nil
+// PutBarrierToken sets a job's barrier token in the job's variable
+// (jobspec.BarrierTokenPath), as its one item jobspec.BarrierTokenItem,
+// leaving any items of the job's own alone: the variable is the job's,
+// and its owner may keep things there too.
+func (c *Client) PutBarrierToken(namespace, id, token string) error {
+	return c.editBarrierToken(namespace, id, func(items map[string]string) bool {
+		if items[jobspec.BarrierTokenItem] == token {
+			return false
+		}
+		items[jobspec.BarrierTokenItem] = token
+		return true
+	})
 }
 
-// DropBarrierTokens deletes the variables that held a job's barrier
-// tokens (jobspec.BarrierTokenPath), once its run has ended.
-func (c *Client) DropBarrierTokens(namespace, id string) error {
-	q := &api.QueryOptions{Namespace: ns(namespace)}
-	vars, _, err := c.api.Variables().PrefixList("nomad/jobs/"+id+"/", q)
-	if err != nil {
-		return fmt.Errorf("listing the barrier tokens of %s: %w", id, refused(err))
+// DropBarrierToken takes a job's barrier token out of its variable once
+// its run has ended, and the variable with it if nothing else is left.
+func (c *Client) DropBarrierToken(namespace, id string) error {
+	return c.editBarrierToken(namespace, id, func(items map[string]string) bool {
+		if _, ok := items[jobspec.BarrierTokenItem]; !ok {
+			return false
+		}
+		delete(items, jobspec.BarrierTokenItem)
+		return true
+	})
+}
+
+// editBarrierToken reads the job's variable, lets edit change its items,
+// and writes them back only if the variable did not change meanwhile
+// (check-and-set), trying again when it did.
+func (c *Client) editBarrierToken(namespace, id string, edit func(items map[string]string) (changed bool)) error {
+	path, ok := jobspec.BarrierTokenPath(id)
+	if !ok {
+		return fmt.Errorf("job %q cannot name a nomad variable", id)
 	}
-	var errs []error
-	for _, v := range vars {
-		if strings.Count(v.Path, "/") != 4 || !strings.HasSuffix(v.Path, "/"+jobspec.BarrierTaskName) {
+	vars := c.api.Variables()
+	q, w := &api.QueryOptions{Namespace: ns(namespace)}, &api.WriteOptions{Namespace: ns(namespace)}
+	for range 5 {
+		v, _, err := vars.Read(path, q)
+		switch {
+		case errors.Is(err, api.ErrVariablePathNotFound):
+			v = &api.Variable{Namespace: ns(namespace), Path: path} // ModifyIndex 0: create only
+		case err != nil:
+			return fmt.Errorf("reading nomad variable %s: %w", path, refused(err))
+		}
+		if v.Items == nil {
+			v.Items = map[string]string{}
+		}
+		if !edit(v.Items) {
+			return nil
+		}
+		if len(v.Items) == 0 {
+			if v.ModifyIndex == 0 {
+				return nil
+			}
+			_, err = vars.CheckedDelete(path, v.ModifyIndex, w)
+		} else {
+			_, _, err = vars.CheckedUpdate(v, w)
+		}
+		var conflict api.ErrCASConflict
+		if errors.As(err, &conflict) {
 			continue
 		}
-		if _, err := c.api.Variables().Delete(v.Path, &api.WriteOptions{Namespace: ns(namespace)}); err != nil {
-			errs = append(errs, fmt.Errorf("deleting %s: %w", v.Path, refused(err)))
+		if err != nil {
+			return fmt.Errorf("writing nomad variable %s: %w", path, refused(err))
 		}
+		return nil
 	}
-	return errors.Join(errs...)
+	return fmt.Errorf("writing nomad variable %s: it kept changing under us", path)
 }
 
 func deref[T any](p *T) T {

@@ -389,29 +389,32 @@ func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 	return bt, nil
 }
 
-// publishBarrierTokens writes the barrier token of a gang's run where each
-// group's barrier task reads it (jobspec.BarrierTokenPath). The variable
-// is the task's own: workload identities let only that task read it, and
-// a token of read-job on the namespace, which reads the job and so once
-// read the token from the task's environment, cannot. A group whose path
-// Nomad cannot hold carries the token in its environment instead.
-func (s *Server) publishBarrierTokens(job *api.Job, key string, run int) error {
+// publishBarrierToken sets the barrier token of a gang's run in the job's
+// Nomad variable (jobspec.BarrierTokenPath), where its barrier tasks'
+// templates read it with their workload identities; a token that may
+// only read the job, and so once read the token from the barrier task's
+// environment, may not read it there. A job whose ID cannot name a
+// variable carries the token in its environment instead.
+func (s *Server) publishBarrierToken(job *api.Job, key string, run int) error {
 	if s.tls == nil {
+		return nil
+	}
+	if _, ok := jobspec.BarrierTokenPath(deref(job.ID)); !ok {
+		return nil
+	}
+	held := false
+	for _, tg := range job.TaskGroups {
+		held = held || hasBarrierTask(tg)
+	}
+	if !held {
 		return nil
 	}
 	sec, err := s.secret()
 	if err != nil {
 		return fmt.Errorf("making the job's barrier token: %w", err)
 	}
-	token := barrierToken(sec, key, run)
-	for _, tg := range job.TaskGroups {
-		path, ok := jobspec.BarrierTokenPath(deref(job.ID), deref(tg.Name))
-		if !ok || !hasBarrierTask(tg) {
-			continue
-		}
-		if err := s.nomad.PutVariable(deref(job.Namespace), path, map[string]string{jobspec.BarrierTokenItem: token}); err != nil {
-			return fmt.Errorf("handing group %q its barrier token: %w", deref(tg.Name), err)
-		}
+	if err := s.nomad.PutBarrierToken(deref(job.Namespace), deref(job.ID), barrierToken(sec, key, run)); err != nil {
+		return fmt.Errorf("handing the barrier tasks their token: %w", err)
 	}
 	return nil
 }

@@ -196,13 +196,13 @@ func TestBarrierReportsAreAuthentic(t *testing.T) {
 			if tok, ok := tk.Env[jobspec.EnvBarrierToken]; ok {
 				t.Errorf("the barrier token %q is in the job's environment", tok)
 			}
-			if len(tk.Templates) != 1 || !strings.Contains(*tk.Templates[0].EmbeddedTmpl, `nomadVar "nomad/jobs/rx/a/cohort-barrier"`) || !*tk.Templates[0].Envvars {
+			if len(tk.Templates) != 1 || !strings.Contains(*tk.Templates[0].EmbeddedTmpl, `nomadVar "nomad/jobs/rx"`) || !*tk.Templates[0].Envvars {
 				t.Errorf("barrier task templates: %+v", tk.Templates)
 			}
 		}
 	}
-	token := h.nomad.variable(deref(reg.Namespace), "nomad/jobs/rx/a/cohort-barrier")[jobspec.BarrierTokenItem]
-	if put, reg := callIndex(h.nomad, "put variable"), callIndex(h.nomad, "register"); put < 0 || put > reg {
+	token := h.nomad.variable(deref(reg.Namespace), "nomad/jobs/rx")[jobspec.BarrierTokenItem]
+	if put, reg := callIndex(h.nomad, "put barrier token"), callIndex(h.nomad, "register"); put < 0 || put > reg {
 		t.Errorf("the token's variable written at call %d, the job registered at call %d: %v", put, reg, h.nomad.calls)
 	}
 	if token == "" || !strings.HasPrefix(source, "http://") {
@@ -265,14 +265,23 @@ func callIndex(f *fakeNomad, prefix string) int {
 	return -1
 }
 
-// A group whose barrier token Nomad cannot hold in a variable (a job ID
-// with a dot) carries it in its environment, and still passes its
-// barrier; a gang's token variables go once its run ends.
+// A job whose ID cannot name a Nomad variable (a dot) carries its barrier
+// token in its environment, and still passes its barrier; a gang placed
+// unevenly, whose group Pin splits into one-worker groups ("a[0]"), reads
+// it from the job's variable like any other; the token leaves the
+// variable, and the job's own items stay, once the run ends.
 func TestBarrierTokenDelivery(t *testing.T) {
 	p := newTestPKI(t)
-	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server })
+	h := newHarnessWith(t, func(c *Config) { c.TLS = p.server }, node("n1", 4000, 4096), node("n2", 4000, 4096))
 	dotted := h.submit(gang("my.job", jobspec.DriverRawExec, 1)).Key()
-	plain := h.submit(gang("plain", jobspec.DriverRawExec, 1)).Key()
+	// 5 workers of 1000 MHz: 4 fit a node, so no node holds them all and
+	// two cannot hold them evenly.
+	uneven := gang("uneven", jobspec.DriverRawExec, 5)
+	uneven.TaskGroups[0].Tasks[len(uneven.TaskGroups[0].Tasks)-1].Resources.CPU = ptrTo(1000)
+	h.nomad.set2(func() {
+		h.nomad.vars = map[string]map[string]string{deref(uneven.Namespace) + " nomad/jobs/uneven": {"theirs": "kept"}}
+	})
+	unevenKey := h.submit(uneven).Key()
 	h.pass()
 	var envToken string
 	for _, tk := range h.nomad.latest(dotted).TaskGroups[0].Tasks {
@@ -289,16 +298,29 @@ func TestBarrierTokenDelivery(t *testing.T) {
 		t.Errorf("the dotted job's report with its environment's token: %d %s", rec.Code, rec.Body)
 	}
 
-	path := "nomad/jobs/plain/a/cohort-barrier"
-	ns := deref(h.nomad.latest(plain).Namespace)
-	if h.nomad.variable(ns, path)[jobspec.BarrierTokenItem] == "" {
-		t.Fatalf("no token variable at %s", path)
+	reg := h.nomad.latest(unevenKey)
+	if len(reg.TaskGroups) < 2 {
+		t.Fatalf("the uneven gang was not split: %d groups", len(reg.TaskGroups))
 	}
-	if _, err := h.srv.Stop(plain); err != nil {
+	for _, tg := range reg.TaskGroups {
+		for _, tk := range tg.Tasks {
+			if tk.Name == jobspec.BarrierTaskName && (tk.Env[jobspec.EnvBarrierToken] != "" || len(tk.Templates) != 1 || !strings.Contains(*tk.Templates[0].EmbeddedTmpl, `nomadVar "nomad/jobs/uneven"`)) {
+				t.Errorf("group %s: barrier task env %v, templates %+v", *tg.Name, tk.Env, tk.Templates)
+			}
+		}
+	}
+	ns := deref(reg.Namespace)
+	token := h.nomad.variable(ns, "nomad/jobs/uneven")[jobspec.BarrierTokenItem]
+	ua := h.nomad.live(unevenKey)[0]
+	b, _ = json.Marshal(api.BarrierRequest{Alloc: ua.ID, Instance: "i", Token: token})
+	if rec := h.serve(request("POST", "/v1/barrier/uneven", string(b), nil, "")); rec.Code != 200 || !strings.Contains(rec.Body.String(), `"wait"`) {
+		t.Errorf("a split group's report with the variable's token: %d %s", rec.Code, rec.Body)
+	}
+	if _, err := h.srv.Stop(unevenKey); err != nil {
 		t.Fatal(err)
 	}
-	if v := h.nomad.variable(ns, path); v != nil {
-		t.Errorf("the token variable of an ended gang is still there: %v", v)
+	if v := h.nomad.variable(ns, "nomad/jobs/uneven"); v[jobspec.BarrierTokenItem] != "" || v["theirs"] != "kept" {
+		t.Errorf("the job's variable after its run ended: %v", v)
 	}
 }
 

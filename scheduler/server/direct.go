@@ -160,7 +160,7 @@ func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *takeove
 		return api.BarrierResponse{}, nil, err
 	}
 	s.markHandled(key, idx)
-	if err := s.publishBarrierTokens(norm, key, res.Job.Run); err != nil {
+	if err := s.publishBarrierToken(norm, key, res.Job.Run); err != nil {
 		// Its barrier tasks wait for the token; the gang timeout sends
 		// the gang back to the queue, to be registered as cohort's own.
 		s.log.Warn("handing an adopted gang its barrier tokens", "job", key, "error", err)

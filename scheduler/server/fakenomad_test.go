@@ -39,6 +39,11 @@ type fakeNomad struct {
 
 	calls []string // "register ns/id", "stop ns/id", ...
 
+	// listWithoutResources lists allocations without their resources,
+	// as a job's allocation list does where the event-fed copy does not
+	// know them yet.
+	listWithoutResources bool
+
 	// vars are the Nomad variables written, by namespace and path.
 	vars map[string]map[string]string
 
@@ -307,36 +312,72 @@ func (f *fakeNomad) Allocs(ns, id string, version uint64) (nomad.Allocs, error) 
 	}
 	cur := j.versions[len(j.versions)-1]
 	a.Stopped, a.JobModifyIndex = deref(cur.Stop), *cur.JobModifyIndex
-	return nomad.CountAllocs(a, version, j.allocs), nil
+	stubs := j.allocs
+	if f.listWithoutResources {
+		stubs = nil
+		for _, s := range j.allocs {
+			cp := *s
+			cp.AllocatedResources = nil
+			stubs = append(stubs, &cp)
+		}
+	}
+	return nomad.CountAllocs(a, version, stubs), nil
 }
 
 func (f *fakeNomad) AllocIndex(ns, id string) uint64 { return 0 }
 
-func (f *fakeNomad) PutVariable(ns, path string, items map[string]string) error {
+func (f *fakeNomad) AllocDevices(ns, id string) (map[string]int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.record("put variable %s %s", ns, path)
+	f.record("alloc devices %s", id)
+	for _, j := range f.jobs {
+		for _, a := range j.allocs {
+			if a.ID == id {
+				if a.AllocatedResources == nil {
+					return nil, nil
+				}
+				devs := map[string]int{}
+				for _, t := range a.AllocatedResources.Tasks {
+					for _, d := range t.Devices {
+						devs[d.Vendor+"/"+d.Type+"/"+d.Name] += len(d.DeviceIDs)
+					}
+				}
+				return devs, nil
+			}
+		}
+	}
+	return nil, fmt.Errorf("no allocation %s", id)
+}
+
+func (f *fakeNomad) PutBarrierToken(ns, id, token string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("put barrier token %s %s", ns, id)
 	if f.unreachable {
 		return errDown
 	}
 	if f.vars == nil {
 		f.vars = map[string]map[string]string{}
 	}
-	f.vars[ns+" "+path] = maps.Clone(items)
+	path, _ := jobspec.BarrierTokenPath(id)
+	if f.vars[ns+" "+path] == nil {
+		f.vars[ns+" "+path] = map[string]string{}
+	}
+	f.vars[ns+" "+path][jobspec.BarrierTokenItem] = token
 	return nil
 }
 
-func (f *fakeNomad) DropBarrierTokens(ns, id string) error {
+func (f *fakeNomad) DropBarrierToken(ns, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.record("drop barrier tokens %s %s", ns, id)
+	f.record("drop barrier token %s %s", ns, id)
 	if f.unreachable {
 		return errDown
 	}
-	for k := range f.vars {
-		if strings.HasPrefix(k, ns+" nomad/jobs/"+id+"/") {
-			delete(f.vars, k)
-		}
+	path, _ := jobspec.BarrierTokenPath(id)
+	delete(f.vars[ns+" "+path], jobspec.BarrierTokenItem)
+	if len(f.vars[ns+" "+path]) == 0 {
+		delete(f.vars, ns+" "+path)
 	}
 	return nil
 }

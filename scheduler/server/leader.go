@@ -390,7 +390,7 @@ func (s *Server) registerAttempt(j *state.Job) (nomad.Registration, error) {
 		pinned.Meta = map[string]string{}
 	}
 	pinned.Meta[jobspec.MetaRun] = strconv.Itoa(j.Run)
-	if err := s.publishBarrierTokens(pinned, j.Key(), j.Run); err != nil {
+	if err := s.publishBarrierToken(pinned, j.Key(), j.Run); err != nil {
 		return nomad.Registration{}, err
 	}
 	return s.nomad.Register(pinned)
@@ -485,7 +485,11 @@ func (s *Server) watchReserved(now time.Time, j *state.Job) error {
 	case ready >= j.Spec.Size():
 		start := &state.Command{Op: state.OpStart, At: now, JobID: key, Run: j.Run, Attempt: j.Attempts, Allocs: released}
 		if j.Decision == nil {
-			start.Decision = adoptedDecision(j, a)
+			d, err := s.adoptedDecision(j, a)
+			if err != nil {
+				return err
+			}
+			start.Decision = d
 		}
 		if _, err := s.apply(start); err != nil {
 			return err
@@ -593,8 +597,10 @@ func (s *Server) cleanupLocked(now time.Time, key string) {
 	if s.tls != nil {
 		// A token left behind opens nothing (it names an ended run);
 		// this only tidies.
-		if err := s.nomad.DropBarrierTokens(j.Spec.Namespace, j.Spec.ID); err != nil {
-			s.log.Warn("deleting the barrier tokens of an ended gang", "job", key, "error", err)
+		if _, ok := jobspec.BarrierTokenPath(j.Spec.ID); ok {
+			if err := s.nomad.DropBarrierToken(j.Spec.Namespace, j.Spec.ID); err != nil {
+				s.log.Warn("deleting the barrier token of an ended gang", "job", key, "error", err)
+			}
 		}
 	}
 }
@@ -700,7 +706,14 @@ func describeFailed(j *state.Job, a nomad.Allocs) string {
 // workers, as if cohort had placed them, with the devices Nomad gave
 // each: the running gang's decision stands for its allocations in the
 // inventory, so a device it leaves out would look free to the next gang.
-func adoptedDecision(j *state.Job, a nomad.Allocs) *placement.Decision {
+// The decision is made once, so a worker whose devices the event-fed copy
+// does not know yet (a new leader's first moments, a lagging stream) is
+// read from Nomad.
+func (s *Server) adoptedDecision(j *state.Job, a nomad.Allocs) (*placement.Decision, error) {
+	wants := map[string]bool{}
+	for _, g := range j.Spec.Groups {
+		wants[g.Name] = len(g.Devices) > 0
+	}
 	d := &placement.Decision{Job: j.Key()}
 	for _, w := range a.Workers {
 		if !a.Live[w.Alloc] {
@@ -710,7 +723,14 @@ func adoptedDecision(j *state.Job, a nomad.Allocs) *placement.Decision {
 		if !ok {
 			continue
 		}
-		d.Workers = append(d.Workers, placement.Worker{Group: group, Index: idx, Node: w.Node, Devices: w.Devices})
+		devs := w.Devices
+		if devs == nil && wants[group] {
+			var err error
+			if devs, err = s.nomad.AllocDevices(j.Spec.Namespace, w.Alloc); err != nil {
+				return nil, fmt.Errorf("reading the devices of worker %s[%d]: %w", group, idx, err)
+			}
+		}
+		d.Workers = append(d.Workers, placement.Worker{Group: group, Index: idx, Node: w.Node, Devices: devs})
 	}
-	return d
+	return d, nil
 }

@@ -616,9 +616,16 @@ func gpuGang(id string, count int) *nomadapi.Job {
 // GPU it left out looked free, and the next GPU gang was placed on it
 // (Nomad would then leave that gang pending until its gang timeout).
 func TestAdoptedGangHoldsItsDevices(t *testing.T) {
+	t.Run("listed", func(t *testing.T) { testAdoptedGangHoldsItsDevices(t, false) })
+	// The copy does not know the workers' resources yet: Nomad is asked.
+	t.Run("asked", func(t *testing.T) { testAdoptedGangHoldsItsDevices(t, true) })
+}
+
+func testAdoptedGangHoldsItsDevices(t *testing.T, unlisted bool) {
 	n1 := node("n1", 4000, 4096)
 	n1.Devices = map[string]int{"nvidia/gpu/H100": 2}
 	h := newHarness(t, n1)
+	h.nomad.listWithoutResources = unlisted
 	h.nomad.adopt(gpuGang("direct", 2))
 	h.nomad.set2(func() {
 		for i, a := range h.nomad.jobs["direct"].allocs {

@@ -71,12 +71,15 @@ type Nomad interface {
 	Register(job *api.Job) (nomad.Registration, error)
 	Job(ns, id string) (*api.Job, error)
 	Allocs(ns, id string, version uint64) (nomad.Allocs, error)
+	// AllocDevices is the devices Nomad gave one allocation, by kind.
+	AllocDevices(ns, id string) (map[string]int, error)
 	AllocIndex(ns, id string) uint64
 	Stop(ns, id string) error
-	// PutVariable and DropBarrierTokens keep barrier tokens in Nomad
-	// variables, where only the barrier tasks read them.
-	PutVariable(ns, path string, items map[string]string) error
-	DropBarrierTokens(ns, id string) error
+	// PutBarrierToken and DropBarrierToken keep a job's barrier token in
+	// the job's Nomad variable, which its tasks read and read-job does
+	// not.
+	PutBarrierToken(ns, id, token string) error
+	DropBarrierToken(ns, id string) error
 
 	// What a caller's token may do, asked of Nomad with that token (see
 	// nomad/acl.go): nil, an error wrapping nomad.ErrDenied, or one
