@@ -331,13 +331,19 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID string)
 	var templates []*api.Template
 	if path, ok := BarrierTokenPath(jobID); ok && b.TokenInVariable {
 		token = ""
-		// nomadVar waits for the variable: a task that starts before
-		// the server has written it waits for it there.
+		// nomadVar waits for the variable, not for an item of it: a
+		// variable of the job's own items without the token renders no
+		// token, and cohort-barrier waits; the server's write of the
+		// token (adopting a gang registered directly) then restarts the
+		// task with it, at once (no splay). Restarts of a task whose
+		// report was refused or never made start no new instance at the
+		// barrier.
 		templates = []*api.Template{{
-			EmbeddedTmpl: ptr(fmt.Sprintf("{{ with nomadVar %q }}{{ with .%s }}%s={{ . }}{{ end }}{{ end }}\n", path, BarrierTokenItem, EnvBarrierToken)),
+			EmbeddedTmpl: ptr(fmt.Sprintf("{{ with nomadVar %q }}{{ with .%s.Value }}%s={{ . }}{{ end }}{{ end }}\n", path, BarrierTokenItem, EnvBarrierToken)),
 			DestPath:     ptr("secrets/cohort-barrier.env"),
 			Envvars:      ptr(true),
-			ChangeMode:   ptr("noop"),
+			ChangeMode:   ptr("restart"),
+			Splay:        ptr(time.Duration(0)),
 		}}
 	}
 	return &api.Task{

@@ -9,8 +9,9 @@
 // It reads what Nomad and cohort put in its environment: NOMAD_JOB_ID,
 // NOMAD_NAMESPACE, NOMAD_ALLOC_ID, COHORT_SERVERS (API addresses, comma
 // separated), COHORT_GANG_TIMEOUT, and, from servers that speak TLS,
-// COHORT_BARRIER_TOKEN (its job's token, which authenticates its reports)
-// and COHORT_CA_PEM (the servers' CA). It is built static, so it runs
+// COHORT_BARRIER_TOKEN (its run's token, which authenticates its reports;
+// rendered from the job's Nomad variable by the task's template) and
+// COHORT_CA_PEM (the servers' CA). It is built static, so it runs
 // under the exec driver's chroot too.
 package main
 
@@ -77,17 +78,43 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 	began := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout+grace)
 	defer cancel()
+	if tlsConf != nil && req.Token == "" {
+		// The token comes from the job's Nomad variable through this
+		// task's template, which restarts the task once cohort has
+		// written it (a gang registered with Nomad directly gets it when
+		// cohort adopts it). A report without it would only be refused.
+		fmt.Fprintf(stdout, "waiting for gang %s's barrier token (COHORT_BARRIER_TOKEN, from the job's Nomad variable)\n", job)
+		<-ctx.Done()
+		return fail("no barrier token within the gang timeout (%s) plus %s: the job's Nomad variable has no item %q", timeout, grace, "cohort_barrier_token")
+	}
 	fmt.Fprintf(stdout, "waiting at the start barrier of gang %s for the whole gang\n", job)
 	backoff := 100 * time.Millisecond
+	var refused error
 	for i := 0; ; i++ {
 		server := servers[i%len(servers)]
 		c := api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: tlsConf})
 		v, err := c.Barrier(ctx, ns, job, req)
 		switch {
+		case ctx.Err() != nil && refused != nil:
+			return fail("the servers refused this report until the gang timeout (%s) plus %s: %v", timeout, grace, refused)
 		case ctx.Err() != nil:
 			return fail("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", timeout, grace, err)
-		case api.IsStatus(err, 403):
+		case api.IsStatus(err, 403) && tlsConf == nil:
 			return fail("the servers refused this report: %v", err)
+		case api.IsStatus(err, 403):
+			// A token from before the run's (a stale item the template
+			// rendered before cohort wrote this run's): the new one
+			// restarts this task. Anything else fails at the timeout,
+			// with this error.
+			if refused == nil {
+				fmt.Fprintf(stderr, "cohort-barrier: the servers refused this report, waiting for a new token: %v\n", err)
+			}
+			refused = err
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Second):
+			}
+			continue
 		case err != nil:
 			select {
 			case <-ctx.Done():

@@ -9,11 +9,15 @@
 
 # Register, read and stop the Nomad jobs of gangs, in every namespace the
 # servers serve, and read their allocations (the Allocation event topic).
-# Registering a job that mounts host or CSI volumes needs the mount
-# capabilities too: cohort registers it with this token, after asking
-# Nomad whether the caller's own token may submit it.
+#
+# Gangs that mount host or CSI volumes are refused by Nomad under this
+# policy (their registration fails with "Permission denied"). Granting the
+# servers those mounts (host_volume "*" write, csi-mount-volume) would let
+# every caller who may submit jobs mount any volume through cohort: cohort
+# asks Nomad whether a caller may submit a job by planning it with the
+# caller's token, and Nomad checks volume mounts only at registration.
 namespace "*" {
-  capabilities = ["list-jobs", "read-job", "submit-job", "csi-mount-volume"]
+  capabilities = ["list-jobs", "read-job", "submit-job"]
 
   # Each run's barrier token goes into the item cohort_barrier_token of the
   # job's own variable, nomad/jobs/<job>, which the job's tasks read with
@@ -25,10 +29,6 @@ namespace "*" {
       capabilities = ["read", "write", "destroy"]
     }
   }
-}
-
-host_volume "*" {
-  policy = "write"
 }
 
 # The inventory: nodes with their resources (the Node event topic).

@@ -719,11 +719,13 @@ func (c *Client) PutBarrierToken(namespace, id, token string) error {
 	})
 }
 
-// DropBarrierToken takes a job's barrier token out of its variable once
-// its run has ended, and the variable with it if nothing else is left.
-func (c *Client) DropBarrierToken(namespace, id string) error {
+// DropBarrierToken takes a run's barrier token out of its job's variable
+// once the run has ended, and the variable with it if nothing else is
+// left. A token of another run (a resubmission's, set meanwhile by a
+// newer leader) stays.
+func (c *Client) DropBarrierToken(namespace, id, token string) error {
 	return c.editBarrierToken(namespace, id, func(items map[string]string) bool {
-		if _, ok := items[jobspec.BarrierTokenItem]; !ok {
+		if items[jobspec.BarrierTokenItem] != token {
 			return false
 		}
 		delete(items, jobspec.BarrierTokenItem)
@@ -737,15 +739,19 @@ func (c *Client) DropBarrierToken(namespace, id string) error {
 func (c *Client) editBarrierToken(namespace, id string, edit func(items map[string]string) (changed bool)) error {
 	path, ok := jobspec.BarrierTokenPath(id)
 	if !ok {
-		return fmt.Errorf("job %q cannot name a nomad variable", id)
+		return &RefusedError{Status: 400, Err: fmt.Errorf("job %q cannot name a nomad variable", id)}
 	}
-	vars := c.api.Variables()
 	q, w := &api.QueryOptions{Namespace: ns(namespace)}, &api.WriteOptions{Namespace: ns(namespace)}
 	for range 5 {
-		v, _, err := vars.Read(path, q)
+		// Read through Raw: the api's Variables().Read answers a token
+		// that may not read the variable as if it did not exist, and a
+		// create-only write would then conflict for ever.
+		var v api.Variable
+		_, err := c.api.Raw().Query("/v1/var/"+path, &v, q)
+		var ue api.UnexpectedResponseError
 		switch {
-		case errors.Is(err, api.ErrVariablePathNotFound):
-			v = &api.Variable{Namespace: ns(namespace), Path: path} // ModifyIndex 0: create only
+		case errors.As(err, &ue) && ue.StatusCode() == 404:
+			v = api.Variable{Namespace: ns(namespace), Path: path} // ModifyIndex 0: create only
 		case err != nil:
 			return fmt.Errorf("reading nomad variable %s: %w", path, refused(err))
 		}
@@ -759,9 +765,9 @@ func (c *Client) editBarrierToken(namespace, id string, edit func(items map[stri
 			if v.ModifyIndex == 0 {
 				return nil
 			}
-			_, err = vars.CheckedDelete(path, v.ModifyIndex, w)
+			_, err = c.api.Variables().CheckedDelete(path, v.ModifyIndex, w)
 		} else {
-			_, _, err = vars.CheckedUpdate(v, w)
+			_, _, err = c.api.Variables().CheckedUpdate(&v, w)
 		}
 		var conflict api.ErrCASConflict
 		if errors.As(err, &conflict) {
@@ -772,7 +778,7 @@ func (c *Client) editBarrierToken(namespace, id string, edit func(items map[stri
 		}
 		return nil
 	}
-	return fmt.Errorf("writing nomad variable %s: it kept changing under us", path)
+	return &RefusedError{Status: 409, Err: fmt.Errorf("writing nomad variable %s: it changed under every one of 5 tries", path)}
 }
 
 func deref[T any](p *T) T {

@@ -4,11 +4,14 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -238,5 +241,129 @@ func TestNomadTLSSettings(t *testing.T) {
 	ac := Config{CAPath: dir, SkipVerify: true}.apiConfig("")
 	if ac.TLSConfig == nil || ac.TLSConfig.CAPath != dir || !ac.TLSConfig.Insecure {
 		t.Errorf("the API client's TLS settings: %+v", ac.TLSConfig)
+	}
+}
+
+// fakeVars is Nomad's variables API for one path, with check-and-set.
+type fakeVars struct {
+	mu        sync.Mutex
+	v         *api.Variable // nil: absent
+	index     uint64
+	forbidden bool
+	// meddle, when set, runs once before the next write is checked, as
+	// a write by someone else between cohort's read and its write.
+	meddle func(v *api.Variable)
+}
+
+func (f *fakeVars) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.forbidden {
+		http.Error(w, "Permission denied", http.StatusForbidden)
+		return
+	}
+	if r.Method != http.MethodGet && f.meddle != nil {
+		if f.v == nil {
+			f.v = &api.Variable{Path: "nomad/jobs/j", Items: map[string]string{}}
+		}
+		f.meddle(f.v)
+		f.meddle = nil
+		f.index++
+		f.v.ModifyIndex = f.index
+	}
+	cur := uint64(0)
+	if f.v != nil {
+		cur = f.v.ModifyIndex
+	}
+	cas, _ := strconv.ParseUint(r.URL.Query().Get("cas"), 10, 64)
+	switch r.Method {
+	case http.MethodGet:
+		if f.v == nil {
+			http.Error(w, "variable not found", http.StatusNotFound)
+			return
+		}
+		json.NewEncoder(w).Encode(f.v)
+	case http.MethodPut, http.MethodDelete:
+		if cas != cur {
+			w.WriteHeader(http.StatusConflict)
+			json.NewEncoder(w).Encode(f.v)
+			return
+		}
+		if r.Method == http.MethodDelete {
+			f.v = nil
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		var in api.Variable
+		json.NewDecoder(r.Body).Decode(&in)
+		f.index++
+		in.ModifyIndex = f.index
+		f.v = &in
+		json.NewEncoder(w).Encode(f.v)
+	}
+}
+
+func (f *fakeVars) items() map[string]string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.v == nil {
+		return nil
+	}
+	return maps.Clone(f.v.Items)
+}
+
+// The barrier token is one item of the job's own variable: cohort keeps
+// the job's other items, even one written between its read and its
+// write, drops only its own run's token, and tells a refused read from an
+// absent variable.
+func TestBarrierTokenItem(t *testing.T) {
+	f := &fakeVars{}
+	srv := httptest.NewServer(f)
+	defer srv.Close()
+	c, err := New(Config{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.PutBarrierToken("", "j", "t1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.items(); !reflect.DeepEqual(got, map[string]string{"cohort_barrier_token": "t1"}) {
+		t.Fatalf("after the first put: %v", got)
+	}
+	f.meddle = func(v *api.Variable) { v.Items["theirs"] = "kept" }
+	if err := c.PutBarrierToken("", "j", "t2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.items(); !reflect.DeepEqual(got, map[string]string{"cohort_barrier_token": "t2", "theirs": "kept"}) {
+		t.Fatalf("after a put that met another write: %v", got)
+	}
+	if err := c.DropBarrierToken("", "j", "t1"); err != nil { // an older run's
+		t.Fatal(err)
+	}
+	if got := f.items(); got["cohort_barrier_token"] != "t2" {
+		t.Fatalf("an older run's drop took the current token: %v", got)
+	}
+	if err := c.DropBarrierToken("", "j", "t2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.items(); !reflect.DeepEqual(got, map[string]string{"theirs": "kept"}) {
+		t.Fatalf("after the drop: %v", got)
+	}
+	f.meddle = func(v *api.Variable) { delete(v.Items, "theirs") }
+	if err := c.PutBarrierToken("", "j", "t3"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DropBarrierToken("", "j", "t3"); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.items(); got != nil {
+		t.Fatalf("a variable left with nothing in it: %v", got)
+	}
+
+	f.forbidden = true
+	err = c.PutBarrierToken("", "j", "t4")
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Status != 403 {
+		t.Fatalf("a refused read: %v, want a refusal (403)", err)
 	}
 }

@@ -367,7 +367,7 @@ func (f *fakeNomad) PutBarrierToken(ns, id, token string) error {
 	return nil
 }
 
-func (f *fakeNomad) DropBarrierToken(ns, id string) error {
+func (f *fakeNomad) DropBarrierToken(ns, id, token string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("drop barrier token %s %s", ns, id)
@@ -375,6 +375,9 @@ func (f *fakeNomad) DropBarrierToken(ns, id string) error {
 		return errDown
 	}
 	path, _ := jobspec.BarrierTokenPath(id)
+	if f.vars[ns+" "+path][jobspec.BarrierTokenItem] != token {
+		return nil
+	}
 	delete(f.vars[ns+" "+path], jobspec.BarrierTokenItem)
 	if len(f.vars[ns+" "+path]) == 0 {
 		delete(f.vars, ns+" "+path)

@@ -593,15 +593,27 @@ func (s *Server) cleanupLocked(now time.Time, key string) {
 	}
 	if _, err := s.apply(&state.Command{Op: state.OpCleaned, At: now, JobID: key, Run: j.Run}); err != nil {
 		s.log.Warn("recording a deregistration", "job", key, "error", err)
+		return
 	}
-	if s.tls != nil {
-		// A token left behind opens nothing (it names an ended run);
-		// this only tidies.
-		if _, ok := jobspec.BarrierTokenPath(j.Spec.ID); ok {
-			if err := s.nomad.DropBarrierToken(j.Spec.Namespace, j.Spec.ID); err != nil {
-				s.log.Warn("deleting the barrier token of an ended gang", "job", key, "error", err)
-			}
-		}
+	s.dropBarrierToken(j)
+}
+
+// dropBarrierToken takes an ended run's barrier token out of its job's
+// Nomad variable. A token left behind opens nothing (it names an ended
+// run); this only tidies.
+func (s *Server) dropBarrierToken(j state.Job) {
+	if s.tls == nil {
+		return
+	}
+	if _, ok := jobspec.BarrierTokenPath(j.Spec.ID); !ok {
+		return
+	}
+	sec, err := s.secret()
+	if err == nil {
+		err = s.nomad.DropBarrierToken(j.Spec.Namespace, j.Spec.ID, barrierToken(sec, j.Key(), j.Run))
+	}
+	if err != nil {
+		s.log.Warn("deleting the barrier token of an ended gang", "job", j.Key(), "error", err)
 	}
 }
 

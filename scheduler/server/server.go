@@ -79,7 +79,7 @@ type Nomad interface {
 	// the job's Nomad variable, which its tasks read and read-job does
 	// not.
 	PutBarrierToken(ns, id, token string) error
-	DropBarrierToken(ns, id string) error
+	DropBarrierToken(ns, id, token string) error
 
 	// What a caller's token may do, asked of Nomad with that token (see
 	// nomad/acl.go): nil, an error wrapping nomad.ErrDenied, or one
