@@ -42,6 +42,9 @@ const (
 	// the servers' CA certificate, for servers that speak TLS.
 	EnvBarrierToken = "COHORT_BARRIER_TOKEN"
 	EnvCAPEM        = "COHORT_CA_PEM"
+	// EnvTokenFromVariable says the token comes from the job's Nomad
+	// variable through the task's template (see BarrierTask).
+	EnvTokenFromVariable = "COHORT_BARRIER_TOKEN_FROM_VARIABLE"
 )
 
 // Barrier task resources: a static program that waits on one HTTP call.
@@ -351,7 +354,7 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID string)
 		Driver:    driver,
 		Lifecycle: &api.TaskLifecycle{Hook: api.TaskLifecycleHookPrestart, Sidecar: false},
 		Config:    map[string]any{"command": BarrierProgram},
-		Env:       barrierEnv(servers, gangTimeout, token, b.CAPEM),
+		Env:       barrierEnv(servers, gangTimeout, token, b.CAPEM, templates != nil),
 		Templates: templates,
 		Artifacts: []*api.TaskArtifact{{
 			GetterSource:  ptr(b.Source),
@@ -364,10 +367,13 @@ func barrierTask(workerDriver string, b *BarrierTask, gangTimeout, jobID string)
 	}
 }
 
-func barrierEnv(servers []string, gangTimeout, token, caPEM string) map[string]string {
+func barrierEnv(servers []string, gangTimeout, token, caPEM string, fromVariable bool) map[string]string {
 	env := map[string]string{
 		EnvServers:     strings.Join(servers, ","),
 		EnvGangTimeout: gangTimeout,
+	}
+	if fromVariable {
+		env[EnvTokenFromVariable] = "1"
 	}
 	if token != "" {
 		env[EnvBarrierToken] = token

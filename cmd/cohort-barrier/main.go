@@ -21,6 +21,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	mrand "math/rand/v2"
 	"os"
 	"os/signal"
 	"strings"
@@ -75,9 +76,21 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 	rand.Read(b)
 	req := api.BarrierRequest{Alloc: alloc, Instance: hex.EncodeToString(b), Wait: poll.String(), Token: env("COHORT_BARRIER_TOKEN")}
 
+	fromVar := env(envTokenFromVariable) != ""
 	began := time.Now()
+	stopped := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout+grace)
 	defer cancel()
+	// ended says why the wait ended when ctx did: Nomad stopping the task
+	// (a kill, or its template restarting it with a new token) is not
+	// the gang timeout.
+	ended := func(why string, args ...any) int {
+		if stopped.Err() != nil {
+			fmt.Fprintln(stdout, "cohort-barrier: stopped")
+			return 1
+		}
+		return fail(why, args...)
+	}
 	if tlsConf != nil && req.Token == "" {
 		// The token comes from the job's Nomad variable through this
 		// task's template, which restarts the task once cohort has
@@ -85,41 +98,43 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 		// cohort adopts it). A report without it would only be refused.
 		fmt.Fprintf(stdout, "waiting for gang %s's barrier token (COHORT_BARRIER_TOKEN, from the job's Nomad variable)\n", job)
 		<-ctx.Done()
-		return fail("no barrier token within the gang timeout (%s) plus %s: the job's Nomad variable has no item %q", timeout, grace, "cohort_barrier_token")
+		return ended("no barrier token within the gang timeout (%s) plus %s: the job's Nomad variable has no item %q", timeout, grace, "cohort_barrier_token")
 	}
 	fmt.Fprintf(stdout, "waiting at the start barrier of gang %s for the whole gang\n", job)
+	// One client per server: each keeps its connection for the next
+	// report, where a client per report would leave one open per try.
+	clients := make([]*api.Client, len(servers))
+	for i, server := range servers {
+		clients[i] = api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: tlsConf})
+	}
 	backoff := 100 * time.Millisecond
 	var refused error
 	for i := 0; ; i++ {
-		server := servers[i%len(servers)]
-		c := api.NewClient(api.Config{Address: server, Timeout: 10 * time.Second, TLS: tlsConf})
-		v, err := c.Barrier(ctx, ns, job, req)
+		v, err := clients[i%len(clients)].Barrier(ctx, ns, job, req)
 		switch {
 		case ctx.Err() != nil && refused != nil:
-			return fail("the servers refused this report until the gang timeout (%s) plus %s: %v", timeout, grace, refused)
+			return ended("the servers refused this report until the gang timeout (%s) plus %s: %v", timeout, grace, refused)
 		case ctx.Err() != nil:
-			return fail("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", timeout, grace, err)
-		case api.IsStatus(err, 403) && tlsConf == nil:
+			return ended("the start barrier was not released within the gang timeout (%s) plus %s; last error: %v", timeout, grace, err)
+		case api.IsStatus(err, 403) && !fromVar:
 			return fail("the servers refused this report: %v", err)
 		case api.IsStatus(err, 403):
-			// A token from before the run's (a stale item the template
-			// rendered before cohort wrote this run's): the new one
+			// A token from before this run's (a stale item the template
+			// rendered before cohort wrote the run's): the run's token
 			// restarts this task. Anything else fails at the timeout,
 			// with this error.
 			if refused == nil {
-				fmt.Fprintf(stderr, "cohort-barrier: the servers refused this report, waiting for a new token: %v\n", err)
+				fmt.Fprintf(stderr, "cohort-barrier: the servers refused this report, waiting for this run's token: %v\n", err)
+				backoff = 2 * time.Second
 			}
 			refused = err
-			select {
-			case <-ctx.Done():
-			case <-time.After(2 * time.Second):
+			if !sleep(ctx, backoff) {
+				continue
 			}
+			backoff = min(2*backoff, 15*time.Second)
 			continue
 		case err != nil:
-			select {
-			case <-ctx.Done():
-			case <-time.After(backoff):
-			}
+			sleep(ctx, backoff)
 			backoff = min(2*backoff, 2*time.Second)
 			continue
 		}
@@ -131,5 +146,24 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 		case api.BarrierAbort:
 			return fail("the gang did not start: %s", v.Reason)
 		}
+	}
+}
+
+// envTokenFromVariable is set (by cohort's servers, in the task's
+// environment) when the token comes from the job's Nomad variable through
+// the task's template, which restarts the task with a new token: only
+// then is a refusal worth waiting out.
+const envTokenFromVariable = "COHORT_BARRIER_TOKEN_FROM_VARIABLE"
+
+// sleep waits d, with up to a quarter more at random so that a gang's
+// workers do not retry in step, or until ctx ends; it says whether it
+// slept the whole time.
+func sleep(ctx context.Context, d time.Duration) bool {
+	d += time.Duration(mrand.Int64N(int64(d)/4 + 1))
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
 	}
 }

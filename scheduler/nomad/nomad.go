@@ -778,7 +778,9 @@ func (c *Client) editBarrierToken(namespace, id string, edit func(items map[stri
 		}
 		return nil
 	}
-	return &RefusedError{Status: 409, Err: fmt.Errorf("writing nomad variable %s: it changed under every one of 5 tries", path)}
+	// Not a refusal: the gang keeps its attempts, and registering is
+	// tried again after a back-off.
+	return fmt.Errorf("writing nomad variable %s: it changed under every one of 5 tries", path)
 }
 
 func deref[T any](p *T) T {
