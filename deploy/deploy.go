@@ -1,9 +1,10 @@
 // Package deploy holds what installs cohort on hosts: install.sh (the
 // binaries and systemd units), server.sh (a Consul, Nomad and cohort
-// server), node.sh (a Nomad client with cohort's plugins beside a
-// Consul agent) and the Nomad ACL policy of cohort's servers. The install guide, the Vagrant cluster and `cohort dev`
-// all set hosts up with these same scripts; they are embedded so that a
-// cohort binary carries the ones it was built with.
+// server), node.sh (a Nomad client with cohort's plugins beside a Consul
+// agent) and the Nomad ACL policy of cohort's servers. The install guide,
+// the Vagrant cluster and `cohort dev` all set hosts up with these same
+// scripts; they are embedded so that a cohort binary carries the ones it
+// was built with.
 package deploy
 
 import (

@@ -128,10 +128,9 @@ func run(ctx context.Context, env func(string) string, stdout, stderr *os.File) 
 				backoff = 2 * time.Second
 			}
 			refused = err
-			if !sleep(ctx, backoff) {
-				continue
+			if sleep(ctx, backoff) {
+				backoff = min(2*backoff, 15*time.Second)
 			}
-			backoff = min(2*backoff, 15*time.Second)
 			continue
 		case err != nil:
 			sleep(ctx, backoff)

@@ -128,16 +128,8 @@ acl {
 
 // bootstrapACL makes the management token, once Nomad's server answers.
 func (c *Cluster) bootstrapACL() (bool, error) {
-	resp, err := c.http.Post(c.NomadAddr()+"/v1/acl/bootstrap", "application/json", bytes.NewReader(nil))
-	if err != nil {
-		return false, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return false, fmt.Errorf("acl bootstrap: %s", resp.Status)
-	}
 	var tok struct{ SecretID string }
-	if err := json.NewDecoder(resp.Body).Decode(&tok); err != nil {
+	if err := c.nomadWrite("POST", "/v1/acl/bootstrap", nil, &tok); err != nil {
 		return false, err
 	}
 	c.token = tok.SecretID

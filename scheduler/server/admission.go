@@ -351,7 +351,7 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 // without their own start barrier: its program from this server, its
 // reports to every server of the group. With TLS, it carries the CA and
 // reads the job's barrier token from a Nomad variable the leader writes
-// before registering the run (publishBarrierTokens), and its program
+// before registering the run (publishBarrierToken), and its program
 // comes over plain HTTP from the same port: Nomad's artifact fetcher
 // trusts only the system's CAs, and the checksum pins the program anyway.
 func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
@@ -393,15 +393,8 @@ func (s *Server) barrierTaskFor(key string) (*jobspec.BarrierTask, error) {
 // Nomad variable (jobspec.BarrierTokenPath), where its barrier tasks'
 // templates read it with their workload identities; a token that may
 // only read the job, and so once read the token from the barrier task's
-// environment, may not read it there. A job whose ID cannot name a
-// variable carries the token in its environment instead.
+// environment, may not read it there.
 func (s *Server) publishBarrierToken(job *api.Job, key string, run int) error {
-	if s.tls == nil {
-		return nil
-	}
-	if _, ok := jobspec.BarrierTokenPath(deref(job.ID)); !ok {
-		return nil
-	}
 	held := false
 	for _, tg := range job.TaskGroups {
 		held = held || hasBarrierTask(tg)
@@ -409,14 +402,32 @@ func (s *Server) publishBarrierToken(job *api.Job, key string, run int) error {
 	if !held {
 		return nil
 	}
-	sec, err := s.secret()
-	if err != nil {
-		return fmt.Errorf("making the job's barrier token: %w", err)
+	token, err := s.variableToken(deref(job.ID), key, run)
+	if token == "" || err != nil {
+		return err
 	}
-	if err := s.nomad.PutBarrierToken(deref(job.Namespace), deref(job.ID), barrierToken(sec, key, run)); err != nil {
+	if err := s.nomad.PutBarrierToken(deref(job.Namespace), deref(job.ID), token); err != nil {
 		return fmt.Errorf("handing the barrier tasks their token: %w", err)
 	}
 	return nil
+}
+
+// variableToken is the barrier token of a run whose barrier tasks read it
+// from the job's Nomad variable; "" where they do not: without TLS, or
+// for a job whose ID cannot name a variable (it carries the token in its
+// environment instead).
+func (s *Server) variableToken(jobID, key string, run int) (string, error) {
+	if s.tls == nil {
+		return "", nil
+	}
+	if _, ok := jobspec.BarrierTokenPath(jobID); !ok {
+		return "", nil
+	}
+	sec, err := s.secret()
+	if err != nil {
+		return "", fmt.Errorf("making the job's barrier token: %w", err)
+	}
+	return barrierToken(sec, key, run), nil
 }
 
 func hasBarrierTask(tg *api.TaskGroup) bool {

@@ -163,7 +163,7 @@ func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *takeove
 	if err := s.publishBarrierToken(norm, key, res.Job.Run); err != nil {
 		// Its barrier tasks wait for the token; the gang timeout sends
 		// the gang back to the queue, to be registered as cohort's own.
-		s.log.Warn("handing an adopted gang its barrier tokens", "job", key, "error", err)
+		s.log.Warn("handing an adopted gang its barrier token", "job", key, "error", err)
 	}
 	s.log.Info("adopted a gang registered with nomad directly; its workers wait at the barrier", "job", key, "workers", res.Job.Spec.Size())
 	return wait, nil, nil

@@ -602,15 +602,12 @@ func (s *Server) cleanupLocked(now time.Time, key string) {
 // Nomad variable. A token left behind opens nothing (it names an ended
 // run); this only tidies.
 func (s *Server) dropBarrierToken(j state.Job) {
-	if s.tls == nil {
+	token, err := s.variableToken(j.Spec.ID, j.Key(), j.Run)
+	if token == "" && err == nil {
 		return
 	}
-	if _, ok := jobspec.BarrierTokenPath(j.Spec.ID); !ok {
-		return
-	}
-	sec, err := s.secret()
 	if err == nil {
-		err = s.nomad.DropBarrierToken(j.Spec.Namespace, j.Spec.ID, barrierToken(sec, j.Key(), j.Run))
+		err = s.nomad.DropBarrierToken(j.Spec.Namespace, j.Spec.ID, token)
 	}
 	if err != nil {
 		s.log.Warn("deleting the barrier token of an ended gang", "job", j.Key(), "error", err)
