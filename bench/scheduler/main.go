@@ -19,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cohort-dev/cohort/command"
+	"github.com/cohort-dev/cohort/internal/gcfloor"
 	leaderinv "github.com/cohort-dev/cohort/scheduler/inventory"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
@@ -38,6 +40,7 @@ var (
 	codec   = flag.Int("codec", state.CodecBinary, "the log encoding the servers say they read: 1 binary, 0 JSON (as servers before the binary codec)")
 	cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the Raft admissions at the largest size here")
 	memprof = flag.String("memprofile", "", "write a profile of what the Raft admissions at the largest size allocate here")
+	gcFloor = flag.Int("gc-heap-floor-mb", command.DefaultGCHeapFloorMB, "the garbage collector's heap floor in MiB, as cohort server's -gc-heap-floor-mb (this process stands in for the servers); 0 for Go's default pacing")
 )
 
 func main() {
@@ -72,6 +75,7 @@ type figures struct {
 	p50, p99         float64 // admission latency, ms
 	failover         time.Duration
 	handover         time.Duration // a planned stop of the leader
+	gcCycles         uint32        // collections while admitting
 	cmdsPerEntry     float64
 	entryMs          float64 // wall time per Raft entry while admitting
 	inventoryKiB1000 float64
@@ -88,6 +92,12 @@ func run() error {
 		ns = append(ns, n)
 	}
 	fmt.Printf("sizes=%s\nworkers_per_gang=%d\nclients=%d\ncodec=%d\n", *sizes, *workers, *clients, *codec)
+	if f, ok := gcfloor.Keep(uint64(*gcFloor) << 20); ok {
+		defer f.Stop()
+		fmt.Printf("gc_heap_floor_mb=%d\n", *gcFloor)
+	} else {
+		fmt.Printf("gc_heap_floor_mb=off\n")
+	}
 	// The disk's floor: one 4 KiB write and fsync where the replicas
 	// keep their logs. Each Raft entry costs the leader's and a
 	// follower's fsync, one after the other, plus the round trip and the
@@ -110,6 +120,7 @@ func run() error {
 		fmt.Printf("placements_per_s_noraft_%d=%.0f\n", n, f.noraft)
 		fmt.Printf("admit_p50_ms_%d=%.2f\n", n, f.p50)
 		fmt.Printf("admit_p99_ms_%d=%.2f\n", n, f.p99)
+		fmt.Printf("gc_cycles_admitting_%d=%d\n", n, f.gcCycles)
 		fmt.Printf("failover_ms_%d=%d\n", n, f.failover.Milliseconds())
 		fmt.Printf("handover_ms_%d=%d\n", n, f.handover.Milliseconds())
 		fmt.Printf("commands_per_entry_%d=%.1f\n", n, f.cmdsPerEntry)
@@ -303,6 +314,8 @@ func runSize(n int, profile bool) (figures, error) {
 		defer pprof.StopCPUProfile()
 	}
 	lat := make([]float64, jobsN)
+	var gcBefore, gcAfter runtime.MemStats
+	runtime.ReadMemStats(&gcBefore)
 	next := make(chan int)
 	errs := make(chan error, *clients)
 	var wg sync.WaitGroup
@@ -334,6 +347,8 @@ feed:
 	close(next)
 	wg.Wait()
 	elapsed := time.Since(t0)
+	runtime.ReadMemStats(&gcAfter)
+	f.gcCycles = gcAfter.NumGC - gcBefore.NumGC
 	select {
 	case err := <-errs:
 		return f, err
