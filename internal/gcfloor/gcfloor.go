@@ -7,14 +7,14 @@
 // base: several cycles a second under load, each taking CPU from the
 // admissions of that moment, which is what sets the tail of admission
 // latency. A floor trades memory the server can spare for fewer cycles:
-// the goal is max(floor, what GOGC alone would give), so a heap that
-// outgrows the floor is collected exactly as without it.
+// the goal is the floor while the live heap is small, and what GOGC=100
+// gives once twice the live heap passes the floor.
 //
 // The floor is applied by retuning GOGC after every cycle from the live
 // heap that cycle measured, not with GOGC=off and a memory limit: a limit
 // below the live heap makes the collector run back to back, and a floor
-// must never do that. A memory limit (GOMEMLIMIT) still bounds the heap
-// when set: Go's collector honours it over any GOGC.
+// must never do that. A memory limit the operator sets (GOMEMLIMIT) still
+// bounds the heap: Go's collector honours it over any GOGC.
 package gcfloor
 
 import (
@@ -30,14 +30,16 @@ import (
 const Base = 100
 
 // heapMinimum is the runtime's least heap goal at GOGC=100 (its
-// defaultHeapMinimum); it scales with GOGC, so GOGC=p never lets the goal
-// under heapMinimum*p/100.
+// defaultHeapMinimum, in a default build; GOEXPERIMENT=heapminimum512kib
+// makes it 512 KiB, under which a tiny heap's goal falls short of the
+// floor, never past it). It scales with GOGC, so GOGC=p never lets the
+// goal under heapMinimum*p/100.
 const heapMinimum = 4 << 20
 
 // Percent is the GOGC that puts the heap goal at floor or above, after a
 // cycle that left live bytes of heap and roots bytes of stacks and
 // globals to scan: Go's goal is live + (live+roots)*GOGC/100. It is never
-// under base, so a heap above about half the floor is collected as
+// under base, so a heap of about half the floor or more is collected as
 // GOGC=base would collect it; and never over the GOGC whose scaled
 // minimum goal is the floor, which a tiny heap would otherwise ask for
 // and which would put the goal far past the floor.
@@ -46,7 +48,7 @@ func Percent(live, roots, floor uint64, base int) int {
 		return base
 	}
 	p := math.Ceil(float64(floor-live) * 100 / float64(max(live+roots, 1)))
-	p = min(p, float64(floor)*100/heapMinimum)
+	p = min(p, float64(floor)*100/heapMinimum, math.MaxInt32)
 	return max(base, int(p))
 }
 
@@ -55,14 +57,19 @@ type Floor struct {
 	floor uint64
 	mu    sync.Mutex
 	on    bool
-	last  int
+	last  int // the GOGC set
+	// prevGOGC is what Stop puts back; ownLimit says whether the floor
+	// sets the memory limit (no GOMEMLIMIT was given).
+	prevGOGC int
+	ownLimit bool
 	// cycles counts the retunings, for tests.
 	cycles int
 }
 
 // Keep keeps the heap goal at floor bytes or above. One floor per
-// process: GOGC is the process's. It does nothing where the operator has set GOGC (their
-// setting stands) or the floor is 0, and says which in the second result.
+// process: GOGC is the process's. It does nothing where the operator has
+// set GOGC (their setting stands) or the floor is 0, and says which in
+// the second result.
 func Keep(floor uint64) (*Floor, bool) {
 	if floor == 0 || os.Getenv("GOGC") != "" {
 		return nil, false
@@ -70,12 +77,13 @@ func Keep(floor uint64) (*Floor, bool) {
 	// Retuned from the first cycle's end: before it, no live heap is
 	// known, and a GOGC from a guess could let the heap run far past the
 	// floor.
-	f := &Floor{floor: floor, on: true, last: Base}
+	f := &Floor{floor: floor, on: true, last: Base, ownLimit: os.Getenv("GOMEMLIMIT") == ""}
+	f.prevGOGC = debug.SetGCPercent(Base)
 	f.arm()
 	return f, true
 }
 
-// Stop ends the floor and puts GOGC back to Base.
+// Stop ends the floor and puts GOGC (and the memory limit it set) back.
 func (f *Floor) Stop() {
 	if f == nil {
 		return
@@ -86,17 +94,18 @@ func (f *Floor) Stop() {
 		return
 	}
 	f.on = false
-	debug.SetGCPercent(Base)
+	debug.SetGCPercent(f.prevGOGC)
+	if f.ownLimit {
+		debug.SetMemoryLimit(math.MaxInt64)
+	}
 }
 
 // sentinel is garbage the collector finds in every cycle: its finalizer
 // runs once a cycle has ended, then arms the next one. It holds a pointer
-// so that it is not batched with other tiny objects, which would delay
-// the finalizer by as many cycles as they live.
-type sentinel struct {
-	f *Floor
-	_ [8]byte
-}
+// so that the tiny allocator, which batches small pointer-free objects
+// and would delay the finalizer by as many cycles as they live, never
+// takes it.
+type sentinel struct{ f *Floor }
 
 func (f *Floor) arm() {
 	runtime.SetFinalizer(&sentinel{f: f}, func(s *sentinel) {
@@ -120,6 +129,15 @@ func lastCycle() (live, roots uint64) {
 	return v[0], v[1] + v[2]
 }
 
+// Backstop is the memory limit the floor sets where the operator set
+// none, as a multiple of the larger of the floor and the live heap. A
+// GOGC set after one cycle applies to the next, whose live heap may be
+// far larger (a snapshot restored, the first read of Nomad's lists): at
+// GOGC=6,400 from a 4 MiB heap, 100 MiB live would make the goal 6.4
+// GiB. The limit stops that; at four times the live heap it is never what
+// paces the collector otherwise, so it cannot make it run back to back.
+const Backstop = 4
+
 // retune sets GOGC from the heap the last cycle left live; it reports
 // whether the floor is still on.
 func (f *Floor) retune() bool {
@@ -132,10 +150,10 @@ func (f *Floor) retune() bool {
 	if live == 0 {
 		return true
 	}
-	p := Percent(live, roots, f.floor, Base)
-	// SetGCPercent recomputes the pacer's goal under the heap lock: skip
-	// it when the goal would barely move.
-	if d := p - f.last; d > f.last/16 || -d > f.last/16 {
+	if f.ownLimit {
+		debug.SetMemoryLimit(int64(min(Backstop*max(f.floor, live), math.MaxInt64/2)))
+	}
+	if p := Percent(live, roots, f.floor, Base); p != f.last {
 		debug.SetGCPercent(p)
 		f.last = p
 	}

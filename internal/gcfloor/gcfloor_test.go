@@ -1,7 +1,9 @@
 package gcfloor
 
 import (
+	"math"
 	"runtime"
+	"runtime/debug"
 	"runtime/metrics"
 	"testing"
 	"time"
@@ -74,8 +76,21 @@ func retuned(t *testing.T, f *Floor) {
 	}
 }
 
-func TestFloorCutsCollections(t *testing.T) {
+// defaultPacing starts a test from Go's default pacing, whatever GOGC
+// the test binary was run with, and puts it back after.
+func defaultPacing(t *testing.T) {
 	t.Setenv("GOGC", "")
+	t.Setenv("GOMEMLIMIT", "")
+	old := debug.SetGCPercent(Base)
+	oldLimit := debug.SetMemoryLimit(math.MaxInt64)
+	t.Cleanup(func() {
+		debug.SetGCPercent(old)
+		debug.SetMemoryLimit(oldLimit)
+	})
+}
+
+func TestFloorCutsCollections(t *testing.T) {
+	defaultPacing(t)
 	runtime.GC()
 	without := cyclesWhile(128)
 
@@ -90,6 +105,10 @@ func TestFloorCutsCollections(t *testing.T) {
 	// globals too, which the percent allows for.
 	if g := heapGoal(); g < floor || g > floor+floor/8 {
 		t.Fatalf("heap goal %d MiB with a floor of %d MiB", g>>20, floor>>20)
+	}
+	// The backstop limit, where the operator set none.
+	if l := debug.SetMemoryLimit(-1); l != Backstop*floor {
+		t.Errorf("memory limit %d MiB, want %d MiB", l>>20, Backstop*floor>>20)
 	}
 	with := cyclesWhile(128)
 	t.Logf("collections while making 128 MiB of garbage: %d without a floor, %d with 512 MiB", without, with)
@@ -107,12 +126,31 @@ func TestFloorCutsCollections(t *testing.T) {
 	if g := heapGoal(); g >= floor {
 		t.Errorf("heap goal %d MiB after Stop, want the default's", g>>20)
 	}
+	if l := debug.SetMemoryLimit(-1); l != math.MaxInt64 {
+		t.Errorf("memory limit %d after Stop, want none", l)
+	}
+}
+
+// TestOperatorsLimitStands: with GOMEMLIMIT given, the floor sets no
+// limit of its own.
+func TestOperatorsLimitStands(t *testing.T) {
+	defaultPacing(t)
+	t.Setenv("GOMEMLIMIT", "8GiB")
+	f, ok := Keep(64 << 20)
+	if !ok {
+		t.Fatal("Keep did not start with GOGC unset")
+	}
+	defer f.Stop()
+	retuned(t, f)
+	if l := debug.SetMemoryLimit(-1); l != math.MaxInt64 {
+		t.Errorf("memory limit %d MiB set although GOMEMLIMIT was given", l>>20)
+	}
 }
 
 // TestHeapOverTheFloor: a live heap larger than the floor is collected
 // as GOGC=100 would collect it.
 func TestHeapOverTheFloor(t *testing.T) {
-	t.Setenv("GOGC", "")
+	defaultPacing(t)
 	const floor = 8 << 20
 	live := make([][]byte, 32) // 32 MiB kept live
 	for i := range live {
@@ -138,7 +176,7 @@ func TestOperatorsGOGCStands(t *testing.T) {
 		f.Stop()
 		t.Fatal("Keep started although GOGC is set")
 	}
-	t.Setenv("GOGC", "")
+	defaultPacing(t)
 	if _, ok := Keep(0); ok {
 		t.Fatal("Keep started with a floor of 0")
 	}
