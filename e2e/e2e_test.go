@@ -97,6 +97,8 @@ type clusterOpts struct {
 	// accelSysfs is a sysfs tree the accelerator device plugin
 	// fingerprints instead of the host's.
 	accelSysfs string
+	// hostVolumes are host volumes every node offers.
+	hostVolumes []string
 }
 
 // cluster starts a dev cluster on free ports for one test and stops it
@@ -206,6 +208,7 @@ func startCluster(t *testing.T, opts clusterOpts) *devcluster.Cluster {
 		Ports:       ports,
 		TLS:         opts.tls,
 		NomadSecure: opts.nomadSecure,
+		HostVolumes: opts.hostVolumes,
 		Logger:      hclog.New(&hclog.LoggerOptions{Name: "devcluster", Output: testWriter{t}, Level: hclog.Info}),
 	})
 	if err != nil {

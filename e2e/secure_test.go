@@ -56,7 +56,7 @@ func nomadToken(t *testing.T, c *devcluster.Cluster, name, rules string) string 
 // anonymous caller and a read-only token are refused with 403 and a
 // sentence naming the missing capability.
 func TestSecureCluster(t *testing.T) {
-	opts := clusterOpts{microvm: true, nomadSecure: true, servers: []int{freePort(t)}}
+	opts := clusterOpts{microvm: true, nomadSecure: true, servers: []int{freePort(t)}, hostVolumes: []string{"data"}}
 	nomadListen := freeAddr(t)
 	c := startCluster(t, opts)
 	secure(t, c, "")
@@ -141,12 +141,18 @@ namespace "default" {
 	if out, err := cohortAs(submit, "run", "-detach", "-address", api, spec); err != nil {
 		t.Fatalf("cohort run with the submit token: %v\n%s", err, out)
 	}
-	sec.token = submit
-	v := waitStatus(t, api, "secure", "finished", "failed")
-	if v.Status != "finished" || v.Reason != "every worker exited" {
-		t.Fatalf("the gang run with the submit token: %+v", v)
+	// finished waits, reading with token, until gang id ends, and fails
+	// the test unless every worker exited.
+	finished := func(token, id, what string) {
+		t.Helper()
+		sec.token = token
+		v := waitStatus(t, api, id, "finished", "failed")
+		sec.token = ""
+		if v.Status != "finished" || v.Reason != "every worker exited" {
+			t.Fatalf("%s: %+v", what, v)
+		}
 	}
-	sec.token = ""
+	finished(submit, "secure", "the gang run with the submit token")
 
 	// The same through the Nomad-compatible endpoint with Nomad's CLI.
 	nomad, _ := devcluster.FindBinary("nomad")
@@ -172,12 +178,7 @@ namespace "default" {
 	if err != nil || !strings.Contains(out, "admitted for gang scheduling") {
 		t.Fatalf("nomad job run through the endpoint with the submit token: %v\n%s", err, out)
 	}
-	sec.token = submit
-	v = waitStatus(t, api, "viaendpoint", "finished", "failed")
-	sec.token = ""
-	if v.Status != "finished" {
-		t.Fatalf("the gang run through the endpoint: %+v", v)
-	}
+	finished(submit, "viaendpoint", "the gang run through the endpoint")
 
 	// Its logs, through the endpoint, with the token.
 	out, err = nomadAs(submit, "job", "allocs", "-json", "viaendpoint")
@@ -231,16 +232,58 @@ namespace "default" {
 	if err != nil || strings.Contains(out, `"`+jobspec.EnvBarrierToken+`"`) || !strings.Contains(out, "nomadVar") {
 		t.Errorf("the raw_exec gang's job, read with a read-only token, should read its token from a variable: %v\n%s", err, out)
 	}
-	sec.token = submit
-	v = waitStatus(t, api, "rawsecure", "finished", "failed")
-	sec.token = ""
-	if v.Status != "finished" || v.Reason != "every worker exited" {
-		t.Fatalf("the raw_exec gang: %+v", v)
-	}
+	finished(submit, "rawsecure", "the raw_exec gang")
 	waitFor(t, "the ended gang's token out of the job's variable, its own item kept", func() bool {
 		out, err := nomadDirect(c.NomadToken(), "var", "get", "-out", "json", tokenVar)
 		return err == nil && !strings.Contains(out, jobspec.BarrierTokenItem) && strings.Contains(out, `"theirs": "kept"`)
 	})
+
+	// A gang that mounts the nodes' host volume "data", through the
+	// endpoint. Nomad checks mounts only when a job is registered, and
+	// cohort registers with its own token, which may mount any volume; so
+	// cohort judges the caller's: the submit token, without a host_volume
+	// grant, is refused; a token whose role grants mount-readonly runs
+	// it read-only, and is refused it read-write.
+	if _, err := c.NomadPolicyToken("data-read", `host_volume "data" { policy = "read" }`); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := nomadDirect(c.NomadToken(), "acl", "role", "create", "-name", "mounters", "-policy", "data-read"); err != nil {
+		t.Fatalf("nomad acl role create: %v\n%s", err, out)
+	}
+	out, err = nomadDirect(c.NomadToken(), "acl", "token", "create", "-name", "mounter", "-policy", "submit", "-role-name", "mounters", "-json")
+	var mounterTok struct{ SecretID string }
+	if err != nil || json.Unmarshal([]byte(out), &mounterTok) != nil || mounterTok.SecretID == "" {
+		t.Fatalf("nomad acl token create with the mounters role: %v\n%s", err, out)
+	}
+	mounter := mounterTok.SecretID
+	planned, err = exec.Command(cohortBin, "plan", writeTemp(t, dir, "mounts.hcl", rawGang("mounts", 2, "90s", "/bin/sh", "-c", "sleep 1"))).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	withVolume := func(readOnly bool) string {
+		spec := strings.Replace(string(planned), "    count = 2\n", fmt.Sprintf("    count = 2\n    volume \"data\" {\n      type      = \"host\"\n      source    = \"data\"\n      read_only = %t\n    }\n", readOnly), 1)
+		if !strings.Contains(spec, `source    = "data"`) {
+			t.Fatalf("no place for the volume in the planned job:\n%s", planned)
+		}
+		return writeTemp(t, dir, fmt.Sprintf("mounts-%t.nomad.hcl", readOnly), spec)
+	}
+	ro, rw := withVolume(true), withVolume(false)
+	for _, c := range []struct {
+		name, token, spec, want string
+	}{
+		{"submit token, read-only", submit, ro, `needs host_volume "data" with mount-readonly`},
+		{"mounter token, read-write", mounter, rw, `needs host_volume "data" with mount-readwrite`},
+	} {
+		out, err := nomadAs(c.token, "job", "run", c.spec)
+		if err == nil || !strings.Contains(out, "403") || !strings.Contains(out, c.want) {
+			t.Errorf("nomad job run of a gang mounting a host volume, %s: %v\n%s", c.name, err, out)
+		}
+		t.Logf("nomad job run, mounting, %s: %s", c.name, strings.TrimSpace(out))
+	}
+	if out, err := nomadAs(mounter, "job", "run", ro); err != nil || !strings.Contains(out, "admitted for gang scheduling") {
+		t.Fatalf("nomad job run of a gang mounting a host volume read-only, with the mounter token: %v\n%s", err, out)
+	}
+	finished(mounter, "mounts", "the gang mounting a host volume (registered with the servers' token)")
 }
 
 func writeTemp(t *testing.T, dir, name, content string) string {

@@ -4,20 +4,20 @@
 #   nomad acl policy apply -description "cohort servers" cohort-server cohort-server.policy.hcl
 #   nomad acl token create -name cohort-server -policy cohort-server
 #
-# What a caller may do is always asked of Nomad with the caller's own token;
-# this one is only the servers' own.
+# What a caller may do is asked of Nomad with the caller's own token, its
+# volume mounts judged on the policies that token holds; this one is only
+# the servers' own.
 
 # Register, read and stop the Nomad jobs of gangs, in every namespace the
 # servers serve, and read their allocations (the Allocation event topic).
 #
-# Gangs that mount host or CSI volumes are refused by Nomad under this
-# policy (their registration fails with "Permission denied"). Granting the
-# servers those mounts (host_volume "*" write, csi-mount-volume) would let
-# every caller who may submit jobs mount any volume through cohort: cohort
-# asks Nomad whether a caller may submit a job by planning it with the
-# caller's token, and Nomad checks volume mounts only at registration.
+# Nomad checks a job's volume mounts (and CSI plugin tasks) when the job is
+# registered, with the registering token: the servers'. So the servers may
+# mount every volume, and cohort checks each caller's own right to mount
+# the job's volumes before it admits the job, on the policies of the
+# caller's token, as Nomad's registration would.
 namespace "*" {
-  capabilities = ["list-jobs", "read-job", "submit-job"]
+  capabilities = ["list-jobs", "read-job", "submit-job", "csi-mount-volume", "csi-register-plugin"]
 
   # Each run's barrier token goes into the item cohort_barrier_token of the
   # job's own variable, nomad/jobs/<job>, which the job's tasks read with
@@ -33,6 +33,15 @@ namespace "*" {
 
 # The inventory: nodes with their resources (the Node event topic).
 node {
+  policy = "read"
+}
+
+# Host volumes and CSI volumes that gangs mount (see above).
+host_volume "*" {
+  policy = "write"
+}
+
+plugin {
   policy = "read"
 }
 

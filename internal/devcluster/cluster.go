@@ -57,6 +57,9 @@ type Config struct {
 	// with its node's certificate. NomadSecure also runs Nomad with TLS
 	// and ACLs (bootstrapped: NomadToken is the management token).
 	TLS, NomadSecure bool
+	// HostVolumes are host volumes every node's Nomad client offers, each
+	// an empty directory of the node's.
+	HostVolumes []string
 }
 
 // MicroVM is what the microvm driver needs from the dev cluster.

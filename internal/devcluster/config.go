@@ -136,6 +136,29 @@ func (c *Cluster) configureNode(n *Node) error {
 		return fmt.Errorf("setting up host %s with node.sh: %v: %s", n.Name, err, out)
 	}
 	c.log.Debug("host set up", "node", n.Name, "output", out)
+	return c.hostVolumes(n)
+}
+
+// hostVolumes adds the cluster's host volumes to a node's Nomad client,
+// in a file of their own beside node.sh's.
+func (c *Cluster) hostVolumes(n *Node) error {
+	if len(c.cfg.HostVolumes) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	b.WriteString("client {\n")
+	for _, name := range c.cfg.HostVolumes {
+		dir := filepath.Join(n.Dir, "volumes", name)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		fmt.Fprintf(&b, "  host_volume %q {\n    path = %q\n  }\n", name, dir)
+	}
+	b.WriteString("}\n")
+	p := filepath.Join(n.Dir, "nomad.d", "host-volumes.hcl")
+	if err := os.WriteFile(p, []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("writing %s: %w", p, err)
+	}
 	return nil
 }
 

@@ -3,7 +3,8 @@ package nomad
 // What a caller of cohort may do is what Nomad's ACLs let its token do:
 // cohort asks Nomad with the caller's own token, through calls that need
 // exactly the capability in question, so Nomad's policy engine (and its
-// ACLs being off) decides, never a copy of it.
+// ACLs being off) decides, never a copy of it. Volume mounts, which no
+// such call checks, are the exception: see mounts.go.
 
 import (
 	"errors"

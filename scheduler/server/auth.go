@@ -192,6 +192,19 @@ func (s *Server) maySubmit(c caller, job *nomadapi.Job) error {
 	return s.nomad.CanSubmit(c.token, job)
 }
 
+// mayMount checks that the caller may mount the host and CSI volumes of a
+// job it submits. Nomad checks mounts when a job is registered, and
+// cohort registers it later with its own token, which may mount any
+// volume: without this any caller who may submit could mount any volume
+// through cohort. Stopping a gang does not ask it, as Nomad's deregister
+// does not.
+func (s *Server) mayMount(c caller, job *nomadapi.Job) error {
+	if !s.aclsOn() {
+		return nil
+	}
+	return s.nomad.CanMount(c.token, job)
+}
+
 // mayReadNodes checks node read.
 func (s *Server) mayReadNodes(c caller) error {
 	if c.server || !s.aclsOn() {

@@ -156,6 +156,29 @@ func TestTokensAreNomads(t *testing.T) {
 			t.Errorf("%s %s with token %q: %d %s, want %d with %q", c.method, c.path, c.token, rec.Code, rec.Body.String(), c.code, c.want)
 		}
 	}
+	// Volume mounts, which Nomad's plan does not check, are judged on
+	// the caller's token too, on submission only.
+	withVolume := func(id string) string {
+		j := gang(id, jobspec.DriverMicroVM, 1)
+		j.TaskGroups[0].Volumes = map[string]*nomadapi.VolumeRequest{"data": {Name: "data", Type: "host", Source: "data", ReadOnly: true}}
+		b, _ := json.Marshal(api.SubmitRequest{Job: j})
+		return string(b)
+	}
+	h.nomad.acl["mounter"] = fakeToken{submit: map[string]bool{"default": true}, mount: map[string]bool{"data": true}}
+	for _, c := range []struct {
+		token string
+		code  int
+		want  string
+	}{{"submit", 403, `host_volume \"data\"`}, {"mounter", 200, `"ID":"vol-mounter"`}} {
+		rec := h.serve(request("POST", "/v1/jobs", withVolume("vol-"+c.token), nil, c.token))
+		if rec.Code != c.code || !strings.Contains(rec.Body.String(), c.want) {
+			t.Errorf("a gang mounting a host volume, token %q: %d %s, want %d with %s", c.token, rec.Code, rec.Body, c.code, c.want)
+		}
+	}
+	if _, ok := h.srv.job("vol-submit"); ok {
+		t.Error("a gang refused its mount was admitted")
+	}
+
 	// Verdicts are cached: asking again does not ask Nomad again.
 	before := h.nomad.count("acl ")
 	for i := 0; i < 5; i++ {

@@ -57,6 +57,7 @@ type fakeToken struct {
 	management   bool
 	submit, read map[string]bool // by namespace
 	nodes        bool
+	mount        map[string]bool // host volumes it may mount
 }
 
 func (f *fakeNomad) token(t string) (fakeToken, bool) {
@@ -76,6 +77,21 @@ func (f *fakeNomad) CanSubmit(t string, job *nomadapi.Job) error {
 		return nil
 	}
 	return fmt.Errorf("%w: submit-job on %s", nomad.ErrDenied, nomadNS(deref(job.Namespace)))
+}
+
+func (f *fakeNomad) CanMount(t string, job *nomadapi.Job) error {
+	tok, _ := f.token(t)
+	if tok.management {
+		return nil
+	}
+	for _, tg := range job.TaskGroups {
+		for _, v := range tg.Volumes {
+			if !tok.mount[v.Source] {
+				return fmt.Errorf("%w: host_volume %q", nomad.ErrDenied, v.Source)
+			}
+		}
+	}
+	return nil
 }
 
 func (f *fakeNomad) CanReadJob(t, ns string) error {

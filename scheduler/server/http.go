@@ -200,7 +200,7 @@ func (s *Server) handleSubmit(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	if !allowed(w, s.maySubmit(s.callerOf(r), nj)) {
+	if c := s.callerOf(r); !allowed(w, s.maySubmit(c, nj)) || !allowed(w, s.mayMount(c, nj)) {
 		return
 	}
 	sub, err := s.Submit(body.Job)

@@ -16,6 +16,7 @@ import (
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/replica"
 	"github.com/cohort-dev/cohort/scheduler/state"
+	nomadapi "github.com/hashicorp/nomad/api"
 )
 
 // snapshotState is the replicated state's bytes, to compare before and
@@ -148,6 +149,27 @@ func TestNomadProxy(t *testing.T) {
 	if _, ok := h.srv.job("team/elsewhere"); !ok || got.URL.Query().Get("namespace") != "team" {
 		t.Errorf("a registration with ?namespace=team: %d, planned in %q, jobs %v", resp.StatusCode, got.URL.Query().Get("namespace"), h.srv.jobKeys())
 	}
+	// A gang whose volume the caller may not mount is refused after
+	// Nomad's plan, which does not check mounts.
+	h.nomad.acl = map[string]fakeToken{"secret-token": {submit: map[string]bool{"default": true}}}
+	h.srv.acl.mu.Lock()
+	h.srv.acl.onUntil = time.Time{} // ask Nomad again whether its ACLs are on
+	h.srv.acl.mu.Unlock()
+	vol := gang("mounts", jobspec.DriverMicroVM, 1)
+	vol.TaskGroups[0].Volumes = map[string]*nomadapi.VolumeRequest{"data": {Name: "data", Type: "host", Source: "data"}}
+	body, _ = json.Marshal(map[string]any{"Job": vol})
+	req, _ = http.NewRequest("PUT", front.URL+"/v1/jobs", bytes.NewReader(body))
+	req.Header.Set("X-Nomad-Token", "secret-token")
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	refusal, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if _, ok := h.srv.job("mounts"); resp.StatusCode != 403 || !strings.Contains(string(refusal), `host_volume "data"`) || ok {
+		t.Errorf("a gang mounting a volume the token may not: %d %s (admitted: %v)", resp.StatusCode, refusal, ok)
+	}
+	h.nomad.acl = map[string]fakeToken{"": {submit: map[string]bool{"default": true}}}
+
 	// nomad job stop of it stops it in cohort.
 	got = nil
 	req, _ = http.NewRequest("DELETE", front.URL+"/v1/job/viaproxy", nil)

@@ -29,6 +29,7 @@ import (
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
+	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
@@ -123,6 +124,16 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 	// dry run that needs the same capability as a registration.
 	if code, msg := p.plan(r, job); code != http.StatusOK {
 		nomadErr(w, code, planRefusal(code, msg, "submitting", job))
+		return
+	}
+	// The plan does not check volume mounts; Nomad's registration would,
+	// and cohort registers with its own token.
+	if err := p.s.mayMount(p.s.callerOf(r), job); err != nil {
+		code := http.StatusBadGateway
+		if errors.Is(err, nomad.ErrDenied) {
+			code = http.StatusForbidden
+		}
+		nomadErr(w, code, err)
 		return
 	}
 	v, err := p.s.submitAnywhere(job, r.Header.Get(api.TokenHeader))

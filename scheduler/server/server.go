@@ -85,6 +85,9 @@ type Nomad interface {
 	// nomad/acl.go): nil, an error wrapping nomad.ErrDenied, or one
 	// saying Nomad could not be asked.
 	CanSubmit(token string, job *api.Job) error
+	// CanMount is the exception: the mounts Nomad checks only at
+	// registration, judged on the token's policies (see nomad/mounts.go).
+	CanMount(token string, job *api.Job) error
 	CanReadJob(token, ns string) error
 	CanReadNodes(token string) error
 	IsManagement(token string) error
