@@ -27,6 +27,12 @@ const (
 // registered behind cohort's back.
 const MetaRun = "cohort.run"
 
+// MetaMounts holds the leader's signature of a gang's volume mounts, made
+// when it admitted the gang after checking that the caller may mount
+// them: cohort registers the gang with its own token, which may mount any
+// volume, so it registers only mounts it signed.
+const MetaMounts = "cohort.mounts"
+
 // BarrierTaskName is the prestart task cohort adds to every group whose
 // driver has no start barrier of its own.
 const BarrierTaskName = "cohort-barrier"

@@ -89,6 +89,10 @@ func (c *Client) IsManagement(token string) error {
 			return fmt.Errorf("%w: server membership and operator calls need a management token", ErrDenied)
 		}
 		return fmt.Errorf("asking nomad about the token: %w", err)
+	case expired(t):
+		// Nomad's self-lookup answers an expired token until it is
+		// collected; Nomad itself refuses it.
+		return fmt.Errorf("%w: server membership and operator calls need a management token; this one has expired", ErrDenied)
 	case t.Type != "management":
 		return fmt.Errorf("%w: server membership and operator calls need a management token; this one is a %s token", ErrDenied, t.Type)
 	}

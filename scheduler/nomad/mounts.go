@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
+	"time"
 
 	"github.com/hashicorp/nomad/acl"
 	"github.com/hashicorp/nomad/api"
@@ -21,10 +23,19 @@ import (
 // registration.
 type mountNeed struct {
 	group  string
-	kind   string // "host", "csi", "plugin" (a task that is a CSI plugin), or another volume type
+	kind   string // "host", "csi", or "plugin" (a task that is a CSI plugin)
 	source string // the host volume's or CSI volume's name
 	write  bool   // a host volume mounted read-write
 	task   string // for "plugin", and a bidirectional mount
+}
+
+// known is a volume Nomad keeps: its HTTP API drops volumes of any type
+// but host and csi from a job it is given, so they mount nothing.
+func known(v *api.VolumeRequest) *api.VolumeRequest {
+	if v == nil || (v.Type != "host" && v.Type != "csi") {
+		return nil
+	}
+	return v
 }
 
 // mountNeeds lists what a job mounts, in a stable order.
@@ -38,18 +49,16 @@ func mountNeeds(job *api.Job) []mountNeed {
 		}
 		sort.Strings(names)
 		for _, name := range names {
-			v := tg.Volumes[name]
-			if v == nil {
-				continue
+			if v := known(tg.Volumes[name]); v != nil {
+				out = append(out, mountNeed{group: group, kind: v.Type, source: v.Source, write: !v.ReadOnly})
 			}
-			out = append(out, mountNeed{group: group, kind: v.Type, source: v.Source, write: !v.ReadOnly})
 		}
 		for _, t := range tg.Tasks {
 			for _, vm := range t.VolumeMounts {
 				if vm == nil || vm.PropagationMode == nil || *vm.PropagationMode != "bidirectional" {
 					continue
 				}
-				if v := tg.Volumes[deref(vm.Volume)]; v != nil {
+				if v := known(tg.Volumes[deref(vm.Volume)]); v != nil {
 					// Nomad asks read-write on the volume's source, whatever
 					// its type, for a bidirectional mount.
 					out = append(out, mountNeed{group: group, kind: "host", source: v.Source, write: true, task: t.Name})
@@ -91,9 +100,6 @@ func mountsAllowed(a *acl.ACL, namespace string, needs []mountNeed) error {
 			if !a.AllowNsOp(namespace, acl.NamespaceCapabilityCSIRegisterPlugin) {
 				return fmt.Errorf("%w: task %s of group %s is a CSI plugin: that needs the csi-register-plugin capability on namespace %s", ErrDenied, n.task, n.group, namespace)
 			}
-		default:
-			// Nomad refuses a volume type it does not know under ACLs.
-			return fmt.Errorf("%w: group %s has a volume of type %q, which Nomad refuses under ACLs", ErrDenied, n.group, n.kind)
 		}
 	}
 	return nil
@@ -102,7 +108,8 @@ func mountsAllowed(a *acl.ACL, namespace string, needs []mountNeed) error {
 // CanMount checks that token may mount what job mounts (and register the
 // CSI plugins it is), as Nomad checks it when the job is registered.
 // Callers ask only while Nomad's ACLs are on. A job without volumes asks
-// Nomad nothing.
+// Nomad nothing. No token is judged by the anonymous policy, as Nomad
+// judges it.
 func (c *Client) CanMount(token string, job *api.Job) error {
 	needs := mountNeeds(job)
 	if len(needs) == 0 {
@@ -115,24 +122,47 @@ func (c *Client) CanMount(token string, job *api.Job) error {
 	return mountsAllowed(a, ns(deref(job.Namespace)), needs)
 }
 
-// tokenACL is the ACL of token's policies, its own and its roles'.
+// MountSummary says, in one line that is the same for the same mounts,
+// what job mounts and registers that Nomad checks at registration; "" for
+// nothing. cohort signs it when it admits a job (after checking the
+// caller), and registers a job with mounts only with that signature.
+func MountSummary(job *api.Job) string {
+	var b strings.Builder
+	for _, n := range mountNeeds(job) {
+		fmt.Fprintf(&b, "%s\x00%s\x00%s\x00%t\x00%s\n", n.group, n.kind, n.source, n.write, n.task)
+	}
+	return b.String()
+}
+
+// tokenACL is the ACL Nomad resolves token to: its policies, its own and
+// its roles', or the anonymous policy for no token.
 func (c *Client) tokenACL(token string) (*acl.ACL, error) {
 	if token == "" {
-		// The anonymous policy is not readable without a token; and Nomad
-		// answers a lookup of no token with a 500.
-		return nil, fmt.Errorf("%w: a gang that mounts volumes needs a Nomad ACL token allowed to mount them; none was given", ErrDenied)
+		// Nomad lets anyone read the anonymous policy.
+		p, err := c.policy("anonymous", nil)
+		if err != nil {
+			return nil, err
+		}
+		var ps []*acl.Policy
+		if p != nil {
+			ps = append(ps, p)
+		}
+		return acl.NewACL(false, ps)
 	}
 	q := &api.QueryOptions{AuthToken: token}
 	self, _, err := c.anon.ACLTokens().Self(q)
 	if err != nil {
-		if e := denied(err, "the token was not found"); errors.Is(e, ErrDenied) {
-			return nil, e
-		}
-		var re *RefusedError
-		if e := refused(err); errors.As(e, &re) {
-			return nil, fmt.Errorf("%w: the token was not found (%v)", ErrDenied, err)
+		if e := refused(err); errors.As(e, new(*RefusedError)) {
+			// Among them a workload identity, which Nomad resolves for
+			// its calls but knows no ACL token of.
+			return nil, fmt.Errorf("%w: nomad knows no ACL token of this secret, so cohort cannot tell which volumes it may mount (%v)", ErrDenied, err)
 		}
 		return nil, fmt.Errorf("asking nomad about the token: %w", err)
+	}
+	if expired(self) {
+		// Nomad's self-lookup answers an expired token until it is
+		// collected; Nomad's registration would refuse it.
+		return nil, fmt.Errorf("%w: the token has expired", ErrDenied)
 	}
 	if self.Type == "management" {
 		return acl.ManagementACL, nil
@@ -144,7 +174,14 @@ func (c *Client) tokenACL(token string) (*acl.ACL, error) {
 		}
 		role, _, err := c.anon.ACLRoles().Get(link.ID, q)
 		if err != nil {
-			return nil, fmt.Errorf("reading the token's role %s: %w", link.Name, refused(err))
+			var re *RefusedError
+			if e := refused(err); errors.As(e, &re) && re.Status == 404 {
+				continue // a role deleted since: Nomad skips it too
+			}
+			if e := denied(err, fmt.Sprintf("the token may not read its role %s", link.Name)); errors.Is(e, ErrDenied) {
+				return nil, e
+			}
+			return nil, fmt.Errorf("reading the token's role %s: %w", link.Name, err)
 		}
 		for _, p := range role.Policies {
 			if p != nil {
@@ -159,19 +196,39 @@ func (c *Client) tokenACL(token string) (*acl.ACL, error) {
 			continue
 		}
 		seen[name] = true
-		p, _, err := c.anon.ACLPolicies().Info(name, q)
+		p, err := c.policy(name, q)
 		if err != nil {
-			var re *RefusedError
-			if e := refused(err); errors.As(e, &re) && re.Status == 404 {
-				continue // Nomad skips a policy that no longer exists
-			}
-			return nil, fmt.Errorf("reading the token's policy %s: %w", name, refused(err))
+			return nil, err
 		}
-		parsed, err := acl.Parse(p.Rules)
-		if err != nil {
-			return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
+		if p != nil {
+			policies = append(policies, p)
 		}
-		policies = append(policies, parsed)
 	}
 	return acl.NewACL(false, policies)
+}
+
+// policy reads and parses one ACL policy; nil for one that no longer
+// exists, which Nomad skips.
+func (c *Client) policy(name string, q *api.QueryOptions) (*acl.Policy, error) {
+	p, _, err := c.anon.ACLPolicies().Info(name, q)
+	if err != nil {
+		var re *RefusedError
+		if e := refused(err); errors.As(e, &re) && re.Status == 404 {
+			return nil, nil
+		}
+		if e := denied(err, fmt.Sprintf("the token may not read its policy %s", name)); errors.Is(e, ErrDenied) {
+			return nil, e
+		}
+		return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
+	}
+	parsed, err := acl.Parse(p.Rules)
+	if err != nil {
+		return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
+	}
+	return parsed, nil
+}
+
+// expired says whether Nomad would refuse t for its age.
+func expired(t *api.ACLToken) bool {
+	return t.ExpirationTime != nil && !t.ExpirationTime.IsZero() && t.ExpirationTime.Before(time.Now())
 }

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/nomad/acl"
 	"github.com/hashicorp/nomad/api"
@@ -79,7 +80,9 @@ plugin { policy = "read" }`
 		{"csi without plugin read", mountJob("", &api.VolumeRequest{Name: "v", Type: "csi", Source: "vol1"}), []string{`namespace "default" { capabilities = ["csi-mount-volume"] }`}, "csi-mount-volume"},
 		{"csi plugin task", pluginJob, []string{plugin}, ""},
 		{"csi plugin task refused", pluginJob, []string{submit}, "csi-register-plugin"},
-		{"unknown type", mountJob("", &api.VolumeRequest{Name: "v", Type: "nfs", Source: "x"}), []string{writeData}, `type "nfs"`},
+		// Nomad's HTTP API drops a volume of a type it does not know: it
+		// mounts nothing, and Nomad checks nothing of it.
+		{"unknown type", mountJob("bidirectional", &api.VolumeRequest{Name: "v", Type: "nfs", Source: "x"}), []string{submit}, ""},
 	} {
 		err := mountsAllowed(mustACL(t, c.rules...), "default", mountNeeds(c.job))
 		switch {
@@ -92,13 +95,19 @@ plugin { policy = "read" }`
 }
 
 // fakeACLNomad serves Nomad's token, role and policy reads as Nomad
-// does for a non-management token: only what the token holds.
+// does for a non-management token: only what the token holds, and the
+// anonymous policy to anyone. A policy named "broken" fails as Nomad
+// failing.
 func fakeACLNomad(t *testing.T, tokens map[string]*api.ACLToken, roles map[string]*api.ACLRole, policies map[string]string) *Client {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok := tokens[r.Header.Get("X-Nomad-Token")]
+		secret := r.Header.Get("X-Nomad-Token")
+		tok := tokens[secret]
+		if secret == "" {
+			tok = &api.ACLToken{Policies: []string{"anonymous"}}
+		}
 		if tok == nil {
-			http.Error(w, "ACL token not found", http.StatusForbidden)
+			http.Error(w, "ACL token not found", http.StatusNotFound)
 			return
 		}
 		holds := map[string]bool{}
@@ -108,26 +117,33 @@ func fakeACLNomad(t *testing.T, tokens map[string]*api.ACLToken, roles map[strin
 		held := map[string]bool{}
 		for _, l := range tok.Roles {
 			held[l.ID] = true
-			for _, p := range roles[l.ID].Policies {
-				holds[p.Name] = true
+			if role := roles[l.ID]; role != nil {
+				for _, p := range role.Policies {
+					holds[p.Name] = true
+				}
 			}
 		}
 		switch {
-		case r.URL.Path == "/v1/acl/token/self":
+		case r.URL.Path == "/v1/acl/token/self" && secret != "":
 			json.NewEncoder(w).Encode(tok)
 		case strings.HasPrefix(r.URL.Path, "/v1/acl/role/"):
 			id := strings.TrimPrefix(r.URL.Path, "/v1/acl/role/")
-			if !held[id] {
+			switch {
+			case !held[id]:
 				http.Error(w, "Permission denied", http.StatusForbidden)
-				return
+			case roles[id] == nil:
+				http.Error(w, "ACL role not found", http.StatusNotFound)
+			default:
+				json.NewEncoder(w).Encode(roles[id])
 			}
-			json.NewEncoder(w).Encode(roles[id])
 		case strings.HasPrefix(r.URL.Path, "/v1/acl/policy/"):
 			name := strings.TrimPrefix(r.URL.Path, "/v1/acl/policy/")
 			rules, ok := policies[name]
 			switch {
 			case !holds[name]:
 				http.Error(w, "Permission denied", http.StatusForbidden)
+			case name == "broken":
+				http.Error(w, "rpc error: no leader", http.StatusInternalServerError)
 			case !ok:
 				http.Error(w, "ACL policy not found", http.StatusNotFound)
 			default:
@@ -148,20 +164,32 @@ func fakeACLNomad(t *testing.T, tokens map[string]*api.ACLToken, roles map[strin
 // TestCanMount reads the caller's policies with the caller's token, its
 // roles' included, and judges the job's mounts by them.
 func TestCanMount(t *testing.T) {
-	c := fakeACLNomad(t,
-		map[string]*api.ACLToken{
-			"direct":  {Type: "client", Policies: []string{"submit", "data", "gone"}},
-			"by-role": {Type: "client", Policies: []string{"submit"}, Roles: []*api.ACLTokenRoleLink{{ID: "r1", Name: "mounters"}}},
-			"plain":   {Type: "client", Policies: []string{"submit"}},
-			"admin":   {Type: "management"},
-		},
-		map[string]*api.ACLRole{"r1": {ID: "r1", Name: "mounters", Policies: []*api.ACLRolePolicyLink{{Name: "data"}}}},
-		map[string]string{
-			"submit": `namespace "default" { capabilities = ["submit-job"] }`,
-			"data":   `host_volume "data" { policy = "read" }`,
-		})
+	past := time.Now().Add(-time.Minute)
+	tokens := map[string]*api.ACLToken{
+		"direct": {Type: "client", Policies: []string{"submit", "data", "gone"}},
+		"by-role": {Type: "client", Policies: []string{"submit"},
+			Roles: []*api.ACLTokenRoleLink{{ID: "r1", Name: "mounters"}, {ID: "r-gone", Name: "deleted since"}}},
+		"plain":        {Type: "client", Policies: []string{"submit"}},
+		"admin":        {Type: "management"},
+		"expired":      {Type: "client", Policies: []string{"data"}, ExpirationTime: &past},
+		"admin-before": {Type: "management", ExpirationTime: &past},
+		"broken":       {Type: "client", Policies: []string{"broken"}},
+	}
+	roles := map[string]*api.ACLRole{"r1": {ID: "r1", Name: "mounters", Policies: []*api.ACLRolePolicyLink{{Name: "data"}}}}
+	policies := map[string]string{
+		"submit": `namespace "default" { capabilities = ["submit-job"] }`,
+		"data":   `host_volume "data" { policy = "read" }`,
+	}
+	c := fakeACLNomad(t, tokens, roles, policies)
 	ro := mountJob("", hostVol("data", true))
-	for token, want := range map[string]string{"direct": "", "by-role": "", "admin": "", "plain": `host_volume "data"`, "unknown": "token was not found", "": "none was given"} {
+	for token, want := range map[string]string{
+		"direct": "", "by-role": "", "admin": "",
+		"plain":        `host_volume "data"`,
+		"unknown":      "nomad knows no ACL token",
+		"expired":      "expired",
+		"admin-before": "expired",
+		"":             `host_volume "data"`, // no anonymous policy: nothing allowed
+	} {
 		err := c.CanMount(token, ro)
 		switch {
 		case want == "" && err != nil:
@@ -173,8 +201,17 @@ func TestCanMount(t *testing.T) {
 	if err := c.CanMount("direct", mountJob("", hostVol("data", false))); !errors.Is(err, ErrDenied) {
 		t.Errorf("a read-write mount with a read grant: %v", err)
 	}
+	// Nomad failing is not a refusal: the caller gets a 502, not a 403.
+	if err := c.CanMount("broken", ro); err == nil || errors.Is(err, ErrDenied) {
+		t.Errorf("a policy Nomad failed to read: %v, want an error that is not a refusal", err)
+	}
 	// No volumes: Nomad is not asked, so even no token passes.
 	if err := c.CanMount("", mountJob("")); err != nil {
 		t.Errorf("a job without volumes: %v", err)
+	}
+	// No token is judged by the anonymous policy, as Nomad judges it.
+	policies["anonymous"] = `host_volume "data" { policy = "read" }`
+	if err := c.CanMount("", ro); err != nil {
+		t.Errorf("no token, with an anonymous policy that grants the mount: %v", err)
 	}
 }

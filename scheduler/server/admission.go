@@ -86,6 +86,9 @@ func (s *Server) admit(in *api.Job, placeNow bool) (Submitted, error) {
 		}
 		return Submitted{}, err
 	}
+	if err := s.signMounts(nj, spec.Key()); err != nil {
+		return Submitted{}, err
+	}
 	raw, err := json.Marshal(nj)
 	if err != nil {
 		return Submitted{}, err

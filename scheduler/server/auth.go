@@ -30,6 +30,7 @@ import (
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/internal/tlsutil"
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/state"
 	nomadapi "github.com/hashicorp/nomad/api"
@@ -203,6 +204,47 @@ func (s *Server) mayMount(c caller, job *nomadapi.Job) error {
 		return nil
 	}
 	return s.nomad.CanMount(c.token, job)
+}
+
+// mountsMark is the signature admission puts on a job's volume mounts
+// (jobspec.MetaMounts): the group's secret signs the job's key and what it
+// mounts, so a job can carry no other job's, and no mounts but its own.
+func mountsMark(secret []byte, key, mounts string) string {
+	m := hmac.New(sha256.New, secret)
+	fmt.Fprintf(m, "cohort mounts\x00%s\x00%s", key, mounts)
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// signMounts signs the mounts of a job being admitted, after mayMount
+// (or Nomad, for a gang registered with it directly) allowed them.
+func (s *Server) signMounts(nj *nomadapi.Job, key string) error {
+	mounts := nomad.MountSummary(nj)
+	if mounts == "" {
+		return nil
+	}
+	sec, err := s.secret()
+	if err != nil {
+		return err
+	}
+	if nj.Meta == nil {
+		nj.Meta = map[string]string{}
+	}
+	nj.Meta[jobspec.MetaMounts] = mountsMark(sec, key, mounts)
+	return nil
+}
+
+// signedMounts says whether a stored job's mounts carry admission's
+// signature: a gang admitted by a server from before the check, whose
+// mounts no one checked, does not, and is not registered with cohort's
+// token while Nomad's ACLs are on.
+func (s *Server) signedMounts(nj *nomadapi.Job, key string) bool {
+	mounts := nomad.MountSummary(nj)
+	if mounts == "" || !s.aclsOn() {
+		return true
+	}
+	var sec []byte
+	s.r.Read(func(st *state.State) { sec = st.Secret })
+	return len(sec) > 0 && hmac.Equal([]byte(mountsMark(sec, key, mounts)), []byte(nj.Meta[jobspec.MetaMounts]))
 }
 
 // mayReadNodes checks node read.

@@ -403,3 +403,60 @@ func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
 		t.Fatalf("a new server's registration: %d %s", rec.Code, rec.Body)
 	}
 }
+
+// TestOnlySignedMountsAreRegistered: cohort registers gangs with its own
+// token, which may mount any volume, so it registers mounts only with
+// admission's signature (made after the caller's mounts were checked). A
+// gang stored by a server from before that check carries none and is not
+// registered; one carrying another job's signature neither.
+func TestOnlySignedMountsAreRegistered(t *testing.T) {
+	h := newHarness(t)
+	h.nomad.acl = map[string]fakeToken{"mgmt": {management: true}}
+	withVolume := func(id string) *nomadapi.Job {
+		j := gang(id, jobspec.DriverMicroVM, 1)
+		j.TaskGroups[0].Volumes = map[string]*nomadapi.VolumeRequest{"data": {Name: "data", Type: "host", Source: "data", ReadOnly: true}}
+		return j
+	}
+	signed := h.submit(withVolume("signed"))
+	h.pass()
+	if j := h.job("signed"); j.NomadIndex == 0 {
+		t.Fatalf("an admitted gang with a volume was not registered: %+v", j)
+	}
+	var stored nomadapi.Job
+	json.Unmarshal(signed.Nomad, &stored)
+	mark := stored.Meta[jobspec.MetaMounts]
+	if mark == "" {
+		t.Fatalf("admission did not sign the gang's mounts: %v", stored.Meta)
+	}
+
+	// Stored as a server before the check stored it: without a mark, or
+	// with the mark of the gang above.
+	for id, meta := range map[string]string{"unsigned": "", "borrowed": mark} {
+		nj, _, err := h.srv.Normalize(withVolume(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if meta != "" {
+			nj.Meta[jobspec.MetaMounts] = meta
+		}
+		g, err := jobspec.GangFromNomad(nj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := json.Marshal(nj)
+		if _, err := h.srv.apply(&state.Command{Op: state.OpSubmit, At: h.clock(), Job: gangSpec(nj, g), Nomad: raw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.runAll("signed")
+	h.pass()
+	h.pass()
+	for _, id := range []string{"unsigned", "borrowed"} {
+		if n := h.nomad.count("register default/" + id); n != 0 {
+			t.Errorf("%s: registered %d times", id, n)
+		}
+		if j := h.job(id); j.NomadIndex != 0 || !strings.Contains(j.Reason, "volume mounts were never checked") {
+			t.Errorf("%s: %s, want it refused for its unchecked mounts", id, j)
+		}
+	}
+}

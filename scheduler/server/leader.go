@@ -378,6 +378,9 @@ func (s *Server) registerAttempt(j *state.Job) (nomad.Registration, error) {
 	if err := json.Unmarshal(j.Nomad, &nj); err != nil {
 		return nomad.Registration{}, &nomad.RefusedError{Status: 400, Err: fmt.Errorf("decoding the stored nomad job: %w", err)}
 	}
+	if !s.signedMounts(&nj, j.Key()) {
+		return nomad.Registration{}, &nomad.RefusedError{Status: 403, Err: errors.New("its volume mounts were never checked against the token that submitted it (a cohort server older than that check admitted it): submit it again")}
+	}
 	norm, _, err := s.Normalize(&nj)
 	if err != nil {
 		return nomad.Registration{}, &nomad.RefusedError{Status: 400, Err: err}

@@ -129,11 +129,11 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 	// The plan does not check volume mounts; Nomad's registration would,
 	// and cohort registers with its own token.
 	if err := p.s.mayMount(p.s.callerOf(r), job); err != nil {
-		code := http.StatusBadGateway
 		if errors.Is(err, nomad.ErrDenied) {
-			code = http.StatusForbidden
+			nomadErr(w, http.StatusForbidden, err)
+		} else {
+			nomadErr(w, http.StatusBadGateway, fmt.Errorf("checking the caller's permissions with nomad: %w", err))
 		}
-		nomadErr(w, code, err)
 		return
 	}
 	v, err := p.s.submitAnywhere(job, r.Header.Get(api.TokenHeader))
