@@ -459,4 +459,19 @@ func TestOnlySignedMountsAreRegistered(t *testing.T) {
 			t.Errorf("%s: %s, want it refused for its unchecked mounts", id, j)
 		}
 	}
+
+	// A gang registered with Nomad directly had its mounts checked by
+	// Nomad, against whoever registered it: adopted, it is signed, so a
+	// later attempt registers it.
+	h.nomad.adopt(withVolume("direct"))
+	h.pass()
+	h.runAll("direct")
+	h.bootAll("direct")
+	h.pass()
+	j := h.job("direct")
+	var adopted nomadapi.Job
+	json.Unmarshal(j.Nomad, &adopted)
+	if !j.Adopted || !h.srv.signedMounts(&adopted, j.Key()) {
+		t.Errorf("an adopted gang with a volume: %s, its mounts signed: %v", j, h.srv.signedMounts(&adopted, j.Key()))
+	}
 }

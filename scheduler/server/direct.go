@@ -155,6 +155,11 @@ func (s *Server) directLocked(ns, id, key string) (api.BarrierResponse, *takeove
 		s.markHandled(key, idx)
 		return abort("cohort took the gang over to run it as a gang (%s); it is queued as cohort's own", notes[0]), &takeover{job: norm, notes: notes}, nil
 	}
+	// Nomad checked its mounts against whoever registered it: signed, a
+	// later attempt of it registers them with cohort's token.
+	if err := s.signMounts(norm, key); err != nil {
+		return api.BarrierResponse{}, nil, err
+	}
 	res, err := s.apply(&state.Command{Op: state.OpAdopt, At: s.now(), Job: gangSpec(norm, g), Nomad: mustJSON(norm), Index: idx, Version: deref(nj.Version)})
 	if err != nil {
 		return api.BarrierResponse{}, nil, err
