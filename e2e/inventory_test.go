@@ -38,6 +38,14 @@ func TestInventoryFollowsEventStream(t *testing.T) {
 		return nodes[0]
 	}
 	waitFor(t, "a ready node in the inventory", func() bool { return free().ID != "" })
+	// Its task drivers, as placement matches them: the dev cluster's
+	// nodes run raw_exec, and this one no microvm driver.
+	waitFor(t, "the node's raw_exec driver in the inventory", func() bool {
+		return strings.Contains(free().Drivers, ",raw_exec,")
+	})
+	if d := free().Drivers; strings.Contains(d, ",microvm,") {
+		t.Errorf("the node's drivers %q name microvm, which this cluster does not load", d)
+	}
 	before := free()
 	// Until the watcher's first read, Inventory reads the lists itself.
 	waitFor(t, "the watcher's first read of the lists", func() bool { return nc.AllocIndex("", "none") != 0 })

@@ -37,7 +37,7 @@ var (
 	jobs    = flag.Int("jobs", 4000, "gangs admitted per figure (fewer where the cluster would fill: failover is measured with room left)")
 	workers = flag.Int("workers", 8, "workers per gang")
 	clients = flag.Int("clients", 32, "concurrent submitters")
-	codec   = flag.Int("codec", state.CodecBinary, "the log encoding the servers say they read: 1 binary, 0 JSON (as servers before the binary codec)")
+	codec   = flag.Int("codec", state.CodecNewest, "the log encoding the servers say they read: 2 binary with task drivers, 1 binary, 0 JSON (as servers before the binary codec)")
 	cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the Raft admissions at the largest size here")
 	memprof = flag.String("memprofile", "", "write a profile of what the Raft admissions at the largest size allocate here")
 	gcFloor = flag.Int("gc-heap-floor-mb", command.DefaultGCHeapFloorMB, "the garbage collector's heap floor in MiB, as cohort server's -gc-heap-floor-mb (this process stands in for the servers); 0 for Go's default pacing")
@@ -58,14 +58,18 @@ func inventory(n int) []placement.Node {
 	ns := make([]placement.Node, n)
 	for i := range ns {
 		ns[i] = placement.Node{ID: fmt.Sprintf("node-%05d", i), Datacenter: "dc1", Pool: "default",
-			CPU: 32000, MemoryMB: 131072, Devices: map[string]int{}}
+			CPU: 32000, MemoryMB: 131072, Devices: map[string]int{}, Drivers: benchDrivers}
 	}
 	return ns
 }
 
+// benchDrivers are every simulated node's healthy task drivers; each
+// gang's workers need one of them, so placement checks it per node.
+var benchDrivers = placement.DriverSet([]string{"exec", "microvm", "raw_exec"})
+
 func gang(i int) *placement.Job {
 	return &placement.Job{ID: fmt.Sprintf("gang-%06d", i), Priority: 50, Datacenters: []string{"dc1"}, Pool: "default",
-		MaxRuntime: time.Hour, Groups: []placement.Group{{Name: "w", Count: *workers, CPU: 1000, MemoryMB: 2048}}}
+		MaxRuntime: time.Hour, Groups: []placement.Group{{Name: "w", Count: *workers, CPU: 1000, MemoryMB: 2048, Drivers: []string{"microvm"}}}}
 }
 
 // figures are one size's results.

@@ -317,7 +317,7 @@ func nodeStub(n *api.Node) *api.NodeListStub {
 	return &api.NodeListStub{
 		ID: n.ID, Name: n.Name, Datacenter: n.Datacenter, NodePool: n.NodePool, NodeClass: n.NodeClass,
 		Status: n.Status, StatusDescription: n.StatusDescription, Drain: n.Drain,
-		SchedulingEligibility: n.SchedulingEligibility, NodeResources: n.NodeResources,
+		SchedulingEligibility: n.SchedulingEligibility, NodeResources: n.NodeResources, Drivers: n.Drivers,
 		ReservedResources: n.ReservedResources, CreateIndex: n.CreateIndex, ModifyIndex: n.ModifyIndex,
 	}
 }

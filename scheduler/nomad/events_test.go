@@ -339,3 +339,40 @@ func TestChangeLogRestarts(t *testing.T) {
 		t.Fatalf("a current reader: %v, all %v", got, all)
 	}
 }
+
+// TestNodesKnowTheirDrivers: a node's task drivers are those Nomad would
+// place a task of on it, detected and healthy, from the node list and from
+// a node's event alike.
+func TestNodesKnowTheirDrivers(t *testing.T) {
+	drivers := map[string]*api.DriverInfo{
+		"raw_exec": {Detected: true, Healthy: true},
+		"exec":     {Detected: true, Healthy: true},
+		"microvm":  {Detected: true, Healthy: false, HealthDescription: "no /dev/kvm"},
+		"docker":   {Detected: false},
+	}
+	listed := stubNode("n1", "ready", 4000, 4096)
+	listed.Drivers = drivers
+	if got := FreeNodes([]*api.NodeListStub{listed}, nil, nil); len(got) != 1 || got[0].Drivers != ",exec,raw_exec," {
+		t.Fatalf("from the node list: %+v", got)
+	}
+	cp := NewCopy(nil, nil)
+	n := &api.Node{ID: "n2", Datacenter: "dc1", NodePool: "default", Status: "ready", SchedulingEligibility: "eligible",
+		NodeResources: &api.NodeResources{Cpu: api.NodeCpuResources{CpuShares: 4000}, Memory: api.NodeMemoryResources{MemoryMB: 4096}},
+		Drivers:       drivers, ModifyIndex: 2}
+	if err := cp.Apply(event(t, "NodeRegistration", 2, n)); err != nil {
+		t.Fatal(err)
+	}
+	inv, err := cp.Inventory(nil)
+	if err != nil || len(inv) != 1 || inv[0].Drivers != ",exec,raw_exec," {
+		t.Fatalf("from a node's event: %v %+v", err, inv)
+	}
+	// Its microvm driver turns healthy.
+	drivers["microvm"] = &api.DriverInfo{Detected: true, Healthy: true}
+	n.ModifyIndex = 3
+	if err := cp.Apply(event(t, "NodeRegistration", 3, n)); err != nil {
+		t.Fatal(err)
+	}
+	if inv, _ := cp.Inventory(nil); len(inv) != 1 || inv[0].Drivers != ",exec,microvm,raw_exec," {
+		t.Fatalf("after the driver turned healthy: %+v", inv)
+	}
+}

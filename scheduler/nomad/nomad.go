@@ -341,7 +341,7 @@ func nodeCapacity(n *api.NodeListStub) (placement.Node, bool) {
 	if n.Status != "ready" || n.Drain || n.SchedulingEligibility != "eligible" {
 		return placement.Node{}, false
 	}
-	pn := placement.Node{ID: n.ID, Datacenter: n.Datacenter, Pool: n.NodePool, Devices: map[string]int{}}
+	pn := placement.Node{ID: n.ID, Datacenter: n.Datacenter, Pool: n.NodePool, Devices: map[string]int{}, Drivers: driverSet(n.Drivers)}
 	if r := n.NodeResources; r != nil {
 		pn.CPU = int(r.Cpu.CpuShares)
 		pn.MemoryMB = int(r.Memory.MemoryMB)
@@ -373,6 +373,42 @@ func nodeCapacity(n *api.NodeListStub) (placement.Node, bool) {
 		pn.MemoryMB -= int(r.Memory.MemoryMB)
 	}
 	return pn, true
+}
+
+// driverSets interns the nodes' driver sets: a cluster has a handful of
+// distinct ones, and the inventory is rebuilt from them often.
+var driverSets = struct {
+	sync.Mutex
+	m map[string]string
+}{m: map[string]string{}}
+
+// driverSet is placement's set of the drivers Nomad would place a task
+// of on the node: detected and healthy, as Nomad's driver checker has
+// them. A node that lists no drivers at all (no Nomad this side of 0.8)
+// gets "", not known, which any group may use: placing as before beats
+// placing nothing.
+func driverSet(drivers map[string]*api.DriverInfo) string {
+	if len(drivers) == 0 {
+		return ""
+	}
+	var buf [8]string
+	healthy := buf[:0]
+	for name, d := range drivers {
+		if d != nil && d.Detected && d.Healthy {
+			healthy = append(healthy, name)
+		}
+	}
+	set := placement.DriverSet(healthy)
+	driverSets.Lock()
+	defer driverSets.Unlock()
+	if s, ok := driverSets.m[set]; ok {
+		return s
+	}
+	if len(driverSets.m) > 1024 {
+		clear(driverSets.m) // bounded: sets that come and go
+	}
+	driverSets.m[set] = set
+	return set
 }
 
 // takeAlloc takes what a live allocation holds from its node's free

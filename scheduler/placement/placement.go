@@ -27,6 +27,45 @@ type Node struct {
 	// DeviceAttrs are each device kind's attributes, typed and with
 	// units as Nomad has them, for device constraints.
 	DeviceAttrs map[string]map[string]*psstructs.Attribute `json:",omitempty"`
+	// Drivers are the task drivers healthy on the node, as DriverSet
+	// writes them; "" when not known (an inventory made by hand), which
+	// any group may use.
+	Drivers string `json:",omitempty"`
+}
+
+// DriverSet writes a node's healthy task drivers as Node.Drivers holds
+// them: sorted, each between commas (",exec,raw_exec,"), and "," for
+// none, which no group with a driver may use.
+func DriverSet(names []string) string {
+	sorted := append([]string(nil), names...)
+	sort.Strings(sorted)
+	return "," + strings.Join(sorted, ",") + strings.Repeat(",", min(len(sorted), 1))
+}
+
+// hasDrivers says whether n has every task driver g's workers use.
+func hasDrivers(n *Node, g *Group) bool {
+	if n.Drivers == "" {
+		return true
+	}
+	for _, d := range g.Drivers {
+		if !containsDriver(n.Drivers, d) {
+			return false
+		}
+	}
+	return true
+}
+
+// containsDriver says whether set holds driver d, without building
+// anything.
+func containsDriver(set, d string) bool {
+	for rest := set; rest != "" && d != ""; {
+		var f string
+		f, rest, _ = strings.Cut(rest, ",")
+		if f == d {
+			return true
+		}
+	}
+	return false
 }
 
 // Group is a set of identical workers of a gang.
@@ -41,6 +80,9 @@ type Group struct {
 	DistinctHosts     bool
 	// MaxPerNode, when set, is the most workers of the group on one node.
 	MaxPerNode int `json:",omitempty"`
+	// Drivers are the task drivers its workers' tasks use: a worker goes
+	// only to a node where each is healthy, as Nomad places it.
+	Drivers []string `json:",omitempty"`
 }
 
 // perNode is the most workers of g one node may hold (0: no limit).
@@ -410,6 +452,9 @@ func (inv *inventory) place(j *Job) (Decision, bool) {
 			if limit > 0 && used[i] >= limit {
 				return false
 			}
+			if !hasDrivers(&inv.nodes[i], g) {
+				return false
+			}
 			_, ok := pickDevices(&inv.nodes[i], g)
 			return ok
 		}
@@ -592,11 +637,19 @@ func Feasible(capacity []Node, j *Job) (bool, string) {
 		}
 		seen[g.Name] = true
 	}
-	inv := newInventory(capacity)
+	// Task drivers are left out: a node's driver may turn healthy, or a
+	// node with it join, at any moment, and Nomad too keeps such a job
+	// waiting rather than refusing it. The queue says why it waits.
+	nodes := make([]Node, len(capacity))
+	copy(nodes, capacity)
+	for i := range nodes {
+		nodes[i].Drivers = ""
+	}
+	inv := newInventory(nodes)
 	if _, ok := inv.place(j); ok {
 		return true, ""
 	}
-	return false, Shortfall(capacity, j)
+	return false, Shortfall(nodes, j)
 }
 
 // Shortfall explains why a job does not fit: its largest group's need and
@@ -611,11 +664,29 @@ func Shortfall(nodes []Node, j *Job) string {
 	if g == nil {
 		return "job has no groups"
 	}
+	// A group whose drivers no node has cannot run at all, whatever the
+	// room.
+	for i := range j.Groups {
+		gi := &j.Groups[i]
+		inPlace, with := 0, 0
+		for k := range nodes {
+			if eligible(&nodes[k], j) {
+				inPlace++
+				if hasDrivers(&nodes[k], gi) {
+					with++
+				}
+			}
+		}
+		if inPlace > 0 && with == 0 {
+			return fmt.Sprintf("group %s runs on the %s driver%s, which no node in its datacenters and pool has healthy (of %d nodes there)",
+				gi.Name, strings.Join(gi.Drivers, " and "), plural(len(gi.Drivers)), inPlace)
+		}
+	}
 	var best *Node
 	eligibleNodes := 0
 	for i := range nodes {
 		n := &nodes[i]
-		if !eligible(n, j) {
+		if !eligible(n, j) || !hasDrivers(n, g) {
 			continue
 		}
 		eligibleNodes++
@@ -631,6 +702,13 @@ func Shortfall(nodes []Node, j *Job) string {
 	}
 	return fmt.Sprintf("%s; the most free of %d eligible nodes was %s with %d MHz, %d MiB%s",
 		need, eligibleNodes, best.ID, best.CPU, best.MemoryMB, devices(best.Devices))
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
 }
 
 func constraints(cs map[string][]DeviceConstraint) string {

@@ -161,12 +161,22 @@ func randomCase(r *rand.Rand) ([]Node, []Running, []*Job) {
 		if r.Intn(5) == 0 {
 			n.Datacenter = "dc2"
 		}
+		// Task drivers: some nodes' unknown (any group may use them), the
+		// others' a set of a few.
+		sets := []string{"", DriverSet([]string{"raw_exec", "exec"}), DriverSet([]string{"microvm", "raw_exec"}), DriverSet(nil)}
+		n.Drivers = sets[r.Intn(len(sets))]
 		nodes = append(nodes, n)
 	}
 	mk := func(id string, seq uint64) *Job {
 		j := job(id, 10*(1+r.Intn(5)), seq, time.Duration(1+r.Intn(60))*time.Minute)
 		for g := 0; g < 1+r.Intn(3); g++ {
 			grp := Group{Name: fmt.Sprintf("g%d", g), Count: 1 + r.Intn(6), CPU: 100 * (1 + r.Intn(10)), MemoryMB: 128 * (1 + r.Intn(8)), DistinctHosts: r.Intn(4) == 0}
+			switch r.Intn(4) {
+			case 0:
+				grp.Drivers = []string{"microvm"}
+			case 1:
+				grp.Drivers = []string{"exec", "raw_exec"}
+			}
 			if r.Intn(5) == 0 {
 				// Requests name devices at any level, as Nomad's do.
 				names := []string{"gpu", "nvidia/gpu", "nvidia/gpu/A100", "amd/gpu"}
@@ -227,6 +237,11 @@ func TestPropertyNoOvercommitWholeGangs(t *testing.T) {
 				n := &inv.nodes[inv.index[w.Node]]
 				if !eligible(n, j) {
 					t.Fatalf("iter %d: %s on ineligible node %s", iter, j.ID, w.Node)
+				}
+				for _, g := range j.Groups {
+					if g.Name == w.Group && !hasDrivers(n, &g) {
+						t.Fatalf("iter %d: %s/%s on node %s without its drivers %v (%q)", iter, j.ID, g.Name, w.Node, g.Drivers, n.Drivers)
+					}
 				}
 			}
 			for _, g := range j.Groups {
@@ -312,5 +327,60 @@ func TestMaxPerNode(t *testing.T) {
 	j.Groups[0].Count = 13
 	if _, ok := NewInventory(nodes).Place(j); ok {
 		t.Error("13 workers at most 4 per node on 3 nodes were placed")
+	}
+}
+
+func TestDriverSet(t *testing.T) {
+	set := DriverSet([]string{"raw_exec", "exec", "docker"})
+	if set != ",docker,exec,raw_exec," {
+		t.Fatalf("DriverSet = %q", set)
+	}
+	for d, want := range map[string]bool{"exec": true, "raw_exec": true, "docker": true, "raw": false, "xec": false, "dock": false, "": false, "exec,raw_exec": false} {
+		if got := containsDriver(set, d); got != want {
+			t.Errorf("containsDriver(%q, %q) = %v, want %v", set, d, got, want)
+		}
+	}
+	if none := DriverSet(nil); none != "," || containsDriver(none, "exec") {
+		t.Errorf("DriverSet(nil) = %q", none)
+	}
+}
+
+// TestWorkersGoWhereTheirDriverIs: a worker goes only to a node where its
+// task driver is healthy, though a node without it fits tighter; a gang
+// whose driver no node has waits, and says so.
+func TestWorkersGoWhereTheirDriverIs(t *testing.T) {
+	tight := node("tight", 1000, 1024) // the best fit, without microvm
+	tight.Drivers = DriverSet([]string{"raw_exec"})
+	roomy := node("roomy", 8000, 8192)
+	roomy.Drivers = DriverSet([]string{"microvm", "raw_exec"})
+	unknown := node("unknown", 8000, 8192) // an inventory made by hand: any driver
+	vm := job("vm", 50, 1, time.Minute, Group{Name: "w", Count: 2, CPU: 500, MemoryMB: 512, Drivers: []string{"microvm"}})
+	d, ok := Place([]Node{tight, roomy}, vm)
+	if !ok {
+		t.Fatal("not placed")
+	}
+	for _, w := range d.Workers {
+		if w.Node != "roomy" {
+			t.Fatalf("a microvm worker on %s, which has no microvm driver: %+v", w.Node, d.Workers)
+		}
+	}
+	raw := job("raw", 50, 2, time.Minute, Group{Name: "w", Count: 2, CPU: 500, MemoryMB: 512, Drivers: []string{"raw_exec"}})
+	if d, ok := Place([]Node{tight, roomy}, raw); !ok || d.Workers[0].Node != "tight" {
+		t.Fatalf("a raw_exec gang should take the tightest node: %+v %v", d, ok)
+	}
+	// Where no node has the driver, the gang does not fit, and says why;
+	// it is feasible all the same (a driver may turn healthy any moment),
+	// so it waits rather than being refused.
+	if _, ok := Place([]Node{tight}, vm); ok {
+		t.Fatal("a microvm gang placed where no node has the microvm driver")
+	}
+	if why := Shortfall([]Node{tight}, vm); !strings.Contains(why, "group w runs on the microvm driver, which no node in its datacenters and pool has healthy (of 1 nodes there)") {
+		t.Fatalf("why a gang whose driver no node has waits: %q", why)
+	}
+	if ok, why := Feasible([]Node{tight}, vm); !ok {
+		t.Fatalf("a gang whose driver no node has now is refused: %q", why)
+	}
+	if _, ok := Place([]Node{tight, unknown}, vm); !ok {
+		t.Fatal("a node whose drivers are not known takes any")
 	}
 }

@@ -324,15 +324,28 @@ func TestLogCodecWaitsForEveryServer(t *testing.T) {
 	if c := g.waitLeader("").LogCodec(); c != state.CodecBinary {
 		t.Fatalf("every server reads binary, but the leader writes codec %d", c)
 	}
+	// Written in the version every server reads (1), not the newest.
+	if res, _ := g.apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(98)}); res.Err != "" {
+		t.Fatal(res.Err)
+	}
+	if e := lastEntry(t, g); e[0] != 0xc1 || e[1] != state.CodecBinary {
+		t.Fatalf("an entry written while servers read binary version 1 only: % x", e[:2])
+	}
+	for _, id := range []string{"r1", "r2", "r3"} {
+		member(id, state.CodecNewest)
+	}
+	if c := g.waitLeader("").LogCodec(); c != state.CodecNewest {
+		t.Fatalf("every server reads the newest binary version, but the leader writes codec %d", c)
+	}
 	for i := range 20 {
 		if res, _ := g.apply(&state.Command{Op: state.OpSubmit, At: time.Now(), Job: gang(i)}); res.Err != "" {
 			t.Fatal(res.Err)
 		}
 	}
-	if b := lastEntry(t, g); b[0] != 0xc1 {
+	if b := lastEntry(t, g); b[0] != 0xc1 || b[1] != state.CodecNewest {
 		t.Fatalf("an entry written once every server reads binary: %q", b)
 	}
-	g.waitJobs(21)
+	g.waitJobs(22)
 }
 
 // lastEntry is the data of the last command entry in the leader's log.

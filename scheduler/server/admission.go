@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -345,6 +346,7 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 		}
 		pg.CPU, pg.MemoryMB, pg.Devices = jobspec.GroupResources(tg)
 		pg.DeviceConstraints = deviceConstraints(tg)
+		pg.Drivers = taskDrivers(tg)
 		spec.Groups = append(spec.Groups, pg)
 	}
 	return spec
@@ -440,6 +442,19 @@ func hasBarrierTask(tg *api.TaskGroup) bool {
 		}
 	}
 	return false
+}
+
+// taskDrivers are the drivers of a group's tasks (the barrier task's
+// included), sorted and each once.
+func taskDrivers(tg *api.TaskGroup) []string {
+	var out []string
+	for _, t := range tg.Tasks {
+		if t != nil && t.Driver != "" && !slices.Contains(out, t.Driver) {
+			out = append(out, t.Driver)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // deviceConstraints are a group's device constraints, by request name.

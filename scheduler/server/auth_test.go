@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -378,7 +379,7 @@ func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
 	if err := h.srv.registerSelf(); err != nil {
 		t.Fatal(err)
 	}
-	if c := h.r.LogCodec(); c != state.CodecBinary {
+	if c := h.r.LogCodec(); c != state.CodecNewest {
 		t.Fatalf("a group of one new server writes codec %d", c)
 	}
 	before := h.snapshotState()
@@ -398,7 +399,12 @@ func TestJoinRefusesAServerThatReadsOnlyJSON(t *testing.T) {
 	if rec.Code != 400 || !strings.Contains(rec.Body.String(), "reads only the JSON log") || h.snapshotState() != before {
 		t.Fatalf("an old server's registration: %d %s", rec.Code, rec.Body)
 	}
-	rec = h.serve(request("POST", "/v1/members/register", `{"ID":"s1","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9","Codec":1}`, p.serverLeaf, ""))
+	// Nor one that reads an older binary version than the group writes.
+	rec = h.serve(request("POST", "/v1/members/join", `{"ID":"v1","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9","Codec":1}`, p.serverLeaf, ""))
+	if rec.Code != 400 || !strings.Contains(rec.Body.String(), "reads the binary log up to version 1") || h.snapshotState() != before {
+		t.Fatalf("a server reading binary version 1 only: %d %s", rec.Code, rec.Body)
+	}
+	rec = h.serve(request("POST", "/v1/members/register", fmt.Sprintf(`{"ID":"s1","RaftAddr":"127.0.0.1:9","HTTPAddr":"https://127.0.0.1:9","Codec":%d}`, state.CodecNewest), p.serverLeaf, ""))
 	if rec.Code != 200 {
 		t.Fatalf("a new server's registration: %d %s", rec.Code, rec.Body)
 	}

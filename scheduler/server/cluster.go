@@ -29,7 +29,7 @@ func (s *Server) Advertise(httpAddr string) {
 	if !strings.Contains(httpAddr, "://") {
 		httpAddr = s.scheme() + httpAddr
 	}
-	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/"), Codec: state.CodecBinary}
+	s.self = state.Member{ID: s.r.LocalID(), RaftAddr: s.r.Addr(), HTTPAddr: strings.TrimRight(httpAddr, "/"), Codec: state.CodecNewest}
 }
 
 // leaderURL is the leader's HTTP address, if the state knows it.
@@ -187,13 +187,16 @@ func (s *Server) handleJoin(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, m)
 }
 
-// readsLog refuses a server that reads only the JSON log when the group
-// writes the binary encoding: it would skip every entry it cannot read
-// and fall behind without a word, and its record would take the group
-// back to JSON.
+// readsLog refuses a server that cannot read the log the group writes
+// (only JSON when the group writes binary, or an older binary version):
+// it would stop at the first entry it cannot read, and its record would
+// take the group back to the older encoding.
 func (s *Server) readsLog(m state.Member) error {
-	if m.Codec < state.CodecBinary && s.r.LogCodec() >= state.CodecBinary {
+	switch group := s.r.LogCodec(); {
+	case m.Codec < state.CodecBinary && group >= state.CodecBinary:
 		return fmt.Errorf("server %s reads only the JSON log, and this group writes its log in the binary encoding: upgrade it to this version", m.ID)
+	case m.Codec < group:
+		return fmt.Errorf("server %s reads the binary log up to version %d, and this group writes version %d: upgrade it to this version", m.ID, m.Codec, group)
 	}
 	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/billing"
 	"github.com/cohort-dev/cohort/scheduler/nomad"
+	"github.com/cohort-dev/cohort/scheduler/placement"
 	"github.com/cohort-dev/cohort/scheduler/state"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
@@ -1034,5 +1035,49 @@ func TestBackfillSeesGangsEndedInThePass(t *testing.T) {
 	}
 	if j := h.job("b"); j.Status != state.Queued {
 		t.Fatalf("b is %s: backfilled past the head's start, which it delays", j.Status)
+	}
+}
+
+// TestGangsGoWhereTheirDriverIs: a node without a gang's task driver is
+// passed over though it fits tighter (Nomad could not place the workers
+// cohort pinned there, and the gang would wait out its timeout), and a
+// gang whose driver no node has waits in the queue, saying so.
+func TestGangsGoWhereTheirDriverIs(t *testing.T) {
+	tight := node("n1", 1000, 1024)
+	tight.Drivers = placement.DriverSet([]string{"raw_exec"})
+	roomy := node("n2", 8000, 8192)
+	roomy.Drivers = placement.DriverSet([]string{"microvm", "raw_exec"})
+	h := newHarness(t, tight, roomy)
+	vm := h.submit(gang("vm", jobspec.DriverMicroVM, 2))
+	if got := vm.Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"microvm"}) {
+		t.Errorf("the microvm gang's drivers: %v", got)
+	}
+	if vm.Status != state.Reserved {
+		t.Fatalf("the microvm gang: %s", vm.Status)
+	}
+	for _, w := range vm.Decision.Workers {
+		if w.Node != "n2" {
+			t.Fatalf("a microvm worker pinned to %s, which has no microvm driver: %+v", w.Node, vm.Decision.Workers)
+		}
+	}
+	// A raw_exec gang (its barrier task raw_exec too) takes the tightest.
+	raw := h.submit(gang("raw", jobspec.DriverRawExec, 1))
+	if got := raw.Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"raw_exec"}) {
+		t.Errorf("the raw_exec gang's drivers: %v", got)
+	}
+	if raw.Status != state.Reserved || raw.Decision.Workers[0].Node != "n1" {
+		t.Fatalf("the raw_exec gang: %s %+v", raw.Status, raw.Decision)
+	}
+
+	// Where no node has its driver now, it waits (a driver may turn
+	// healthy any moment, as Nomad too would wait), and the queue says
+	// why.
+	h2 := newHarness(t, tight)
+	if j := h2.submit(gang("vm", jobspec.DriverMicroVM, 1)); j.Status != state.Queued {
+		t.Fatalf("a microvm gang on a cluster without the microvm driver: %s", j.Status)
+	}
+	h2.pass()
+	if why := h2.srv.waitText(caller{}, h2.srv.waiting()["vm"]); !strings.Contains(why, "runs on the microvm driver, which no node in its datacenters and pool has healthy") {
+		t.Fatalf("why the microvm gang waits: %q", why)
 	}
 }

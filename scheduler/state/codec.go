@@ -30,13 +30,19 @@ import (
 // slice, map and pointer with a count that keeps nil apart from empty,
 // as JSON does. A field added to Command or to the types it carries must
 // be added here; TestCodecMatchesJSON fills every field by reflection
-// and fails until it is.
+// and fails until it is. The order is fixed per version: a field added
+// is written only by a new version, which the leader writes once every
+// server has recorded that it reads it, as for the first.
 const (
-	CodecJSON   = 0
+	CodecJSON = 0
+	// CodecBinary is the binary encoding's first version.
 	CodecBinary = 1
+	// CodecBinary2 adds a group's task drivers (placement.Group.Drivers).
+	CodecBinary2 = 2
+	// CodecNewest is the newest encoding this version reads and writes.
+	CodecNewest = CodecBinary2
 
-	binaryMarker  = 0xc1 // never the first byte of JSON (nor of UTF-8)
-	binaryVersion = 1
+	binaryMarker = 0xc1 // never the first byte of JSON (nor of UTF-8)
 )
 
 // maxDecode bounds the lengths a decoder believes, so corrupt input is
@@ -45,11 +51,11 @@ const maxDecode = 1 << 30
 
 // EncodeAs serialises a command for the log in the given encoding.
 func (c *Command) EncodeAs(codec int) ([]byte, error) {
-	if codec != CodecBinary {
+	if codec < CodecBinary {
 		return json.Marshal(c)
 	}
-	e := encoder{buf: make([]byte, 0, 256)}
-	e.buf = append(e.buf, binaryMarker, binaryVersion)
+	e := encoder{buf: make([]byte, 0, 256), version: min(codec, CodecNewest)}
+	e.buf = append(e.buf, binaryMarker, byte(e.version))
 	e.command(c)
 	if e.err != nil {
 		return nil, e.err
@@ -68,10 +74,10 @@ func DecodeCommand(b []byte) (*Command, error) {
 		if len(b) < 2 {
 			return nil, errors.New("binary command cut short")
 		}
-		if b[1] != binaryVersion {
+		if b[1] < CodecBinary || b[1] > CodecNewest {
 			return nil, fmt.Errorf("%w (binary, version %d)", ErrUnknownEncoding, b[1])
 		}
-		d := decoder{buf: b[2:]}
+		d := decoder{buf: b[2:], version: int(b[1])}
 		d.command(&c, 0)
 		if d.err == nil && len(d.buf) > 0 {
 			d.err = fmt.Errorf("%d bytes after the command", len(d.buf))
@@ -101,8 +107,9 @@ func isJSONStart(b byte) bool {
 // a time outside years 0-9999): the state is saved as JSON in snapshots,
 // and an entry that cannot be would break every snapshot after it.
 type encoder struct {
-	buf []byte
-	err error
+	buf     []byte
+	err     error
+	version int // the binary version written
 }
 
 func (e *encoder) uint(v uint64) { e.buf = binary.AppendUvarint(e.buf, v) }
@@ -288,6 +295,9 @@ func (e *encoder) job(j *placement.Job) {
 		}
 		e.bool(g.DistinctHosts)
 		e.int(int64(g.MaxPerNode))
+		if e.version >= CodecBinary2 {
+			e.strs(g.Drivers)
+		}
 	}
 }
 
@@ -305,8 +315,9 @@ func (e *encoder) decision(d *placement.Decision) {
 // decoder reads what encoder wrote; the first error sticks and every
 // read after it returns zero values.
 type decoder struct {
-	buf []byte
-	err error
+	buf     []byte
+	err     error
+	version int // the binary version read
 }
 
 func (d *decoder) fail(format string, a ...any) {
@@ -530,6 +541,9 @@ func (d *decoder) job(j *placement.Job) {
 		}
 		g.DistinctHosts = d.bool()
 		g.MaxPerNode = d.int()
+		if d.version >= CodecBinary2 {
+			g.Drivers = d.strs()
+		}
 	}
 }
 

@@ -355,7 +355,7 @@ func (s *State) rebuild() {
 // Member is one cohort server.
 type Member struct {
 	ID, RaftAddr, HTTPAddr string
-	// Codec is the newest log encoding the server reads (CodecBinary);
+	// Codec is the newest log encoding the server reads (CodecNewest);
 	// servers before it leave it out. The leader writes the binary
 	// encoding only once every server's record says it reads it.
 	Codec int `json:",omitempty"`
@@ -367,7 +367,7 @@ func (s *State) LogCodec(servers []string) int {
 	if len(servers) == 0 {
 		return CodecJSON
 	}
-	codec := CodecBinary
+	codec := CodecNewest
 	for _, id := range servers {
 		codec = min(codec, s.Members[id].Codec)
 	}
