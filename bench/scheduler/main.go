@@ -475,11 +475,14 @@ func group() ([]*replica.Replica, func() *replica.Replica, error) {
 //     the View syncs and places (median and p99 of 300 admissions), and
 //     the first, whole read of the View on its own.
 func serverAdmission(n int) (s serverFigures) {
+	healthy := &nomadapi.DriverInfo{Detected: true, Healthy: true}
+	drivers := map[string]*nomadapi.DriverInfo{"exec": healthy, "microvm": healthy, "raw_exec": healthy}
 	nodes := make([]*nomadapi.NodeListStub, n)
 	for i := range nodes {
 		nodes[i] = &nomadapi.NodeListStub{
 			ID: fmt.Sprintf("node-%06d", i), Datacenter: "dc1", NodePool: "default", Status: "ready", SchedulingEligibility: "eligible",
 			NodeResources: &nomadapi.NodeResources{Cpu: nomadapi.NodeCpuResources{CpuShares: 32000}, Memory: nomadapi.NodeMemoryResources{MemoryMB: 131072}},
+			Drivers:       drivers,
 		}
 	}
 	allocs := make([]*nomadapi.AllocationListStub, 4*n)

@@ -366,6 +366,13 @@ func TestNodesKnowTheirDrivers(t *testing.T) {
 	if err != nil || len(inv) != 1 || inv[0].Drivers != ",exec,raw_exec," {
 		t.Fatalf("from a node's event: %v %+v", err, inv)
 	}
+	// A node that lists no drivers (registered before their first
+	// fingerprint) has none: Nomad places nothing there.
+	bare := stubNode("n3", "ready", 4000, 4096)
+	bare.Drivers = nil
+	if got := FreeNodes([]*api.NodeListStub{bare}, nil, nil); len(got) != 1 || got[0].Drivers != "," {
+		t.Fatalf("a node listing no drivers: %+v", got)
+	}
 	// Its microvm driver turns healthy.
 	drivers["microvm"] = &api.DriverInfo{Detected: true, Healthy: true}
 	n.ModifyIndex = 3

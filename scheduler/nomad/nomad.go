@@ -384,13 +384,9 @@ var driverSets = struct {
 
 // driverSet is placement's set of the drivers Nomad would place a task
 // of on the node: detected and healthy, as Nomad's driver checker has
-// them. A node that lists no drivers at all (no Nomad this side of 0.8)
-// gets "", not known, which any group may use: placing as before beats
-// placing nothing.
+// them. A node that lists none (a client that registered before its
+// drivers' first fingerprint) has none: Nomad places nothing there either.
 func driverSet(drivers map[string]*api.DriverInfo) string {
-	if len(drivers) == 0 {
-		return ""
-	}
 	var buf [8]string
 	healthy := buf[:0]
 	for name, d := range drivers {

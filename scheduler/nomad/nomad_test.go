@@ -27,6 +27,7 @@ func stubNode(id, status string, cpu, mem int64, devs ...*api.NodeDeviceResource
 			Cpu: api.NodeCpuResources{CpuShares: cpu}, Memory: api.NodeMemoryResources{MemoryMB: mem}, Devices: devs,
 		},
 		ReservedResources: &api.NodeReservedResources{Cpu: api.NodeReservedCpuResources{CpuShares: 100}},
+		Drivers:           map[string]*api.DriverInfo{"raw_exec": {Detected: true, Healthy: true}},
 	}
 }
 
@@ -63,8 +64,8 @@ func TestFreeNodes(t *testing.T) {
 	}
 	got := FreeNodes(nodes, allocs, map[string]bool{"cohort-own": true})
 	want := []placement.Node{
-		{ID: "a", Datacenter: "dc1", Pool: "default", CPU: 1600, MemoryMB: 3584, Devices: map[string]int{}},
-		{ID: "b", Datacenter: "dc1", Pool: "default", CPU: 3400, MemoryMB: 7168, Devices: map[string]int{"nvidia/gpu/A100": 2}},
+		{ID: "a", Datacenter: "dc1", Pool: "default", CPU: 1600, MemoryMB: 3584, Devices: map[string]int{}, Drivers: ",raw_exec,"},
+		{ID: "b", Datacenter: "dc1", Pool: "default", CPU: 3400, MemoryMB: 7168, Devices: map[string]int{"nvidia/gpu/A100": 2}, Drivers: ",raw_exec,"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("FreeNodes:\n got %+v\nwant %+v", got, want)

@@ -9,18 +9,21 @@ package placement
 // of every node. A taken or released worker moves its node in the order
 // (remove, change, insert), also O(log n).
 //
-// Device requests and per-node limits are checked on the nodes the descent
-// reaches; a node that fails them costs one more branch, so a group whose
-// devices only a few nodes have costs more than one that runs anywhere,
-// bounded by the nodes with enough memory and CPU ahead of the first that
-// fits.
+// Nodes are indexed apart by their task drivers too, so a group whose
+// driver only some nodes have (microvm, on the hosts with KVM) descends
+// only theirs. Device requests and per-node limits are checked on the
+// nodes the descent reaches; a node that fails them costs one more
+// branch, so a group whose devices only a few nodes have costs more than
+// one that runs anywhere, bounded by the nodes with enough memory and CPU
+// ahead of the first that fits.
 
 const nilNode = int32(-1)
 
-// part is the nodes of one datacenter and pool.
+// part is the nodes of one datacenter and pool with one set of task
+// drivers.
 type part struct {
-	dc, pool string
-	root     int32
+	dc, pool, drivers string
+	root              int32
 }
 
 // treap is the index over an inventory's nodes; slices are by node.
@@ -44,12 +47,12 @@ func (t *treap) nextPri() uint32 {
 	return t.seed
 }
 
-// part is the part of datacenter dc and pool, made if new.
-func (t *treap) part(dc, pool string) *part {
-	k := dc + "\x00" + pool
+// part is the part of node n's datacenter, pool and drivers, made if new.
+func (t *treap) part(n *Node) *part {
+	k := n.Datacenter + "\x00" + n.Pool + "\x00" + n.Drivers
 	p := t.parts[k]
 	if p == nil {
-		p = &part{dc: dc, pool: pool, root: nilNode}
+		p = &part{dc: n.Datacenter, pool: n.Pool, drivers: n.Drivers, root: nilNode}
 		t.parts[k] = p
 	}
 	return p
@@ -93,7 +96,7 @@ func (inv *inventory) buildIndex() {
 		t.pri[i] = t.nextPri()
 		t.left[i], t.right[i] = nilNode, nilNode
 		if nd := &inv.nodes[i]; nd.ID != "" {
-			t.partOf[i] = t.part(nd.Datacenter, nd.Pool)
+			t.partOf[i] = t.part(nd)
 		}
 	}
 	inv.idx = t
@@ -238,7 +241,7 @@ func (inv *inventory) first(root int32, mem, cpu int, ok func(int) bool) int32 {
 func (inv *inventory) bestIndexed(j *Job, g *Group, ok func(int) bool) int {
 	best := nilNode
 	for _, p := range inv.idx.parts {
-		if !eligible(&Node{Datacenter: p.dc, Pool: p.pool}, j) {
+		if key := (Node{Datacenter: p.dc, Pool: p.pool, Drivers: p.drivers}); !eligible(&key, j) || !hasDrivers(&key, g) {
 			continue
 		}
 		x := inv.first(p.root, g.MemoryMB, g.CPU, ok)

@@ -213,7 +213,7 @@ func (inv *inventory) SetNode(n Node) {
 	inv.nodes[i] = copyNode(&n)
 	inv.index[n.ID] = i
 	if inv.idx != nil {
-		p := inv.idx.part(n.Datacenter, n.Pool)
+		p := inv.idx.part(&n)
 		inv.idx.partOf[i] = p
 		p.root = inv.insert(p.root, int32(i))
 	}
@@ -678,8 +678,8 @@ func Shortfall(nodes []Node, j *Job) string {
 			}
 		}
 		if inPlace > 0 && with == 0 {
-			return fmt.Sprintf("group %s runs on the %s driver%s, which no node in its datacenters and pool has healthy (of %d nodes there)",
-				gi.Name, strings.Join(gi.Drivers, " and "), plural(len(gi.Drivers)), inPlace)
+			return fmt.Sprintf("group %s runs on the %s driver%s, which no node in its datacenters and pool has healthy (of %d node%s there)",
+				gi.Name, strings.Join(gi.Drivers, " and "), plural(len(gi.Drivers)), inPlace, plural(inPlace))
 		}
 	}
 	var best *Node

@@ -374,7 +374,7 @@ func TestWorkersGoWhereTheirDriverIs(t *testing.T) {
 	if _, ok := Place([]Node{tight}, vm); ok {
 		t.Fatal("a microvm gang placed where no node has the microvm driver")
 	}
-	if why := Shortfall([]Node{tight}, vm); !strings.Contains(why, "group w runs on the microvm driver, which no node in its datacenters and pool has healthy (of 1 nodes there)") {
+	if why := Shortfall([]Node{tight}, vm); !strings.Contains(why, "group w runs on the microvm driver, which no node in its datacenters and pool has healthy (of 1 node there)") {
 		t.Fatalf("why a gang whose driver no node has waits: %q", why)
 	}
 	if ok, why := Feasible([]Node{tight}, vm); !ok {

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -346,7 +345,7 @@ func gangSpec(nj *api.Job, g *jobspec.Gang) *placement.Job {
 		}
 		pg.CPU, pg.MemoryMB, pg.Devices = jobspec.GroupResources(tg)
 		pg.DeviceConstraints = deviceConstraints(tg)
-		pg.Drivers = taskDrivers(tg)
+		pg.Drivers = jobspec.TaskDrivers(tg)
 		spec.Groups = append(spec.Groups, pg)
 	}
 	return spec
@@ -442,19 +441,6 @@ func hasBarrierTask(tg *api.TaskGroup) bool {
 		}
 	}
 	return false
-}
-
-// taskDrivers are the drivers of a group's tasks (the barrier task's
-// included), sorted and each once.
-func taskDrivers(tg *api.TaskGroup) []string {
-	var out []string
-	for _, t := range tg.Tasks {
-		if t != nil && t.Driver != "" && !slices.Contains(out, t.Driver) {
-			out = append(out, t.Driver)
-		}
-	}
-	slices.Sort(out)
-	return out
 }
 
 // deviceConstraints are a group's device constraints, by request name.

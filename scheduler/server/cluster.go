@@ -222,7 +222,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	// Only a server of an older version, put back on a member's address,
 	// is refused here: it is in the group already.
 	if err := s.readsLog(m); err != nil {
-		s.log.Error("a server that reads only the JSON log is in this group, which writes the binary encoding: stop it, remove it (cohort operator raft remove-peer) and upgrade it", "id", m.ID, "raft", m.RaftAddr)
+		s.log.Error("a server that cannot read the log this group writes is in the group: stop it, remove it (cohort operator raft remove-peer) and upgrade it", "id", m.ID, "raft", m.RaftAddr, "error", err)
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}

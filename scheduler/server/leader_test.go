@@ -1069,6 +1069,19 @@ func TestGangsGoWhereTheirDriverIs(t *testing.T) {
 		t.Fatalf("the raw_exec gang: %s %+v", raw.Status, raw.Decision)
 	}
 
+	// A group with a Connect sidecar needs the proxy's driver too.
+	tg := &nomadapi.TaskGroup{Tasks: []*nomadapi.Task{{Driver: "raw_exec"}}, Services: []*nomadapi.Service{
+		{Name: "a", Connect: &nomadapi.ConsulConnect{SidecarService: &nomadapi.ConsulSidecarService{}}},
+		{Name: "b", Connect: &nomadapi.ConsulConnect{Native: true}},
+	}}
+	if got := jobspec.TaskDrivers(tg); !reflect.DeepEqual(got, []string{"docker", "raw_exec"}) {
+		t.Errorf("a group with a Connect sidecar needs %v", got)
+	}
+	tg.Services[0].Connect.SidecarTask = &nomadapi.SidecarTask{Driver: "exec"}
+	if got := jobspec.TaskDrivers(tg); !reflect.DeepEqual(got, []string{"exec", "raw_exec"}) {
+		t.Errorf("a group whose sidecar task runs on exec needs %v", got)
+	}
+
 	// Where no node has its driver now, it waits (a driver may turn
 	// healthy any moment, as Nomad too would wait), and the queue says
 	// why.

@@ -12,7 +12,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cohort-dev/cohort/jobspec"
 	"github.com/cohort-dev/cohort/scheduler/placement"
+	"github.com/hashicorp/nomad/api"
 )
 
 // Status is where a job is in its lifecycle.
@@ -569,6 +571,7 @@ func (s *State) submit(c *Command) Result {
 		return Result{Job: old}
 	}
 	spec := *c.Job
+	withDrivers(&spec, c.Nomad)
 	spec.Seq = s.NextSeq
 	s.NextSeq++
 	j := &Job{Spec: spec, Nomad: c.Nomad, Status: Queued, SubmittedAt: c.At, QueuedAt: c.At, Run: s.NextRun(key)}
@@ -794,7 +797,37 @@ func (s *State) Unmarshal(b []byte) error {
 	if err := json.Unmarshal(b, n); err != nil {
 		return fmt.Errorf("decoding state snapshot: %w", err)
 	}
+	for _, j := range n.Jobs {
+		withDrivers(&j.Spec, j.Nomad)
+	}
 	n.rebuild()
 	*s = *n
 	return nil
+}
+
+// withDrivers gives a spec that came without its groups' task drivers
+// (from a server before them: a JSON entry or snapshot of that version,
+// or binary version 1) the drivers of its stored Nomad job, so it is
+// placed where Nomad can place it. Every replica derives the same; a spec
+// with drivers, the only kind new servers write, is left as it is.
+func withDrivers(spec *placement.Job, nomadJob json.RawMessage) {
+	if len(nomadJob) == 0 || len(spec.Groups) == 0 {
+		return
+	}
+	for _, g := range spec.Groups {
+		if g.Drivers != nil {
+			return
+		}
+	}
+	var nj api.Job
+	if json.Unmarshal(nomadJob, &nj) != nil || len(nj.TaskGroups) != len(spec.Groups) {
+		return
+	}
+	groups := append([]placement.Group(nil), spec.Groups...)
+	for i, tg := range nj.TaskGroups {
+		if tg != nil {
+			groups[i].Drivers = jobspec.TaskDrivers(tg)
+		}
+	}
+	spec.Groups = groups
 }

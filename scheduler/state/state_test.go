@@ -299,3 +299,41 @@ func TestHeldSinceFollowsHoldings(t *testing.T) {
 		}
 	}
 }
+
+// TestSpecsFromBeforeDriversGetThem: a spec written without its groups'
+// task drivers (by a server before them, in JSON or binary version 1, or
+// in an older snapshot) takes them from its stored Nomad job, on every
+// replica alike, so placement honours them for the gang's whole life; a
+// spec that has them keeps its own.
+func TestSpecsFromBeforeDriversGetThem(t *testing.T) {
+	nomadJob := []byte(`{"ID":"old","TaskGroups":[{"Name":"w","Tasks":[{"Name":"cohort-barrier","Driver":"raw_exec"},{"Name":"worker","Driver":"raw_exec"}]}]}`)
+	s := New()
+	if r := s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("old", 1), Nomad: nomadJob}); r.Err != "" {
+		t.Fatal(r.Err)
+	}
+	if got := s.Jobs["old"].Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"raw_exec"}) {
+		t.Fatalf("a spec without drivers, after submission: %v", got)
+	}
+	withOwn := spec("new", 1)
+	withOwn.Groups[0].Drivers = []string{"microvm"}
+	if r := s.Apply(&Command{Op: OpSubmit, At: t0, Job: withOwn, Nomad: nomadJob}); r.Err != "" {
+		t.Fatal(r.Err)
+	}
+	if got := s.Jobs["new"].Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"microvm"}) {
+		t.Fatalf("a spec with its own drivers: %v", got)
+	}
+
+	// A snapshot of a server before drivers: its specs have none.
+	s.Jobs["old"].Spec.Groups[0].Drivers = nil
+	b, err := s.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := New()
+	if err := restored.Unmarshal(b); err != nil {
+		t.Fatal(err)
+	}
+	if got := restored.Jobs["old"].Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"raw_exec"}) {
+		t.Fatalf("a spec without drivers, after a restore: %v", got)
+	}
+}
