@@ -88,7 +88,9 @@ Options:
                             small: fewer collections under load, so a
                             steadier admission latency, for memory. Once
                             twice the live heap passes it, Go's default
-                            pacing applies. Ignored when GOGC is set;
+                            pacing applies. Without GOMEMLIMIT, a memory
+                            limit of four times it backs the floor up
+                            while it applies. Ignored when GOGC is set;
                             GOMEMLIMIT, when set, still caps the heap.
                             0 for Go's default pacing. Default: 256.
   -log-level=<level>        Default: info.

@@ -130,12 +130,13 @@ func lastCycle() (live, roots uint64) {
 }
 
 // Backstop is the memory limit the floor sets where the operator set
-// none, as a multiple of the larger of the floor and the live heap. A
-// GOGC set after one cycle applies to the next, whose live heap may be
-// far larger (a snapshot restored, the first read of Nomad's lists): at
-// GOGC=6,400 from a 4 MiB heap, 100 MiB live would make the goal 6.4
-// GiB. The limit stops that; at four times the live heap it is never what
-// paces the collector otherwise, so it cannot make it run back to back.
+// none, as a multiple of the floor, while the floor raises GOGC. A GOGC
+// set after one cycle applies to the next, whose live heap may be far
+// larger (a snapshot restored, the first read of Nomad's lists): at
+// GOGC=6,400 from a 4 MiB heap, 100 MiB live would make the goal 6.4 GiB.
+// The limit stops that. It is set only while the live heap is under half
+// the floor, so four times the floor is at least eight times the live
+// heap: reached only by a heap that grows that much within one cycle.
 const Backstop = 4
 
 // retune sets GOGC from the heap the last cycle left live; it reports
@@ -150,10 +151,18 @@ func (f *Floor) retune() bool {
 	if live == 0 {
 		return true
 	}
+	p := Percent(live, roots, f.floor, Base)
 	if f.ownLimit {
-		debug.SetMemoryLimit(int64(min(Backstop*max(f.floor, live), math.MaxInt64/2)))
+		// Only while the floor raises GOGC: at Go's default there is no
+		// far goal to bound, and a limit would be a cap Go's default
+		// does not have.
+		limit := int64(math.MaxInt64)
+		if p > Base {
+			limit = int64(min(Backstop*f.floor, math.MaxInt64/2))
+		}
+		debug.SetMemoryLimit(limit)
 	}
-	if p := Percent(live, roots, f.floor, Base); p != f.last {
+	if p != f.last {
 		debug.SetGCPercent(p)
 		f.last = p
 	}

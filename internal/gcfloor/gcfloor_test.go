@@ -164,6 +164,10 @@ func TestHeapOverTheFloor(t *testing.T) {
 	retuned(t, f)
 	retuned(t, f)
 	g := heapGoal()
+	// At Go's default GOGC the floor sets no limit either.
+	if l := debug.SetMemoryLimit(-1); l != math.MaxInt64 {
+		t.Errorf("memory limit %d MiB with the heap over the floor, want none", l>>20)
+	}
 	runtime.KeepAlive(live)
 	if g < 32<<20 || g > 80<<20 {
 		t.Errorf("heap goal %d MiB over 32 MiB live, want about twice the live heap", g>>20)

@@ -6,6 +6,7 @@ package placement
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -53,6 +54,37 @@ func hasDrivers(n *Node, g *Group) bool {
 		}
 	}
 	return true
+}
+
+// DriversAnywhere says whether every group of j has a node in its
+// datacenters and pool with all its task drivers, whatever room it has.
+func (inv *inventory) DriversAnywhere(j *Job) bool {
+	for gi := range j.Groups {
+		if g := &j.Groups[gi]; len(g.Drivers) > 0 && !inv.driversFor(j, g) {
+			return false
+		}
+	}
+	return true
+}
+
+// driversFor says whether some node j may use has g's drivers: one look
+// per part of the index, where there is one.
+func (inv *inventory) driversFor(j *Job, g *Group) bool {
+	if inv.idx != nil {
+		for _, p := range inv.idx.parts {
+			key := Node{Datacenter: p.dc, Pool: p.pool, Drivers: p.drivers}
+			if p.root != nilNode && eligible(&key, j) && hasDrivers(&key, g) {
+				return true
+			}
+		}
+		return false
+	}
+	for i := range inv.nodes {
+		if n := &inv.nodes[i]; n.ID != "" && eligible(n, j) && hasDrivers(n, g) {
+			return true
+		}
+	}
+	return false
 }
 
 // containsDriver says whether set holds driver d, without building
@@ -539,6 +571,10 @@ func schedule(now time.Time, nodes []Node, running []Running, queue []*Job, inde
 	if indexed {
 		inv.buildIndex()
 	}
+	// A gang with a group no node could take for its drivers starts no
+	// matter what is released: it is not the head whose start backfill
+	// protects (it waits out its gang timeout), and it places nothing.
+	q = slices.DeleteFunc(q, func(j *Job) bool { return !inv.DriversAnywhere(j) })
 	run := append([]Running(nil), running...)
 	var plan Plan
 	i := 0
@@ -678,8 +714,8 @@ func Shortfall(nodes []Node, j *Job) string {
 			}
 		}
 		if inPlace > 0 && with == 0 {
-			return fmt.Sprintf("group %s runs on the %s driver%s, which no node in its datacenters and pool has healthy (of %d node%s there)",
-				gi.Name, strings.Join(gi.Drivers, " and "), plural(len(gi.Drivers)), inPlace, plural(inPlace))
+			return fmt.Sprintf("group %s needs %s, which no node in its datacenters and pool has (of %d node%s there)",
+				gi.Name, missingDrivers(nodes, j, gi), inPlace, plural(inPlace))
 		}
 	}
 	var best *Node
@@ -702,6 +738,38 @@ func Shortfall(nodes []Node, j *Job) string {
 	}
 	return fmt.Sprintf("%s; the most free of %d eligible nodes was %s with %d MHz, %d MiB%s",
 		need, eligibleNodes, best.ID, best.CPU, best.MemoryMB, devices(best.Devices))
+}
+
+// missingDrivers says which of g's drivers no node j may use has
+// healthy, or, where each is on some node, that none has them all.
+func missingDrivers(nodes []Node, j *Job, g *Group) string {
+	var missing []string
+	for _, d := range g.Drivers {
+		one := Group{Drivers: []string{d}}
+		found := false
+		for k := range nodes {
+			if eligible(&nodes[k], j) && hasDrivers(&nodes[k], &one) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			missing = append(missing, d)
+		}
+	}
+	if len(missing) == 0 {
+		return "the " + strings.Join(g.Drivers, " and ") + " drivers healthy on one node"
+	}
+	s := "a healthy " + strings.Join(missing, " and ") + " driver"
+	for _, d := range missing {
+		if (d == "raw_exec" || d == "exec") && len(g.Drivers) > 1 {
+			// The worker's own driver is there; cohort's barrier task,
+			// added to groups on drivers without a start barrier, is not.
+			s += " (for cohort's barrier task)"
+			break
+		}
+	}
+	return s
 }
 
 func plural(n int) string {

@@ -374,7 +374,7 @@ func TestWorkersGoWhereTheirDriverIs(t *testing.T) {
 	if _, ok := Place([]Node{tight}, vm); ok {
 		t.Fatal("a microvm gang placed where no node has the microvm driver")
 	}
-	if why := Shortfall([]Node{tight}, vm); !strings.Contains(why, "group w runs on the microvm driver, which no node in its datacenters and pool has healthy (of 1 node there)") {
+	if why := Shortfall([]Node{tight}, vm); !strings.Contains(why, "group w needs a healthy microvm driver, which no node in its datacenters and pool has (of 1 node there)") {
 		t.Fatalf("why a gang whose driver no node has waits: %q", why)
 	}
 	if ok, why := Feasible([]Node{tight}, vm); !ok {
@@ -382,5 +382,37 @@ func TestWorkersGoWhereTheirDriverIs(t *testing.T) {
 	}
 	if _, ok := Place([]Node{tight, unknown}, vm); !ok {
 		t.Fatal("a node whose drivers are not known takes any")
+	}
+}
+
+// TestNoHeadWithoutItsDrivers: a gang no node has the drivers for is not
+// the head (its start cannot be reserved, and backfill would go
+// unchecked behind it); the gang after it is, and backfill protects that
+// one. Shortfall names the driver that is missing, and the barrier task
+// it is for.
+func TestNoHeadWithoutItsDrivers(t *testing.T) {
+	n := node("n1", 4000, 4096)
+	n.Drivers = DriverSet([]string{"raw_exec"})
+	running := job("running", 50, 0, time.Hour, Group{Name: "w", Count: 1, CPU: 3000, MemoryMB: 3000, Drivers: []string{"raw_exec"}})
+	d, ok := Place([]Node{n}, running)
+	if !ok {
+		t.Fatal("the running gang does not fit")
+	}
+	free := newInventory([]Node{n})
+	free.applyDecision(running, d, 1)
+	nodes := free.nodes
+	vm := job("vm", 90, 1, time.Hour, Group{Name: "w", Count: 1, CPU: 100, MemoryMB: 100, Drivers: []string{"microvm"}})
+	big := job("big", 50, 2, time.Hour, Group{Name: "w", Count: 1, CPU: 2000, MemoryMB: 2000, Drivers: []string{"raw_exec"}})
+	for _, indexed := range []bool{false, true} {
+		p := schedule(t0, nodes, []Running{{Job: running, Decision: d, Ends: t0.Add(time.Hour)}}, []*Job{vm, big}, indexed)
+		if p.Head != big.Key() || len(p.Decisions) != 0 {
+			t.Errorf("indexed %v: head %q with %d decisions; want the gang after the microvm one as head", indexed, p.Head, len(p.Decisions))
+		}
+	}
+	docker := job("docker", 50, 3, time.Hour, Group{Name: "w", Count: 1, CPU: 100, MemoryMB: 100, Drivers: []string{"docker", "raw_exec"}})
+	bare := node("n2", 4000, 4096)
+	bare.Drivers = DriverSet([]string{"docker"})
+	if why := Shortfall([]Node{bare}, docker); !strings.Contains(why, "needs a healthy raw_exec driver (for cohort's barrier task)") {
+		t.Errorf("a docker gang on nodes without raw_exec: %q", why)
 	}
 }

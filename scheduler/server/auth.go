@@ -184,8 +184,9 @@ func (s *Server) mayRead(c caller, ns string) error {
 
 // maySubmit checks submit-job on a job's namespace, by asking Nomad to
 // plan the job as cohort would register it. It is never cached: besides
-// the namespace, Nomad checks what this one job uses (its node pool, its
-// volumes), and cohort registers it with its own token.
+// the namespace, Nomad checks what this one job uses (its node pool), and
+// cohort registers it with its own token. Its volumes the plan does not
+// check: mayMount does.
 func (s *Server) maySubmit(c caller, job *nomadapi.Job) error {
 	if !s.aclsOn() {
 		return nil
@@ -206,20 +207,30 @@ func (s *Server) mayMount(c caller, job *nomadapi.Job) error {
 	return s.nomad.CanMount(c.token, job)
 }
 
+// mountsMarkVersion names what a mark signs (nomad.MountSummary's form):
+// a mark of another version is not this one's, and is refused.
+const mountsMarkVersion = "1"
+
 // mountsMark is the signature admission puts on a job's volume mounts
 // (jobspec.MetaMounts): the group's secret signs the job's key and what it
 // mounts, so a job can carry no other job's, and no mounts but its own.
 func mountsMark(secret []byte, key, mounts string) string {
 	m := hmac.New(sha256.New, secret)
-	fmt.Fprintf(m, "cohort mounts\x00%s\x00%s", key, mounts)
-	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+	fmt.Fprintf(m, "cohort mounts %s\x00%s\x00%s", mountsMarkVersion, key, mounts)
+	return mountsMarkVersion + ":" + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 
-// signMounts signs the mounts of a job being admitted, after mayMount
-// (or Nomad, for a gang registered with it directly) allowed them.
+// signMounts signs the mounts of a job being admitted while Nomad's ACLs
+// are on, after mayMount (or Nomad, for a gang registered with it
+// directly) allowed them. With ACLs off nothing was checked, and nothing
+// is signed: a gang admitted then is not registered with mounts once they
+// are on.
 func (s *Server) signMounts(nj *nomadapi.Job, key string) error {
 	mounts := nomad.MountSummary(nj)
-	if mounts == "" {
+	if nj.Meta != nil {
+		delete(nj.Meta, jobspec.MetaMounts) // never the caller's own
+	}
+	if mounts == "" || !s.aclsOn() {
 		return nil
 	}
 	sec, err := s.secret()
@@ -234,9 +245,9 @@ func (s *Server) signMounts(nj *nomadapi.Job, key string) error {
 }
 
 // signedMounts says whether a stored job's mounts carry admission's
-// signature: a gang admitted by a server from before the check, whose
-// mounts no one checked, does not, and is not registered with cohort's
-// token while Nomad's ACLs are on.
+// signature: a gang admitted by a server from before the check, or while
+// Nomad's ACLs were off, whose mounts no one checked, does not, and is not
+// registered with cohort's token while Nomad's ACLs are on.
 func (s *Server) signedMounts(nj *nomadapi.Job, key string) bool {
 	mounts := nomad.MountSummary(nj)
 	if mounts == "" || !s.aclsOn() {
@@ -246,6 +257,11 @@ func (s *Server) signedMounts(nj *nomadapi.Job, key string) bool {
 	s.r.Read(func(st *state.State) { sec = st.Secret })
 	return len(sec) > 0 && hmac.Equal([]byte(mountsMark(sec, key, mounts)), []byte(nj.Meta[jobspec.MetaMounts]))
 }
+
+// errUncheckedMounts is registerAttempt's refusal of a gang whose mounts
+// no one checked: cohort's own verdict, the same at every attempt, so the
+// gang fails at once instead of being placed and refused again.
+var errUncheckedMounts = errors.New("its volume mounts were never checked against the token that submitted it (it was admitted by a cohort server older than that check, or while Nomad's ACLs were off): submit it again")
 
 // mayReadNodes checks node read.
 func (s *Server) mayReadNodes(c caller) error {

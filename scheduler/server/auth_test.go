@@ -461,8 +461,10 @@ func TestOnlySignedMountsAreRegistered(t *testing.T) {
 		if n := h.nomad.count("register default/" + id); n != 0 {
 			t.Errorf("%s: registered %d times", id, n)
 		}
-		if j := h.job(id); j.NomadIndex != 0 || !strings.Contains(j.Reason, "volume mounts were never checked") {
-			t.Errorf("%s: %s, want it refused for its unchecked mounts", id, j)
+		// Failed at once: the verdict is cohort's own, the same at every
+		// attempt.
+		if j := h.job(id); j.Status != state.Failed || j.NomadIndex != 0 || j.Attempts != 1 || !strings.Contains(j.Reason, "volume mounts were never checked") {
+			t.Errorf("%s: %s (attempts %d), want it failed for its unchecked mounts", id, j, j.Attempts)
 		}
 	}
 
@@ -479,5 +481,16 @@ func TestOnlySignedMountsAreRegistered(t *testing.T) {
 	json.Unmarshal(j.Nomad, &adopted)
 	if !j.Adopted || !h.srv.signedMounts(&adopted, j.Key()) {
 		t.Errorf("an adopted gang with a volume: %s, its mounts signed: %v", j, h.srv.signedMounts(&adopted, j.Key()))
+	}
+
+	// With Nomad's ACLs off no caller's mounts are checked, and none are
+	// signed: a caller's own mark is dropped.
+	off := newHarness(t)
+	forged := withVolume("forged")
+	forged.Meta[jobspec.MetaMounts] = mark
+	var kept nomadapi.Job
+	json.Unmarshal(off.submit(forged).Nomad, &kept)
+	if m, ok := kept.Meta[jobspec.MetaMounts]; ok {
+		t.Errorf("a gang admitted with ACLs off carries a mark %q", m)
 	}
 }

@@ -351,6 +351,11 @@ func (s *Server) ensureRegistered(key string) {
 		}
 		return
 	}
+	if errors.Is(err, errUncheckedMounts) {
+		s.log.Warn("gang failed", "job", key, "reason", err)
+		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: err.Error(), Run: j.Run, Attempt: j.Attempts})
+		return
+	}
 	var re *nomad.RefusedError
 	if !errors.As(err, &re) {
 		s.backoff(key, now, unreachableBackoff)
@@ -379,7 +384,7 @@ func (s *Server) registerAttempt(j *state.Job) (nomad.Registration, error) {
 		return nomad.Registration{}, &nomad.RefusedError{Status: 400, Err: fmt.Errorf("decoding the stored nomad job: %w", err)}
 	}
 	if !s.signedMounts(&nj, j.Key()) {
-		return nomad.Registration{}, &nomad.RefusedError{Status: 403, Err: errors.New("its volume mounts were never checked against the token that submitted it (a cohort server older than that check admitted it): submit it again")}
+		return nomad.Registration{}, errUncheckedMounts
 	}
 	norm, _, err := s.Normalize(&nj)
 	if err != nil {

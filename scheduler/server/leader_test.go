@@ -1090,7 +1090,7 @@ func TestGangsGoWhereTheirDriverIs(t *testing.T) {
 		t.Fatalf("a microvm gang on a cluster without the microvm driver: %s", j.Status)
 	}
 	h2.pass()
-	if why := h2.srv.waitText(caller{}, h2.srv.waiting()["vm"]); !strings.Contains(why, "runs on the microvm driver, which no node in its datacenters and pool has healthy") {
+	if why := h2.srv.waitText(caller{}, h2.srv.waiting()["vm"]); !strings.Contains(why, "needs a healthy microvm driver, which no node in its datacenters and pool has") {
 		t.Fatalf("why the microvm gang waits: %q", why)
 	}
 }

@@ -136,7 +136,7 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	v, err := p.s.submitAnywhere(job, r.Header.Get(api.TokenHeader))
+	v, err := p.s.submitAnywhere(job, tokenOf(r))
 	if err != nil {
 		code := http.StatusInternalServerError
 		if errors.Is(err, ErrRejected) {
@@ -188,7 +188,7 @@ func (p *NomadProxy) deregister(w http.ResponseWriter, r *http.Request) {
 		nomadErr(w, code, planRefusal(code, msg, "stopping", &stored))
 		return
 	}
-	if err := p.s.stopAnywhere(normNS(ns), id, r.Header.Get(api.TokenHeader)); err != nil {
+	if err := p.s.stopAnywhere(normNS(ns), id, tokenOf(r)); err != nil {
 		nomadErr(w, http.StatusInternalServerError, err)
 		return
 	}

@@ -90,7 +90,9 @@ func (s *Server) explainQueue() map[string]waitNote {
 			switch {
 			case !ok:
 				notes[j.Key()] = waitNote{text: "waits for room: " + placement.Shortfall(inv.Nodes(), j)}
-				if head == "" {
+				// A gang no node has the drivers for is not the head
+				// (placement.Schedule passes it over): none waits on it.
+				if head == "" && inv.DriversAnywhere(j) {
 					head = j.Key()
 				}
 			case head != "":
