@@ -22,20 +22,50 @@ func TaskDrivers(tg *api.TaskGroup) []string {
 			add(t.Driver)
 		}
 	}
+	for _, p := range connectProxies(tg) {
+		add(p.driver)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// proxy is a Connect proxy task Nomad adds to a group when it registers
+// the job: for each service with a sidecar service or a gateway.
+type proxy struct {
+	driver   string
+	cpu, mem int
+}
+
+// connectProxies are the proxy tasks Nomad 1.6 injects into tg: the
+// docker driver and 250 MHz, 128 MiB (its connectSidecarResources),
+// unless the sidecar task names its own driver or resources.
+func connectProxies(tg *api.TaskGroup) []proxy {
+	var out []proxy
 	for _, svc := range tg.Services {
 		if svc == nil || svc.Connect == nil {
 			continue
 		}
-		if c := svc.Connect; c.SidecarService != nil || c.Gateway != nil {
-			// Nomad injects the proxy as a task of the docker driver
-			// unless the sidecar task names another.
-			d := "docker"
-			if c.SidecarTask != nil && c.SidecarTask.Driver != "" {
-				d = c.SidecarTask.Driver
-			}
-			add(d)
+		c := svc.Connect
+		if c.SidecarService == nil && c.Gateway == nil {
+			continue // native: no proxy
 		}
+		p := proxy{driver: "docker", cpu: 250, mem: 128}
+		if st := c.SidecarTask; st != nil {
+			if st.Driver != "" {
+				p.driver = st.Driver
+			}
+			if r := st.Resources; r != nil {
+				// Nomad's defaults for fields a resources block leaves out.
+				p.cpu, p.mem = 100, 300
+				if r.CPU != nil {
+					p.cpu = *r.CPU
+				}
+				if r.MemoryMB != nil {
+					p.mem = *r.MemoryMB
+				}
+			}
+		}
+		out = append(out, p)
 	}
-	slices.Sort(out)
 	return out
 }

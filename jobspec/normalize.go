@@ -460,6 +460,11 @@ func GroupResources(tg *api.TaskGroup) (cpu, memoryMB int, devices map[string]in
 			devices[d.Name] += int(deref(d.Count))
 		}
 	}
+	// The Connect proxies Nomad adds run beside the tasks, as prestart
+	// sidecars.
+	for _, p := range connectProxies(tg) {
+		sidecars.cpu, sidecars.mem = sidecars.cpu+p.cpu, sidecars.mem+p.mem
+	}
 	cpu = sidecars.cpu + max(ephemeral.cpu, main.cpu, poststop.cpu)
 	memoryMB = sidecars.mem + max(ephemeral.mem, main.mem, poststop.mem)
 	return cpu, memoryMB, devices

@@ -3,6 +3,7 @@ package jobspec
 import (
 	"bytes"
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -134,6 +135,22 @@ func TestGroupResources(t *testing.T) {
 	}}
 	if cpu, mem, _ := GroupResources(tg); cpu != 310 || mem != 266 {
 		t.Errorf("mixed lifecycles: %d MHz %d MiB, want 310 and 266", cpu, mem)
+	}
+	// The Connect proxies Nomad injects count as prestart sidecars, with
+	// Nomad's resources unless the sidecar task sets its own; a native
+	// service gets none. Their drivers are the group's too.
+	tg.Services = []*api.Service{
+		{Name: "a", Connect: &api.ConsulConnect{SidecarService: &api.ConsulSidecarService{}}},
+		{Name: "b", Connect: &api.ConsulConnect{SidecarService: &api.ConsulSidecarService{},
+			SidecarTask: &api.SidecarTask{Driver: "exec", Resources: &api.Resources{CPU: ptr(50)}}}},
+		{Name: "c", Connect: &api.ConsulConnect{Native: true}},
+	}
+	if cpu, mem, _ := GroupResources(tg); cpu != 310+250+50 || mem != 266+128+300 {
+		t.Errorf("with two Connect proxies: %d MHz %d MiB, want %d and %d", cpu, mem, 310+250+50, 266+128+300)
+	}
+	tg.Tasks[0].Driver, tg.Tasks[1].Driver = "raw_exec", "raw_exec"
+	if d := TaskDrivers(tg); !reflect.DeepEqual(d, []string{"docker", "exec", "raw_exec"}) {
+		t.Errorf("the group's drivers with two Connect proxies: %v", d)
 	}
 }
 
