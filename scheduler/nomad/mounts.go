@@ -135,57 +135,45 @@ func MountSummary(job *api.Job) string {
 }
 
 // tokenACL is the ACL Nomad resolves token to: its policies, its own and
-// its roles', or the anonymous policy for no token.
+// its roles', or the anonymous policy for no token (which Nomad lets
+// anyone read).
 func (c *Client) tokenACL(token string) (*acl.ACL, error) {
-	if token == "" {
-		// Nomad lets anyone read the anonymous policy.
-		p, err := c.policy("anonymous", nil)
+	names, q := []string{"anonymous"}, (*api.QueryOptions)(nil)
+	if token != "" {
+		q = &api.QueryOptions{AuthToken: token}
+		self, _, err := c.anon.ACLTokens().Self(q)
 		if err != nil {
-			return nil, err
+			if e := refused(err); errors.As(e, new(*RefusedError)) {
+				// Among them a workload identity, which Nomad resolves
+				// for its calls but knows no ACL token of.
+				return nil, fmt.Errorf("%w: nomad knows no ACL token of this secret, so cohort cannot tell which volumes it may mount (%v)", ErrDenied, err)
+			}
+			return nil, fmt.Errorf("asking nomad about the token: %w", err)
 		}
-		var ps []*acl.Policy
-		if p != nil {
-			ps = append(ps, p)
+		if expired(self) {
+			// Nomad's self-lookup answers an expired token until it is
+			// collected; Nomad's registration would refuse it.
+			return nil, fmt.Errorf("%w: the token has expired", ErrDenied)
 		}
-		return acl.NewACL(false, ps)
-	}
-	q := &api.QueryOptions{AuthToken: token}
-	self, _, err := c.anon.ACLTokens().Self(q)
-	if err != nil {
-		if e := refused(err); errors.As(e, new(*RefusedError)) {
-			// Among them a workload identity, which Nomad resolves for
-			// its calls but knows no ACL token of.
-			return nil, fmt.Errorf("%w: nomad knows no ACL token of this secret, so cohort cannot tell which volumes it may mount (%v)", ErrDenied, err)
+		if self.Type == "management" {
+			return acl.ManagementACL, nil
 		}
-		return nil, fmt.Errorf("asking nomad about the token: %w", err)
-	}
-	if expired(self) {
-		// Nomad's self-lookup answers an expired token until it is
-		// collected; Nomad's registration would refuse it.
-		return nil, fmt.Errorf("%w: the token has expired", ErrDenied)
-	}
-	if self.Type == "management" {
-		return acl.ManagementACL, nil
-	}
-	names := append([]string(nil), self.Policies...)
-	for _, link := range self.Roles {
-		if link == nil {
-			continue
-		}
-		role, _, err := c.anon.ACLRoles().Get(link.ID, q)
-		if err != nil {
-			var re *RefusedError
-			if e := refused(err); errors.As(e, &re) && re.Status == 404 {
+		names = append([]string(nil), self.Policies...)
+		for _, link := range self.Roles {
+			if link == nil {
+				continue
+			}
+			role, _, err := c.anon.ACLRoles().Get(link.ID, q)
+			if err != nil {
+				if err := readError(err, "role "+link.Name); err != nil {
+					return nil, err
+				}
 				continue // a role deleted since: Nomad skips it too
 			}
-			if e := denied(err, fmt.Sprintf("the token may not read its role %s", link.Name)); errors.Is(e, ErrDenied) {
-				return nil, e
-			}
-			return nil, fmt.Errorf("reading the token's role %s: %w", link.Name, err)
-		}
-		for _, p := range role.Policies {
-			if p != nil {
-				names = append(names, p.Name)
+			for _, p := range role.Policies {
+				if p != nil {
+					names = append(names, p.Name)
+				}
 			}
 		}
 	}
@@ -196,36 +184,34 @@ func (c *Client) tokenACL(token string) (*acl.ACL, error) {
 			continue
 		}
 		seen[name] = true
-		p, err := c.policy(name, q)
+		p, _, err := c.anon.ACLPolicies().Info(name, q)
 		if err != nil {
-			return nil, err
+			if err := readError(err, "policy "+name); err != nil {
+				return nil, err
+			}
+			continue // a policy deleted since: Nomad skips it too
 		}
-		if p != nil {
-			policies = append(policies, p)
+		parsed, err := acl.Parse(p.Rules)
+		if err != nil {
+			return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
 		}
+		policies = append(policies, parsed)
 	}
 	return acl.NewACL(false, policies)
 }
 
-// policy reads and parses one ACL policy; nil for one that no longer
-// exists, which Nomad skips.
-func (c *Client) policy(name string, q *api.QueryOptions) (*acl.Policy, error) {
-	p, _, err := c.anon.ACLPolicies().Info(name, q)
-	if err != nil {
-		var re *RefusedError
-		if e := refused(err); errors.As(e, &re) && re.Status == 404 {
-			return nil, nil
-		}
-		if e := denied(err, fmt.Sprintf("the token may not read its policy %s", name)); errors.Is(e, ErrDenied) {
-			return nil, e
-		}
-		return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
+// readError sorts a failed read of one of the token's roles or policies:
+// nil when it no longer exists, a refusal when the token may not read it,
+// else Nomad failing.
+func readError(err error, what string) error {
+	var re *RefusedError
+	if e := refused(err); errors.As(e, &re) && re.Status == 404 {
+		return nil
 	}
-	parsed, err := acl.Parse(p.Rules)
-	if err != nil {
-		return nil, fmt.Errorf("reading the token's policy %s: %w", name, err)
+	if e := denied(err, "the token may not read its "+what); errors.Is(e, ErrDenied) {
+		return e
 	}
-	return parsed, nil
+	return fmt.Errorf("reading the token's %s: %w", what, err)
 }
 
 // expired says whether Nomad would refuse t for its age.

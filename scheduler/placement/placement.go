@@ -79,12 +79,22 @@ func (inv *inventory) driversFor(j *Job, g *Group) bool {
 		}
 		return false
 	}
-	for i := range inv.nodes {
-		if n := &inv.nodes[i]; n.ID != "" && eligible(n, j) && hasDrivers(n, g) {
-			return true
+	_, with := driverCounts(inv.nodes, j, g)
+	return with > 0
+}
+
+// driverCounts counts the nodes j may use, and those of them with g's
+// task drivers.
+func driverCounts(nodes []Node, j *Job, g *Group) (inPlace, with int) {
+	for i := range nodes {
+		if n := &nodes[i]; n.ID != "" && eligible(n, j) {
+			inPlace++
+			if hasDrivers(n, g) {
+				with++
+			}
 		}
 	}
-	return false
+	return inPlace, with
 }
 
 // containsDriver says whether set holds driver d, without building
@@ -704,16 +714,7 @@ func Shortfall(nodes []Node, j *Job) string {
 	// room.
 	for i := range j.Groups {
 		gi := &j.Groups[i]
-		inPlace, with := 0, 0
-		for k := range nodes {
-			if eligible(&nodes[k], j) {
-				inPlace++
-				if hasDrivers(&nodes[k], gi) {
-					with++
-				}
-			}
-		}
-		if inPlace > 0 && with == 0 {
+		if inPlace, with := driverCounts(nodes, j, gi); inPlace > 0 && with == 0 {
 			return fmt.Sprintf("group %s needs %s, which no node in its datacenters and pool has (of %d node%s there)",
 				gi.Name, missingDrivers(nodes, j, gi), inPlace, plural(inPlace))
 		}
@@ -745,15 +746,7 @@ func Shortfall(nodes []Node, j *Job) string {
 func missingDrivers(nodes []Node, j *Job, g *Group) string {
 	var missing []string
 	for _, d := range g.Drivers {
-		one := Group{Drivers: []string{d}}
-		found := false
-		for k := range nodes {
-			if eligible(&nodes[k], j) && hasDrivers(&nodes[k], &one) {
-				found = true
-				break
-			}
-		}
-		if !found {
+		if _, with := driverCounts(nodes, j, &Group{Drivers: []string{d}}); with == 0 {
 			missing = append(missing, d)
 		}
 	}

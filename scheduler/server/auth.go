@@ -215,9 +215,7 @@ const mountsMarkVersion = "1"
 // (jobspec.MetaMounts): the group's secret signs the job's key and what it
 // mounts, so a job can carry no other job's, and no mounts but its own.
 func mountsMark(secret []byte, key, mounts string) string {
-	m := hmac.New(sha256.New, secret)
-	fmt.Fprintf(m, "cohort mounts %s\x00%s\x00%s", mountsMarkVersion, key, mounts)
-	return mountsMarkVersion + ":" + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+	return mountsMarkVersion + ":" + sign(secret, "cohort mounts %s\x00%s\x00%s", mountsMarkVersion, key, mounts)
 }
 
 // signMounts signs the mounts of a job being admitted while Nomad's ACLs
@@ -302,14 +300,19 @@ func (s *Server) mayNode(c caller, node string) error {
 	return nil
 }
 
-// refuse answers a failed check: 403 when refused, 502 when Nomad could
-// not be asked.
-func refuse(w http.ResponseWriter, err error) {
+// refusal is a failed check's answer: 403 when refused, 502 when Nomad
+// could not be asked.
+func refusal(err error) (int, error) {
 	if errors.Is(err, nomad.ErrDenied) {
-		writeErr(w, http.StatusForbidden, err)
-		return
+		return http.StatusForbidden, err
 	}
-	writeErr(w, http.StatusBadGateway, fmt.Errorf("checking the caller's permissions with nomad: %w", err))
+	return http.StatusBadGateway, fmt.Errorf("checking the caller's permissions with nomad: %w", err)
+}
+
+// refuse writes a failed check's answer (refusal).
+func refuse(w http.ResponseWriter, err error) {
+	code, err := refusal(err)
+	writeErr(w, code, err)
 }
 
 // allowed runs a check and answers its refusal; it says whether to go on.
@@ -347,8 +350,15 @@ func (s *Server) secret() ([]byte, error) {
 // signs the job's key and run, so any server can check it, and no job's
 // token opens another's barrier or a later run's.
 func barrierToken(secret []byte, key string, run int) string {
+	return sign(secret, "cohort barrier token\x00%s\x00%d", key, run)
+}
+
+// sign is the group's secret's HMAC-SHA256 of a message, in unpadded
+// URL-safe base64. Each use opens its message with its own words, so no
+// signature of one kind stands for another.
+func sign(secret []byte, format string, a ...any) string {
 	m := hmac.New(sha256.New, secret)
-	fmt.Fprintf(m, "cohort barrier token\x00%s\x00%d", key, run)
+	fmt.Fprintf(m, format, a...)
 	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 

@@ -351,9 +351,12 @@ func (s *Server) ensureRegistered(key string) {
 		}
 		return
 	}
+	fail := func(why string) {
+		s.log.Warn("gang failed", "job", key, "reason", why)
+		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: why, Run: j.Run, Attempt: j.Attempts})
+	}
 	if errors.Is(err, errUncheckedMounts) {
-		s.log.Warn("gang failed", "job", key, "reason", err)
-		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: err.Error(), Run: j.Run, Attempt: j.Attempts})
+		fail(err.Error())
 		return
 	}
 	var re *nomad.RefusedError
@@ -363,9 +366,7 @@ func (s *Server) ensureRegistered(key string) {
 		return
 	}
 	if j.Attempts >= MaxAttempts {
-		why := fmt.Sprintf("nomad refused its registration %d times; the last time: %v", j.Attempts, err)
-		s.log.Warn("gang failed", "job", key, "reason", why)
-		s.apply(&state.Command{Op: state.OpFail, At: now, JobID: key, Reason: why, Run: j.Run, Attempt: j.Attempts})
+		fail(fmt.Sprintf("nomad refused its registration %d times; the last time: %v", j.Attempts, err))
 		return
 	}
 	wait := min(refusedBackoffBase<<(j.Attempts-1), refusedBackoffMax)

@@ -29,7 +29,6 @@ import (
 
 	"github.com/cohort-dev/cohort/api"
 	"github.com/cohort-dev/cohort/jobspec"
-	"github.com/cohort-dev/cohort/scheduler/nomad"
 	"github.com/cohort-dev/cohort/scheduler/placement"
 	nomadapi "github.com/hashicorp/nomad/api"
 )
@@ -129,11 +128,8 @@ func (p *NomadProxy) register(w http.ResponseWriter, r *http.Request) {
 	// The plan does not check volume mounts; Nomad's registration would,
 	// and cohort registers with its own token.
 	if err := p.s.mayMount(p.s.callerOf(r), job); err != nil {
-		if errors.Is(err, nomad.ErrDenied) {
-			nomadErr(w, http.StatusForbidden, err)
-		} else {
-			nomadErr(w, http.StatusBadGateway, fmt.Errorf("checking the caller's permissions with nomad: %w", err))
-		}
+		code, err := refusal(err)
+		nomadErr(w, code, err)
 		return
 	}
 	v, err := p.s.submitAnywhere(job, tokenOf(r))

@@ -139,15 +139,7 @@ func TestLiveIndexMatchesScan(t *testing.T) {
 		checkLive(t, step, s)
 	}
 	checkLive(t, -1, s.Clone())
-	b, err := s.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := New()
-	if err := d.Unmarshal(b); err != nil {
-		t.Fatal(err)
-	}
-	checkLive(t, -2, d)
+	checkLive(t, -2, snapshotOf(t, s))
 }
 
 func checkLive(t *testing.T, step int, s *State) {

@@ -18,6 +18,21 @@ func spec(id string, workers int) *placement.Job {
 		Groups: []placement.Group{{Name: "w", Count: workers, CPU: 100, MemoryMB: 128}}}
 }
 
+// snapshotOf is s taken through a snapshot: marshalled, then read into a
+// new state.
+func snapshotOf(t *testing.T, s *State) *State {
+	t.Helper()
+	b, err := s.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New()
+	if err := r.Unmarshal(b); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 func decision(id string, workers int) *placement.Decision {
 	d := &placement.Decision{Job: id}
 	for i := 0; i < workers; i++ {
@@ -78,14 +93,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("a", 2)})
 	s.Apply(&Command{Op: OpReserve, At: t0, JobID: "a", Decision: decision("a", 2)})
 	s.Apply(&Command{Op: OpSubmit, At: t0, Job: spec("b", 1)})
-	b, err := s.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := New()
-	if err := r.Unmarshal(b); err != nil {
-		t.Fatal(err)
-	}
+	r := snapshotOf(t, s)
 	// The log of changed holdings is derived, and each copy names its own.
 	s.heldGen, s.heldLog, r.heldGen, r.heldLog = 0, nil, 0, nil
 	if !reflect.DeepEqual(s, r) {
@@ -325,14 +333,7 @@ func TestSpecsFromBeforeDriversGetThem(t *testing.T) {
 
 	// A snapshot of a server before drivers: its specs have none.
 	s.Jobs["old"].Spec.Groups[0].Drivers = nil
-	b, err := s.Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
-	restored := New()
-	if err := restored.Unmarshal(b); err != nil {
-		t.Fatal(err)
-	}
+	restored := snapshotOf(t, s)
 	if got := restored.Jobs["old"].Spec.Groups[0].Drivers; !reflect.DeepEqual(got, []string{"raw_exec"}) {
 		t.Fatalf("a spec without drivers, after a restore: %v", got)
 	}
